@@ -1,0 +1,1 @@
+"""bigjax: sharded Transformer and mixture-of-experts training in JAX/Flax NNX."""

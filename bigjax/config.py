@@ -1,0 +1,125 @@
+"""Config validation, run before anything is compiled.
+
+Each check names the offending field and says how to fix it. `validate`
+returns nothing and raises ConfigError (a ValueError) on the first problem.
+"""
+import os
+
+from bigjax import sharding
+
+REQUIRED_TOP_LEVEL = ("seed", "total_steps", "log_every", "eval_every", "checkpoint_every",
+                      "batch_size", "seq_len", "model", "optim", "mesh", "data")
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def _fail(field: str, problem: str, fix: str):
+  raise ConfigError(f"config.{field}: {problem} {fix}")
+
+
+def _positive(config, *fields):
+  for field in fields:
+    value = config
+    for part in field.split("."):
+      value = value[part]
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      _fail(field, f"must be a positive integer, got {value!r}.", "Set it to a value >= 1.")
+
+
+def validate(config, *, num_devices: int, process_count: int = 1, workdir: str | None = None):
+  from bigjax import optim  # noqa: keeps this module's import light for configs.
+  from bigjax.models import layers, transformer
+
+  for key in REQUIRED_TOP_LEVEL:
+    if key not in config:
+      _fail(key, "is missing.", "Start from configs/lm.py, which defines every key.")
+  _positive(config, "total_steps", "log_every", "eval_every", "checkpoint_every",
+            "batch_size", "seq_len", "grad_accum_steps", "keep_checkpoints", "eval_batches")
+  m = config.model
+  _positive(config, "model.vocab_size", "model.num_layers", "model.emb_dim",
+            "model.num_heads", "model.mlp_dim", "model.max_len")
+  if m.kind not in transformer.KINDS:
+    _fail("model.kind", f"unknown kind {m.kind!r}.", f"Choose one of {transformer.KINDS}.")
+  for field, allowed in (("mlp_activation", tuple(layers.ACTIVATIONS)),
+                         ("norm", layers.NORMS), ("init", layers.INITS),
+                         ("position", transformer.POSITIONS),
+                         ("dtype", ("float32", "bfloat16", "float16")),
+                         ("param_dtype", ("float32", "bfloat16"))):
+    if m[field] not in allowed:
+      _fail(f"model.{field}", f"unknown value {m[field]!r}.", f"Choose one of {allowed}.")
+  kv_heads = m.num_kv_heads or m.num_heads
+  if m.num_kv_heads < 0 or m.num_heads % kv_heads:
+    _fail("model.num_kv_heads", f"{m.num_kv_heads} does not divide num_heads={m.num_heads}.",
+          "Use a divisor of num_heads (0 means num_heads).")
+  if not m.head_dim and m.emb_dim % m.num_heads:
+    _fail("model.num_heads", f"{m.num_heads} heads do not divide emb_dim={m.emb_dim}.",
+          "Pick num_heads dividing emb_dim, or set model.head_dim explicitly.")
+  head_dim = m.head_dim or m.emb_dim // m.num_heads
+  if m.position == "rotary" and head_dim % 2:
+    _fail("model.head_dim", f"rotary embeddings need an even head_dim, got {head_dim}.",
+          "Change emb_dim/num_heads or model.head_dim.")
+  if not 0.0 <= m.dropout_rate < 1.0:
+    _fail("model.dropout_rate", f"{m.dropout_rate} is outside [0, 1).", "Use e.g. 0.1.")
+  if m.position == "learned" and config.seq_len > m.max_len:
+    _fail("seq_len", f"{config.seq_len} is longer than the position table "
+          f"model.max_len={m.max_len}.", "Raise model.max_len or lower seq_len.")
+  from bigjax.data import tokenizer
+  if m.vocab_size < tokenizer.VOCAB_SIZE:
+    _fail("model.vocab_size", f"{m.vocab_size} is smaller than the byte tokenizer's "
+          f"{tokenizer.VOCAB_SIZE} ids.", f"Use at least {tokenizer.VOCAB_SIZE}.")
+
+  o = config.optim
+  if o.name not in optim.OPTIMIZERS:
+    _fail("optim.name", f"unknown optimizer {o.name!r}.", f"Choose one of {optim.OPTIMIZERS}.")
+  if o.schedule not in optim.SCHEDULES:
+    _fail("optim.schedule", f"unknown schedule {o.schedule!r}.",
+          f"Choose one of {optim.SCHEDULES}.")
+  if not o.lr > 0:
+    _fail("optim.lr", f"must be > 0, got {o.lr}.", "Use e.g. 3e-4.")
+  if o.warmup_steps < 0:
+    _fail("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}.", "Use e.g. 1000.")
+  for field in ("clip_norm", "clip_value", "weight_decay"):
+    if o[field] < 0:
+      _fail(f"optim.{field}", f"must be >= 0, got {o[field]}.", "Use 0 to disable it.")
+
+  # Mesh and batch: every device gets an equal share of every (micro)batch.
+  try:
+    sizes = sharding.resolve_mesh_shape(config.mesh, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  rules = [tuple(r) for r in config.sharding_rules]
+  batch_spec = sharding.logical_to_spec(("batch",), rules)[0] or ()
+  batch_axes = (batch_spec,) if isinstance(batch_spec, str) else tuple(batch_spec)
+  dp = 1
+  for a in batch_axes:
+    dp *= sizes[a]
+  if config.batch_size % config.grad_accum_steps:
+    _fail("batch_size", f"{config.batch_size} is not divisible by "
+          f"grad_accum_steps={config.grad_accum_steps}.", "Make it a multiple.")
+  micro = config.batch_size // config.grad_accum_steps
+  if micro % dp:
+    _fail("batch_size", f"each microbatch of {micro} examples does not split over the "
+          f"{dp} data-parallel devices ({'×'.join(batch_axes)}).",
+          f"Use a batch_size that is a multiple of {dp * config.grad_accum_steps}.")
+  if config.batch_size % process_count:
+    _fail("batch_size", f"{config.batch_size} does not split over {process_count} processes.",
+          f"Use a multiple of {process_count}.")
+  tensor = sizes["tensor"]
+  for field, value in (("model.num_heads", m.num_heads), ("model.num_kv_heads", kv_heads),
+                       ("model.mlp_dim", m.mlp_dim), ("model.vocab_size", m.vocab_size)):
+    if value % tensor:
+      _fail(field, f"{value} is not divisible by mesh.tensor={tensor}.",
+            "Change it or the tensor-parallel size.")
+  if m.emb_dim % sizes["fsdp"]:
+    _fail("model.emb_dim", f"{m.emb_dim} is not divisible by mesh.fsdp={sizes['fsdp']}.",
+          "Change it or the fsdp size.")
+
+  if workdir:
+    parent = workdir
+    while parent and not os.path.exists(parent):
+      parent = os.path.dirname(parent)
+    if parent and not os.access(parent, os.W_OK):
+      raise ConfigError(f"--workdir={workdir}: {parent} is not writable. "
+                        "Choose a directory you can write to.")

@@ -1,0 +1,204 @@
+"""Step-indexed, deterministic, per-host-sharded LM batches.
+
+A split is tokenised once into one memory-mapped uint16 array. Training batches
+are a pure function of (seed, step, process): grain's MapDataset gives random
+access, so resuming needs nothing checkpointed but the step, and the global
+batch is the same whatever the process count (grain iterator states restore
+only onto the same process and worker counts).
+
+Chunks: chunk i is tokens[i*seq_len : i*seq_len + seq_len + 1] (stride seq_len,
+one token of overlap), so every token but the first is a target exactly once
+per epoch. Documents are joined with EOS and chunks cross document boundaries.
+"""
+import hashlib
+import os
+import shutil
+import tempfile
+
+import grain
+import numpy as np
+
+from bigjax.data import corpora, tokenizer
+
+TASKS = ("lm", "reverse")
+_READ_BLOCK = 4096  # Examples read per __getitems__ call while tokenising.
+
+
+def _as_bytes(text) -> bytes:
+  return text.encode("utf-8") if isinstance(text, str) else bytes(text)
+
+
+def _fingerprint(source, text_key: str) -> str:
+  # Keys the cache on the data itself (size plus first and last texts), so
+  # mocked data, a re-prepared dataset or another tokenizer never reuse a file.
+  n = len(source)
+  h = hashlib.sha256(f"bytes+3/eos2|{n}|".encode())
+  for i in sorted({*range(min(n, 3)), *range(max(n - 3, 0), n)}):
+    h.update(_as_bytes(source[i][text_key]) + b"\0")
+  return h.hexdigest()[:16]
+
+
+def _write_tokens(source, text_key: str, path: str) -> None:
+  """Writes the .npy atomically: a temp file in the same dir, then os.replace."""
+  fd, raw = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".raw")
+  fd2, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npy.tmp")
+  os.close(fd2)
+  try:
+    total = 0
+    with os.fdopen(fd, "wb") as f:  # Streamed in blocks: memory stays bounded.
+      for start in range(0, len(source), _READ_BLOCK):
+        keys = range(start, min(start + _READ_BLOCK, len(source)))
+        texts = [_as_bytes(e[text_key]) for e in source.__getitems__(keys)]
+        lens = np.fromiter(map(len, texts), np.int64, len(texts))
+        eos_at = np.cumsum(lens + 1) - 1  # Each document is followed by EOS.
+        block = np.empty(int(eos_at[-1]) + 1, np.uint16)
+        is_byte = np.ones(block.size, bool)
+        is_byte[eos_at] = False
+        block[is_byte] = np.frombuffer(b"".join(texts), np.uint8) + tokenizer.OFFSET
+        block[eos_at] = tokenizer.EOS_ID
+        f.write(block.astype("<u2").tobytes())
+        total += block.size
+    header = {"descr": "<u2", "fortran_order": False, "shape": (total,)}
+    with open(tmp, "wb") as out, open(raw, "rb") as f:
+      np.lib.format.write_array_header_1_0(out, header)
+      shutil.copyfileobj(f, out, 1 << 24)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache.
+    os.replace(tmp, path)
+  finally:
+    for p in (raw, tmp):
+      if os.path.exists(p):
+        os.remove(p)
+
+
+def token_array(dataset: str, split: str, data_dir: str | None = None,
+                text_key: str = "text") -> np.ndarray:
+  """All texts of a split, byte-tokenised and joined with EOS, memory-mapped.
+
+  Cached at <data_dir>/bigjax_tokens/<dataset>-<split>-<fingerprint>.npy.
+  """
+  data_dir = corpora.default_data_dir(data_dir)
+  source = corpora.prepared_source(dataset, split, data_dir)
+  if len(source) == 0:
+    raise ValueError(f"Split {split!r} of dataset {dataset!r} is empty; fix "
+                     "config.data.train_split / config.data.eval_split.")
+  if text_key not in source[0]:
+    raise ValueError(f"Dataset {dataset!r} has no feature {text_key!r}; its "
+                     f"features: {sorted(source[0])}. Fix config.data.text_key.")
+  cache_dir = os.path.join(data_dir, "bigjax_tokens")
+  os.makedirs(cache_dir, exist_ok=True)
+  safe = lambda s: "".join(c if c.isalnum() or c in "._" else "_" for c in s)
+  path = os.path.join(cache_dir, f"{safe(dataset)}-{safe(split)}-"
+                                 f"{_fingerprint(source, text_key)}.npy")
+  if not os.path.exists(path):  # Racing writers each write the same bytes.
+    _write_tokens(source, text_key, path)
+  return np.load(path, mmap_mode="r")
+
+
+def unigram_entropy_bits(tokens) -> float:
+  """Entropy (bits per token) of the token histogram: the loss of the best
+  model that ignores context, which a trained LM must beat (nats: × ln 2)."""
+  tokens = np.asarray(tokens).ravel()
+  counts = np.zeros(0, np.int64)
+  for i in range(0, tokens.size, 1 << 24):  # Blocks: bincount copies to int64.
+    c = np.bincount(tokens[i:i + (1 << 24)])
+    counts = np.pad(counts, (0, max(c.size - counts.size, 0)))
+    counts[:c.size] += c
+  p = counts[counts > 0] / max(counts.sum(), 1)
+  return float(-(p * np.log2(p)).sum())
+
+
+def _num_chunks(tokens, global_batch_size, seq_len, process_index,
+                process_count, task, name) -> int:
+  """Validates the arguments; returns how many chunks the tokens hold."""
+  if task not in TASKS:
+    raise ValueError(f"Unknown task {task!r}; known: {TASKS}.")
+  if seq_len <= 0:
+    raise ValueError(f"config.seq_len must be positive, got {seq_len}.")
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(
+        f"config.batch_size={global_batch_size} must be a positive multiple of "
+        f"the process count {process_count}: set batch_size to a multiple of it.")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
+  n = len(tokens)
+  if n == 0:
+    raise ValueError(f"{name} is empty: it holds no tokens.")
+  need = global_batch_size * seq_len + 1
+  if n < need:
+    raise ValueError(
+        f"{name} has {n} tokens, fewer than one batch of batch_size × seq_len "
+        f"+ 1 = {global_batch_size} × {seq_len} + 1 = {need}; lower "
+        "config.batch_size or config.seq_len.")
+  return (n - 1) // seq_len
+
+
+def _read_fn(tokens, seq_len: int, task: str):
+  def read(i):
+    chunk = np.asarray(tokens[i * seq_len:(i + 1) * seq_len + 1], np.int32)
+    ones = np.ones(seq_len, np.float32)
+    if task == "lm":
+      return {"inputs": chunk[:-1], "targets": chunk[1:], "weights": ones}
+    src = chunk[:seq_len]  # "reverse": output the input backwards.
+    rev = src[::-1].copy()
+    dec = np.concatenate([[tokenizer.BOS_ID], rev[:-1]]).astype(np.int32)
+    return {"encoder_inputs": src, "decoder_inputs": dec, "targets": rev,
+            "weights": ones}
+  return read
+
+
+def _per_process(ds, global_batch_size, process_index, process_count):
+  # Local batches k*P + p, p = 0..P-1, tile global batch k in process order,
+  # so the union of the processes' batches does not depend on P.
+  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+  return ds[process_index::process_count]
+
+
+class LMBatches:
+  """Training batches of one process, indexed by global step.
+
+  `batch(step)` is a dict of numpy arrays, each [batch_size // P, seq_len]:
+  task "lm": inputs, targets (inputs shifted by one), weights;
+  task "reverse": encoder_inputs, decoder_inputs ([BOS] + targets[:-1]),
+  targets (encoder_inputs reversed), weights. Each epoch is reshuffled (grain
+  mixes the epoch into the seed); batches run across epoch boundaries.
+  `name` describes the tokens in error messages.
+  """
+
+  def __init__(self, tokens, *, global_batch_size: int, seq_len: int, seed: int,
+               process_index: int = 0, process_count: int = 1,
+               shuffle: bool = True, task: str = "lm",
+               name: str = "The token array"):
+    self.num_chunks = _num_chunks(tokens, global_batch_size, seq_len,
+                                  process_index, process_count, task, name)
+    ds = grain.MapDataset.range(self.num_chunks)
+    if shuffle:
+      ds = ds.shuffle(seed=seed % 2**32)  # grain takes seeds in [0, 2**32).
+    ds = ds.repeat(None).map(_read_fn(tokens, seq_len, task))
+    self._ds = _per_process(ds, global_batch_size, process_index, process_count)
+    self.local_batch_size = global_batch_size // process_count
+    self.steps_per_epoch = self.num_chunks / global_batch_size
+
+  def batch(self, step: int) -> dict:
+    return self._ds[step]
+
+  def iterate(self, start_step: int = 0):
+    """Yields batch(start_step), batch(start_step + 1), ... forever."""
+    # In-process reads: REFERENCE measured grain threads and workers as slower.
+    return iter(self._ds[start_step:].to_iter_dataset(
+        grain.ReadOptions(num_threads=0)))
+
+
+def eval_batches(tokens, *, global_batch_size: int, seq_len: int,
+                 num_batches: int, process_index: int = 0,
+                 process_count: int = 1, task: str = "lm",
+                 name: str = "The token array") -> list[dict]:
+  """The first `num_batches` global batches of the unshuffled chunks (this
+  process's part of each), the same every call. A split too short for that
+  many gives as many full batches as it holds; one that holds none raises."""
+  n = _num_chunks(tokens, global_batch_size, seq_len, process_index,
+                  process_count, task, name)
+  ds = grain.MapDataset.range(n).map(_read_fn(tokens, seq_len, task))
+  ds = _per_process(ds, global_batch_size, process_index, process_count)
+  # Whole global batches only: every process must get the same count, or the
+  # processes' eval loops would disagree and hang in a collective.
+  return [ds[i] for i in range(min(num_batches, n // global_batch_size))]

@@ -1,0 +1,68 @@
+r"""Command line: train (or resume) a run from a config file.
+
+  python -m bigjax.main --config=configs/lm.py:runlocal --workdir=/tmp/run \
+      --config.model.num_layers=4 --config.mesh.data=2
+
+The workdir identifies the run: the same command resumes it from its latest
+checkpoint. Unknown or mistyped --config.* keys are errors (the config is locked).
+"""
+import os
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+# `configs/` sits next to `bigjax/`; config files import `configs.common`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/lm.py:runlocal.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def summarize(result, config, workdir: str):
+  """Prints what a researcher checks first: bits/byte vs unigram entropy, a sample."""
+  import jax
+  from bigjax import decode, report
+  from bigjax.data import pipeline, tokenizer
+
+  if jax.process_index() != 0:
+    return
+  png = report.plot_loss_curve(workdir)
+  print(f"Loss curve: {png}")
+  d = config.data
+  entropy = pipeline.unigram_entropy_bits(
+      pipeline.token_array(d.dataset, d.train_split, d.data_dir, d.text_key))
+  bpb = result.eval_metrics.get("eval_bits_per_byte")
+  if bpb is not None:
+    print(f"Validation bits per byte: {bpb:.3f} (unigram entropy of the corpus: "
+          f"{entropy:.3f} bits/byte)")
+  if config.sample_tokens and config.model.kind == "decoder":
+    prompt = "def "
+    model = result.task.model(result.state.params)
+    out = decode.sample(model, [list(tokenizer.encode(prompt))],
+                        max_new_tokens=config.sample_tokens, max_len=config.model.max_len,
+                        temperature=0.7, seed=config.seed)[0]
+    print("Sample:\n" + prompt + tokenizer.decode(out))
+
+
+def main(argv):
+  del argv
+  from bigjax import config as config_lib, train
+
+  # Library chatter (orbax logs every save at INFO) stays out of the way;
+  # bigjax prints what a researcher needs on process 0.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  try:
+    result = train.run(config, workdir)
+  except config_lib.ConfigError as e:  # Bad input: the message says what to fix.
+    sys.exit(f"Invalid config: {e}")
+  if not result.preempted:
+    summarize(result, config, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

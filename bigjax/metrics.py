@@ -1,0 +1,82 @@
+"""Metrics to WORKDIR/metrics.jsonl and TensorBoard, and a progress bar.
+
+Only process 0 writes. metrics.jsonl has one JSON object per logged step
+(always `step`, plus every scalar logged for it) and is the interface that
+experiments read; TensorBoard event files go to WORKDIR/tensorboard.
+"""
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+import tqdm
+
+
+def _scalar(v):
+  v = float(np.asarray(v))
+  return v if math.isfinite(v) else str(v)  # JSON has no NaN/Inf literals.
+
+
+class MetricWriter:
+
+  def __init__(self, workdir: str, *, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+      from tensorboardX import SummaryWriter  # Pure Python; no TensorFlow needed.
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict):
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{k: _scalar(v) for k, v in scalars.items()}}
+    self._jsonl.write(json.dumps(row) + "\n")
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, float(np.asarray(v)), int(step))
+
+  def close(self):
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+  """A tqdm bar on a terminal; plain log lines otherwise (CI, notebooks' logs)."""
+
+  def __init__(self, total: int, initial: int, tokens_per_step: int):
+    self.tokens_per_step = tokens_per_step
+    self.enabled = jax.process_index() == 0
+    self.bar = tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                         disable=not (self.enabled and sys.stderr.isatty()))
+    self._last_step, self._last_time = initial, time.perf_counter()
+
+  def update(self, step: int, scalars: dict | None = None) -> float:
+    """Advances to `step`; returns tokens/s since the previous update."""
+    now = time.perf_counter()
+    rate = (step - self._last_step) * self.tokens_per_step / max(now - self._last_time, 1e-9)
+    self.bar.update(step - self._last_step)
+    self._last_step, self._last_time = step, now
+    if scalars:
+      shown = {k: f"{float(v):.4g}" for k, v in scalars.items()}
+      self.bar.set_postfix(shown | {"tok/s": f"{rate:,.0f}"}, refresh=False)
+      if self.enabled and self.bar.disable:
+        print(f"step {step}: " + ", ".join(f"{k}={v}" for k, v in shown.items()) +
+              f", tokens/s={rate:,.0f}", flush=True)
+    return rate
+
+  def reset_clock(self):
+    """Excludes time spent outside training (eval, checkpoints) from throughput."""
+    self._last_time = time.perf_counter()
+
+  def close(self):
+    self.bar.close()

@@ -1,0 +1,206 @@
+"""Transformer building blocks: embeddings, attention, MLP, norms.
+
+Every parameter carries logical axis names (`out_sharding` metadata) and key
+activations are constrained by logical name through `bigjax.sharding`.
+Compute runs in `dtype`; parameters are stored in `param_dtype`; softmax,
+norms and logits are computed in float32.
+"""
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bigjax.sharding import constrain
+
+Initializer = Callable[..., jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerConfig:
+  emb_dim: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  mlp_activation: str = "gelu"
+  gated_mlp: bool = False
+  norm: str = "layernorm"
+  position: str = "learned"  # learned | rotary
+  dropout_rate: float = 0.0
+  init: str = "normal"
+  init_scale: float = 0.02
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+
+ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu, "silu": jax.nn.silu}
+NORMS = ("layernorm", "rmsnorm")
+INITS = ("normal", "xavier", "lecun")
+
+
+def kernel_init(cfg: LayerConfig, in_axis=-2, out_axis=-1) -> Initializer:
+  """Initialiser by name; in/out axes say which dimensions are fan-in/fan-out."""
+  if cfg.init == "normal":
+    return nnx.initializers.normal(cfg.init_scale)
+  if cfg.init == "xavier":
+    return nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis, out_axis)
+  if cfg.init == "lecun":
+    return nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis,
+                                             out_axis)
+  raise ValueError(f"model.init={cfg.init!r}; choose one of {INITS}.")
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape, names, dtype) -> nnx.Param:
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Inverted dropout with an explicit key; identity when rng is None."""
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Norm(nnx.Module):
+  """LayerNorm or RMSNorm over the last axis, computed in float32."""
+
+  def __init__(self, cfg: LayerConfig, *, rngs: nnx.Rngs):
+    if cfg.norm not in NORMS:
+      raise ValueError(f"model.norm={cfg.norm!r}; choose one of {NORMS}.")
+    self.kind, self.dtype = cfg.norm, cfg.dtype
+    self.scale = nnx.Param(jnp.ones((cfg.emb_dim,), cfg.param_dtype), out_sharding=("embed",))
+    self.bias = nnx.data(
+        nnx.Param(jnp.zeros((cfg.emb_dim,), cfg.param_dtype), out_sharding=("embed",))
+        if cfg.norm == "layernorm" else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    if self.kind == "layernorm":
+      x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + 1e-6)
+    y = y * self.scale[...]
+    if self.bias is not None:
+      y = y + self.bias[...]
+    return y.astype(self.dtype)
+
+
+class Embed(nnx.Module):
+  """Token embedding table; `attend` reuses it as the output projection."""
+
+  def __init__(self, vocab_size: int, cfg: LayerConfig, *, rngs: nnx.Rngs):
+    self.dtype = cfg.dtype
+    # Embeddings see one-hot inputs, so fan-in scaling uses the embedding width.
+    init = kernel_init(cfg, in_axis=-1, out_axis=-2)
+    self.embedding = param(rngs, init, (vocab_size, cfg.emb_dim), ("vocab", "embed"),
+                           cfg.param_dtype)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+    return constrain(x, ("batch", "length", "embed"))
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    logits = jnp.einsum("bte,ve->btv", x, self.embedding[...].astype(self.dtype))
+    return constrain(logits, ("batch", "length", "vocab"))
+
+
+class PositionEmbed(nnx.Module):
+  """Learned absolute position embeddings."""
+
+  def __init__(self, max_len: int, cfg: LayerConfig, *, rngs: nnx.Rngs):
+    self.max_len, self.dtype = max_len, cfg.dtype
+    self.embedding = param(rngs, nnx.initializers.normal(cfg.init_scale),
+                           (max_len, cfg.emb_dim), (None, "embed"), cfg.param_dtype)
+
+  def __call__(self, positions: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], positions, axis=0).astype(self.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
+  """Rotary position embedding on x [batch, length, heads, head_dim] (half-split form)."""
+  half = x.shape[-1] // 2
+  freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions[..., None].astype(jnp.float32) * freq  # [b, t, half]
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def causal_mask(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
+  """[batch, 1, q, k] True where key position <= query position."""
+  return (k_positions[:, None, None, :] <= q_positions[:, None, :, None])
+
+
+def padding_mask(q_valid: jax.Array, k_valid: jax.Array) -> jax.Array:
+  """[batch, 1, q, k] True where both query and key are real tokens."""
+  return q_valid[:, None, :, None] & k_valid[:, None, None, :]
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with grouped-query heads (num_kv_heads divides num_heads)."""
+
+  def __init__(self, cfg: LayerConfig, *, rotary_positions: bool, rngs: nnx.Rngs):
+    if cfg.num_heads % cfg.num_kv_heads:
+      raise ValueError(f"model.num_heads={cfg.num_heads} must be a multiple of "
+                       f"model.num_kv_heads={cfg.num_kv_heads}.")
+    self.cfg, self.rotary = cfg, rotary_positions
+    e, h, k, d = cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    qkv_init = kernel_init(cfg, in_axis=0, out_axis=(1, 2))
+    self.query = param(rngs, qkv_init, (e, h, d), ("embed", "heads", "kv"), cfg.param_dtype)
+    self.key = param(rngs, qkv_init, (e, k, d), ("embed", "heads", "kv"), cfg.param_dtype)
+    self.value = param(rngs, qkv_init, (e, k, d), ("embed", "heads", "kv"), cfg.param_dtype)
+    self.out = param(rngs, kernel_init(cfg, in_axis=(0, 1), out_axis=2), (h, d, e),
+                     ("heads", "kv", "embed"), cfg.param_dtype)
+
+  def __call__(self, x_q, x_kv, mask, q_positions=None, k_positions=None, rng=None):
+    cfg, dt = self.cfg, self.cfg.dtype
+    q = jnp.einsum("bte,ehd->bthd", x_q, self.query[...].astype(dt))
+    k = jnp.einsum("bse,ehd->bshd", x_kv, self.key[...].astype(dt))
+    v = jnp.einsum("bse,ehd->bshd", x_kv, self.value[...].astype(dt))
+    q = constrain(q, ("batch", "length", "heads", "kv"))
+    k = constrain(k, ("batch", "length", "heads", "kv"))
+    v = constrain(v, ("batch", "length", "heads", "kv"))
+    if self.rotary:
+      q, k = rotary(q, q_positions), rotary(k, k_positions)
+    b, t, h, d = q.shape
+    g = h // cfg.num_kv_heads
+    q = q.reshape(b, t, cfg.num_kv_heads, g, d) * (d ** -0.5)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    probs = dropout(probs, cfg.dropout_rate, rng)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+    out = constrain(out, ("batch", "length", "heads", "kv"))
+    y = jnp.einsum("bthd,hde->bte", out, self.out[...].astype(dt))
+    return constrain(y, ("batch", "length", "embed"))
+
+
+class MLP(nnx.Module):
+  """Plain (act(x W_i) W_o) or gated (act(x W_g) * x W_i) W_o feed-forward block."""
+
+  def __init__(self, cfg: LayerConfig, *, rngs: nnx.Rngs):
+    if cfg.mlp_activation not in ACTIVATIONS:
+      raise ValueError(f"model.mlp_activation={cfg.mlp_activation!r}; "
+                       f"choose one of {sorted(ACTIVATIONS)}.")
+    self.cfg = cfg
+    init = kernel_init(cfg)
+    shape_in, shape_out = (cfg.emb_dim, cfg.mlp_dim), (cfg.mlp_dim, cfg.emb_dim)
+    self.wi = param(rngs, init, shape_in, ("embed", "mlp"), cfg.param_dtype)
+    self.wi_gate = nnx.data(param(rngs, init, shape_in, ("embed", "mlp"), cfg.param_dtype)
+                            if cfg.gated_mlp else None)
+    self.wo = param(rngs, init, shape_out, ("mlp", "embed"), cfg.param_dtype)
+
+  def __call__(self, x: jax.Array, rng=None) -> jax.Array:
+    dt, act = self.cfg.dtype, ACTIVATIONS[self.cfg.mlp_activation]
+    h = jnp.einsum("bte,em->btm", x, self.wi[...].astype(dt))
+    if self.wi_gate is not None:
+      h = act(jnp.einsum("bte,em->btm", x, self.wi_gate[...].astype(dt))) * h
+    else:
+      h = act(h)
+    h = constrain(h, ("batch", "length", "mlp"))
+    h = dropout(h, self.cfg.dropout_rate, rng)
+    y = jnp.einsum("btm,me->bte", h, self.wo[...].astype(dt))
+    return constrain(y, ("batch", "length", "embed"))

@@ -1,0 +1,54 @@
+"""Helpers shared by every config file. Plain data only: no library imports."""
+import ml_collections
+
+
+def parse_arg(arg, lazy=False, **spec):
+  """Parses a config arg string such as "variant=small,runlocal".
+
+  Each keyword of `spec` names an allowed key and gives its default; its type
+  decides how the string is parsed. A bare word is a boolean flag set to True.
+  """
+  out = dict(spec)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in spec:
+      if lazy:
+        continue
+      raise ValueError(f"Unknown config arg {key!r}; known args: {sorted(spec)}.")
+    default = spec[key]
+    if not value:
+      out[key] = True
+    elif isinstance(default, bool):
+      out[key] = value.lower() in ("1", "true", "yes")
+    elif default is not None:
+      out[key] = type(default)(value)
+    else:
+      out[key] = value
+  return ml_collections.ConfigDict(out)
+
+
+def default_mesh():
+  """Mesh axes named by parallelism type; one -1 takes the remaining devices."""
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+
+
+# The one logical-axis rules table: logical name -> mesh axes. First match wins;
+# a rule whose mesh axis is already used by another dimension of the same array
+# is skipped, so activations ('batch', 'length', 'embed') keep `embed`
+# unsharded when `batch` already took `fsdp`.
+DEFAULT_RULES = (
+    ("batch", ("data", "expert", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("exp", "expert"),
+    ("kv", None),
+    ("length", None),
+    ("layers", None),
+)
+
+
+def default_rules():
+  return [list(r) if isinstance(r[1], str) or r[1] is None else [r[0], list(r[1])]
+          for r in DEFAULT_RULES]
