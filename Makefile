@@ -4,7 +4,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= /tmp/bigjax_demo
-DEMO_CONFIG ?= configs/lm.py:demo
+DEMO_CONFIG ?= configs/lm_moe.py:demo
 
 # orbax-checkpoint needs Python >= 3.12; take the first interpreter that qualifies.
 find_python = $(shell for p in python3.12 python3.13 python3 /root/.pyenv/versions/3.12*/bin/python3.12; do \

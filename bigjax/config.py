@@ -28,6 +28,39 @@ def _positive(config, *fields):
       _fail(field, f"must be a positive integer, got {value!r}.", "Set it to a value >= 1.")
 
 
+def _validate_moe(config):
+  from bigjax.models import moe, routing
+
+  m, e = config.model, config.model.moe
+  if m.moe_every < 0:
+    _fail("model.moe_every", f"must be >= 0, got {m.moe_every}.", "0 disables MoE.")
+  _positive(config, "model.moe.num_experts", "model.moe.group_size", "model.moe.top_k",
+            "model.moe.block_size")
+  if e.router not in routing.ROUTERS:
+    _fail("model.moe.router", f"unknown router {e.router!r}.", f"Choose one of {routing.ROUTERS}.")
+  if e.dropless_impl not in moe.DROPLESS_IMPLS:
+    _fail("model.moe.dropless_impl", f"unknown implementation {e.dropless_impl!r}.",
+          f"Choose one of {moe.DROPLESS_IMPLS}.")
+  for field in ("capacity_factor", "eval_capacity_factor"):
+    if not e[field] > 0:
+      _fail(f"model.moe.{field}", f"must be > 0, got {e[field]}.", "Use e.g. 1.25.")
+  k = {"gshard_top2": 2, "switch_top1": 1}.get(e.router, e.top_k)
+  if k > e.num_experts:
+    _fail("model.moe.top_k", f"top-{k} routing needs at least {k} experts, got "
+          f"num_experts={e.num_experts}.", "Lower top_k or add experts.")
+  if e.router == "expert_choice" and m.kind != "encoder":
+    _fail("model.moe.router", "expert_choice routing looks at future tokens, so it only "
+          "suits encoders.", "Use model.kind='encoder' or another router.")
+  if e.router != "dropless" and config.seq_len % e.group_size and e.group_size < config.seq_len:
+    _fail("model.moe.group_size", f"{e.group_size} does not divide seq_len={config.seq_len}.",
+          "Use a divisor of seq_len (groups never straddle sequences).")
+  if not 0 <= e.jitter_noise < 1:
+    _fail("model.moe.jitter_noise", f"{e.jitter_noise} is outside [0, 1).", "Use e.g. 0.01.")
+  for field in ("aux_loss_weight", "z_loss_weight"):
+    if e[field] < 0:
+      _fail(f"model.moe.{field}", f"must be >= 0, got {e[field]}.", "Use 0 to disable it.")
+
+
 def validate(config, *, num_devices: int, process_count: int = 1, workdir: str | None = None):
   from bigjax import optim  # noqa: keeps this module's import light for configs.
   from bigjax.models import layers, transformer
@@ -69,6 +102,9 @@ def validate(config, *, num_devices: int, process_count: int = 1, workdir: str |
   if m.vocab_size < tokenizer.VOCAB_SIZE:
     _fail("model.vocab_size", f"{m.vocab_size} is smaller than the byte tokenizer's "
           f"{tokenizer.VOCAB_SIZE} ids.", f"Use at least {tokenizer.VOCAB_SIZE}.")
+
+  if m.get("moe_every", 0):
+    _validate_moe(config)
 
   o = config.optim
   if o.name not in optim.OPTIMIZERS:
@@ -112,6 +148,9 @@ def validate(config, *, num_devices: int, process_count: int = 1, workdir: str |
     if value % tensor:
       _fail(field, f"{value} is not divisible by mesh.tensor={tensor}.",
             "Change it or the tensor-parallel size.")
+  if m.get("moe_every", 0) and m.moe.num_experts % sizes["expert"]:
+    _fail("model.moe.num_experts", f"{m.moe.num_experts} experts do not split over "
+          f"mesh.expert={sizes['expert']}.", "Use a multiple of the expert-parallel size.")
   if m.emb_dim % sizes["fsdp"]:
     _fail("model.emb_dim", f"{m.emb_dim} is not divisible by mesh.fsdp={sizes['fsdp']}.",
           "Change it or the fsdp size.")

@@ -22,6 +22,26 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _print_router_metrics(workdir: str):
+  """The last logged router metrics of each MoE layer, one line per layer."""
+  from bigjax import metrics
+
+  rows = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+          if any(k.startswith("moe/") for k in r)]
+  if not rows:
+    return
+  last = rows[-1]
+  layers = sorted({k.rsplit("/", 1)[0] for k in last if k.startswith("moe/")
+                   and "/load/" not in k})
+  print(f"Router metrics at step {last['step']}:")
+  for layer in layers:
+    load = [last[k] for k in sorted(last) if k.startswith(layer + "/load/")]
+    print(f"  {layer[4:]}: aux={last[layer + '/aux_loss']:.3f} "
+          f"z_loss={last[layer + '/z_loss']:.3f} dropped={last[layer + '/dropped']:.3f} "
+          f"entropy={last[layer + '/router_entropy']:.3f} "
+          f"load=[{' '.join(f'{x:.2f}' for x in load)}]")
+
+
 def summarize(result, config, workdir: str):
   """Prints what a researcher checks first: bits/byte vs unigram entropy, a sample."""
   import jax
@@ -39,6 +59,7 @@ def summarize(result, config, workdir: str):
   if bpb is not None:
     print(f"Validation bits per byte: {bpb:.3f} (unigram entropy of the corpus: "
           f"{entropy:.3f} bits/byte)")
+  _print_router_metrics(workdir)
   if config.sample_tokens and config.model.kind == "decoder":
     prompt = "def "
     model = result.task.model(result.state.params)

@@ -113,14 +113,35 @@ def forward(model, batch, rng):
   return model(batch["inputs"], rng=rng)
 
 
-def loss_sums(model, batch, rng):
-  """Summed cross-entropy, token count and correct predictions (float32)."""
+def moe_metrics(model) -> dict:
+  """Router metrics sown by each MoE layer, keyed 'moe/<layer path>/<name>'."""
+  out = {}
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Intermediate)):
+    layer = "/".join(str(p) for p in path[:-2])  # e.g. decoder/blocks/1
+    for name, v in var.get_value()[-1].items():
+      out[f"moe/{layer}/{name}"] = v
+  return out
+
+
+def loss_sums(model, batch, rng, router_weights=(0.0, 0.0)):
+  """Summed cross-entropy, token count and correct predictions (float32), and
+  for MoE models the router losses (already weighted, in per-token units)."""
   logits = forward(model, batch, rng)
   targets, weights = batch["targets"], batch["weights"].astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-  return {"loss_sum": jnp.sum(ce * weights), "weight_sum": jnp.sum(weights),
+  sums = {"loss_sum": jnp.sum(ce * weights), "weight_sum": jnp.sum(weights),
           "correct_sum": jnp.sum(correct * weights)}
+  layers = moe_metrics(model)
+  if layers:
+    aux = sum(v for k, v in layers.items() if k.endswith("/aux_loss"))
+    z = sum(v for k, v in layers.items() if k.endswith("/z_loss"))
+    # Router losses are per-token means: scaled by the token count, they keep their
+    # configured weights after the step divides by the global token count.
+    sums["router_loss_sum"] = sums["weight_sum"] * (router_weights[0] * aux +
+                                                    router_weights[1] * z)
+    sums["moe"] = layers
+  return sums
 
 
 def _microbatches(batch, n: int):
@@ -136,13 +157,19 @@ def _microbatches(batch, n: int):
 # --------------------------------------------------------------------------
 
 
+def router_weights(task: Task) -> tuple[float, float]:
+  moe = model_config(task.config).moe
+  return moe.aux_loss_weight, moe.z_loss_weight
+
+
 def make_train_step(task: Task) -> Callable:
   accum = task.config.grad_accum_steps
+  weights = router_weights(task)
 
   def sums_and_grads(params, batch, rng):
     def loss(p):
-      sums = loss_sums(task.model(p), batch, rng)
-      return sums["loss_sum"], sums
+      sums = loss_sums(task.model(p), batch, rng, weights)
+      return sums["loss_sum"] + sums.get("router_loss_sum", 0.0), sums
     grads, sums = jax.grad(loss, has_aux=True)(params)
     return sums, grads
 
@@ -170,6 +197,13 @@ def make_train_step(task: Task) -> Callable:
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": sums["loss_sum"] / denom, "accuracy": sums["correct_sum"] / denom,
                "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
+    if "moe" in sums:  # Per-layer router metrics, averaged over microbatches.
+      metrics["router_loss"] = sums["router_loss_sum"] / denom
+      for k, v in sums["moe"].items():
+        if k.endswith("/load"):
+          metrics.update({f"{k}/expert_{e}": v[e] / accum for e in range(v.shape[0])})
+        else:
+          metrics[k] = v / accum
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   def traced(state, batch):
@@ -185,7 +219,8 @@ def make_train_step(task: Task) -> Callable:
 def make_eval_step(task: Task) -> Callable:
   def traced(params, batch):
     with sharding.use_mesh_rules(task.mesh, task.rules):
-      return loss_sums(task.model(params), batch, None)
+      sums = loss_sums(task.model(params), batch, None)
+      return {k: sums[k] for k in ("loss_sum", "weight_sum", "correct_sum")}
 
   batch_shardings = jax.tree.map(lambda x: task.batch_sharding(x.ndim), _batch_spec(task))
   return jax.jit(traced, in_shardings=(task.state_shardings.params, batch_shardings))

@@ -38,6 +38,8 @@ def default_mesh():
 # unsharded when `batch` already took `fsdp`.
 DEFAULT_RULES = (
     ("batch", ("data", "expert", "fsdp")),
+    # Expert-sharded MoE tensors (exp, batch, ...): groups keep data and fsdp.
+    ("batch", ("data", "fsdp")),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -52,3 +54,23 @@ DEFAULT_RULES = (
 def default_rules():
   return [list(r) if isinstance(r[1], str) or r[1] is None else [r[0], list(r[1])]
           for r in DEFAULT_RULES]
+
+
+def moe_config(**overrides):
+  """MoE settings under config.model.moe (used when config.model.moe_every > 0)."""
+  moe = ml_collections.ConfigDict(dict(
+      num_experts=8,
+      router="gshard_top2",  # gshard_top2 | switch_top1 | expert_choice | dropless
+      top_k=2,  # dropless only
+      group_size=256,  # tokens per routing group (S); must divide seq_len
+      capacity_factor=1.25,
+      eval_capacity_factor=2.0,
+      random_routing=True,
+      jitter_noise=0.0,
+      dropless_impl="ragged_dot",  # ragged_dot | sorted_blocks (CPU-friendly)
+      block_size=128,
+      aux_loss_weight=0.01,
+      z_loss_weight=0.001,
+  ))
+  moe.update(overrides)
+  return moe

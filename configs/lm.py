@@ -64,6 +64,8 @@ def get_config(arg=None):
   config.model.dtype = "bfloat16"  # compute dtype; params stay in param_dtype.
   config.model.param_dtype = "float32"
   config.model.remat = False
+  config.model.moe_every = 0  # Dense; configs/lm_moe.py sets 2 (GShard style).
+  config.model.moe = common.moe_config()
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "adamw"

@@ -106,6 +106,23 @@ def test_decoder_right_padding_does_not_leak(position):
 
 
 @pytest.mark.parametrize("position", POSITIONS)
+def test_decoder_left_padding_keys_are_masked(position):
+  """Right padding is hidden by causality alone; left padding needs the pad-key mask."""
+  model = _model(position=position)
+  lengths = [9, 6]
+  seqs = [_tokens(15 + i, (1, n)) for i, n in enumerate(lengths)]
+  width = 12
+  padded = np.zeros((2, width), np.int32)
+  positions = np.zeros((2, width), np.int32)
+  for i, (s, n) in enumerate(zip(seqs, lengths)):
+    padded[i, width - n:] = s[0]
+    positions[i, width - n:] = np.arange(n)
+  out = np.asarray(_call_positions(model, jnp.asarray(padded), jnp.asarray(positions)))
+  for i, (s, n) in enumerate(zip(seqs, lengths)):
+    np.testing.assert_allclose(out[i, width - n:], _run(model, s)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
 def test_encoder_padding_keys_are_masked(position):
   model = _model(kind="encoder", position=position)
   lengths = [7, 4, 10]

@@ -388,3 +388,18 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(kind):
   l16, l32 = np.asarray(l16), np.asarray(l32)
   assert np.abs(l16 - l32).max() < 0.05 * np.abs(l32).max() + 1e-2
   assert not np.array_equal(l16, l32)
+
+
+
+def test_remat_matches_plain_forward():
+  # Forward only (gradient compiles cost ~10 s here); checks argument and dropout-key
+  # plumbing through nnx.remat.
+  base = dict(vocab_size=40, num_layers=2, emb_dim=32, num_heads=4, mlp_dim=64, max_len=16,
+              init_scale=0.2, dropout_rate=0.1)
+  tokens = jnp.asarray(np.random.default_rng(11).integers(1, 40, (2, 8)), jnp.int32)
+  key = jax.random.PRNGKey(3)  # dropout on: both must draw the same masks
+  outs = []
+  for remat in (False, True):
+    model = transformer.build(transformer.TransformerConfig(**base, remat=remat), nnx.Rngs(0))
+    outs.append(np.asarray(model(tokens, rng=key)))
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)

@@ -24,7 +24,7 @@ def _config(kind: str):
   config.seq_len = SEQ
   config.model.update(kind=kind, vocab_size=VOCAB, num_layers=2, emb_dim=64, num_heads=4,
                       mlp_dim=128, max_len=SEQ + 1, dtype="float32", dropout_rate=0.0)
-  config.optim.update(name="adamw", lr=3e-3, warmup_steps=10, weight_decay=0.0)
+  config.optim.update(name="adamw", lr=5e-3, warmup_steps=10, weight_decay=0.0)
   return config
 
 

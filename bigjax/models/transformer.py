@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bigjax.models import layers
+from bigjax.models import layers, moe as moe_lib
 from bigjax.sharding import constrain
 
 PAD_ID = 0
@@ -40,11 +40,16 @@ class TransformerConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
+  moe_every: int = 0  # 0: dense. k: every k-th block's MLP is a MoE layer.
+  moe: moe_lib.MoEConfig = moe_lib.MoEConfig()
 
   @classmethod
   def from_dict(cls, d) -> "TransformerConfig":
     fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in dict(d).items() if k in fields})
+    kwargs = {k: v for k, v in dict(d).items() if k in fields}
+    if "moe" in kwargs and not isinstance(kwargs["moe"], moe_lib.MoEConfig):
+      kwargs["moe"] = moe_lib.MoEConfig.from_dict(kwargs["moe"])
+    return cls(**kwargs)
 
   def layer_config(self) -> layers.LayerConfig:
     if self.position not in POSITIONS:
@@ -66,7 +71,8 @@ def _split(rng, n):
 class Block(nnx.Module):
   """Pre-norm residual block: self-attention, optional cross-attention, feed-forward."""
 
-  def __init__(self, cfg: layers.LayerConfig, *, cross_attention: bool, rngs: nnx.Rngs):
+  def __init__(self, cfg: layers.LayerConfig, *, cross_attention: bool, rngs: nnx.Rngs,
+               moe: moe_lib.MoEConfig | None = None):
     self.dropout_rate = cfg.dropout_rate
     rotary = cfg.position == "rotary"
     self.attn_norm = layers.Norm(cfg, rngs=rngs)
@@ -75,7 +81,8 @@ class Block(nnx.Module):
     self.cross = nnx.data(layers.Attention(cfg, rotary_positions=False, rngs=rngs)
                           if cross_attention else None)
     self.ffn_norm = layers.Norm(cfg, rngs=rngs)
-    self.ffn = layers.MLP(cfg, rngs=rngs)
+    self.ffn = (moe_lib.MoEFeedForward(cfg, moe, rngs=rngs) if moe is not None
+                else layers.MLP(cfg, rngs=rngs))
 
   def __call__(self, x, mask, positions, encoded=None, cross_mask=None, rng=None):
     r = _split(rng, 6)
@@ -94,9 +101,13 @@ class Stack(nnx.Module):
   """num_layers blocks and a final norm; optionally rematerialised per block."""
 
   def __init__(self, cfg: layers.LayerConfig, num_layers: int, *, cross_attention: bool,
-               remat: bool, rngs: nnx.Rngs):
-    self.blocks = nnx.List(
-        [Block(cfg, cross_attention=cross_attention, rngs=rngs) for _ in range(num_layers)])
+               remat: bool, rngs: nnx.Rngs, moe: moe_lib.MoEConfig | None = None,
+               moe_every: int = 0):
+    # GShard places MoE in every other block: with moe_every=2, blocks 1, 3, ...
+    self.blocks = nnx.List([
+        Block(cfg, cross_attention=cross_attention, rngs=rngs,
+              moe=moe if moe_every and (i + 1) % moe_every == 0 else None)
+        for i in range(num_layers)])
     self.final_norm = layers.Norm(cfg, rngs=rngs)
     self.remat = remat
 
@@ -141,14 +152,21 @@ def default_positions(tokens):
   return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
 
 
+def _check_causal_router(cfg: TransformerConfig):
+  if cfg.moe_every and cfg.moe.router == "expert_choice":
+    raise ValueError("model.moe.router='expert_choice' looks at future tokens; use it "
+                     "in encoders only (model.kind='encoder').")
+
+
 class DecoderLM(nnx.Module):
   """Decoder-only language model: causal self-attention, padded keys masked."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     lcfg = cfg.layer_config()
     self.embedder = _Embedder(cfg, lcfg, rngs=rngs)
+    _check_causal_router(cfg)
     self.decoder = Stack(lcfg, cfg.num_layers, cross_attention=False, remat=cfg.remat,
-                         rngs=rngs)
+                         rngs=rngs, moe=cfg.moe, moe_every=cfg.moe_every)
 
   def __call__(self, tokens, positions=None, rng=None):
     positions = default_positions(tokens) if positions is None else positions
@@ -166,7 +184,7 @@ class Encoder(nnx.Module):
     lcfg = cfg.layer_config()
     self.embedder = _Embedder(cfg, lcfg, rngs=rngs)
     self.encoder = Stack(lcfg, cfg.num_layers, cross_attention=False, remat=cfg.remat,
-                         rngs=rngs)
+                         rngs=rngs, moe=cfg.moe, moe_every=cfg.moe_every)
 
   def encode(self, tokens, rng=None):
     positions = default_positions(tokens)
@@ -185,10 +203,12 @@ class EncoderDecoder(nnx.Module):
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     lcfg = cfg.layer_config()
     self.embedder = _Embedder(cfg, lcfg, rngs=rngs)
+    _check_causal_router(cfg)
     self.encoder = Stack(lcfg, cfg.num_layers, cross_attention=False, remat=cfg.remat,
-                         rngs=rngs)
+                         rngs=rngs, moe=cfg.moe, moe_every=cfg.moe_every)
     self.decoder = Stack(lcfg, cfg.num_decoder_layers or cfg.num_layers,
-                         cross_attention=True, remat=cfg.remat, rngs=rngs)
+                         cross_attention=True, remat=cfg.remat, rngs=rngs, moe=cfg.moe,
+                         moe_every=cfg.moe_every)
 
   def encode(self, encoder_tokens, rng=None):
     positions = default_positions(encoder_tokens)

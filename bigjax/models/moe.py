@@ -1,0 +1,188 @@
+"""Mixture-of-experts feed-forward layers (GShard / Switch / expert choice / dropless).
+
+Capacity-based routing follows GShard Algorithm 2: tokens are split into groups
+of S tokens, routed with dense dispatch/combine tensors, and exchanged with the
+experts by einsums
+    dispatch  GSEC,GSM->EGCM    experts  EGCM,EMH->EGCH, EGCH,EHM->EGCM
+    combine   GSEC,GECM->GSM
+The dispatched tensor is constrained to be expert-sharded ('exp' -> mesh axis
+`expert`) while tokens are group-sharded ('batch'), so GSPMD moves it with one
+all-to-all each way. Router metrics are sown as nnx.Intermediate('router_metrics').
+
+Evaluation mode is `rng is None` (as for dropout): eval capacity factor, no
+random routing, no jitter.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bigjax.models import layers, routing
+from bigjax.sharding import constrain
+
+DROPLESS_IMPLS = ("ragged_dot", "sorted_blocks")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  num_experts: int = 8
+  router: str = "gshard_top2"  # one of routing.ROUTERS
+  top_k: int = 2  # dropless only; gshard_top2 is 2, switch_top1 is 1.
+  group_size: int = 256  # S; the sequence length is used if it doesn't divide it.
+  capacity_factor: float = 1.25
+  eval_capacity_factor: float = 2.0
+  random_routing: bool = True
+  jitter_noise: float = 0.0  # Switch: router input scaled by U(1-eps, 1+eps).
+  dropless_impl: str = "ragged_dot"
+  block_size: int = 128  # sorted_blocks: rows per expert block.
+  aux_loss_weight: float = 0.01  # Used by the train step's loss.
+  z_loss_weight: float = 0.001
+
+  @classmethod
+  def from_dict(cls, d) -> "MoEConfig":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in dict(d).items() if k in fields})
+
+  @property
+  def k(self) -> int:
+    return {"gshard_top2": 2, "switch_top1": 1, "expert_choice": 1}.get(self.router,
+                                                                         self.top_k)
+
+
+class MoEFeedForward(nnx.Module):
+  """Drop-in replacement for layers.MLP: x [B, L, M] -> [B, L, M]."""
+
+  def __init__(self, cfg: layers.LayerConfig, moe: MoEConfig, *, rngs: nnx.Rngs):
+    if moe.router not in routing.ROUTERS:
+      raise ValueError(f"model.moe.router={moe.router!r}; choose one of {routing.ROUTERS}.")
+    if moe.dropless_impl not in DROPLESS_IMPLS:
+      raise ValueError(f"model.moe.dropless_impl={moe.dropless_impl!r}; choose one of "
+                       f"{DROPLESS_IMPLS}.")
+    self.cfg, self.moe = cfg, moe
+    e, m, h = moe.num_experts, cfg.emb_dim, cfg.mlp_dim
+    self.router = layers.param(rngs, layers.kernel_init(cfg), (m, e), ("embed", None),
+                               cfg.param_dtype)
+    init = layers.kernel_init(cfg, in_axis=-2, out_axis=-1)
+    self.wi = layers.param(rngs, init, (e, m, h), ("exp", "embed", "mlp"), cfg.param_dtype)
+    self.wi_gate = nnx.data(
+        layers.param(rngs, init, (e, m, h), ("exp", "embed", "mlp"), cfg.param_dtype)
+        if cfg.gated_mlp else None)
+    self.wo = layers.param(rngs, init, (e, h, m), ("exp", "mlp", "embed"), cfg.param_dtype)
+
+  # -- shared pieces ----------------------------------------------------------
+
+  def router_logits(self, x, rng):
+    """float32 logits whatever the compute dtype ("selective precision", Switch)."""
+    x = x.astype(jnp.float32)
+    if rng is not None and self.moe.jitter_noise > 0:
+      eps = self.moe.jitter_noise
+      x = x * jax.random.uniform(rng, x.shape, jnp.float32, 1.0 - eps, 1.0 + eps)
+    return jnp.einsum("...m,me->...e", x, self.router[...].astype(jnp.float32))
+
+  def _expert_ffn(self, x, eq_in: str, eq_out: str, names_h):
+    dt, act = self.cfg.dtype, layers.ACTIVATIONS[self.cfg.mlp_activation]
+    h = jnp.einsum(eq_in, x, self.wi[...].astype(dt))
+    if self.wi_gate is not None:
+      h = act(jnp.einsum(eq_in, x, self.wi_gate[...].astype(dt))) * h
+    else:
+      h = act(h)
+    h = constrain(h, names_h)
+    return jnp.einsum(eq_out, h, self.wo[...].astype(dt))
+
+  def _report(self, aux, z, routed, kept, load, probs):
+    entropy = -jnp.mean(jnp.sum(probs * jnp.log(probs + 1e-9), axis=-1))
+    self.sow(nnx.Intermediate, "router_metrics", {
+        "aux_loss": aux, "z_loss": z,
+        "dropped": 1.0 - kept / jnp.maximum(routed, 1.0),
+        "router_entropy": entropy, "load": load})
+
+  # -- forward ----------------------------------------------------------------
+
+  def __call__(self, x, rng=None):
+    b, length, m = x.shape
+    r_jitter, r_route = (None, None) if rng is None else tuple(jax.random.split(rng))
+    if self.moe.router == "dropless":
+      return self._dropless(x, r_jitter)
+    s = self.moe.group_size if length % self.moe.group_size == 0 else length
+    xg = constrain(x.reshape(b * length // s, s, m), ("batch", "length", "embed"))
+    logits = self.router_logits(xg, r_jitter)
+    factor = self.moe.capacity_factor if rng is not None else self.moe.eval_capacity_factor
+    cap = routing.capacity(s, self.moe.num_experts, self.moe.k, factor)
+    if self.moe.router == "gshard_top2":
+      r = routing.gshard_top2(logits, cap, rng=r_route, random_routing=self.moe.random_routing)
+    elif self.moe.router == "switch_top1":
+      r = routing.switch_top1(logits, cap)
+    else:
+      r = routing.expert_choice(logits, cap)
+    self._report(r.aux_loss, r.z_loss, r.routed, r.kept, r.load, jax.nn.softmax(logits))
+    dt = self.cfg.dtype
+    xe = jnp.einsum("gsec,gsm->egcm", r.dispatch.astype(dt), xg)
+    xe = constrain(xe, ("exp", "batch", None, "embed"))  # all-to-all: groups -> experts
+    ye = self._expert_ffn(xe, "egcm,emh->egch", "egch,ehm->egcm", ("exp", "batch", None, "mlp"))
+    ye = constrain(ye, ("exp", "batch", None, "embed"))
+    y = jnp.einsum("gsec,egcm->gsm", r.combine.astype(dt), ye)  # all-to-all back
+    y = constrain(y, ("batch", "length", "embed"))
+    return y.reshape(b, length, m)
+
+  def _dropless(self, x, rng):
+    """Top-k with no capacity: choices sorted by expert, grouped matmuls."""
+    b, length, m = x.shape
+    e, k = self.moe.num_experts, self.moe.k
+    xt = x.reshape(b * length, m)
+    logits = self.router_logits(xt, rng)
+    choice = routing.topk_dropless(logits, k)
+    n = b * length * k  # Nothing is ever dropped.
+    self._report(choice.aux_loss, choice.z_loss, jnp.float32(n), jnp.float32(n),
+                 choice.load, jax.nn.softmax(logits))
+    flat_expert = choice.experts.reshape(-1)
+    order = jnp.argsort(flat_expert, stable=True)
+    token = order // k
+    xs = jnp.take(xt, token, axis=0)  # [T*k, M], grouped by expert.
+    sizes = jnp.bincount(flat_expert, length=e).astype(jnp.int32)
+    if self.moe.dropless_impl == "ragged_dot":
+      ys = self._ragged_ffn(xs, sizes)
+    else:
+      ys = self._blocked_ffn(xs, sizes)
+    ys = ys * choice.gates.reshape(-1)[order][:, None].astype(ys.dtype)
+    y = jnp.zeros_like(xt).at[token].add(ys)
+    return y.reshape(b, length, m)
+
+  def _ragged_ffn(self, xs, sizes):
+    dt, act = self.cfg.dtype, layers.ACTIVATIONS[self.cfg.mlp_activation]
+    h = jax.lax.ragged_dot(xs, self.wi[...].astype(dt), sizes)
+    if self.wi_gate is not None:
+      h = act(jax.lax.ragged_dot(xs, self.wi_gate[...].astype(dt), sizes)) * h
+    else:
+      h = act(h)
+    return jax.lax.ragged_dot(h, self.wo[...].astype(dt), sizes)
+
+  def _blocked_ffn(self, xs, sizes):
+    """Grouped matmul as batched matmuls over fixed-size blocks, each block holding
+    rows of one expert only (segments padded to a multiple of block_size). Memory
+    and FLOPs grow with the tokens, not with tokens x experts as the CPU emulation
+    of ragged_dot does."""
+    rows, m = xs.shape
+    e, bs = self.moe.num_experts, self.moe.block_size
+    padded = (sizes + bs - 1) // bs * bs
+    start = jnp.cumsum(sizes) - sizes  # segment starts in xs
+    pstart = jnp.cumsum(padded) - padded  # segment starts in the padded layout
+    num_blocks = -(-rows // bs) + e  # static upper bound on sum(padded) / bs
+    expert_of_row = jnp.repeat(jnp.arange(e), sizes, total_repeat_length=rows)
+    dest = pstart[expert_of_row] + jnp.arange(rows) - start[expert_of_row]
+    buf = jnp.zeros((num_blocks * bs, m), xs.dtype).at[dest].set(xs)
+    blocks = buf.reshape(num_blocks, bs, m)
+    block_expert = jnp.searchsorted(jnp.cumsum(padded) // bs, jnp.arange(num_blocks),
+                                    side="right")
+    block_expert = jnp.minimum(block_expert, e - 1)  # trailing empty blocks
+    dt, act = self.cfg.dtype, layers.ACTIVATIONS[self.cfg.mlp_activation]
+    wi = jnp.take(self.wi[...].astype(dt), block_expert, axis=0)
+    h = jnp.einsum("nbm,nmh->nbh", blocks, wi)
+    if self.wi_gate is not None:
+      wg = jnp.take(self.wi_gate[...].astype(dt), block_expert, axis=0)
+      h = act(jnp.einsum("nbm,nmh->nbh", blocks, wg)) * h
+    else:
+      h = act(h)
+    wo = jnp.take(self.wo[...].astype(dt), block_expert, axis=0)
+    out = jnp.einsum("nbh,nhm->nbm", h, wo).reshape(num_blocks * bs, m)
+    return jnp.take(out, dest, axis=0)

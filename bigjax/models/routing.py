@@ -1,0 +1,140 @@
+"""MoE routers as pure functions on router logits [groups G, tokens S, experts E].
+
+Capacity-based routers return dense dispatch/combine tensors [G, S, E, C]
+(GShard Algorithm 2); the dropless router returns per-token expert choices.
+All routing math runs in float32 whatever the compute dtype.
+
+Load-balancing loss (this codebase's convention, the praxis form): per group,
+    aux = E * sum_e f_e * P_e
+with f_e the fraction of tokens whose *first* choice is e (before capacity) and
+P_e the mean router probability of e; it equals 1 under uniform routing. The
+GShard paper writes the same quantity divided by E^2; flaxformer/MaxText count
+all k choices (uniform routing then gives k). Groups are averaged.
+"""
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+ROUTERS = ("gshard_top2", "switch_top1", "expert_choice", "dropless")
+
+
+class Routing(NamedTuple):
+  dispatch: jax.Array  # [G, S, E, C] 0/1: token s goes to slot c of expert e.
+  combine: jax.Array  # [G, S, E, C] float32 gate weights on the same slots.
+  aux_loss: jax.Array  # scalar load-balancing loss (see module docstring).
+  z_loss: jax.Array  # scalar router z-loss, mean(logsumexp(logits)^2).
+  routed: jax.Array  # scalar count of token-choices sent to an expert.
+  kept: jax.Array  # scalar count of those that found room (routed - dropped).
+  load: jax.Array  # [E] fraction of kept token-choices per expert.
+
+
+def capacity(group_size: int, num_experts: int, k: int, capacity_factor: float) -> int:
+  """Expert capacity C = ceil(k * capacity_factor * S / E), at least 1."""
+  return max(1, math.ceil(k * capacity_factor * group_size / num_experts))
+
+
+def z_loss(logits: jax.Array) -> jax.Array:
+  return jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+
+
+def balance_loss(probs: jax.Array, first_choice: jax.Array) -> jax.Array:
+  """E * sum_e f_e P_e per group, averaged over groups. probs, first_choice: [G, S, E]."""
+  num_experts = probs.shape[-1]
+  f = jnp.mean(first_choice, axis=1)
+  p = jnp.mean(probs, axis=1)
+  return jnp.mean(num_experts * jnp.sum(f * p, axis=-1))
+
+
+def _slots(mask: jax.Array, offset: jax.Array, cap: int):
+  """Positions in each expert's buffer for the tokens in `mask` [G, S, E], in token
+  order, starting after `offset` [G, 1, E]. Returns (kept mask, one-hot slots)."""
+  position = jnp.cumsum(mask, axis=1) - 1.0 + offset  # Counters keep counting past C.
+  kept = mask * (position < cap)
+  slot = jax.nn.one_hot(jnp.sum(position * kept, axis=-1).astype(jnp.int32), cap)
+  return kept, kept[..., None] * slot[:, :, None, :]
+
+
+def _load(dispatch: jax.Array) -> jax.Array:
+  per_expert = jnp.sum(dispatch, axis=(0, 1, 3))
+  return per_expert / jnp.maximum(jnp.sum(per_expert), 1.0)
+
+
+def gshard_top2(logits, cap: int, *, rng=None, random_routing: bool = True) -> Routing:
+  """GShard top-2: renormalised gates; first choices placed before any second;
+  the second choice kept only if 2*g2 > u (random routing, when rng is given)."""
+  logits = logits.astype(jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  num_experts = probs.shape[-1]
+  mask1 = jax.nn.one_hot(jnp.argmax(probs, axis=-1), num_experts)
+  gate1 = jnp.sum(probs * mask1, axis=-1)
+  probs2 = probs * (1.0 - mask1)
+  mask2 = jax.nn.one_hot(jnp.argmax(probs2, axis=-1), num_experts)
+  gate2 = jnp.sum(probs2 * mask2, axis=-1)
+  denom = gate1 + gate2
+  gate1, gate2 = gate1 / denom, gate2 / denom
+  aux = balance_loss(probs, mask1)
+  if random_routing and rng is not None:
+    u = jax.random.uniform(rng, gate2.shape, jnp.float32)
+    mask2 = mask2 * (2.0 * gate2 > u)[..., None]
+  kept1, slots1 = _slots(mask1, jnp.zeros_like(mask1[:, :1]), cap)
+  kept2, slots2 = _slots(mask2, jnp.sum(kept1, axis=1, keepdims=True), cap)
+  dispatch = slots1 + slots2
+  combine = gate1[..., None, None] * slots1 + gate2[..., None, None] * slots2
+  return Routing(dispatch, combine, aux, z_loss(logits),
+                 routed=jnp.sum(mask1) + jnp.sum(mask2),
+                 kept=jnp.sum(kept1) + jnp.sum(kept2), load=_load(dispatch))
+
+
+def switch_top1(logits, cap: int) -> Routing:
+  """Switch top-1: output scaled by p_max (no renormalisation)."""
+  logits = logits.astype(jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  mask1 = jax.nn.one_hot(jnp.argmax(probs, axis=-1), probs.shape[-1])
+  gate1 = jnp.max(probs, axis=-1)
+  kept1, slots1 = _slots(mask1, jnp.zeros_like(mask1[:, :1]), cap)
+  return Routing(slots1, gate1[..., None, None] * slots1, balance_loss(probs, mask1),
+                 z_loss(logits), routed=jnp.sum(mask1), kept=jnp.sum(kept1),
+                 load=_load(slots1))
+
+
+def expert_choice(logits, cap: int) -> Routing:
+  """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens of the
+  group by router probability. Balanced by construction (aux loss 0); a token
+  may be taken by several experts or by none. Non-causal: encoder only."""
+  logits = logits.astype(jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  group_size = probs.shape[1]
+  cap = min(cap, group_size)
+  gates, tokens = jax.lax.top_k(jnp.swapaxes(probs, 1, 2), cap)  # [G, E, C]
+  dispatch = jnp.swapaxes(jax.nn.one_hot(tokens, group_size), 2, 3)  # [G, E, S, C]
+  dispatch = jnp.swapaxes(dispatch, 1, 2)  # [G, S, E, C]
+  combine = dispatch * gates[:, None, :, :]
+  kept = jnp.sum(dispatch)
+  return Routing(dispatch, combine, jnp.zeros((), jnp.float32), z_loss(logits),
+                 routed=kept, kept=kept, load=_load(dispatch))
+
+
+class DroplessChoice(NamedTuple):
+  experts: jax.Array  # [T, k] int32 expert of each choice.
+  gates: jax.Array  # [T, k] float32 weight of each choice.
+  aux_loss: jax.Array
+  z_loss: jax.Array
+  load: jax.Array  # [E]
+
+
+def topk_dropless(logits, k: int) -> DroplessChoice:
+  """Top-k with no capacity. k=1 scales by p_max (as Switch); k>1 renormalises the
+  k gates (as GShard without random routing), so each equals its capacity twin
+  when nothing is dropped. logits: [T, E]."""
+  logits = logits.astype(jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  gates, experts = jax.lax.top_k(probs, k)
+  if k > 1:
+    gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+  num_experts = probs.shape[-1]
+  first = jax.nn.one_hot(experts[:, 0], num_experts)
+  counts = jnp.sum(jax.nn.one_hot(experts, num_experts), axis=(0, 1))
+  return DroplessChoice(experts, gates, balance_loss(probs[None], first[None]),
+                        z_loss(logits), counts / jnp.sum(counts))
