@@ -50,8 +50,11 @@ def _losses(workdir):
 @pytest.mark.slow
 def test_rerun_resumes_from_latest_checkpoint(tmp_path):
   data_dir = str(tmp_path / "data")
+  # A constant schedule after warmup, so that stopping at 7 then extending
+  # total_steps to 12 sees the same learning rates as a straight 12-step run.
   common = [f"--config.data.data_dir={data_dir}", "--config.log_every=1",
-            "--config.checkpoint_every=5", "--config.eval_every=100"]
+            "--config.checkpoint_every=5", "--config.eval_every=100",
+            "--config.optim.schedule=constant"]
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   r = _main(straight, "--config.total_steps=12", *common)
   assert r.returncode == 0, r.stderr[-3000:]
