@@ -8,17 +8,19 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from bigjax.models.transformer import PAD_ID
 
 
-@functools.partial(jax.jit, static_argnames=("max_new_tokens", "greedy"))
-def _sample_loop(model, tokens, length, rng, temperature, max_new_tokens, greedy):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy"))
+def _sample_loop(graphdef, state, tokens, length, rng, temperature, max_new_tokens, greedy):
   batch = jnp.arange(tokens.shape[0])
 
   def body(i, carry):
     tokens, length = carry
-    logits = model(tokens)[batch, length - 1]
+    # A fresh module per trace: layers that sow metrics (MoE) stay functional.
+    logits = nnx.merge(graphdef, state)(tokens)[batch, length - 1]
     if greedy:
       nxt = jnp.argmax(logits, -1)
     else:
@@ -40,7 +42,8 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, max_len: int
   for i, p in enumerate(prompts):
     tokens = tokens.at[i, :len(p)].set(jnp.asarray(p, jnp.int32))
   length = jnp.asarray([len(p) for p in prompts], jnp.int32)
-  out = _sample_loop(model, tokens, length, jax.random.PRNGKey(seed),
+  graphdef, state = nnx.split(model)
+  out = _sample_loop(graphdef, state, tokens, length, jax.random.PRNGKey(seed),
                      jnp.float32(max(temperature, 1e-6)), max_new_tokens, temperature <= 0)
   return [list(map(int, out[i, len(p):len(p) + max_new_tokens]))
           for i, p in enumerate(prompts)]

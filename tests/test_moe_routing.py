@@ -276,6 +276,16 @@ def test_token_with_both_choices_dropped_gets_no_slot():
   assert float(r.kept) == 2 and float(r.routed) == 10
 
 
+def test_second_choice_is_another_expert_even_when_probs_underflow():
+  # exp(-200) underflows to 0 in float32: every other expert has probability 0.
+  logits = jnp.array([[[200.0, 0.0, 0.0, 0.0], [0.0, 200.0, 0.0, 0.0]]])
+  r = gshard_top2(logits, 4)
+  np.testing.assert_array_equal(jnp.sum(r.dispatch, -1)[0], [[1, 1, 0, 0], [1, 1, 0, 0]])
+  np.testing.assert_array_equal(jnp.sum(r.combine, -1)[0], [[1, 0, 0, 0], [0, 1, 0, 0]])
+  _check(r, ref_gshard_top2(np.asarray(logits), 4))
+  np.testing.assert_array_equal(topk_dropless(logits[0], 2).experts, [[0, 1], [1, 0]])
+
+
 def test_tied_logits_pick_lowest_experts():
   g, s, e = 2, 6, 4
   r = gshard_top2(jnp.zeros((g, s, e)), s)  # ample capacity

@@ -69,9 +69,11 @@ def gshard_top2(logits, cap: int, *, rng=None, random_routing: bool = True) -> R
   num_experts = probs.shape[-1]
   mask1 = jax.nn.one_hot(jnp.argmax(probs, axis=-1), num_experts)
   gate1 = jnp.sum(probs * mask1, axis=-1)
-  probs2 = probs * (1.0 - mask1)
+  # Exclude the first choice by index, not by zeroing its probability: when the
+  # other probabilities underflow to 0, argmax would pick the first expert again.
+  probs2 = jnp.where(mask1 > 0, -1.0, probs)
   mask2 = jax.nn.one_hot(jnp.argmax(probs2, axis=-1), num_experts)
-  gate2 = jnp.sum(probs2 * mask2, axis=-1)
+  gate2 = jnp.sum(probs * mask2, axis=-1)
   denom = gate1 + gate2
   gate1, gate2 = gate1 / denom, gate2 / denom
   aux = balance_loss(probs, mask1)
