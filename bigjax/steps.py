@@ -113,10 +113,12 @@ def forward(model, batch, rng):
   return model(batch["inputs"], rng=rng)
 
 
-def moe_metrics(model) -> dict:
-  """Router metrics sown by each MoE layer, keyed 'moe/<layer path>/<name>'."""
+def moe_metrics(intermediates) -> dict:
+  """Router metrics captured from each MoE layer, keyed 'moe/<layer path>/<name>'."""
   out = {}
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Intermediate)):
+  for path, var in nnx.to_flat_state(intermediates):
+    if path[-1] != "router_metrics":
+      continue
     layer = "/".join(str(p) for p in path[:-2])  # e.g. decoder/blocks/1
     for name, v in var.get_value()[-1].items():
       out[f"moe/{layer}/{name}"] = v
@@ -126,13 +128,13 @@ def moe_metrics(model) -> dict:
 def loss_sums(model, batch, rng, router_weights=(0.0, 0.0)):
   """Summed cross-entropy, token count and correct predictions (float32), and
   for MoE models the router losses (already weighted, in per-token units)."""
-  logits = forward(model, batch, rng)
+  logits, intermediates = nnx.capture(forward, nnx.Intermediate)(model, batch, rng)
   targets, weights = batch["targets"], batch["weights"].astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
   sums = {"loss_sum": jnp.sum(ce * weights), "weight_sum": jnp.sum(weights),
           "correct_sum": jnp.sum(correct * weights)}
-  layers = moe_metrics(model)
+  layers = moe_metrics(intermediates)
   if layers:
     aux = sum(v for k, v in layers.items() if k.endswith("/aux_loss"))
     z = sum(v for k, v in layers.items() if k.endswith("/z_loss"))

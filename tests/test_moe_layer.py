@@ -53,8 +53,8 @@ def _x(seed=0, shape=(BATCH, LENGTH, EMB), dtype=jnp.float32):
 @functools.partial(jax.jit, static_argnums=0)
 def _apply_pure(graphdef, state, x, rng):
   layer = nnx.merge(graphdef, state)
-  y = layer(x, rng)
-  return y, nnx.state(layer, nnx.Intermediate)["router_metrics"].get_value()[-1]
+  y, sown = nnx.capture(layer, nnx.Intermediate)(x, rng)
+  return y, sown["router_metrics"].get_value()[-1]
 
 
 def apply(layer, x, rng=None):
@@ -210,9 +210,9 @@ def test_capacity_one_with_tied_routing(train):
   np.testing.assert_allclose(m["load"], [0.5, 0.5, 0.0, 0.0])
   np.testing.assert_allclose(float(m["aux_loss"]), 1.0, rtol=1e-6)
   np.testing.assert_allclose(float(m["z_loss"]), math.log(E) ** 2, rtol=1e-6)
-  # The same numbers read from the layer's own sown state after an eager call.
-  layer(x, jax.random.PRNGKey(3) if train else None)
-  sown = nnx.state(layer, nnx.Intermediate)["router_metrics"].get_value()[-1]
+  # The same numbers captured from an eager (un-jitted) call.
+  _, sown = nnx.capture(layer, nnx.Intermediate)(x, jax.random.PRNGKey(3) if train else None)
+  sown = sown["router_metrics"].get_value()[-1]
   np.testing.assert_allclose(float(sown["dropped"]), expected, rtol=1e-6)
 
 
@@ -288,8 +288,8 @@ def test_gradients_reach_router_and_skip_unused_experts(router, impl):
   @jax.jit
   def loss(p):
     m = nnx.merge(graphdef, p, rest)
-    y = m(x, jax.random.PRNGKey(5))
-    metrics = nnx.state(m, nnx.Intermediate)["router_metrics"].get_value()[-1]
+    y, sown = nnx.capture(m, nnx.Intermediate)(x, jax.random.PRNGKey(5))
+    metrics = sown["router_metrics"].get_value()[-1]
     return jnp.sum((y - target) ** 2) + 0.01 * metrics["aux_loss"], metrics["load"]
 
   grads, load = jax.grad(loss, has_aux=True)(params)

@@ -92,7 +92,7 @@ class MoEFeedForward(nnx.Module):
 
   def _report(self, aux, z, routed, kept, load, probs):
     entropy = -jnp.mean(jnp.sum(probs * jnp.log(probs + 1e-9), axis=-1))
-    self.sow(nnx.Intermediate, "router_metrics", {
+    self.sow(nnx.Intermediate, "router_metrics", capture_noop=True, value={
         "aux_loss": aux, "z_loss": z,
         "dropped": 1.0 - kept / jnp.maximum(routed, 1.0),
         "router_entropy": entropy, "load": load})
