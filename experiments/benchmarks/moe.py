@@ -5,9 +5,10 @@ r"""MoE layer vs. a dense MLP of the same active FLOPs: time and memory, fwd+bwd
 
 A top-2 MoE layer (E experts of hidden size H) does the work of a dense MLP of
 hidden size 2H per token (plus capacity padding); that dense MLP is the
-baseline. Each configuration is compiled once, warmed up, then timed as the
-median of --repeats runs, all in this one process so ratios compare like with
-like. Memory is XLA's own accounting of the compiled program (temporaries +
+baseline. Every configuration of a token count is compiled and warmed up, then
+they are timed round-robin (one run of each, --repeats times) and the median
+kept, all in this one process, so that slow drifts of a shared machine hit
+every variant alike and the ratios compare like with like. Memory is XLA's own accounting of the compiled program (temporaries +
 arguments + outputs), which is exact and independent of the allocator.
 """
 import argparse
@@ -41,19 +42,26 @@ def _fwd_bwd(module):
   return jax.jit(jax.value_and_grad(loss)), params
 
 
-def measure(module, x, repeats):
+def prepare(module, x):
+  """A warmed-up zero-argument runner and the program's memory in bytes."""
   fn, params = _fwd_bwd(module)
   rng = jax.random.PRNGKey(0)
   compiled = fn.lower(params, x, rng).compile()
   mem = compiled.memory_analysis()
-  peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-  jax.block_until_ready(compiled(params, x, rng))  # warm-up
-  times = []
+  total = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+  run = lambda: jax.block_until_ready(compiled(params, x, rng))
+  run()  # warm-up
+  return run, total
+
+
+def time_round_robin(runners: dict, repeats: int) -> dict:
+  times = {name: [] for name in runners}
   for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(compiled(params, x, rng))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times), peak
+    for name, run in runners.items():
+      t = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - t)
+  return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main():
@@ -74,8 +82,8 @@ def main():
     x = jax.random.normal(jax.random.PRNGKey(1), (tokens // args.group_size,
                                                   args.group_size, args.emb))
     dense = layers.MLP(_layer_config(args.emb, k * args.mlp), rngs=nnx.Rngs(0))
-    base_t, base_m = measure(dense, x, args.repeats)
-    rows.append((tokens, "dense MLP (hidden 2H)", base_t, base_m, 1.0))
+    runners, memory = {}, {}
+    runners["dense MLP (hidden 2H)"], memory["dense MLP (hidden 2H)"] = prepare(dense, x)
     variants = [("einsum top-2, cf 1.0", dict(router="gshard_top2", capacity_factor=1.0)),
                 ("einsum top-2, cf 1.25", dict(router="gshard_top2", capacity_factor=1.25)),
                 ("dropless sorted_blocks", dict(router="dropless", top_k=2,
@@ -85,8 +93,10 @@ def main():
     for name, kw in variants:
       cfg = moe.MoEConfig(num_experts=args.experts, group_size=args.group_size, **kw)
       layer = moe.MoEFeedForward(_layer_config(args.emb, args.mlp), cfg, rngs=nnx.Rngs(0))
-      t, m = measure(layer, x, args.repeats)
-      rows.append((tokens, name, t, m, t / base_t))
+      runners[name], memory[name] = prepare(layer, x)
+    times = time_round_robin(runners, args.repeats)
+    base = times["dense MLP (hidden 2H)"]
+    rows += [(tokens, name, t, memory[name], t / base) for name, t in times.items()]
 
   print(f"\n| tokens | layer | fwd+bwd ms | memory MiB | time vs dense |")
   print("|---:|---|---:|---:|---:|")
