@@ -197,25 +197,15 @@ class Encoder(nnx.Module):
     return self.embedder.logits(self.encode(tokens, rng))
 
 
-class EncoderDecoder(nnx.Module):
+class EncoderDecoder(Encoder):
   """T5-style encoder-decoder: one embedding table shared by both stacks and the output."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-    lcfg = cfg.layer_config()
-    self.embedder = _Embedder(cfg, lcfg, rngs=rngs)
     _check_causal_router(cfg)
-    self.encoder = Stack(lcfg, cfg.num_layers, cross_attention=False, remat=cfg.remat,
-                         rngs=rngs, moe=cfg.moe, moe_every=cfg.moe_every)
-    self.decoder = Stack(lcfg, cfg.num_decoder_layers or cfg.num_layers,
+    super().__init__(cfg, rngs=rngs)
+    self.decoder = Stack(cfg.layer_config(), cfg.num_decoder_layers or cfg.num_layers,
                          cross_attention=True, remat=cfg.remat, rngs=rngs, moe=cfg.moe,
                          moe_every=cfg.moe_every)
-
-  def encode(self, encoder_tokens, rng=None):
-    positions = default_positions(encoder_tokens)
-    r = _split(rng, 2)
-    valid = encoder_tokens != PAD_ID
-    x = self.embedder.embed(encoder_tokens, positions, r[0])
-    return self.encoder(x, layers.padding_mask(valid, valid), positions, rng=r[1])
 
   def decode(self, encoded, encoder_tokens, decoder_tokens, positions=None, rng=None):
     positions = default_positions(decoder_tokens) if positions is None else positions
