@@ -1,16 +1,32 @@
 """Orbax checkpoints: periodic async saves, keep-K, resume, restore onto any mesh.
 
-Orbax writes each step into a temporary directory and renames it only when the
-save is complete, so a half-written checkpoint is never listed or restored;
-`cleanup_tmp_directories` removes such leftovers when the manager opens.
+Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it only
+when the save is complete, so a half-written checkpoint (a process killed during
+an async save) is never listed or restored. The Checkpointer removes such
+leftovers when it opens and reports them (`unfinished_removed`); the previous
+finished step is then the latest.
+
+Restoring checks the checkpoint's shapes against the run's state first, so a
+checkpoint from another model fails with a `CheckpointMismatchError` naming
+the arrays that differ rather than deep inside orbax. Nothing is unpickled:
+orbax stores arrays in tensorstore (zarr/OCDBT) and metadata as JSON.
 """
 import logging
 import os
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
+from bigjax.config import ConfigError
 from bigjax.steps import TrainState
+
+TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+class CheckpointMismatchError(ConfigError):
+  """The checkpoint's arrays do not fit this run's state (another model)."""
 
 
 def _as_dict(state: TrainState) -> dict:
@@ -18,32 +34,94 @@ def _as_dict(state: TrainState) -> dict:
           "rng": state.rng}
 
 
+def _path_name(path) -> str:
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def _shapes(tree) -> dict:
+  """{'params/decoder/...': shape} for every leaf of a state or metadata tree."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_path_name(p): tuple(getattr(leaf, "shape", ())) for p, leaf in leaves}
+
+
+def describe_mismatch(saved: dict, wanted: dict, limit: int = 4) -> list[str]:
+  """Human-readable differences between two {path: shape} maps: arrays only in
+  the checkpoint, only in this run, and with other shapes (parameters first,
+  at most `limit` of each kind, then a count)."""
+  order = {"step": 0, "params": 1, "opt_state": 2, "rng": 3}
+  names = sorted(set(saved) | set(wanted), key=lambda n: (order.get(n.split("/")[0], 4), n))
+  kinds = (
+      ([n for n in names if n not in wanted],
+       lambda n: f"{n}: in the checkpoint {saved[n]}, not in this run"),
+      ([n for n in names if n not in saved],
+       lambda n: f"{n}: in this run {wanted[n]}, not in the checkpoint"),
+      ([n for n in names if n in saved and n in wanted and saved[n] != wanted[n]],
+       lambda n: f"{n}: shape {saved[n]} in the checkpoint, {wanted[n]} in this run"),
+  )
+  out = []
+  for found, describe in kinds:
+    out += [describe(n) for n in found[:limit]]
+    if len(found) > limit:
+      out.append(f"... and {len(found) - limit} more like it")
+  return out
+
+
+def _abspath(workdir: str) -> str:
+  return workdir if "://" in workdir else os.path.abspath(workdir)
+
+
 class Checkpointer:
   """The run's CheckpointManager under WORKDIR/checkpoints."""
 
   def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True):
     self.save_every = save_every
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    self._leftovers = self._temporary_dirs()
+    self.directory = epath.Path(_abspath(workdir)) / "checkpoints"
+    self._leftovers = self._remove_unfinished()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
         create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
-    for d in self._leftovers:
-      logging.warning("Ignored and removed an unfinished checkpoint: %s", d)
+    # An explicit handler lets `item_metadata` read a checkpoint's shapes
+    # before anything has been restored in this process.
+    self.manager = ocp.CheckpointManager(
+        self.directory, item_handlers=ocp.StandardCheckpointHandler(), options=options)
 
   def _temporary_dirs(self) -> list[str]:
-    if not os.path.isdir(self.directory):
+    if not self.directory.is_dir():
       return []
-    return sorted(d for d in os.listdir(self.directory) if ".orbax-checkpoint-tmp" in d)
+    return sorted(p.name for p in self.directory.iterdir() if TMP_MARKER in p.name)
+
+  def _remove_unfinished(self) -> list[str]:
+    """Removes interrupted saves (process 0), so that they are gone, not merely
+    ignored, by the time the manager opens; every process returns the list."""
+    found = self._temporary_dirs()
+    if found and jax.process_index() == 0:
+      for name in found:
+        logging.warning("Removing an unfinished checkpoint (its save was interrupted): %s",
+                        self.directory / name)
+        (self.directory / name).rmtree(missing_ok=True)
+    if jax.process_count() > 1:  # Nobody opens the manager before the removal.
+      multihost_utils.sync_global_devices("bigjax.checkpoint: unfinished removed")
+    return found
 
   @property
   def unfinished_removed(self) -> list[str]:
+    """Names of the unfinished checkpoint dirs found (and removed) on opening."""
     return list(self._leftovers)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
 
   def save(self, step: int, state: TrainState, *, force: bool = False) -> bool:
     """Saves if `step` is due (or forced); returns whether a save started.
@@ -56,16 +134,42 @@ class Checkpointer:
       return False  # Already saved (e.g. a final save right after a periodic one).
     return self.manager.save(step, args=ocp.args.StandardSave(_as_dict(state)), force=True)
 
+  def check_compatible(self, abstract_state: TrainState, step: int):
+    """Raises CheckpointMismatchError if the checkpoint at `step` holds other
+    arrays (names or shapes) than `abstract_state`. dtypes may differ: orbax
+    casts on restore."""
+    try:
+      metadata = self.manager.item_metadata(step)
+    except (FileNotFoundError, ValueError) as e:
+      raise CheckpointMismatchError(
+          f"The checkpoint at step {step} in {self.directory} is unreadable ({e}). "
+          "Remove that step's directory to resume from an earlier one, or use a new "
+          "--workdir.") from None
+    if metadata is None:
+      return  # Nothing to compare against; orbax checks while restoring.
+    diffs = describe_mismatch(_shapes(metadata), _shapes(_as_dict(abstract_state)))
+    if diffs:
+      raise CheckpointMismatchError(
+          f"The checkpoint at step {step} in {self.directory} was written by a "
+          "different model or optimizer than this config describes:\n  " +
+          "\n  ".join(diffs) + "\nResume with the config the checkpoint was written with "
+          "(WORKDIR/config.json), or start this config in a new --workdir.")
+
   def restore(self, abstract_state: TrainState, shardings: TrainState,
               step: int | None = None) -> TrainState:
     """Restores onto the given shardings, which may be a different mesh than the save's."""
     step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"No finished checkpoint in {self.directory}.")
+    self.check_compatible(abstract_state, step)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           _as_dict(abstract_state), _as_dict(shardings))
     restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
     return TrainState(**restored)
 
   def reached_preemption(self, step: int) -> bool:
+    """True on every process at the same step once any host got a preemption
+    notice (SIGTERM), when running under jax.distributed; else False."""
     return self.manager.reached_preemption(step)
 
   def wait(self):

@@ -2,7 +2,12 @@
 
 Each check names the offending field and says how to fix it. `validate`
 returns nothing and raises ConfigError (a ValueError) on the first problem.
+Problems only the data can reveal (an unknown dataset or split, a split too
+short for one batch) are raised by `train.run` as DataError, also before
+anything compiles; a checkpoint written by another model raises
+checkpoint.CheckpointMismatchError. Both are ConfigErrors.
 """
+import numbers
 import os
 
 from bigjax import sharding
@@ -15,17 +20,63 @@ class ConfigError(ValueError):
   pass
 
 
+class DataError(ConfigError):
+  """The configured data cannot feed this run (missing, empty, too short)."""
+
+
 def _fail(field: str, problem: str, fix: str):
   raise ConfigError(f"config.{field}: {problem} {fix}")
 
 
+def _get(config, field: str):
+  value = config
+  for part in field.split("."):
+    if part not in value:
+      _fail(field, "is missing.", "Start from configs/lm.py, which defines every key.")
+    value = value[part]
+  return value
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _positive(config, *fields):
   for field in fields:
-    value = config
-    for part in field.split("."):
-      value = value[part]
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    value = _get(config, field)
+    if not _is_int(value) or value <= 0:
       _fail(field, f"must be a positive integer, got {value!r}.", "Set it to a value >= 1.")
+
+
+def _non_negative(config, *fields):
+  for field in fields:
+    value = _get(config, field)
+    if not _is_int(value) or value < 0:
+      _fail(field, f"must be an integer >= 0, got {value!r}.", "Use 0 for the default.")
+
+
+def _name(config, field: str):
+  value = _get(config, field)
+  if not isinstance(value, str) or not value.strip():
+    _fail(field, f"must be a non-empty name, got {value!r}.",
+          "Set it as in configs/lm.py (e.g. dataset 'stdlib_py', splits 'train' / "
+          "'validation', text_key 'text').")
+
+
+def _validate_rules(config):
+  rules = _get(config, "sharding_rules")
+  for i, rule in enumerate(rules):
+    if not isinstance(rule, (list, tuple)) or len(rule) != 2 or not isinstance(rule[0], str):
+      _fail(f"sharding_rules[{i}]", f"{rule!r} is not a [logical_name, mesh_axes] pair.",
+            "Write e.g. ['embed', 'fsdp'] or ['batch', ['data', 'fsdp']].")
+    axes = rule[1]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    if not isinstance(axes, (list, tuple)) or any(a not in sharding.MESH_AXES for a in axes):
+      _fail(f"sharding_rules[{i}]", f"{rule[0]!r} maps to {rule[1]!r}, not to mesh axes.",
+            f"Use None or names from {sharding.MESH_AXES}.")
+  if not any(r[0] == "batch" for r in rules):
+    _fail("sharding_rules", "has no rule for 'batch'.",
+          "Add ['batch', ['data', 'expert', 'fsdp']] (see configs/common.py).")
 
 
 def _validate_moe(config):
@@ -33,7 +84,7 @@ def _validate_moe(config):
 
   m, e = config.model, config.model.moe
   if m.moe_every < 0:
-    _fail("model.moe_every", f"must be >= 0, got {m.moe_every}.", "0 disables MoE.")
+    _fail("model.moe_every", f"must be >= 0, got {m.moe_every}.", "Use 0 to disable MoE.")
   _positive(config, "model.moe.num_experts", "model.moe.group_size", "model.moe.top_k",
             "model.moe.block_size")
   if e.router not in routing.ROUTERS:
@@ -70,9 +121,19 @@ def validate(config, *, num_devices: int, process_count: int = 1, workdir: str |
       _fail(key, "is missing.", "Start from configs/lm.py, which defines every key.")
   _positive(config, "total_steps", "log_every", "eval_every", "checkpoint_every",
             "batch_size", "seq_len", "grad_accum_steps", "keep_checkpoints", "eval_batches")
+  if not _is_int(config.seed):
+    _fail("seed", f"must be an integer, got {config.seed!r}.", "Use e.g. 0.")
+  if "sample_tokens" in config:
+    _non_negative(config, "sample_tokens")
   m = config.model
   _positive(config, "model.vocab_size", "model.num_layers", "model.emb_dim",
             "model.num_heads", "model.mlp_dim", "model.max_len")
+  _non_negative(config, "model.num_kv_heads", "model.head_dim")
+  if "num_decoder_layers" in m:
+    _non_negative(config, "model.num_decoder_layers")
+  if m.get("init") == "normal" and "init_scale" in m and not m.init_scale > 0:
+    _fail("model.init_scale", f"must be > 0 for init='normal', got {m.init_scale}.",
+          "Use e.g. 0.02.")
   if m.kind not in transformer.KINDS:
     _fail("model.kind", f"unknown kind {m.kind!r}.", f"Choose one of {transformer.KINDS}.")
   for field, allowed in (("mlp_activation", tuple(layers.ACTIVATIONS)),
@@ -114,17 +175,45 @@ def validate(config, *, num_devices: int, process_count: int = 1, workdir: str |
           f"Choose one of {optim.SCHEDULES}.")
   if not o.lr > 0:
     _fail("optim.lr", f"must be > 0, got {o.lr}.", "Use e.g. 3e-4.")
-  if o.warmup_steps < 0:
-    _fail("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}.", "Use e.g. 1000.")
+  _non_negative(config, "optim.warmup_steps")
   for field in ("clip_norm", "clip_value", "weight_decay"):
     if o[field] < 0:
       _fail(f"optim.{field}", f"must be >= 0, got {o[field]}.", "Use 0 to disable it.")
+  for field in ("b1", "b2"):
+    if field in o and not 0 <= o[field] < 1:
+      _fail(f"optim.{field}", f"{o[field]} is outside [0, 1).", "Use e.g. 0.9 / 0.95.")
+  if "eps" in o and not o.eps >= 0:
+    _fail("optim.eps", f"must be >= 0, got {o.eps}.", "Use e.g. 1e-8.")
+  if "end_lr_factor" in o and not 0 <= o.end_lr_factor <= 1:
+    _fail("optim.end_lr_factor", f"{o.end_lr_factor} is outside [0, 1].",
+          "Use e.g. 0.1 (the final lr is lr × end_lr_factor).")
+  policy = o.get("nan_policy", "skip")
+  if policy not in optim.NAN_POLICIES:
+    _fail("optim.nan_policy", f"unknown policy {policy!r}.",
+          f"Choose one of {optim.NAN_POLICIES}.")
+
+  d = config.data
+  for field in ("dataset", "train_split", "eval_split", "text_key"):
+    _name(config, f"data.{field}")
+  if not isinstance(d.get("data_dir", ""), str):
+    _fail("data.data_dir", f"must be a path string, got {d.data_dir!r}.",
+          "Use '' for $TFDS_DATA_DIR or ~/tensorflow_datasets.")
 
   # Mesh and batch: every device gets an equal share of every (micro)batch.
+  mesh_cfg = dict(config.mesh)
+  for axis, size in mesh_cfg.items():
+    if axis not in sharding.MESH_AXES:
+      _fail(f"mesh.{axis}", "is not a mesh axis.", f"Use the axes {sharding.MESH_AXES}.")
+    if not _is_int(size) or size == 0 or size < -1:
+      _fail(f"mesh.{axis}", f"must be a positive size or -1, got {size!r}.",
+            "Use a size >= 1, or -1 for the remaining devices.")
+  if sum(size == -1 for size in mesh_cfg.values()) > 1:
+    _fail("mesh", f"more than one axis is -1: {mesh_cfg}.", "Set at most one axis to -1.")
   try:
     sizes = sharding.resolve_mesh_shape(config.mesh, num_devices)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  _validate_rules(config)
   rules = [tuple(r) for r in config.sharding_rules]
   batch_spec = sharding.logical_to_spec(("batch",), rules)[0] or ()
   batch_axes = (batch_spec,) if isinstance(batch_spec, str) else tuple(batch_spec)
@@ -155,10 +244,22 @@ def validate(config, *, num_devices: int, process_count: int = 1, workdir: str |
     _fail("model.emb_dim", f"{m.emb_dim} is not divisible by mesh.fsdp={sizes['fsdp']}.",
           "Change it or the fsdp size.")
 
-  if workdir:
-    parent = workdir
-    while parent and not os.path.exists(parent):
-      parent = os.path.dirname(parent)
-    if parent and not os.access(parent, os.W_OK):
-      raise ConfigError(f"--workdir={workdir}: {parent} is not writable. "
-                        "Choose a directory you can write to.")
+  if workdir is not None:
+    validate_workdir(workdir)
+
+
+def validate_workdir(workdir: str):
+  """The workdir (or its nearest existing ancestor) must be a writable directory."""
+  if not workdir or not str(workdir).strip():
+    raise ConfigError("--workdir is empty. Pass the run's directory, e.g. --workdir=/tmp/run.")
+  if "://" in workdir:  # Remote (gs://...): checked by the first write.
+    return
+  parent = os.path.abspath(workdir)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ConfigError(f"--workdir={workdir}: {parent} is a file, not a directory. "
+                      "Choose another --workdir.")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir={workdir}: {parent} is not writable. "
+                      "Choose a directory you can write to (or fix its permissions).")

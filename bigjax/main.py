@@ -60,7 +60,9 @@ def summarize(result, config, workdir: str):
     print(f"Validation bits per byte: {bpb:.3f} (unigram entropy of the corpus: "
           f"{entropy:.3f} bits/byte)")
   _print_router_metrics(workdir)
-  if config.sample_tokens and config.model.kind == "decoder":
+  # Sampling runs sharded computations that every process would have to join;
+  # multi-process runs sample afterwards with `python -m bigjax.generate`.
+  if config.sample_tokens and config.model.kind == "decoder" and jax.process_count() == 1:
     prompt = "def "
     model = result.task.model(result.state.params)
     out = decode.sample(model, [list(tokenizer.encode(prompt))],
@@ -81,6 +83,8 @@ def main(argv):
     result = train.run(config, workdir)
   except config_lib.ConfigError as e:  # Bad input: the message says what to fix.
     sys.exit(f"Invalid config: {e}")
+  except train.NonFiniteError as e:  # nan_policy="halt"
+    sys.exit(f"Halted: {e}")
   if not result.preempted:
     summarize(result, config, workdir)
 

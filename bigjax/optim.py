@@ -1,9 +1,20 @@
-"""optax optimizers, schedules and gradient clipping from config.optim."""
+"""optax optimizers, schedules, gradient clipping and the non-finite guard from
+config.optim.
+
+`optim.nan_policy` decides what a step with a NaN/Inf gradient does:
+  "skip": the update is dropped (parameters and the inner optimizer state,
+          including its step count, are left exactly as they were) and counted
+          in the optimizer state, which the loop logs as `skipped_updates`;
+  "halt": the update is applied, and the loop stops the run with an error at
+          the next logging (or checkpoint) step, before anything non-finite is saved.
+"""
 import jax
+import jax.numpy as jnp
 import optax
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "adafactor", "lion")
 SCHEDULES = ("cosine", "rsqrt", "linear", "constant")
+NAN_POLICIES = ("skip", "halt")
 
 
 def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
@@ -57,4 +68,24 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
     clips.append(optax.clip(optim_cfg.clip_value))
   if optim_cfg.clip_norm:
     clips.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
-  return optax.chain(*clips, opt)
+  tx = optax.chain(*clips, opt)
+  if nan_policy(optim_cfg) == "skip":
+    # Never gives up: every non-finite update is skipped (the int32 counter
+    # saturates at its maximum, which `>` never exceeds).
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=int(jnp.iinfo(jnp.int32).max))
+  return tx
+
+
+def nan_policy(optim_cfg) -> str:
+  policy = optim_cfg.get("nan_policy", "skip") if hasattr(optim_cfg, "get") else "skip"
+  if policy not in NAN_POLICIES:
+    raise ValueError(f"optim.nan_policy={policy!r}; choose one of {NAN_POLICIES}.")
+  return policy
+
+
+def skipped_updates(opt_state):
+  """Updates skipped so far for non-finite gradients (an int32 array), or None
+  when the optimizer does not skip (nan_policy "halt")."""
+  if isinstance(opt_state, optax.ApplyIfFiniteState):
+    return opt_state.total_notfinite
+  return None

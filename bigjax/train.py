@@ -3,17 +3,31 @@
 Data flows config -> mesh -> model/state -> jitted step -> checkpoint. The
 batch at step k is a pure function of (seed, k, process), and step RNG is
 fold_in(rng, step), so a resumed run needs nothing but the checkpointed state.
+
+What a run survives (each tested in tests/test_survival_*.py):
+- SIGKILL / crash: rerunning resumes from the latest finished checkpoint and
+  repeats the lost steps bit-identically (same topology). metrics.jsonl is
+  rewound to that checkpoint on resume, so it holds one row per step.
+- SIGTERM (preemption): the step in flight finishes, a checkpoint is saved and
+  waited for, a line says so, and run() returns (the CLI exits 0). Under
+  jax.distributed every host stops at the same step (JAX's preemption sync).
+- A save interrupted half-way: never listed; removed and reported on restart.
+- NaN/Inf gradients: skipped and counted, or the run halts (optim.nan_policy).
+- Bad config, data or checkpoint: a ConfigError naming the field, before compiling.
 """
 import dataclasses
+import json
 import math
 import os
 import signal
+import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bigjax import checkpoint, config as config_lib, metrics as metrics_lib, sharding, steps
+from bigjax import (checkpoint, config as config_lib, distributed, metrics as metrics_lib,
+                    optim, sharding, steps)
 from bigjax.data import pipeline
 
 
@@ -49,6 +63,10 @@ class RunResult:
   preempted: bool = False
 
 
+class NonFiniteError(FloatingPointError):
+  """A NaN/Inf loss or gradient under optim.nan_policy='halt'."""
+
+
 class _SigtermFlag:
   """Single-process runs learn of SIGTERM here; multi-process runs rely on JAX's
   preemption sync (through orbax) so that every host stops at the same step."""
@@ -56,7 +74,7 @@ class _SigtermFlag:
   def __init__(self):
     self.raised = False
     self._previous = None
-    if jax.process_count() == 1:
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
@@ -65,19 +83,114 @@ class _SigtermFlag:
   def restore(self):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+def _rewind_metrics(workdir: str, step: int) -> int:
+  """Drops metrics.jsonl rows past `step` (the checkpoint a run resumes from),
+  and any line a kill cut short, so that the file keeps one row per logged step
+  after the lost steps are re-run. Returns how many lines were dropped."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return 0
+  keep, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+        ok = line.endswith("\n") and int(row["step"]) <= step
+      except (ValueError, KeyError, TypeError):
+        ok = not line.strip()
+      if ok:
+        keep.append(line)
+      else:
+        dropped += bool(line.strip())
+  if dropped:
+    with open(path + ".tmp", "w") as f:
+      f.writelines(keep)
+    os.replace(path + ".tmp", path)
+  return dropped
+
+
+def _check_finite(fetched: list, first_step: int, latest_checkpoint):
+  """Raises NonFiniteError naming the first step whose loss or gradient norm is
+  not finite (optim.nan_policy='halt')."""
+  for i, m in enumerate(fetched):
+    loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+      where = (f"the latest checkpoint, step {latest_checkpoint}, predates it, and rerunning "
+               "resumes there" if latest_checkpoint is not None else "no checkpoint was saved")
+      raise NonFiniteError(
+          f"Non-finite training step {first_step + i} (loss={loss}, grad_norm={gnorm}) with "
+          f"config.optim.nan_policy='halt': the run stops ({where}). Lower optim.lr, set "
+          "optim.clip_norm, check the data, or set config.optim.nan_policy='skip' to drop "
+          "such updates.")
+
+
+def _load_data(config, shard: dict, task_name: str):
+  """Train batches and eval batches; data problems become DataErrors, raised
+  before anything is compiled."""
+  d = config.data
+  try:
+    train_tokens = pipeline.token_array(d.dataset, d.train_split, d.data_dir, d.text_key)
+    eval_tokens = pipeline.token_array(d.dataset, d.eval_split, d.data_dir, d.text_key)
+    train_data = pipeline.LMBatches(train_tokens, global_batch_size=config.batch_size,
+                                    seq_len=config.seq_len, seed=config.seed, task=task_name,
+                                    name=f"Split {d.train_split!r} of {d.dataset!r}", **shard)
+    eval_data = list(pipeline.eval_batches(eval_tokens, global_batch_size=config.batch_size,
+                                           seq_len=config.seq_len,
+                                           num_batches=config.eval_batches, task=task_name,
+                                           name=f"Split {d.eval_split!r} of {d.dataset!r}",
+                                           **shard))
+  except (ValueError, FileNotFoundError) as e:
+    raise config_lib.DataError(f"config.data: {e}") from e
+  return train_data, eval_data
+
+
+def _model_config_diff(workdir: str, config) -> str:
+  """' (model.emb_dim: 64 in WORKDIR/config.json, 128 now; ...)' or ''."""
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      old = json.load(f)
+  except (OSError, ValueError):
+    return ""
+  new = json.loads(config.to_json_best_effort())
+  diffs = []
+
+  def walk(a, b, prefix):
+    for k in sorted(set(a) | set(b)):
+      x, y = a.get(k), b.get(k)
+      if isinstance(x, dict) and isinstance(y, dict):
+        walk(x, y, f"{prefix}{k}.")
+      elif x != y:
+        diffs.append(f"{prefix}{k}: {x!r} in config.json, {y!r} now")
+
+  walk(old.get("model", {}), new.get("model", {}), "model.")
+  walk({"optim.name": old.get("optim", {}).get("name"),
+        "optim.nan_policy": old.get("optim", {}).get("nan_policy")},
+       {"optim.name": new["optim"].get("name"),
+        "optim.nan_policy": new["optim"].get("nan_policy")}, "")
+  return ("\nConfig fields that differ from the run's config.json: " + "; ".join(diffs)
+          if diffs else "")
 
 
 def run(config, workdir: str) -> RunResult:
   """Trains (or resumes) the run in `workdir` up to config.total_steps."""
   # --------------------------------------------------------------------------
-  # Setup: validate before compiling anything, record the resolved config.
+  # Setup: join the other processes (if any), validate before compiling anything.
   # --------------------------------------------------------------------------
+  distributed.initialize_from_env()
   config_lib.validate(config, num_devices=jax.device_count(),
                       process_count=jax.process_count(), workdir=workdir)
+  sigterm = _SigtermFlag()  # From here on a SIGTERM means "save and stop".
+  try:
+    return _run(config, workdir, sigterm)
+  finally:
+    sigterm.restore()
+
+
+def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(config.mesh)
   log(f"Mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
       f"{jax.process_count()} process(es).")
@@ -86,19 +199,9 @@ def run(config, workdir: str) -> RunResult:
   # --------------------------------------------------------------------------
   # Data: step-indexed batches, this process's rows only.
   # --------------------------------------------------------------------------
-  d = config.data
   task_name = "reverse" if config.model.kind == "encdec" else "lm"
-  train_tokens = pipeline.token_array(d.dataset, d.train_split, d.data_dir, d.text_key)
-  eval_tokens = pipeline.token_array(d.dataset, d.eval_split, d.data_dir, d.text_key)
   shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_data = pipeline.LMBatches(train_tokens, global_batch_size=config.batch_size,
-                                  seq_len=config.seq_len, seed=config.seed, task=task_name,
-                                  name=f"Split {d.train_split!r} of {d.dataset!r}", **shard)
-  eval_data = list(pipeline.eval_batches(eval_tokens, global_batch_size=config.batch_size,
-                                         seq_len=config.seq_len,
-                                         num_batches=config.eval_batches, task=task_name,
-                                         name=f"Split {d.eval_split!r} of {d.dataset!r}",
-                                         **shard))
+  train_data, eval_data = _load_data(config, shard, task_name)
 
   # --------------------------------------------------------------------------
   # State: resume from the latest finished checkpoint, else initialise sharded.
@@ -106,57 +209,96 @@ def run(config, workdir: str) -> RunResult:
   ckpt = checkpoint.Checkpointer(workdir, save_every=config.checkpoint_every,
                                  keep=config.keep_checkpoints,
                                  async_save=config.async_checkpoint)
+  for name in ckpt.unfinished_removed:
+    log(f"Removed an unfinished checkpoint (its save was interrupted): {name}")
   start = ckpt.latest_step()
   if start is not None:
-    state = ckpt.restore(task.abstract_state, task.state_shardings, start)
+    try:
+      state = ckpt.restore(task.abstract_state, task.state_shardings, start)
+    except checkpoint.CheckpointMismatchError as e:
+      ckpt.close()
+      raise checkpoint.CheckpointMismatchError(
+          str(e) + _model_config_diff(workdir, config)) from None
     log(f"Resumed from the checkpoint at step {start}.")
   else:
     state, start = steps.create_state(task, config.seed), 0
+  # Recorded once the state fits: a mismatched rerun leaves the old config.json.
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  if _rewind_metrics(workdir, start):
+    log(f"metrics.jsonl: dropped the rows after step {start}; those steps run again.")
   train_step, eval_step = steps.make_train_step(task), steps.make_eval_step(task)
   writer = metrics_lib.MetricWriter(workdir)
   tokens_per_step = config.batch_size * config.seq_len
   progress = metrics_lib.Progress(config.total_steps, start, tokens_per_step)
   last_eval: dict = {}
-  sigterm, preempted = _SigtermFlag(), False
+  preempted = False
+  halt_on_nan = optim.nan_policy(config.optim) == "halt"
+  skipped_logged = None
 
   # --------------------------------------------------------------------------
-  # Loop. The host waits on the device only when it logs or evaluates.
+  # Loop. The host waits on the device only when it logs, evaluates or saves.
   # --------------------------------------------------------------------------
-  pending = []
-  for step in range(start, config.total_steps):
-    batch = _global_batch(task, train_data.batch(step))
-    state, step_metrics = train_step(state, batch)
-    pending.append(step_metrics)
-    done = step + 1
+  try:
+    pending = []
+    for step in range(start, config.total_steps):
+      batch = _global_batch(task, train_data.batch(step))
+      state, step_metrics = train_step(state, batch)
+      pending.append(step_metrics)
+      done = step + 1
+      log_now = done % config.log_every == 0 or done == config.total_steps
+      stop = sigterm.raised or ckpt.reached_preemption(done)
+      save_now = done % config.checkpoint_every == 0 or done == config.total_steps or stop
 
-    if done % config.log_every == 0 or done == config.total_steps:
-      fetched = jax.device_get(pending)
-      pending = []
-      scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-      scalars["learning_rate"] = float(steps.learning_rate(task, done - 1))
-      scalars["tokens_per_s"] = progress.update(done, {"loss": scalars["loss"]})
-      writer.write(done, scalars)
+      if halt_on_nan and (log_now or save_now):
+        # Checked before a save too, so that no non-finite state is checkpointed.
+        _check_finite(jax.device_get(pending), done - len(pending) + 1, ckpt.latest_step())
 
-    if done % config.eval_every == 0 or done == config.total_steps:
-      last_eval = evaluate(task, eval_step, state.params, eval_data)
-      writer.write(done, last_eval)
-      log(f"eval at step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
-      progress.reset_clock()
+      if log_now:
+        fetched = jax.device_get(pending)
+        pending = []
+        scalars = {k: _mean_finite([m[k] for m in fetched]) for k in fetched[0]}
+        scalars["learning_rate"] = float(steps.learning_rate(task, done - 1))
+        skipped = optim.skipped_updates(state.opt_state)
+        if skipped is not None:
+          scalars["skipped_updates"] = skipped = int(jax.device_get(skipped))
+          if skipped_logged is not None and skipped > skipped_logged:
+            log(f"step {done}: skipped {skipped - skipped_logged} update(s) with non-finite "
+                f"gradients ({skipped} in total).")
+          skipped_logged = skipped
+        scalars["tokens_per_s"] = progress.update(done, {"loss": scalars["loss"]})
+        writer.write(done, scalars)
 
-    ckpt.save(done, state, force=done == config.total_steps)
-    if sigterm.raised or ckpt.reached_preemption(done):
-      ckpt.save(done, state, force=True)
-      ckpt.wait()
-      print(f"Preempted: checkpoint saved at step {done}; rerun the same command to resume.",
-            flush=True)
-      preempted = True
-      break
+      if done % config.eval_every == 0 or done == config.total_steps:
+        last_eval = evaluate(task, eval_step, state.params, eval_data)
+        writer.write(done, last_eval)
+        log(f"eval at step {done}: " + ", ".join(f"{k}={v:.4f}"
+                                                 for k, v in last_eval.items()))
+        progress.reset_clock()
+
+      if save_now:
+        ckpt.save(done, state, force=True)
+      if stop:
+        ckpt.wait()
+        print(f"Preempted: checkpoint saved at step {done}; rerun the same command to "
+              "resume.", flush=True)
+        preempted = True
+        break
 
   # --------------------------------------------------------------------------
-  # Finish: every save completes before the process may exit.
+  # Finish: every save completes before the process may exit (also on errors).
   # --------------------------------------------------------------------------
-  progress.close()
-  ckpt.close()
-  writer.close()
-  sigterm.restore()
+  finally:
+    progress.close()
+    ckpt.close()
+    writer.close()
   return RunResult(state, task, last_eval, preempted)
+
+
+def _mean_finite(values) -> float:
+  """Mean over the finite values (skipped NaN steps don't poison the logged
+  window); NaN if there are none."""
+  arr = np.asarray(values, np.float64)
+  finite = arr[np.isfinite(arr)]
+  return float(finite.mean()) if finite.size else float("nan")

@@ -79,6 +79,9 @@ def get_config(arg=None):
   config.optim.eps = 1e-8
   config.optim.clip_norm = 1.0  # 0 disables global-norm clipping.
   config.optim.clip_value = 0.0  # 0 disables clipping by value.
+  # A NaN/Inf gradient: "skip" drops that update (counted as skipped_updates in
+  # metrics.jsonl); "halt" stops the run at the next logging step with an error.
+  config.optim.nan_policy = "skip"
 
   config.mesh = common.default_mesh()
   config.sharding_rules = common.default_rules()

@@ -32,7 +32,8 @@ def _fingerprint(source, text_key: str) -> str:
   # Keys the cache on the data itself (size plus first and last texts), so
   # mocked data, a re-prepared dataset or another tokenizer never reuse a file.
   n = len(source)
-  h = hashlib.sha256(f"bytes+3/eos2|{n}|".encode())
+  # "u16": caches written before bytes 253-255 stopped wrapping around in uint8.
+  h = hashlib.sha256(f"bytes+3/eos2/u16|{n}|".encode())
   for i in sorted({*range(min(n, 3)), *range(max(n - 3, 0), n)}):
     h.update(_as_bytes(source[i][text_key]) + b"\0")
   return h.hexdigest()[:16]
@@ -54,7 +55,9 @@ def _write_tokens(source, text_key: str, path: str) -> None:
         block = np.empty(int(eos_at[-1]) + 1, np.uint16)
         is_byte = np.ones(block.size, bool)
         is_byte[eos_at] = False
-        block[is_byte] = np.frombuffer(b"".join(texts), np.uint8) + tokenizer.OFFSET
+        # Widened before the offset: in uint8, bytes 253-255 would wrap to PAD/BOS/EOS.
+        block[is_byte] = (np.frombuffer(b"".join(texts), np.uint8).astype(np.uint16)
+                          + tokenizer.OFFSET)
         block[eos_at] = tokenizer.EOS_ID
         f.write(block.astype("<u2").tobytes())
         total += block.size

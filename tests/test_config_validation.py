@@ -1,0 +1,239 @@
+"""config.validate: every bad input is a ConfigError naming the field and the fix,
+raised before anything is compiled (validate itself never touches a device)."""
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from bigjax import checkpoint, config as config_lib, sharding, steps
+from configs import lm, lm_moe
+
+FIX_WORDS = ("use", "choose", "set", "change", "raise", "lower", "make", "pick", "add",
+             "start", "write", "fix")
+
+
+def _set(config, key, value):
+  *parents, leaf = key.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
+def _moe(**overrides):
+  def make():
+    c = lm_moe.get_config("runlocal")
+    for k, v in overrides.items():
+      _set(c, k, v)
+    return c
+  return make
+
+
+def _delete(key):
+  def make():
+    c = lm.get_config("runlocal")  # Not locked: the CLI locks it after loading.
+    del c[key]
+    return c
+  return make
+
+
+def _with(**overrides):
+  def make():
+    c = lm.get_config("runlocal")
+    for k, v in overrides.items():
+      _set(c, k.replace("__", "."), v)
+    return c
+  return make
+
+
+# (make config, field named in the error, num_devices, process_count)
+CASES = [
+    # Sizes: zero, negative.
+    (_with(total_steps=0), "total_steps"),
+    (_with(total_steps=-5), "total_steps"),
+    (_with(log_every=0), "log_every"),
+    (_with(eval_every=0), "eval_every"),
+    (_with(checkpoint_every=-1), "checkpoint_every"),
+    (_with(batch_size=0), "batch_size"),
+    (_with(seq_len=0), "seq_len"),
+    (_with(seq_len=-32), "seq_len"),
+    (_with(grad_accum_steps=0), "grad_accum_steps"),
+    (_with(keep_checkpoints=0), "keep_checkpoints"),
+    (_with(eval_batches=0), "eval_batches"),
+    (_with(sample_tokens=-1), "sample_tokens"),
+    (_with(model__vocab_size=0), "model.vocab_size"),
+    (_with(model__num_layers=0), "model.num_layers"),
+    (_with(model__emb_dim=-64), "model.emb_dim"),
+    (_with(model__num_heads=0), "model.num_heads"),
+    (_with(model__mlp_dim=0), "model.mlp_dim"),
+    (_with(model__max_len=0), "model.max_len"),
+    (_with(model__num_kv_heads=-1), "model.num_kv_heads"),
+    (_with(model__head_dim=-8), "model.head_dim"),
+    (_with(model__num_decoder_layers=-1), "model.num_decoder_layers"),
+    (_with(model__init_scale=0.0), "model.init_scale"),
+    (_with(optim__warmup_steps=-1), "optim.warmup_steps"),
+    (_with(optim__lr=0.0), "optim.lr"),
+    (_with(optim__lr=-1e-3), "optim.lr"),
+    # Names.
+    (_with(model__kind="gpt"), "model.kind"),
+    (_with(model__mlp_activation="swish2"), "model.mlp_activation"),
+    (_with(model__norm="batchnorm"), "model.norm"),
+    (_with(model__init="zeros"), "model.init"),
+    (_with(model__position="alibi"), "model.position"),
+    (_with(model__dtype="float64"), "model.dtype"),
+    (_with(model__param_dtype="int8"), "model.param_dtype"),
+    (_with(optim__name="adamax"), "optim.name"),
+    (_with(optim__schedule="step"), "optim.schedule"),
+    (_with(optim__nan_policy="ignore"), "optim.nan_policy"),
+    (_with(data__dataset=""), "data.dataset"),
+    (_with(data__train_split=""), "data.train_split"),
+    (_with(data__eval_split=" "), "data.eval_split"),
+    (_with(data__text_key=""), "data.text_key"),
+    (_moe(**{"model.moe.router": "hash"}), "model.moe.router"),
+    (_moe(**{"model.moe.dropless_impl": "magic"}), "model.moe.dropless_impl"),
+    # Shapes that do not fit together.
+    (_with(model__num_heads=3), "model.num_heads"),  # 3 heads do not divide emb_dim 64.
+    (_with(model__num_kv_heads=3), "model.num_kv_heads"),
+    (_with(model__emb_dim=60, model__position="rotary"), "model.head_dim"),  # odd head_dim
+    (_with(seq_len=64), "seq_len"),  # longer than the position table (max_len 32)
+    (_with(model__vocab_size=100), "model.vocab_size"),  # fewer ids than the tokenizer
+    (_with(model__dropout_rate=1.0), "model.dropout_rate"),
+    (_with(model__dropout_rate=-0.1), "model.dropout_rate"),
+    # Optimizer values.
+    (_with(optim__clip_norm=-1.0), "optim.clip_norm"),
+    (_with(optim__clip_value=-0.5), "optim.clip_value"),
+    (_with(optim__weight_decay=-0.1), "optim.weight_decay"),
+    (_with(optim__b1=1.0), "optim.b1"),
+    (_with(optim__b2=1.5), "optim.b2"),
+    (_with(optim__eps=-1e-8), "optim.eps"),
+    (_with(optim__end_lr_factor=-0.5), "optim.end_lr_factor"),
+    (_with(optim__end_lr_factor=2.0), "optim.end_lr_factor"),
+    # Mesh vs devices.
+    (_with(mesh__data=3), "mesh"),  # 3 × 1 × 1 × 1 is not 8
+    (_with(mesh__data=2, mesh__fsdp=2), "mesh"),  # 4 is not 8 and no -1
+    (_with(mesh__data=-1, mesh__fsdp=-1), "mesh"),  # two -1
+    (_with(mesh__fsdp=0), "mesh.fsdp"),
+    (_with(mesh__tensor=-2), "mesh.tensor"),
+    (_with(mesh__tensor=3), "mesh"),  # 3 does not divide 8
+    (_with(mesh__data=16), "mesh"),  # more than there are devices
+    # Batch vs data parallelism, processes.
+    (_with(batch_size=4), "batch_size"),  # 4 rows over 8 data-parallel devices
+    (_with(batch_size=12, grad_accum_steps=5), "batch_size"),
+    (_with(batch_size=8, grad_accum_steps=2), "batch_size"),  # microbatch 4 < 8 devices
+    (_with(batch_size=8, mesh__data=1), "batch_size", 1, 3),  # 8 rows, 3 processes
+    # Tensor / fsdp / expert parallel sizes vs model dims.
+    (_with(mesh__data=1, mesh__tensor=8), "model.num_heads"),  # 4 heads over tensor=8
+    (_with(mesh__data=-1, mesh__tensor=2, model__mlp_dim=130, model__vocab_size=384,
+           model__num_kv_heads=1), "model.num_kv_heads"),
+    (_with(mesh__data=-1, mesh__tensor=2, model__mlp_dim=129), "model.mlp_dim"),
+    (_with(mesh__data=-1, mesh__tensor=2, model__vocab_size=385), "model.vocab_size"),
+    (_with(mesh__data=1, mesh__fsdp=8, model__emb_dim=60, model__num_heads=4), "model.emb_dim"),
+    (_moe(**{"mesh.data": -1, "mesh.expert": 4, "model.moe.num_experts": 6}),
+     "model.moe.num_experts"),
+    # MoE.
+    (_moe(**{"model.moe_every": -1}), "model.moe_every"),
+    (_moe(**{"model.moe.num_experts": 0}), "model.moe.num_experts"),
+    (_moe(**{"model.moe.capacity_factor": 0.0}), "model.moe.capacity_factor"),
+    (_moe(**{"model.moe.capacity_factor": -1.0}), "model.moe.capacity_factor"),
+    (_moe(**{"model.moe.eval_capacity_factor": 0.0}), "model.moe.eval_capacity_factor"),
+    (_moe(**{"model.moe.router": "dropless", "model.moe.top_k": 3,
+             "model.moe.num_experts": 2}), "model.moe.top_k"),  # top-k > experts
+    (_moe(**{"model.moe.num_experts": 1}), "model.moe.top_k"),  # top-2 of 1 expert
+    (_moe(**{"model.moe.router": "expert_choice"}), "model.moe.router"),  # decoder
+    (_moe(**{"model.moe.group_size": 24}), "model.moe.group_size"),  # 24 ∤ seq_len 32
+    (_moe(**{"model.moe.group_size": 0}), "model.moe.group_size"),
+    (_moe(**{"model.moe.block_size": 0}), "model.moe.block_size"),
+    (_moe(**{"model.moe.jitter_noise": 1.0}), "model.moe.jitter_noise"),
+    (_moe(**{"model.moe.aux_loss_weight": -0.01}), "model.moe.aux_loss_weight"),
+    (_moe(**{"model.moe.z_loss_weight": -1.0}), "model.moe.z_loss_weight"),
+    # Structure.
+    (_delete("seed"), "seed"),
+    (_delete("grad_accum_steps"), "grad_accum_steps"),
+    (_with(sharding_rules=[["vocab", "tensor"], ["embed", "fsdp"]]), "sharding_rules"),
+    (_with(sharding_rules=[["batch", ["data", "model"]]]), "sharding_rules[0]"),
+    (_with(sharding_rules=[["batch"]]), "sharding_rules[0]"),
+]
+CASES = [c if len(c) == 4 else (*c, 8, 1) for c in CASES]
+
+
+@pytest.mark.parametrize("make, field, num_devices, process_count", CASES,
+                         ids=[f"{i}-{c[1]}" for i, c in enumerate(CASES)])
+def test_bad_config_names_field_and_fix(make, field, num_devices, process_count):
+  config = make()
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(config, num_devices=num_devices, process_count=process_count)
+  msg = str(e.value)
+  assert re.search(rf"config\.{re.escape(field)}(?![\w.])", msg), msg
+  assert any(w in msg.lower() for w in FIX_WORDS), f"no fix in: {msg}"
+
+
+def test_there_are_at_least_50_distinct_cases():
+  assert len(CASES) >= 50
+
+
+def test_good_configs_pass():
+  for config, n in ((lm.get_config("runlocal"), 8), (lm.get_config("runlocal"), 1),
+                    (lm.get_config("demo"), 8), (lm.get_config(), 8),
+                    (lm_moe.get_config("runlocal"), 8), (lm_moe.get_config("runlocal,encdec"), 8)):
+    config_lib.validate(config, num_devices=n)
+
+
+# Workdir.
+
+def test_workdir_under_a_file(tmp_path):
+  (tmp_path / "f").write_text("x")
+  with pytest.raises(config_lib.ConfigError, match="workdir.*is a file"):
+    config_lib.validate(lm.get_config("runlocal"), num_devices=8,
+                        workdir=str(tmp_path / "f" / "run"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits")
+def test_workdir_without_permission(tmp_path):
+  ro = tmp_path / "ro"
+  ro.mkdir(mode=0o500)
+  with pytest.raises(config_lib.ConfigError, match="not writable"):
+    config_lib.validate(lm.get_config("runlocal"), num_devices=8, workdir=str(ro / "run"))
+
+
+def test_workdir_without_permission_simulated(tmp_path, monkeypatch):
+  # Runs even as root: what matters is that a denied access is reported as such.
+  real = os.access
+  monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path)
+                      else real(p, mode))
+  with pytest.raises(config_lib.ConfigError,
+                     match=rf"--workdir=.*{re.escape(str(tmp_path))} is not writable"):
+    config_lib.validate(lm.get_config("runlocal"), num_devices=8,
+                        workdir=str(tmp_path / "a" / "b"))
+
+
+def test_empty_workdir():
+  with pytest.raises(config_lib.ConfigError, match="--workdir is empty"):
+    config_lib.validate(lm.get_config("runlocal"), num_devices=8, workdir="")
+
+
+# A checkpoint written by another model.
+
+def test_checkpoint_of_a_different_model_names_the_mismatch(tmp_path):
+  mesh = sharding.make_mesh({}, devices=jax.devices()[:1])
+  small = lm.get_config("runlocal")
+  small.model.update(emb_dim=32, num_layers=1)
+  task_small = steps.make_task(small, mesh)
+  # Arrays of the right structure and shapes; no compile needed to write them.
+  state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), task_small.abstract_state)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=1)
+  ckpt.save(1, state)
+  ckpt.close()
+  task = steps.make_task(lm.get_config("runlocal"), mesh)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=1)
+  with pytest.raises(checkpoint.CheckpointMismatchError) as e:
+    ckpt.restore(task.abstract_state, task.state_shardings)
+  ckpt.close()
+  msg = str(e.value)
+  assert "checkpoint at step 1" in msg and "different model" in msg
+  assert re.search(r"params/decoder/blocks/1/\S+: in this run .*, not in the checkpoint", msg)
+  assert re.search(r"params/\S+: shape \([^)]*\b32\b[^)]*\) in the checkpoint, "
+                   r"\([^)]*\b64\b[^)]*\) in this run", msg)
+  assert "new --workdir" in msg
+  assert isinstance(e.value, config_lib.ConfigError)

@@ -1,0 +1,131 @@
+"""NaN/Inf losses and gradients: skipped and counted, or the run halts (optim.nan_policy).
+
+A real NaN is injected through the real jitted train step: at one step the batch's
+weights are NaN, so the loss and every gradient are NaN.
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bigjax import config as config_lib, optim, steps, train
+from bigjax.data import pipeline
+from configs import lm
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("nan_data"))
+  for split in ("train", "validation"):
+    pipeline.token_array("stdlib_py", split, d)
+  return d
+
+
+def _config(data_dir, policy, **top):
+  config = lm.get_config("runlocal")
+  config.data.data_dir = data_dir
+  config.optim.nan_policy = policy
+  config.update(top)
+  return config
+
+
+def _inject_nan_at(monkeypatch, at_step: int, record: dict):
+  """Wraps steps.make_train_step so that update number `at_step` (0-based) sees a
+  batch whose weights are NaN; records the state just before and after it."""
+  real = steps.make_train_step
+
+  def make(task):
+    step_fn = real(task)
+
+    def wrapped(state, batch):
+      if int(state.step) != at_step:
+        return step_fn(state, batch)
+      batch = dict(batch, weights=batch["weights"] * jnp.nan)
+      record["before"] = jax.device_get(state)
+      state, metrics = step_fn(state, batch)
+      record["after"], record["metrics"] = jax.device_get((state, metrics))
+      return state, metrics
+    return wrapped
+
+  monkeypatch.setattr(steps, "make_train_step", make)
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _assert_trees_equal(a, b):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def test_apply_if_finite_wrapper_unit():
+  cfg = lm.get_config("runlocal").optim
+  params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+  for policy, wraps in (("skip", True), ("halt", False)):
+    cfg.nan_policy = policy
+    tx = optim.make_optimizer(cfg, total_steps=10)
+    opt_state = tx.init(params)
+    assert (optim.skipped_updates(opt_state) is not None) == wraps
+  cfg.nan_policy = "skip"
+  tx = optim.make_optimizer(cfg, total_steps=10)
+  s0 = tx.init(params)
+  bad = {"w": jnp.full((3, 2), jnp.inf), "b": jnp.ones(2)}
+  updates, s1 = tx.update(bad, s0, params)
+  assert all((u == 0).all() for u in jax.tree.leaves(updates))
+  _assert_trees_equal(s0.inner_state, s1.inner_state)
+  assert int(optim.skipped_updates(s1)) == 1
+  cfg.nan_policy = "ignore"
+  with pytest.raises(ValueError, match="nan_policy"):
+    optim.make_optimizer(cfg, total_steps=10)
+
+
+@pytest.mark.slow
+def test_skip_policy_drops_the_update_and_counts_it(tmp_path, data_dir, monkeypatch):
+  record = {}
+  _inject_nan_at(monkeypatch, 2, record)  # The third update.
+  config = _config(data_dir, "skip", total_steps=6, log_every=2, eval_every=6,
+                   checkpoint_every=6)
+  result = train.run(config, str(tmp_path))
+  before, after = record["before"], record["after"]
+  assert np.isnan(record["metrics"]["loss"]) and np.isnan(record["metrics"]["grad_norm"])
+  _assert_trees_equal(before.params, after.params)  # Parameters untouched...
+  _assert_trees_equal(before.opt_state.inner_state, after.opt_state.inner_state)  # ...moments,
+  assert int(after.step) == int(before.step) + 1  # while the data/RNG step moves on.
+  assert int(before.opt_state.total_notfinite) == 0
+  assert int(after.opt_state.total_notfinite) == 1
+  # The run went on and finished with finite parameters.
+  assert int(result.state.step) == 6
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(result.state.params))
+  rows = {r["step"]: r for r in _rows(str(tmp_path)) if "loss" in r}
+  assert [rows[s]["skipped_updates"] for s in (2, 4, 6)] == [0, 1, 1]
+  assert np.isfinite(rows[4]["loss"])  # The window's mean over its finite steps.
+
+
+@pytest.mark.slow
+def test_halt_policy_stops_before_saving_a_nonfinite_state(tmp_path, data_dir, monkeypatch):
+  record = {}
+  _inject_nan_at(monkeypatch, 4, record)  # Update number 5.
+  config = _config(data_dir, "halt", total_steps=8, log_every=4, eval_every=8,
+                   checkpoint_every=2)
+  with pytest.raises(train.NonFiniteError) as e:
+    train.run(config, str(tmp_path))
+  msg = str(e.value)
+  assert "Non-finite training step 5" in msg and "nan_policy='halt'" in msg
+  assert "latest checkpoint, step 4" in msg and "nan_policy='skip'" in msg
+  assert np.isnan(record["metrics"]["loss"])
+  # Found at step 6 (a checkpoint step) before saving it: step 4 stays the latest.
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+  assert [r["step"] for r in _rows(str(tmp_path)) if "loss" in r] == [4]
+
+
+def test_validate_rejects_unknown_policy():
+  config = lm.get_config("runlocal")
+  config.optim.nan_policy = "ignore"
+  with pytest.raises(config_lib.ConfigError, match=r"config.optim.nan_policy.*skip"):
+    config_lib.validate(config, num_devices=8)
