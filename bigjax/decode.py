@@ -1,49 +1,516 @@
-"""Sampling from a decoder-only LM.
+"""Autoregressive decoding with a key/value cache, for decoder-only and
+encoder-decoder models (dense or MoE).
 
-This first version recomputes the whole (fixed-shape) window at every step:
-simple and exact, fine for short samples. Right-hand positions beyond the
-current length hold padding, which the causal mask keeps out of view.
+Design
+- Functional. The cache is a pytree of arrays passed in and returned
+  (`init_cache`, `decode_step`); the model is `nnx.merge`d from (graphdef, state)
+  inside the traced function, so the whole generation (prefill + loop) is one
+  `jax.jit` around a `lax.while_loop`, with the cache in the loop carry.
+- Fixed shapes. Each self-attention layer holds {"k", "v"} of shape
+  [batch, cache_len, kv_heads, head_dim] with cache_len = longest prompt +
+  max_new_tokens (at most the model's max_len): one compilation per
+  (batch, prompt length, max_new_tokens, settings).
+- Batched prompts of different lengths: right padding with per-row positions.
+  Every row starts at position 0, exactly as in training, and a token's cache slot
+  is its position. The prefill runs the padded [batch, longest] block at once and
+  takes each row's logits at its own last prompt token; from then on row r feeds
+  its token at position len_r + i, so rows sit at different positions in the same
+  step (learned and rotary positions are both per-row). Slots past a row's
+  position (the prefill's padding, not yet overwritten) are hidden by causality.
+  Left padding would need the pad keys masked at every step and shifted
+  positions; right padding needs neither.
+- Encoder-decoder: the prompt is the encoder input; the decoder starts from BOS at
+  position 0. The encoder runs once; each decoder layer's cross-attention keys
+  and values are computed once into the cache.
+- Stopping: a row stops at EOS (`eos_id`, the tokenizer's EOS=2; None: never) or
+  after max_new_tokens; the loop ends when every row has stopped. Returned
+  sequences include the EOS.
+- Sampling: temperature 0 is greedy; otherwise logits / temperature, then top-k,
+  then top-p (nucleus: the smallest set of most likely tokens whose probability
+  mass is >= top_p), then a categorical draw. Token i of row r uses the key
+  fold_in(fold_in(PRNGKey(seed), r), i): a row's sample depends on the seed and its
+  own logits only, not on the rest of the batch or the mesh.
+- Beam search (`beam_search`): 2K candidates per step so that K beams stay alive
+  after EOS hypotheses are set aside; an EOS candidate ranked among the K best
+  becomes a finished hypothesis (so beam_size 1 is greedy search), scoring
+  log p / ((5 + n) / 6) ** length_penalty for n new tokens, EOS included (GNMT);
+  a row stops once its best live beam cannot beat its worst finished one, and
+  returns its best finished hypothesis (or live beam, if cut by the length limit).
+- Sharding: pass `mesh` and `rules` (e.g. task.mesh, task.rules) to trace under
+  `sharding.use_mesh_rules`: the cache and activations are then constrained like
+  the training activations (batch over data/fsdp, heads over tensor). The batch
+  is padded to a multiple of the data-parallel size.
+- MoE: decoding runs in eval mode (eval capacity factor, no random routing or
+  jitter). A decode step routes each row's one token as its own group (no drops);
+  the prefill routes the prompt as the training forward does (groups of
+  group_size tokens, or the prompt length). So cached decoding equals full
+  recomputation exactly only when no token is dropped in either, e.g. with
+  model.moe.eval_capacity_factor >= num_experts / k, or with the dropless router.
+
+`generate_recompute` is the cache-free reference: it reruns the whole fixed-shape
+window at every step (the first version of this module), with the same stopping
+and sampling rules and keys, for tests and benchmarks.
 """
+import contextlib
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from bigjax.models.transformer import PAD_ID
+from bigjax import sharding
+from bigjax.data.tokenizer import BOS_ID, EOS_ID
+from bigjax.models.transformer import PAD_ID, DecoderLM, EncoderDecoder
+
+# --------------------------------------------------------------------------
+# Functional building blocks
+# --------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy"))
-def _sample_loop(graphdef, state, tokens, length, rng, temperature, max_new_tokens, greedy):
-  batch = jnp.arange(tokens.shape[0])
+def _is_encdec(model) -> bool:
+  if isinstance(model, EncoderDecoder):
+    return True
+  if isinstance(model, DecoderLM):
+    return False
+  raise ValueError(f"Cannot generate with a {type(model).__name__}: decoding needs a "
+                   "decoder-only (model.kind='decoder') or encoder-decoder "
+                   "(model.kind='encdec') model.")
 
-  def body(i, carry):
-    tokens, length = carry
-    # A fresh module per trace: layers that sow metrics (MoE) stay functional.
-    logits = nnx.merge(graphdef, state)(tokens)[batch, length - 1]
-    if greedy:
-      nxt = jnp.argmax(logits, -1)
+
+def init_cache(graphdef, state, batch: int, cache_len: int, encoder_tokens=None):
+  """An empty cache for `cache_len` decoder positions. Encoder-decoder models
+  encode `encoder_tokens` [batch, enc_len] here and cache the cross-attention
+  keys/values."""
+  model = nnx.merge(graphdef, state)
+  if isinstance(model, EncoderDecoder):
+    return model.init_cache(model.encode(encoder_tokens), encoder_tokens, cache_len)
+  return model.init_cache(batch, cache_len)
+
+
+def decode_step(graphdef, state, cache, tokens, positions, logits_at=None):
+  """Runs tokens [b, t] at positions [b, t] (also their cache slots) on top of the
+  cache: (float32 logits [b, t, vocab] (or [b, 1, vocab] at the per-row index
+  logits_at [b]), updated cache). Pure; jit it with graphdef static."""
+  return nnx.merge(graphdef, state).extend(tokens, positions, cache, logits_at=logits_at)
+
+
+def prefill(graphdef, state, prompts, lengths, cache_len: int):
+  """Fills a fresh cache from the prompts. Returns (logits [b, vocab] for each
+  row's first new token, the cache, start [b]: the position of that new token).
+
+  Decoder-only: prompts [b, L] right-padded, lengths [b]. Encoder-decoder: the
+  prompts are the encoder input and the decoder starts from BOS at position 0.
+  """
+  b, length = prompts.shape
+  if _is_encdec(nnx.merge(graphdef, state)):
+    cache = init_cache(graphdef, state, b, cache_len, encoder_tokens=prompts)
+    bos = jnp.full((b, 1), BOS_ID, jnp.int32)
+    logits, cache = decode_step(graphdef, state, cache, bos, jnp.zeros((b, 1), jnp.int32))
+    return logits[:, 0], cache, jnp.ones((b,), jnp.int32)
+  cache = init_cache(graphdef, state, b, cache_len)
+  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+  logits, cache = decode_step(graphdef, state, cache, prompts, positions,
+                              logits_at=lengths - 1)
+  return logits[:, 0], cache, lengths.astype(jnp.int32)
+
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+  """Keeps the top_k largest logits (0: all), then of those the smallest set of
+  most likely tokens whose probability mass is >= top_p (1.0: all); the rest
+  become -inf. Ties are broken towards the lower token id, so the sets have
+  exactly those sizes. top_k and top_p may be traced.
+  """
+  v = logits.shape[-1]
+  order = jnp.argsort(-logits, axis=-1, stable=True)  # token ids, most likely first
+  ranked = jnp.take_along_axis(logits, order, axis=-1)
+  top_k = jnp.asarray(top_k, jnp.int32)
+  in_top_k = jnp.arange(v) < jnp.where(top_k > 0, top_k, v)
+  probs = jax.nn.softmax(jnp.where(in_top_k, ranked, -jnp.inf).astype(jnp.float32), axis=-1)
+  # Mass of the more likely tokens (exclusive cumsum: exactly 0 for the first).
+  mass_before = jnp.concatenate(
+      [jnp.zeros_like(probs[..., :1]), jnp.cumsum(probs, axis=-1)[..., :-1]], axis=-1)
+  keep_ranked = in_top_k & ((mass_before < top_p) | (jnp.asarray(top_p) >= 1.0))
+  keep = jnp.take_along_axis(keep_ranked, jnp.argsort(order, axis=-1), axis=-1)
+  return jnp.where(keep, logits, jnp.array(-jnp.inf, logits.dtype))
+
+
+def _row_keys(rng, num_rows: int):
+  return jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(num_rows))
+
+
+def _choose(logits, row_keys, i, temperature, top_k, top_p, greedy: bool):
+  """Next token [b] from logits [b, vocab] (token index i of the continuation)."""
+  if greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  filtered = filter_logits(logits / temperature, top_k, top_p)
+  keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(row_keys)
+  return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+
+
+def _is_eos(tokens, eos_id):
+  return tokens == eos_id if eos_id is not None else jnp.zeros(tokens.shape, bool)
+
+
+def _token_logprob(logits, tokens):
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+def _mesh_rules(mesh, rules):
+  if mesh is None:
+    return contextlib.nullcontext()
+  return sharding.use_mesh_rules(mesh, rules)
+
+
+# --------------------------------------------------------------------------
+# Jitted loops
+# --------------------------------------------------------------------------
+
+_STATIC = ("graphdef", "max_new_tokens", "cache_len", "greedy", "eos_id", "mesh", "rules")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _sample_loop(graphdef, state, prompts, lengths, rng, temperature, top_k, top_p, *,
+                 max_new_tokens, cache_len, greedy, eos_id, mesh, rules):
+  with _mesh_rules(mesh, rules):
+    logits, cache, start = prefill(graphdef, state, prompts, lengths, cache_len)
+    b = prompts.shape[0]
+    keys = _row_keys(rng, b)
+    choose = functools.partial(_choose, row_keys=keys, temperature=temperature,
+                               top_k=top_k, top_p=top_p, greedy=greedy)
+    tok = choose(logits, i=0)
+    out = jnp.full((b, max_new_tokens), PAD_ID, jnp.int32).at[:, 0].set(tok)
+    logprob = _token_logprob(logits, tok)
+    done = _is_eos(tok, eos_id)
+
+    def cond(carry):
+      i, done = carry[0], carry[-1]
+      return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+      i, cache, tok, out, logprob, done = carry
+      logits, cache = decode_step(graphdef, state, cache, tok[:, None],
+                                  (start + i - 1)[:, None])
+      new = jnp.where(done, PAD_ID, choose(logits[:, 0], i=i))
+      logprob += jnp.where(done, 0.0, _token_logprob(logits[:, 0], new))
+      out = jax.lax.dynamic_update_slice(out, new[:, None], (0, i))
+      return i + 1, cache, new, out, logprob, done | _is_eos(new, eos_id)
+
+    carry = (jnp.int32(1), cache, tok, out, logprob, done)
+    _, _, _, out, logprob, _ = jax.lax.while_loop(cond, body, carry)
+    return out, logprob
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _recompute_loop(graphdef, state, prompts, lengths, rng, temperature, top_k, top_p, *,
+                    max_new_tokens, cache_len, greedy, eos_id, mesh, rules):
+  """Reference without a cache: the whole [b, cache_len] window at every step."""
+  with _mesh_rules(mesh, rules):
+    model = nnx.merge(graphdef, state)
+    b, length = prompts.shape
+    rows = jnp.arange(b)
+    window = jnp.full((b, cache_len), PAD_ID, jnp.int32)
+    if isinstance(model, EncoderDecoder):
+      encoded = model.encode(prompts)
+      window = window.at[:, 0].set(BOS_ID)
+      start = jnp.ones((b,), jnp.int32)
     else:
-      nxt = jax.random.categorical(jax.random.fold_in(rng, i), logits / temperature)
-    tokens = tokens.at[batch, length].set(nxt.astype(tokens.dtype))
-    return tokens, length + 1
+      window = window.at[:, :length].set(prompts)
+      start = lengths.astype(jnp.int32)
+    keys = _row_keys(rng, b)
 
-  return jax.lax.fori_loop(0, max_new_tokens, body, (tokens, length))[0]
+    def body(carry):
+      i, window, logprob, done, state_ = carry
+      # A fresh module per trace from the carried state, so that its variables
+      # belong to the loop's trace (nnx.remat refuses outer-trace variables).
+      m = nnx.merge(graphdef, state_)
+      if isinstance(m, EncoderDecoder):
+        all_logits = m.decode(encoded, prompts, window)
+      else:
+        all_logits = m(window)
+      logits = all_logits[rows, start + i - 1]
+      new = _choose(logits, keys, i, temperature, top_k, top_p, greedy)
+      new = jnp.where(done, PAD_ID, new)
+      logprob += jnp.where(done, 0.0, _token_logprob(logits, new))
+      window = window.at[rows, start + i].set(new)
+      return i + 1, window, logprob, done | _is_eos(new, eos_id), state_
+
+    def cond(carry):
+      i, done = carry[0], carry[-2]
+      return (i < max_new_tokens) & ~jnp.all(done)
+
+    carry = (jnp.int32(0), window, jnp.zeros((b,), jnp.float32), jnp.zeros((b,), bool), state)
+    _, window, logprob, _, _ = jax.lax.while_loop(cond, body, carry)
+    idx = start[:, None] + jnp.arange(max_new_tokens)[None, :]
+    return jnp.take_along_axis(window, jnp.minimum(idx, cache_len - 1), axis=1), logprob
+
+
+def _brevity(length, alpha):
+  """GNMT length normalisation ((5 + length) / 6) ** alpha."""
+  return ((5.0 + length) / 6.0) ** alpha
+
+
+def _gather_beams(x, idx):
+  """x [b, n, ...], idx [b, m] -> [b, m, ...]."""
+  idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, idx, axis=1)
+
+
+def _reorder_cache(cache, origin):
+  """Cache rows b*K + k take the rows b*K + origin[b, k]; parts that are the same
+  for all beams of a prompt (encoder-decoder cross keys/values) are left as is."""
+  b, k = origin.shape
+  rows = (jnp.arange(b)[:, None] * k + origin).reshape(-1)
+
+  def one(path, x):
+    names = {getattr(p, "key", None) for p in path}
+    return x if names & {"cross", "enc_valid"} else jnp.take(x, rows, axis=0)
+
+  return jax.tree_util.tree_map_with_path(one, cache)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "beam_size", "max_new_tokens",
+                                             "cache_len", "eos_id", "mesh", "rules"))
+def _beam_loop(graphdef, state, prompts, lengths, length_penalty, *, beam_size,
+               max_new_tokens, cache_len, eos_id, mesh, rules):
+  k_beams, steps = beam_size, max_new_tokens
+  neg = jnp.float32(-jnp.inf)
+  with _mesh_rules(mesh, rules):
+    logits, cache, start = prefill(graphdef, state, prompts, lengths, cache_len)
+    b, v = logits.shape
+    cache = jax.tree.map(lambda x: jnp.repeat(x, k_beams, axis=0), cache)
+    start = jnp.repeat(start, k_beams)
+    logits = jnp.broadcast_to(logits[:, None], (b, k_beams, v))
+    max_brevity = _brevity(steps, length_penalty)
+
+    def update(i, logits, beams):
+      """Extends the live beams by token i; returns (beams, live tokens, origins)."""
+      alive_seq, alive_lp, fin_seq, fin_score, fin_lp = beams
+      logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+      cand = (alive_lp[..., None] + logp).reshape(b, k_beams * v)
+      top_lp, top_idx = jax.lax.top_k(cand, 2 * k_beams)
+      origin, tok = top_idx // v, (top_idx % v).astype(jnp.int32)
+      seqs = _gather_beams(alive_seq, origin)
+      seqs = jax.lax.dynamic_update_slice(seqs, tok[..., None], (0, 0, i))
+      eos = _is_eos(tok, eos_id)
+      # Finished pool: the best K of the old ones and the new EOS hypotheses among
+      # the K best candidates (an EOS ranked lower is dropped, as in HF
+      # transformers, so that beam_size 1 is greedy search).
+      in_top_k = jnp.arange(2 * k_beams) < k_beams
+      new_score = jnp.where(eos & in_top_k, top_lp / _brevity(i + 1, length_penalty), neg)
+      all_score = jnp.concatenate([fin_score, new_score], axis=1)
+      fin_score, idx = jax.lax.top_k(all_score, k_beams)
+      fin_seq = _gather_beams(jnp.concatenate([fin_seq, seqs], axis=1), idx)
+      new_lp = jnp.where(eos & in_top_k, top_lp, neg)
+      fin_lp = _gather_beams(jnp.concatenate([fin_lp, new_lp], axis=1), idx)
+      # Live beams: the best K candidates that did not end in EOS.
+      alive_lp, idx = jax.lax.top_k(jnp.where(eos, neg, top_lp), k_beams)
+      beams = (_gather_beams(seqs, idx), alive_lp, fin_seq, fin_score, fin_lp)
+      return beams, _gather_beams(tok, idx), _gather_beams(origin, idx)
+
+    def finished(beams):
+      _, alive_lp, _, fin_score, _ = beams
+      # log p only falls as a beam grows and the normaliser is largest at the
+      # maximum length, so alive_lp / max_brevity bounds every continuation
+      # (length_penalty >= 0).
+      return alive_lp[:, 0] / max_brevity <= fin_score[:, -1]
+
+    beams = (jnp.full((b, k_beams, steps), PAD_ID, jnp.int32),
+             jnp.tile(jnp.where(jnp.arange(k_beams) == 0, 0.0, neg), (b, 1)),
+             jnp.full((b, k_beams, steps), PAD_ID, jnp.int32),
+             jnp.full((b, k_beams), neg), jnp.full((b, k_beams), neg))
+    beams, tok, origin = update(0, logits, beams)
+    cache = _reorder_cache(cache, origin)
+
+    def cond(carry):
+      i, beams = carry[0], carry[-1]
+      return (i < steps) & ~jnp.all(finished(beams))
+
+    def body(carry):
+      i, cache, tok, beams = carry
+      logits, cache = decode_step(graphdef, state, cache, tok.reshape(b * k_beams, 1),
+                                  (start + i - 1)[:, None])
+      beams, tok, origin = update(i, logits.reshape(b, k_beams, v), beams)
+      return i + 1, _reorder_cache(cache, origin), tok, beams
+
+    _, _, _, beams = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, tok, beams))
+    alive_seq, alive_lp, fin_seq, fin_score, fin_lp = beams
+    # Live beams at the end were cut by max_new_tokens (or cannot win).
+    score = jnp.concatenate([fin_score, alive_lp / max_brevity], axis=1)
+    seqs = jnp.concatenate([fin_seq, alive_seq], axis=1)
+    lps = jnp.concatenate([fin_lp, alive_lp], axis=1)
+    best = jnp.argmax(score, axis=1)[:, None]
+    return (_gather_beams(seqs, best)[:, 0], _gather_beams(score, best)[:, 0],
+            _gather_beams(lps, best)[:, 0])
+
+
+# --------------------------------------------------------------------------
+# Python API
+# --------------------------------------------------------------------------
+
+
+def _model_max_len(model) -> int | None:
+  positions = getattr(getattr(model, "embedder", None), "positions", None)
+  return getattr(positions, "max_len", None)
+
+
+def _prepare(model, prompts, max_new_tokens: int, max_len: int | None, mesh):
+  """Right-padded prompts [B, L] (B padded to the data-parallel size), lengths [B],
+  the cache length, and the number of real rows."""
+  encdec = _is_encdec(model)
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens}; ask for at least one token.")
+  prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
+  if not prompts:
+    raise ValueError("No prompts given.")
+  for i, p in enumerate(prompts):
+    if p.size == 0:
+      raise ValueError(f"Prompt {i} is empty; give at least one token.")
+  longest = max(p.size for p in prompts)
+  max_len = _model_max_len(model) if max_len is None else max_len
+  if encdec:
+    if max_len is not None and (longest > max_len or 1 + max_new_tokens > max_len):
+      raise ValueError(f"encoder input ({longest} tokens) and BOS + max_new_tokens "
+                       f"({1 + max_new_tokens}) must each fit the model's max_len={max_len}; "
+                       "shorten them.")
+    cache_len = 1 + max_new_tokens
+  else:
+    if max_len is not None and longest + max_new_tokens > max_len:
+      raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
+                       f"exceeds the model's max_len={max_len}; shorten one of them.")
+    cache_len = longest + max_new_tokens
+  num = len(prompts)
+  rows = num
+  if mesh is not None:  # Each batch shard gets whole rows: pad with copies of row 0.
+    dp = sharding.data_parallel_size(mesh)
+    rows = -(-num // dp) * dp
+  tokens = np.full((rows, longest), PAD_ID, np.int32)
+  lengths = np.empty((rows,), np.int32)
+  for i in range(rows):
+    p = prompts[i] if i < num else prompts[0]
+    tokens[i, :p.size] = p
+    lengths[i] = p.size
+  return jnp.asarray(tokens), jnp.asarray(lengths), cache_len, num
+
+
+def _static_rules(rules):
+  if rules is None:
+    return None
+  return tuple((name, axes if axes is None or isinstance(axes, str) else tuple(axes))
+               for name, axes in rules)
+
+
+def _check_mesh(mesh, rules):
+  if (mesh is None) != (rules is None):
+    raise ValueError("Pass mesh and rules together (e.g. task.mesh, task.rules), or neither.")
+
+
+def _trim(row, eos_id) -> list[int]:
+  row = [int(t) for t in row]
+  if eos_id is not None and eos_id in row:
+    row = row[:row.index(eos_id) + 1]
+  return row
+
+
+def _check_sampling(temperature, top_k, top_p):
+  if top_k < 0:
+    raise ValueError(f"top_k={top_k}; use 0 (off) or a positive number of tokens.")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p={top_p}; use a probability mass in (0, 1] (1: off).")
+  if temperature < 0:
+    raise ValueError(f"temperature={temperature}; use 0 (greedy) or a positive value.")
+
+
+def _run_sampler(loop, model, prompts, *, max_new_tokens, max_len, temperature, top_k, top_p,
+                 eos_id, seed, mesh, rules, return_scores):
+  _check_sampling(temperature, top_k, top_p)
+  _check_mesh(mesh, rules)
+  tokens, lengths, cache_len, num = _prepare(model, prompts, max_new_tokens, max_len, mesh)
+  graphdef, state = nnx.split(model)
+  out, logprob = loop(graphdef, state, tokens, lengths, jax.random.PRNGKey(seed),
+                      jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k),
+                      jnp.float32(top_p), max_new_tokens=max_new_tokens, cache_len=cache_len,
+                      greedy=temperature <= 0, eos_id=eos_id, mesh=mesh,
+                      rules=_static_rules(rules))
+  out, logprob = np.asarray(jax.device_get(out)), np.asarray(jax.device_get(logprob))
+  seqs = [_trim(out[i], eos_id) for i in range(num)]
+  return (seqs, [float(x) for x in logprob[:num]]) if return_scores else seqs
+
+
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             max_len: int | None = None, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, beam_size: int = 1, length_penalty: float = 0.6,
+             eos_id: int | None = EOS_ID, seed: int = 0, mesh=None, rules=None,
+             return_scores: bool = False):
+  """Continues each prompt (a list of token ids) with the KV cache.
+
+  Returns one list of new token ids per prompt, ending with eos_id if the row
+  stopped there (at most max_new_tokens). temperature 0 is greedy; top_k /
+  top_p filter the sampling distribution; beam_size > 1 runs beam search
+  (deterministic; temperature must be 0). For encoder-decoder models the prompts
+  are encoder inputs. With return_scores: (tokens, scores), the score being the
+  sum of the model's log-probabilities of the new tokens (beam search: divided by
+  the length penalty).
+  """
+  if beam_size > 1:
+    if temperature > 0:
+      raise ValueError("beam search is deterministic: use temperature=0 with beam_size > 1.")
+    return beam_search(model, prompts, beam_size=beam_size, max_new_tokens=max_new_tokens,
+                       max_len=max_len, length_penalty=length_penalty, eos_id=eos_id,
+                       mesh=mesh, rules=rules, return_scores=return_scores)
+  if beam_size < 1:
+    raise ValueError(f"beam_size={beam_size}; use 1 (no beam search) or more.")
+  return _run_sampler(_sample_loop, model, prompts, max_new_tokens=max_new_tokens,
+                      max_len=max_len, temperature=temperature, top_k=top_k, top_p=top_p,
+                      eos_id=eos_id, seed=seed, mesh=mesh, rules=rules,
+                      return_scores=return_scores)
+
+
+def generate_recompute(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                       max_len: int | None = None, temperature: float = 0.0, top_k: int = 0,
+                       top_p: float = 1.0, eos_id: int | None = EOS_ID, seed: int = 0,
+                       mesh=None, rules=None, return_scores: bool = False):
+  """As `generate` (no beam search) without a cache: every step reruns the model
+  on the whole window. The reference for tests and benchmarks."""
+  return _run_sampler(_recompute_loop, model, prompts, max_new_tokens=max_new_tokens,
+                      max_len=max_len, temperature=temperature, top_k=top_k, top_p=top_p,
+                      eos_id=eos_id, seed=seed, mesh=mesh, rules=rules,
+                      return_scores=return_scores)
+
+
+def beam_search(model, prompts: Sequence[Sequence[int]], *, beam_size: int,
+                max_new_tokens: int, max_len: int | None = None, length_penalty: float = 0.6,
+                eos_id: int | None = EOS_ID, mesh=None, rules=None,
+                return_scores: bool = False):
+  """The best of beam_size beams per prompt (see the module docstring for the
+  scoring). With return_scores: (tokens, scores, log_probs), score = log_prob /
+  ((5 + n) / 6) ** length_penalty for n new tokens (or max_new_tokens for a beam
+  cut by the length limit)."""
+  if beam_size < 1:
+    raise ValueError(f"beam_size={beam_size}; use 1 or more.")
+  if length_penalty < 0:
+    raise ValueError(f"length_penalty={length_penalty}; use 0 (none) or more.")
+  _check_mesh(mesh, rules)
+  tokens, lengths, cache_len, num = _prepare(model, prompts, max_new_tokens, max_len, mesh)
+  graphdef, state = nnx.split(model)
+  seqs, scores, lps = _beam_loop(graphdef, state, tokens, lengths, jnp.float32(length_penalty),
+                                 beam_size=beam_size, max_new_tokens=max_new_tokens,
+                                 cache_len=cache_len, eos_id=eos_id, mesh=mesh,
+                                 rules=_static_rules(rules))
+  seqs, scores, lps = (np.asarray(x) for x in jax.device_get((seqs, scores, lps)))
+  out = [_trim(seqs[i], eos_id) for i in range(num)]
+  if return_scores:
+    return out, [float(s) for s in scores[:num]], [float(s) for s in lps[:num]]
+  return out
 
 
 def sample(model, prompts: list[list[int]], *, max_new_tokens: int, max_len: int,
-           temperature: float = 1.0, seed: int = 0) -> list[list[int]]:
-  """Continues each prompt by max_new_tokens tokens (temperature 0: greedy)."""
-  longest = max(len(p) for p in prompts)
-  if longest + max_new_tokens > max_len:
-    raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
-                     f"exceeds the model's max_len={max_len}; shorten one of them.")
-  tokens = jnp.full((len(prompts), longest + max_new_tokens), PAD_ID, jnp.int32)
-  for i, p in enumerate(prompts):
-    tokens = tokens.at[i, :len(p)].set(jnp.asarray(p, jnp.int32))
-  length = jnp.asarray([len(p) for p in prompts], jnp.int32)
-  graphdef, state = nnx.split(model)
-  out = _sample_loop(graphdef, state, tokens, length, jax.random.PRNGKey(seed),
-                     jnp.float32(max(temperature, 1e-6)), max_new_tokens, temperature <= 0)
-  return [list(map(int, out[i, len(p):len(p) + max_new_tokens]))
-          for i, p in enumerate(prompts)]
+           temperature: float = 1.0, seed: int = 0, top_k: int = 0, top_p: float = 1.0,
+           eos_id: int | None = EOS_ID) -> list[list[int]]:
+  """Continues each prompt by up to max_new_tokens tokens (temperature 0: greedy),
+  stopping early at EOS. Kept for main.py and the notebooks; see `generate`."""
+  return generate(model, prompts, max_new_tokens=max_new_tokens, max_len=max_len,
+                  temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
+                  seed=seed)

@@ -155,16 +155,41 @@ class Attention(nnx.Module):
     self.out = param(rngs, kernel_init(cfg, in_axis=(0, 1), out_axis=2), (h, d, e),
                      ("heads", "kv", "embed"), cfg.param_dtype)
 
-  def __call__(self, x_q, x_kv, mask, q_positions=None, k_positions=None, rng=None):
-    cfg, dt = self.cfg, self.cfg.dtype
-    q = jnp.einsum("bte,ehd->bthd", x_q, self.query[...].astype(dt))
+  def __call__(self, x_q, x_kv, mask, q_positions=None, k_positions=None, rng=None,
+               cache=None):
+    """Attention of x_q [b, t, e] over x_kv [b, s, e]; mask [b, 1, t, s].
+
+    With `cache` ({"k", "v"}: [b, cache_len, kv_heads, head_dim]), this is cached
+    self-attention: the keys and values of x_q are written into the cache at slots
+    `q_positions` [b, t] (a row's slot is its position), then x_q attends over the
+    whole cache, mask [b, 1, t, cache_len]; x_kv and k_positions are ignored and
+    (output, updated cache) is returned.
+    """
+    if cache is not None:
+      return self.cached_self_attention(x_q, mask, q_positions, cache, rng)
+    q = self.project_query(x_q, q_positions)
+    k, v = self.project_kv(x_kv, k_positions)
+    return self.attend(q, k, v, mask, rng)
+
+  def project_query(self, x_q, q_positions=None):
+    q = jnp.einsum("bte,ehd->bthd", x_q, self.query[...].astype(self.cfg.dtype))
+    q = constrain(q, ("batch", "length", "heads", "kv"))
+    return rotary(q, q_positions) if self.rotary else q
+
+  def project_kv(self, x_kv, k_positions=None):
+    """Keys and values [b, s, kv_heads, head_dim] (rotary applied to the keys)."""
+    dt = self.cfg.dtype
     k = jnp.einsum("bse,ehd->bshd", x_kv, self.key[...].astype(dt))
     v = jnp.einsum("bse,ehd->bshd", x_kv, self.value[...].astype(dt))
-    q = constrain(q, ("batch", "length", "heads", "kv"))
     k = constrain(k, ("batch", "length", "heads", "kv"))
     v = constrain(v, ("batch", "length", "heads", "kv"))
     if self.rotary:
-      q, k = rotary(q, q_positions), rotary(k, k_positions)
+      k = rotary(k, k_positions)
+    return k, v
+
+  def attend(self, q, k, v, mask, rng=None):
+    """Projected queries [b, t, h, d] over keys/values [b, s, kv_heads, d] -> [b, t, e]."""
+    cfg, dt = self.cfg, self.cfg.dtype
     b, t, h, d = q.shape
     g = h // cfg.num_kv_heads
     q = q.reshape(b, t, cfg.num_kv_heads, g, d) * (d ** -0.5)
@@ -176,6 +201,22 @@ class Attention(nnx.Module):
     out = constrain(out, ("batch", "length", "heads", "kv"))
     y = jnp.einsum("bthd,hde->bte", out, self.out[...].astype(dt))
     return constrain(y, ("batch", "length", "embed"))
+
+  def cached_self_attention(self, x, mask, positions, cache, rng=None):
+    q = self.project_query(x, positions)
+    k, v = self.project_kv(x, positions)
+    rows = jnp.arange(x.shape[0])[:, None]
+    # Slots past the cache (positions >= cache_len) are dropped by the scatter.
+    new = {name: constrain(cache[name].at[rows, positions].set(val.astype(cache[name].dtype)),
+                           ("batch", "length", "heads", "kv"))
+           for name, val in (("k", k), ("v", v))}
+    return self.attend(q, new["k"], new["v"], mask, rng), new
+
+  def init_cache(self, batch: int, length: int) -> dict:
+    """An empty self-attention cache: {"k", "v"} zeros [batch, length, kv_heads, head_dim]."""
+    shape = (batch, length, self.cfg.num_kv_heads, self.cfg.head_dim)
+    return {name: constrain(jnp.zeros(shape, self.cfg.dtype),
+                            ("batch", "length", "heads", "kv")) for name in ("k", "v")}
 
 
 class MLP(nnx.Module):

@@ -2,6 +2,14 @@
 
 All share pre-norm residual blocks built from `layers`. Token id 0 is padding:
 padded keys are masked out of attention. Logits are returned in float32.
+
+Decoding with a key/value cache (see `bigjax.decode`): `DecoderLM.init_cache` /
+`EncoderDecoder.init_cache` build the cache, a pytree of arrays with one
+{"k", "v"} [batch, cache_len, kv_heads, head_dim] per self-attention layer (and,
+for the encoder-decoder, the cross-attention keys/values of the encoded input,
+computed once); `extend(tokens, positions, cache)` runs new tokens at the given
+per-row positions, which are also their cache slots, and returns
+(logits, updated cache). Evaluation mode only (no dropout, MoE eval capacity).
 """
 import dataclasses
 
@@ -84,17 +92,38 @@ class Block(nnx.Module):
     self.ffn = (moe_lib.MoEFeedForward(cfg, moe, rngs=rngs) if moe is not None
                 else layers.MLP(cfg, rngs=rngs))
 
-  def __call__(self, x, mask, positions, encoded=None, cross_mask=None, rng=None):
+  def __call__(self, x, mask, positions, encoded=None, cross_mask=None, rng=None,
+               cache=None):
+    """With `cache` ({"self": {"k", "v"}} and, with cross-attention, "cross": the
+    encoded input's keys/values) returns (x, updated cache); see Attention."""
     r = _split(rng, 6)
     h = self.attn_norm(x)
-    h = self.attn(h, h, mask, positions, positions, rng=r[0])
+    if cache is None:
+      h = self.attn(h, h, mask, positions, positions, rng=r[0])
+    else:
+      h, self_cache = self.attn(h, h, mask, positions, positions, rng=r[0],
+                                cache=cache["self"])
+      cache = {**cache, "self": self_cache}
     x = x + layers.dropout(h, self.dropout_rate, r[1])
     if self.cross is not None:
-      h = self.cross(self.cross_norm(x), encoded, cross_mask, rng=r[2])
+      h = self.cross_norm(x)
+      if cache is None:
+        h = self.cross(h, encoded, cross_mask, rng=r[2])
+      else:
+        h = self.cross.attend(self.cross.project_query(h), cache["cross"]["k"],
+                              cache["cross"]["v"], cross_mask, rng=r[2])
       x = x + layers.dropout(h, self.dropout_rate, r[3])
     h = self.ffn(self.ffn_norm(x), rng=r[4])
     x = x + layers.dropout(h, self.dropout_rate, r[5])
-    return constrain(x, ("batch", "length", "embed"))
+    x = constrain(x, ("batch", "length", "embed"))
+    return x if cache is None else (x, cache)
+
+  def init_cache(self, batch: int, length: int, encoded=None) -> dict:
+    cache = {"self": self.attn.init_cache(batch, length)}
+    if self.cross is not None:
+      k, v = self.cross.project_kv(encoded)
+      cache["cross"] = {"k": k, "v": v}
+    return cache
 
 
 class Stack(nnx.Module):
@@ -111,7 +140,15 @@ class Stack(nnx.Module):
     self.final_norm = layers.Norm(cfg, rngs=rngs)
     self.remat = remat
 
-  def __call__(self, x, mask, positions, encoded=None, cross_mask=None, rng=None):
+  def __call__(self, x, mask, positions, encoded=None, cross_mask=None, rng=None,
+               cache=None):
+    """With `cache` (one entry per block) returns (x, updated cache)."""
+    if cache is not None:  # Decoding: no gradients, so no remat.
+      new_cache = []
+      for block, c, r in zip(self.blocks, cache, _split(rng, len(self.blocks))):
+        x, c = block(x, mask, positions, encoded, cross_mask, r, cache=c)
+        new_cache.append(c)
+      return self.final_norm(x), tuple(new_cache)
     for block, r in zip(self.blocks, _split(rng, len(self.blocks))):
       if self.remat:
         x = nnx.remat(lambda b, *a: b(*a))(block, x, mask, positions, encoded, cross_mask, r)
@@ -152,6 +189,24 @@ def default_positions(tokens):
   return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
 
 
+def _cache_len(cache) -> int:
+  return cache["layers"][0]["self"]["k"].shape[1]
+
+
+def _cached_causal_mask(positions, cache_len: int):
+  """[batch, 1, t, cache_len]: slot j is visible from position p iff j <= p."""
+  slots = jnp.broadcast_to(jnp.arange(cache_len, dtype=jnp.int32),
+                           (positions.shape[0], cache_len))
+  return layers.causal_mask(positions, slots)
+
+
+def _at(x, logits_at):
+  """x [b, t, ...] -> x [b, 1, ...] at per-row index logits_at [b] (None: all of x)."""
+  if logits_at is None:
+    return x
+  return jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)
+
+
 def _check_causal_router(cfg: TransformerConfig):
   if cfg.moe_every and cfg.moe.router == "expert_choice":
     raise ValueError("model.moe.router='expert_choice' looks at future tokens; use it "
@@ -175,6 +230,26 @@ class DecoderLM(nnx.Module):
     mask = layers.causal_mask(positions, positions) & (tokens != PAD_ID)[:, None, None, :]
     x = self.decoder(x, mask, positions, rng=r[1])
     return self.embedder.logits(x)
+
+  def init_cache(self, batch: int, length: int) -> dict:
+    """An empty cache for `length` positions: per layer {"self": {"k", "v"}}, and
+    "valid" [batch, length], whether a slot holds a non-padding token (padded keys
+    are masked, as in __call__)."""
+    valid = constrain(jnp.zeros((batch, length), bool), ("batch", "length"))
+    return {"valid": valid,
+            "layers": tuple(b.init_cache(batch, length) for b in self.decoder.blocks)}
+
+  def extend(self, tokens, positions, cache, logits_at=None):
+    """Runs tokens [b, t] at positions [b, t] (their cache slots, < cache length)
+    on top of the cache. Returns (logits [b, t, vocab], or [b, 1, vocab] at the
+    per-row token index `logits_at` [b]; the updated cache)."""
+    x = self.embedder.embed(tokens, positions)
+    rows = jnp.arange(tokens.shape[0])[:, None]
+    valid = cache["valid"].at[rows, positions].set(tokens != PAD_ID)
+    mask = _cached_causal_mask(positions, _cache_len(cache)) & valid[:, None, None, :]
+    x, layer_caches = self.decoder(x, mask, positions, cache=cache["layers"])
+    logits = self.embedder.logits(_at(x, logits_at))
+    return logits, {"valid": valid, "layers": layer_caches}
 
 
 class Encoder(nnx.Module):
@@ -224,6 +299,27 @@ class EncoderDecoder(Encoder):
     r = _split(rng, 2)
     encoded = self.encode(encoder_tokens, r[0])
     return self.decode(encoded, encoder_tokens, decoder_tokens, rng=r[1])
+
+  def init_cache(self, encoded, encoder_tokens, length: int) -> dict:
+    """A cache for `length` decoder positions: per layer an empty {"self": {"k", "v"}}
+    and "cross", the keys/values of `encoded` (computed once here); "enc_valid"
+    [batch, enc_len] masks padded encoder tokens."""
+    batch = encoded.shape[0]
+    return {"enc_valid": encoder_tokens != PAD_ID,
+            "layers": tuple(b.init_cache(batch, length, encoded)
+                            for b in self.decoder.blocks)}
+
+  def extend(self, decoder_tokens, positions, cache, logits_at=None):
+    """As DecoderLM.extend, for the decoder (masked by causality alone, as in decode)."""
+    x = self.embedder.embed(decoder_tokens, positions)
+    mask = _cached_causal_mask(positions, _cache_len(cache))
+    enc_valid = cache["enc_valid"]
+    cross_mask = jnp.broadcast_to(enc_valid[:, None, None, :],
+                                  (x.shape[0], 1, x.shape[1], enc_valid.shape[1]))
+    x, layer_caches = self.decoder(x, mask, positions, cross_mask=cross_mask,
+                                   cache=cache["layers"])
+    logits = self.embedder.logits(_at(x, logits_at))
+    return logits, {**cache, "layers": layer_caches}
 
 
 def build(cfg: TransformerConfig, rngs: nnx.Rngs) -> nnx.Module:
