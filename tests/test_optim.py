@@ -1,0 +1,65 @@
+"""Every optimizer named in config.optim trains; schedules and clipping do what they say."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bigjax import optim
+from configs import lm
+
+
+def _optim_config(**kw):
+  cfg = lm.get_config("runlocal").optim
+  cfg.update(dict(warmup_steps=0, schedule="constant", clip_norm=0.0, weight_decay=0.0))
+  cfg.update(kw)
+  return cfg
+
+
+# Adafactor scales steps by the parameters' RMS (floored at 1e-3), so from zeros
+# it needs a larger nominal learning rate.
+@pytest.mark.parametrize("name, lr", [("sgd", 0.1), ("momentum", 0.05), ("nesterov", 0.05),
+                                      ("adam", 0.05), ("adamw", 0.05), ("adafactor", 0.5),
+                                      ("lion", 0.02)])
+def test_each_optimizer_fits_least_squares(name, lr):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(64, 8)).astype(np.float32)
+  y = x @ rng.normal(size=(8,)).astype(np.float32) + 0.5
+  w_ls, *_ = np.linalg.lstsq(np.c_[x, np.ones(64)], y, rcond=None)  # Closed form.
+  params = {"w": jnp.zeros((8, 1)), "b": jnp.zeros((1,))}
+  # Decaying to 1% lets sign-based Lion settle instead of oscillating by +-lr.
+  tx = optim.make_optimizer(_optim_config(name=name, lr=lr, b2=0.99, schedule="linear",
+                                          end_lr_factor=0.01), total_steps=400)
+  loss = lambda p: jnp.mean((x @ p["w"][:, 0] + p["b"][0] - y) ** 2)
+
+  @jax.jit
+  def step(p, s):
+    g = jax.grad(loss)(p)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  state = tx.init(params)
+  for _ in range(400):
+    params, state = step(params, state)
+  got = np.r_[np.asarray(params["w"][:, 0]), np.asarray(params["b"])]
+  np.testing.assert_allclose(got, w_ls, atol=0.05, err_msg=name)
+
+
+def test_warmup_then_cosine_schedule():
+  sched = optim.schedule(_optim_config(lr=1.0, warmup_steps=10, schedule="cosine",
+                                       end_lr_factor=0.1), total_steps=110)
+  assert float(sched(0)) == 0.0
+  np.testing.assert_allclose(float(sched(5)), 0.5, rtol=1e-6)
+  np.testing.assert_allclose(float(sched(10)), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(float(sched(60)), 0.1 + 0.9 * 0.5, rtol=1e-5)  # Half-way.
+  np.testing.assert_allclose(float(sched(110)), 0.1, rtol=1e-5)
+
+
+def test_clipping_by_value_and_global_norm():
+  grads = {"a": jnp.array([3.0, -4.0]), "b": jnp.array([12.0])}  # Global norm 13.
+  for kw, want in [(dict(clip_norm=1.0), {"a": [3 / 13, -4 / 13], "b": [12 / 13]}),
+                   (dict(clip_value=2.0), {"a": [2.0, -2.0], "b": [2.0]})]:
+    tx = optim.make_optimizer(_optim_config(name="sgd", lr=1.0, **kw), total_steps=10)
+    updates, _ = tx.update(grads, tx.init(grads), grads)
+    for k in grads:  # sgd with lr 1: update = -clipped gradient.
+      np.testing.assert_allclose(-np.asarray(updates[k]), want[k], rtol=1e-6)
