@@ -2,26 +2,8 @@
 encoder-decoder models (dense or MoE).
 
 Design
-- Functional. The cache is a pytree of arrays passed in and returned
-  (`init_cache`, `decode_step`); the model is `nnx.merge`d from (graphdef, state)
-  inside the traced function, so the whole generation (prefill + loop) is one
-  `jax.jit` around a `lax.while_loop`, with the cache in the loop carry.
-- Fixed shapes. Each self-attention layer holds {"k", "v"} of shape
-  [batch, cache_len, kv_heads, head_dim] with cache_len = longest prompt +
-  max_new_tokens (at most the model's max_len): one compilation per
-  (batch, prompt length, max_new_tokens, settings).
-- Batched prompts of different lengths: right padding with per-row positions.
-  Every row starts at position 0, exactly as in training, and a token's cache slot
-  is its position. The prefill runs the padded [batch, longest] block at once and
-  takes each row's logits at its own last prompt token; from then on row r feeds
-  its token at position len_r + i, so rows sit at different positions in the same
-  step (learned and rotary positions are both per-row). Slots past a row's
-  position (the prefill's padding, not yet overwritten) are hidden by causality.
-  Left padding would need the pad keys masked at every step and shifted
-  positions; right padding needs neither.
-- Encoder-decoder: the prompt is the encoder input; the decoder starts from BOS at
-  position 0. The encoder runs once; each decoder layer's cross-attention keys
-  and values are computed once into the cache.
+- The cache, the prefill and one decode step are `bigjax.kv_cache` (re-exported
+  here): functional, fixed-shape, right-padded prompts with per-row positions.
 - Stopping: a row stops at EOS (`eos_id`, the tokenizer's EOS=2; None: never) or
   after max_new_tokens; the loop ends when every row has stopped. Returned
   sequences include the EOS.
@@ -62,58 +44,12 @@ from flax import nnx
 
 from bigjax import sharding
 from bigjax.data.tokenizer import BOS_ID, EOS_ID
-from bigjax.models.transformer import PAD_ID, DecoderLM, EncoderDecoder
+from bigjax.kv_cache import decode_step, init_cache, is_encdec, prefill  # noqa: F401
+from bigjax.models.transformer import PAD_ID
 
 # --------------------------------------------------------------------------
 # Functional building blocks
 # --------------------------------------------------------------------------
-
-
-def _is_encdec(model) -> bool:
-  if isinstance(model, EncoderDecoder):
-    return True
-  if isinstance(model, DecoderLM):
-    return False
-  raise ValueError(f"Cannot generate with a {type(model).__name__}: decoding needs a "
-                   "decoder-only (model.kind='decoder') or encoder-decoder "
-                   "(model.kind='encdec') model.")
-
-
-def init_cache(graphdef, state, batch: int, cache_len: int, encoder_tokens=None):
-  """An empty cache for `cache_len` decoder positions. Encoder-decoder models
-  encode `encoder_tokens` [batch, enc_len] here and cache the cross-attention
-  keys/values."""
-  model = nnx.merge(graphdef, state)
-  if isinstance(model, EncoderDecoder):
-    return model.init_cache(model.encode(encoder_tokens), encoder_tokens, cache_len)
-  return model.init_cache(batch, cache_len)
-
-
-def decode_step(graphdef, state, cache, tokens, positions, logits_at=None):
-  """Runs tokens [b, t] at positions [b, t] (also their cache slots) on top of the
-  cache: (float32 logits [b, t, vocab] (or [b, 1, vocab] at the per-row index
-  logits_at [b]), updated cache). Pure; jit it with graphdef static."""
-  return nnx.merge(graphdef, state).extend(tokens, positions, cache, logits_at=logits_at)
-
-
-def prefill(graphdef, state, prompts, lengths, cache_len: int):
-  """Fills a fresh cache from the prompts. Returns (logits [b, vocab] for each
-  row's first new token, the cache, start [b]: the position of that new token).
-
-  Decoder-only: prompts [b, L] right-padded, lengths [b]. Encoder-decoder: the
-  prompts are the encoder input and the decoder starts from BOS at position 0.
-  """
-  b, length = prompts.shape
-  if _is_encdec(nnx.merge(graphdef, state)):
-    cache = init_cache(graphdef, state, b, cache_len, encoder_tokens=prompts)
-    bos = jnp.full((b, 1), BOS_ID, jnp.int32)
-    logits, cache = decode_step(graphdef, state, cache, bos, jnp.zeros((b, 1), jnp.int32))
-    return logits[:, 0], cache, jnp.ones((b,), jnp.int32)
-  cache = init_cache(graphdef, state, b, cache_len)
-  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-  logits, cache = decode_step(graphdef, state, cache, prompts, positions,
-                              logits_at=lengths - 1)
-  return logits[:, 0], cache, lengths.astype(jnp.int32)
 
 
 def filter_logits(logits, top_k=0, top_p=1.0):
@@ -212,7 +148,7 @@ def _recompute_loop(graphdef, state, prompts, lengths, rng, temperature, top_k, 
     b, length = prompts.shape
     rows = jnp.arange(b)
     window = jnp.full((b, cache_len), PAD_ID, jnp.int32)
-    if isinstance(model, EncoderDecoder):
+    if is_encdec(model):
       encoded = model.encode(prompts)
       window = window.at[:, 0].set(BOS_ID)
       start = jnp.ones((b,), jnp.int32)
@@ -226,7 +162,7 @@ def _recompute_loop(graphdef, state, prompts, lengths, rng, temperature, top_k, 
       # A fresh module per trace from the carried state, so that its variables
       # belong to the loop's trace (nnx.remat refuses outer-trace variables).
       m = nnx.merge(graphdef, state_)
-      if isinstance(m, EncoderDecoder):
+      if is_encdec(m):
         all_logits = m.decode(encoded, prompts, window)
       else:
         all_logits = m(window)
@@ -359,7 +295,7 @@ def _model_max_len(model) -> int | None:
 def _prepare(model, prompts, max_new_tokens: int, max_len: int | None, mesh):
   """Right-padded prompts [B, L] (B padded to the data-parallel size), lengths [B],
   the cache length, and the number of real rows."""
-  encdec = _is_encdec(model)
+  encdec = is_encdec(model)
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens}; ask for at least one token.")
   prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
