@@ -138,14 +138,7 @@ def state_shardings(state, mesh: Mesh, rules):
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec())
-
-
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-  """Leading dimension split over every data-parallel axis of the mesh."""
-  return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
-
-
 def data_parallel_size(mesh: Mesh) -> int:
+  """Devices over every axis a batch may be split on (the rules table picks among
+  them, so this is a multiple of any rule's split): for padding batches."""
   return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
