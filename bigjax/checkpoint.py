@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from bigjax import optim
 from bigjax.config import ConfigError
 from bigjax.steps import TrainState
 
@@ -31,33 +32,21 @@ class CheckpointMismatchError(ConfigError):
 
 def _as_dict(state: TrainState) -> dict:
   return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
-          "rng": state.rng}
-
-
-def _path_name(path) -> str:
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
+          "rng": state.rng, "model_state": state.model_state}
 
 
 def _shapes(tree) -> dict:
   """{'params/decoder/...': shape} for every leaf of a state or metadata tree."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {_path_name(p): tuple(getattr(leaf, "shape", ())) for p, leaf in leaves}
+  return {optim.path_name(p): tuple(getattr(leaf, "shape", ())) for p, leaf in leaves}
 
 
 def describe_mismatch(saved: dict, wanted: dict, limit: int = 4) -> list[str]:
   """Human-readable differences between two {path: shape} maps: arrays only in
   the checkpoint, only in this run, and with other shapes (parameters first,
   at most `limit` of each kind, then a count)."""
-  order = {"step": 0, "params": 1, "opt_state": 2, "rng": 3}
-  names = sorted(set(saved) | set(wanted), key=lambda n: (order.get(n.split("/")[0], 4), n))
+  order = {"step": 0, "params": 1, "model_state": 2, "opt_state": 3, "rng": 4}
+  names = sorted(set(saved) | set(wanted), key=lambda n: (order.get(n.split("/")[0], 5), n))
   kinds = (
       ([n for n in names if n not in wanted],
        lambda n: f"{n}: in the checkpoint {saved[n]}, not in this run"),

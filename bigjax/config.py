@@ -9,11 +9,16 @@ checkpoint.CheckpointMismatchError. Both are ConfigErrors.
 """
 import numbers
 import os
+import re
 
 from bigjax import sharding
 
-REQUIRED_TOP_LEVEL = ("seed", "total_steps", "log_every", "eval_every", "checkpoint_every",
-                      "batch_size", "seq_len", "model", "optim", "mesh", "data")
+REQUIRED_TOP_LEVEL = ("seed", "task", "total_steps", "log_every", "eval_every",
+                      "checkpoint_every", "batch_size", "model", "optim", "mesh", "data")
+# Which model kinds each config.task trains (the loss is steps.TASK_LOSSES).
+TASK_KINDS = {"lm": ("decoder",), "reverse": ("encdec",), "mlm": ("encoder",),
+              "classify": ("mlp", "cnn", "linear"), "binary": ("mlp", "cnn", "linear"),
+              "regress": ("mlp", "cnn", "linear")}
 
 
 class ConfigError(ValueError):
@@ -112,19 +117,23 @@ def _validate_moe(config):
       _fail(f"model.moe.{field}", f"must be >= 0, got {e[field]}.", "Use 0 to disable it.")
 
 
-def validate(config, *, num_devices: int, process_count: int = 1, workdir: str | None = None):
-  from bigjax import optim  # noqa: keeps this module's import light for configs.
+def _validate_task(config):
+  task, kind = _get(config, "task"), _get(config, "model.kind")
+  if task not in TASK_KINDS:
+    _fail("task", f"unknown task {task!r}.", f"Choose one of {tuple(TASK_KINDS)}.")
+  all_kinds = sorted({k for kinds in TASK_KINDS.values() for k in kinds})
+  if kind not in all_kinds:
+    _fail("model.kind", f"unknown kind {kind!r}.", f"Choose one of {all_kinds}.")
+  if kind not in TASK_KINDS[task]:
+    _fail("model.kind", f"{kind!r} does not train on task={task!r}.",
+          f"Use model.kind in {TASK_KINDS[task]}, or another config.task.")
+
+
+def _validate_transformer(config):
+  from bigjax.data import tokenizer
   from bigjax.models import layers, transformer
 
-  for key in REQUIRED_TOP_LEVEL:
-    if key not in config:
-      _fail(key, "is missing.", "Start from configs/lm.py, which defines every key.")
-  _positive(config, "total_steps", "log_every", "eval_every", "checkpoint_every",
-            "batch_size", "seq_len", "grad_accum_steps", "keep_checkpoints", "eval_batches")
-  if not _is_int(config.seed):
-    _fail("seed", f"must be an integer, got {config.seed!r}.", "Use e.g. 0.")
-  if "sample_tokens" in config:
-    _non_negative(config, "sample_tokens")
+  _positive(config, "seq_len")
   m = config.model
   _positive(config, "model.vocab_size", "model.num_layers", "model.emb_dim",
             "model.num_heads", "model.mlp_dim", "model.max_len")
@@ -134,8 +143,6 @@ def validate(config, *, num_devices: int, process_count: int = 1, workdir: str |
   if m.get("init") == "normal" and "init_scale" in m and not m.init_scale > 0:
     _fail("model.init_scale", f"must be > 0 for init='normal', got {m.init_scale}.",
           "Use e.g. 0.02.")
-  if m.kind not in transformer.KINDS:
-    _fail("model.kind", f"unknown kind {m.kind!r}.", f"Choose one of {transformer.KINDS}.")
   for field, allowed in (("mlp_activation", tuple(layers.ACTIVATIONS)),
                          ("norm", layers.NORMS), ("init", layers.INITS),
                          ("position", transformer.POSITIONS),
@@ -159,13 +166,79 @@ def validate(config, *, num_devices: int, process_count: int = 1, workdir: str |
   if m.position == "learned" and config.seq_len > m.max_len:
     _fail("seq_len", f"{config.seq_len} is longer than the position table "
           f"model.max_len={m.max_len}.", "Raise model.max_len or lower seq_len.")
-  from bigjax.data import tokenizer
-  if m.vocab_size < tokenizer.VOCAB_SIZE:
-    _fail("model.vocab_size", f"{m.vocab_size} is smaller than the byte tokenizer's "
-          f"{tokenizer.VOCAB_SIZE} ids.", f"Use at least {tokenizer.VOCAB_SIZE}.")
-
+  need = tokenizer.MLM_VOCAB_SIZE if config.task == "mlm" else tokenizer.VOCAB_SIZE
+  if m.vocab_size < need:
+    _fail("model.vocab_size", f"{m.vocab_size} is smaller than the {need} ids task="
+          f"{config.task!r} uses (the byte tokenizer's, plus [MASK] for mlm).",
+          f"Use at least {need}.")
+  if config.task == "mlm":
+    rate = config.data.get("mask_rate", 0.15)
+    if not 0 < rate < 1:
+      _fail("data.mask_rate", f"{rate} is outside (0, 1).", "Use e.g. 0.15 (BERT's).")
   if m.get("moe_every", 0):
     _validate_moe(config)
+  _name(config, "data.text_key")
+
+
+def _validate_zoo(config):
+  from bigjax.models import layers, zoo
+
+  m = config.model
+  _positive(config, "model.num_outputs")
+  for field in ("hidden_dims", "conv_features"):
+    values = list(m.get(field, ()))
+    if any(not _is_int(v) or v <= 0 for v in values):
+      _fail(f"model.{field}", f"must be positive integers, got {values}.", "E.g. (128, 64).")
+  if m.activation not in layers.ACTIVATIONS:
+    _fail("model.activation", f"unknown value {m.activation!r}.",
+          f"Choose one of {tuple(layers.ACTIVATIONS)}.")
+  if m.init not in zoo.INITS:
+    _fail("model.init", f"unknown value {m.init!r}.", f"Choose one of {zoo.INITS}.")
+  if not 0.0 <= m.dropout_rate < 1.0:
+    _fail("model.dropout_rate", f"{m.dropout_rate} is outside [0, 1).", "Use e.g. 0.1.")
+  if config.task in ("binary", "regress") and m.num_outputs != 1:
+    _fail("model.num_outputs", f"task={config.task!r} predicts one value per example, "
+          f"got num_outputs={m.num_outputs}.", "Set model.num_outputs=1.")
+  if m.kind == "linear" and (m.get("hidden_dims") or m.get("batch_norm")):
+    _fail("model.hidden_dims", "a linear model has no hidden layers or BatchNorm.",
+          "Set hidden_dims=() and batch_norm=False, or use model.kind='mlp'.")
+  for field in ("feature_key", "label_key"):
+    _name(config, f"data.{field}")
+
+
+def _validate_transformer_mesh(m, sizes):
+  tensor, kv_heads = sizes["tensor"], m.num_kv_heads or m.num_heads
+  for field, value in (("model.num_heads", m.num_heads), ("model.num_kv_heads", kv_heads),
+                       ("model.mlp_dim", m.mlp_dim), ("model.vocab_size", m.vocab_size)):
+    if value % tensor:
+      _fail(field, f"{value} is not divisible by mesh.tensor={tensor}.",
+            "Change it or the tensor-parallel size.")
+  if m.get("moe_every", 0) and m.moe.num_experts % sizes["expert"]:
+    _fail("model.moe.num_experts", f"{m.moe.num_experts} experts do not split over "
+          f"mesh.expert={sizes['expert']}.", "Use a multiple of the expert-parallel size.")
+  if m.emb_dim % sizes["fsdp"]:
+    _fail("model.emb_dim", f"{m.emb_dim} is not divisible by mesh.fsdp={sizes['fsdp']}.",
+          "Change it or the fsdp size.")
+
+
+def validate(config, *, num_devices: int, process_count: int = 1, workdir: str | None = None):
+  from bigjax import optim  # noqa: keeps this module's import light for configs.
+
+  for key in REQUIRED_TOP_LEVEL:
+    if key not in config:
+      _fail(key, "is missing.", "Start from configs/lm.py, which defines every key.")
+  _positive(config, "total_steps", "log_every", "eval_every", "checkpoint_every",
+            "batch_size", "grad_accum_steps", "keep_checkpoints", "eval_batches")
+  if not _is_int(config.seed):
+    _fail("seed", f"must be an integer, got {config.seed!r}.", "Use e.g. 0.")
+  if "sample_tokens" in config:
+    _non_negative(config, "sample_tokens")
+  _validate_task(config)
+  token_task = config.task in ("lm", "reverse", "mlm")
+  if token_task:
+    _validate_transformer(config)
+  else:
+    _validate_zoo(config)
 
   o = config.optim
   if o.name not in optim.OPTIMIZERS:
@@ -191,9 +264,15 @@ def validate(config, *, num_devices: int, process_count: int = 1, workdir: str |
   if policy not in optim.NAN_POLICIES:
     _fail("optim.nan_policy", f"unknown policy {policy!r}.",
           f"Choose one of {optim.NAN_POLICIES}.")
+  if o.get("freeze", ""):
+    try:
+      re.compile(o.freeze)
+    except re.error as e:
+      _fail("optim.freeze", f"{o.freeze!r} is not a regular expression ({e}).",
+            "Write e.g. '^embedder/' to freeze the embeddings.")
 
   d = config.data
-  for field in ("dataset", "train_split", "eval_split", "text_key"):
+  for field in ("dataset", "train_split", "eval_split"):
     _name(config, f"data.{field}")
   if not isinstance(d.get("data_dir", ""), str):
     _fail("data.data_dir", f"must be a path string, got {d.data_dir!r}.",
@@ -231,21 +310,40 @@ def validate(config, *, num_devices: int, process_count: int = 1, workdir: str |
   if config.batch_size % process_count:
     _fail("batch_size", f"{config.batch_size} does not split over {process_count} processes.",
           f"Use a multiple of {process_count}.")
-  tensor = sizes["tensor"]
-  for field, value in (("model.num_heads", m.num_heads), ("model.num_kv_heads", kv_heads),
-                       ("model.mlp_dim", m.mlp_dim), ("model.vocab_size", m.vocab_size)):
-    if value % tensor:
-      _fail(field, f"{value} is not divisible by mesh.tensor={tensor}.",
-            "Change it or the tensor-parallel size.")
-  if m.get("moe_every", 0) and m.moe.num_experts % sizes["expert"]:
-    _fail("model.moe.num_experts", f"{m.moe.num_experts} experts do not split over "
-          f"mesh.expert={sizes['expert']}.", "Use a multiple of the expert-parallel size.")
-  if m.emb_dim % sizes["fsdp"]:
-    _fail("model.emb_dim", f"{m.emb_dim} is not divisible by mesh.fsdp={sizes['fsdp']}.",
-          "Change it or the fsdp size.")
+  m = config.model
+  if token_task:
+    _validate_transformer_mesh(m, sizes)
+  else:
+    for field in ("hidden_dims", "conv_features"):
+      for width in m.get(field, ()):
+        if width % sizes["tensor"]:
+          _fail(f"model.{field}", f"width {width} is not divisible by mesh.tensor="
+                f"{sizes['tensor']}.", "Change it or the tensor-parallel size.")
 
+  if config.get("init_from") is not None:
+    _validate_init_from(config, workdir)
   if workdir is not None:
     validate_workdir(workdir)
+
+
+def _validate_init_from(config, workdir: str | None):
+  source = _get(config, "init_from.workdir")
+  if not isinstance(source, str):
+    _fail("init_from.workdir", f"must be a path string, got {source!r}.",
+          "Use '' to start from scratch, or a finished run's --workdir.")
+  step = config.init_from.get("step", -1)
+  if not _is_int(step) or step < -1:
+    _fail("init_from.step", f"must be a checkpoint step or -1 (the latest), got {step!r}.",
+          "Use -1 or one of the source run's checkpoint steps.")
+  try:
+    re.compile(config.init_from.get("skip", ""))
+  except (re.error, TypeError) as e:
+    _fail("init_from.skip", f"{config.init_from.skip!r} is not a regular expression ({e}).",
+          "Write e.g. 'embedder/' to re-initialise the embeddings.")
+  if source and workdir and "://" not in source and (
+      os.path.abspath(source) == os.path.abspath(workdir)):
+    _fail("init_from.workdir", "is this run's own --workdir.",
+          "Rerunning a workdir resumes it by itself; point init_from at another run.")
 
 
 def validate_workdir(workdir: str):

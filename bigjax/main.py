@@ -43,7 +43,8 @@ def _print_router_metrics(workdir: str):
 
 
 def summarize(result, config, workdir: str):
-  """Prints what a researcher checks first: bits/byte vs unigram entropy, a sample."""
+  """Prints what a researcher checks first: bits/byte vs unigram entropy and a
+  sample for language models, the final evaluation for the others."""
   import jax
   from bigjax import decode, report
   from bigjax.data import pipeline, tokenizer
@@ -52,6 +53,10 @@ def summarize(result, config, workdir: str):
     return
   png = report.plot_loss_curve(workdir)
   print(f"Loss curve: {png}")
+  if config.task not in ("lm", "reverse", "mlm"):  # Examples: the eval metrics say it all.
+    print("Final evaluation: " + ", ".join(f"{k}={v:.4f}"
+                                           for k, v in result.eval_metrics.items()))
+    return
   d = config.data
   entropy = pipeline.unigram_entropy_bits(
       pipeline.token_array(d.dataset, d.train_split, d.data_dir, d.text_key))

@@ -53,25 +53,27 @@ def read_jsonl(path: str) -> list[dict]:
 class Progress:
   """A tqdm bar on a terminal; plain log lines otherwise (CI, notebooks' logs)."""
 
-  def __init__(self, total: int, initial: int, tokens_per_step: int):
+  def __init__(self, total: int, initial: int, tokens_per_step: int, unit: str = "tokens"):
     self.tokens_per_step = tokens_per_step
+    self.unit = unit
     self.enabled = jax.process_index() == 0
     self.bar = tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
                          disable=not (self.enabled and sys.stderr.isatty()))
     self._last_step, self._last_time = initial, time.perf_counter()
 
   def update(self, step: int, scalars: dict | None = None) -> float:
-    """Advances to `step`; returns tokens/s since the previous update."""
+    """Advances to `step`; returns tokens (or examples) per second since the
+    previous update."""
     now = time.perf_counter()
     rate = (step - self._last_step) * self.tokens_per_step / max(now - self._last_time, 1e-9)
     self.bar.update(step - self._last_step)
     self._last_step, self._last_time = step, now
     if scalars:
       shown = {k: f"{float(v):.4g}" for k, v in scalars.items()}
-      self.bar.set_postfix(shown | {"tok/s": f"{rate:,.0f}"}, refresh=False)
+      self.bar.set_postfix(shown | {f"{self.unit}/s": f"{rate:,.0f}"}, refresh=False)
       if self.enabled and self.bar.disable:
         print(f"step {step}: " + ", ".join(f"{k}={v}" for k, v in shown.items()) +
-              f", tokens/s={rate:,.0f}", flush=True)
+              f", {self.unit}/s={rate:,.0f}", flush=True)
     return rate
 
   def reset_clock(self):

@@ -7,7 +7,14 @@ config.optim.
           in the optimizer state, which the loop logs as `skipped_updates`;
   "halt": the update is applied, and the loop stops the run with an error at
           the next logging (or checkpoint) step, before anything non-finite is saved.
+
+`optim.freeze` is a regular expression over parameter paths ("decoder/blocks/0/
+attn/query/kernel"): matching parameters are frozen through an optax mask. They
+get no update, no optimizer state, no weight decay, and do not count in the
+clipping norm.
 """
+import re
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -42,6 +49,45 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def path_name(path) -> str:
+  """'decoder/blocks/0/mlp/wi' for a jax tree path."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def frozen_mask(params, freeze: str):
+  """A tree of bools, True where the parameter's path matches `freeze`."""
+  pattern = re.compile(freeze) if freeze else None
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: bool(pattern and pattern.search(path_name(path))), params)
+
+
+def check_freeze(optim_cfg, params):
+  """Raises ValueError unless optim.freeze (if set) matches some parameters but not all."""
+  freeze = optim_cfg.get("freeze", "")
+  if not freeze:
+    return
+  try:
+    re.compile(freeze)
+  except re.error as e:
+    raise ValueError(f"optim.freeze={freeze!r} is not a regular expression ({e}).") from None
+  mask = jax.tree.leaves(frozen_mask(params, freeze))
+  names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  if not any(mask):
+    raise ValueError(f"optim.freeze={freeze!r} matches no parameter. Parameter paths look "
+                     f"like {names[:3]}; match one or more of them.")
+  if all(mask):
+    raise ValueError(f"optim.freeze={freeze!r} freezes every parameter, so nothing would "
+                     "train. Narrow it, e.g. '^embedder/'.")
+
+
 def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
   lr = schedule(optim_cfg, total_steps)
   name, wd = optim_cfg.name, optim_cfg.weight_decay
@@ -69,6 +115,12 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
   if optim_cfg.clip_norm:
     clips.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
   tx = optax.chain(*clips, opt)
+  freeze = optim_cfg.get("freeze", "") if hasattr(optim_cfg, "get") else ""
+  if freeze:
+    tx = optax.multi_transform(
+        {"train": tx, "frozen": optax.set_to_zero()},
+        lambda params: jax.tree.map(lambda f: "frozen" if f else "train",
+                                    frozen_mask(params, freeze)))
   if nan_policy(optim_cfg) == "skip":
     # Never gives up: every non-finite update is skipped (the int32 counter
     # saturates at its maximum, which `>` never exceeds).

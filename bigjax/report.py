@@ -19,7 +19,7 @@ def plot_loss_curve(workdir: str) -> str:
   if evals:
     ax.plot(*zip(*evals), "o-", label="eval loss")
   ax.set_xlabel("step")
-  ax.set_ylabel("cross-entropy (nats/token)")
+  ax.set_ylabel("loss")
   ax.set_title(os.path.basename(os.path.normpath(workdir)))
   ax.grid(alpha=0.3)
   ax.legend()

@@ -2,6 +2,7 @@
 
 The state is plain pytrees (nested dicts of arrays) so that optax, orbax and
 partial restores see ordinary trees; the model graph (nnx.GraphDef) is static.
+One set of steps serves every model kind: `config.task` picks the loss.
 """
 import dataclasses
 from typing import Any, Callable
@@ -14,7 +15,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bigjax import optim, sharding
-from bigjax.models import transformer
+from bigjax.models import transformer, zoo
+
+# config.task -> loss. Token tasks (lm, reverse, mlm) and `classify` take softmax
+# cross-entropy over integer targets; `binary` one sigmoid logit; `regress` MSE.
+TASK_LOSSES = {"lm": "softmax", "reverse": "softmax", "mlm": "softmax",
+               "classify": "softmax", "binary": "sigmoid", "regress": "mse"}
+TOKEN_TASKS = ("lm", "reverse", "mlm")
 
 
 @flax.struct.dataclass
@@ -23,6 +30,9 @@ class TrainState:
   params: Any  # nested dict of arrays, sharded by their logical names.
   opt_state: Any
   rng: jax.Array  # uint32[2] base key; step keys are fold_in(rng, step).
+  # Non-parameter model state the train step updates: BatchNorm's running
+  # averages (nnx.BatchStat). Empty for the Transformers.
+  model_state: Any = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -32,22 +42,41 @@ class Task:
   mesh: Mesh
   rules: list
   graphdef: nnx.GraphDef
-  rest: nnx.State  # non-parameter model state (none for the Transformers).
+  rest: nnx.State  # Static model state (empty for every bigjax model).
   tx: optax.GradientTransformation
   state_shardings: TrainState
   abstract_state: TrainState
   init_fn: Callable  # rng -> TrainState, traced inside jit by create_state.
+  param_axes: dict  # 'decoder/blocks/0/mlp/wi' -> logical axis names.
 
-  def model(self, params) -> nnx.Module:
-    return nnx.merge(self.graphdef, params, self.rest)
+  def model(self, params, model_state=None) -> nnx.Module:
+    if model_state is None:
+      model_state = self.abstract_state.model_state
+      if jax.tree.leaves(model_state):
+        raise ValueError("This model has BatchNorm statistics: pass model_state too.")
+    return nnx.merge(self.graphdef, params, model_state, self.rest)
 
-  def batch_sharding(self, ndim: int) -> NamedSharding:
-    spec = sharding.logical_to_spec(("batch",) + (None,) * (ndim - 1), self.rules)
-    return NamedSharding(self.mesh, spec)
+  @property
+  def loss(self) -> str:
+    return TASK_LOSSES[self.config.task]
+
+  def batch_sharding(self, ndim: int | None = None) -> NamedSharding:
+    """Rows split over the data-parallel axes; a prefix spec, so any rank >= 1."""
+    del ndim  # Kept for callers that pass it.
+    return NamedSharding(self.mesh, sharding.logical_to_spec(("batch",), self.rules))
 
 
 def model_config(config) -> transformer.TransformerConfig:
   return transformer.TransformerConfig.from_dict(config.model)
+
+
+def build_model(config, rngs: nnx.Rngs, example_shape: tuple | None = None) -> nnx.Module:
+  """The model config.model describes; zoo models need one example's feature shape."""
+  if config.model.kind in zoo.KINDS:
+    if example_shape is None:
+      raise ValueError(f"model.kind={config.model.kind!r} needs the data's example shape.")
+    return zoo.build(zoo.ZooConfig.from_dict(config.model), example_shape, rngs)
+  return transformer.build(model_config(config), rngs)
 
 
 def _opt_state_shardings(abs_opt_state, abs_params, param_shardings, mesh):
@@ -70,19 +99,21 @@ def _opt_state_shardings(abs_opt_state, abs_params, param_shardings, mesh):
   return jax.tree_util.tree_map_with_path(one, abs_opt_state)
 
 
-def make_task(config, mesh: Mesh) -> Task:
+def make_task(config, mesh: Mesh, example_shape: tuple | None = None) -> Task:
+  """`example_shape`: one example's feature shape (zoo models on example data)."""
   rules = [tuple(r) for r in config.sharding_rules]
-  mcfg = model_config(config)
-  abs_model = nnx.eval_shape(lambda: transformer.build(mcfg, nnx.Rngs(0)))
-  graphdef, abs_params, rest = nnx.split(abs_model, nnx.Param, ...)
+  build = lambda rngs: build_model(config, rngs, example_shape)
+  abs_model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+  graphdef, abs_params, abs_stats, rest = nnx.split(abs_model, nnx.Param, nnx.BatchStat, ...)
   param_shardings = nnx.to_pure_dict(sharding.state_shardings(abs_params, mesh, rules))
+  optim.check_freeze(config.optim, nnx.to_pure_dict(abs_params))
   tx = optim.make_optimizer(config.optim, config.total_steps)
 
   def init(rng):
-    model = transformer.build(mcfg, nnx.Rngs(params=rng))
-    params = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])
+    _, params, stats, _ = nnx.split(build(nnx.Rngs(params=rng)), nnx.Param, nnx.BatchStat, ...)
+    params = nnx.to_pure_dict(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), rng=rng)
+                      opt_state=tx.init(params), rng=rng, model_state=nnx.to_pure_dict(stats))
 
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -90,8 +121,11 @@ def make_task(config, mesh: Mesh) -> Task:
       step=replicated, params=param_shardings,
       opt_state=_opt_state_shardings(abstract.opt_state, abstract.params, param_shardings,
                                      mesh),
-      rng=replicated)
-  return Task(config, mesh, rules, graphdef, rest, tx, shardings, abstract, init)
+      rng=replicated,
+      model_state=nnx.to_pure_dict(sharding.state_shardings(abs_stats, mesh, rules)))
+  param_axes = {"/".join(map(str, path)): sharding.logical_axes_of(v)
+                for path, v in nnx.to_flat_state(abs_params)}
+  return Task(config, mesh, rules, graphdef, rest, tx, shardings, abstract, init, param_axes)
 
 
 def create_state(task: Task, seed: int) -> TrainState:
@@ -125,15 +159,28 @@ def moe_metrics(intermediates) -> dict:
   return out
 
 
-def loss_sums(model, batch, rng, router_weights=(0.0, 0.0)):
-  """Summed cross-entropy, token count and correct predictions (float32), and
-  for MoE models the router losses (already weighted, in per-token units)."""
-  logits, intermediates = nnx.capture(forward, nnx.Intermediate)(model, batch, rng)
-  targets, weights = batch["targets"], batch["weights"].astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-  sums = {"loss_sum": jnp.sum(ce * weights), "weight_sum": jnp.sum(weights),
-          "correct_sum": jnp.sum(correct * weights)}
+def pointwise_loss(loss: str, outputs, targets):
+  """(loss, correct-or-None) per target: softmax cross-entropy over integer
+  targets, sigmoid cross-entropy of one logit against 0/1, or squared error."""
+  if loss == "softmax":
+    ce = optax.softmax_cross_entropy_with_integer_labels(outputs, targets)
+    return ce, jnp.argmax(outputs, -1) == targets
+  value, targets = outputs[..., 0], targets.astype(jnp.float32)
+  if loss == "sigmoid":
+    return optax.sigmoid_binary_cross_entropy(value, targets), (value > 0) == (targets > 0.5)
+  return jnp.square(value - targets), None
+
+
+def loss_sums(model, batch, rng, router_weights=(0.0, 0.0), loss="softmax"):
+  """Summed loss, weight (token or example) count and correct predictions
+  (float32; no correct_sum for regression), and for MoE models the router
+  losses (already weighted, in per-token units)."""
+  outputs, intermediates = nnx.capture(forward, nnx.Intermediate)(model, batch, rng)
+  weights = batch["weights"].astype(jnp.float32)
+  values, correct = pointwise_loss(loss, outputs, batch["targets"])
+  sums = {"loss_sum": jnp.sum(values * weights), "weight_sum": jnp.sum(weights)}
+  if correct is not None:
+    sums["correct_sum"] = jnp.sum(correct.astype(jnp.float32) * weights)
   layers = moe_metrics(intermediates)
   if layers:
     aux = sum(v for k, v in layers.items() if k.endswith("/aux_loss"))
@@ -160,6 +207,8 @@ def _microbatches(batch, n: int):
 
 
 def router_weights(task: Task) -> tuple[float, float]:
+  if task.config.model.kind in zoo.KINDS:
+    return 0.0, 0.0
   moe = model_config(task.config).moe
   return moe.aux_loss_weight, moe.z_loss_weight
 
@@ -168,37 +217,44 @@ def make_train_step(task: Task) -> Callable:
   accum = task.config.grad_accum_steps
   weights = router_weights(task)
 
-  def sums_and_grads(params, batch, rng):
+  def sums_and_grads(params, model_state, batch, rng):
     def loss(p):
-      sums = loss_sums(task.model(p), batch, rng, weights)
-      return sums["loss_sum"] + sums.get("router_loss_sum", 0.0), sums
-    grads, sums = jax.grad(loss, has_aux=True)(params)
-    return sums, grads
+      model = task.model(p, model_state)
+      sums = loss_sums(model, batch, rng, weights, task.loss)
+      new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+      return sums["loss_sum"] + sums.get("router_loss_sum", 0.0), (sums, new_model_state)
+    grads, (sums, model_state) = jax.grad(loss, has_aux=True)(params)
+    return sums, grads, model_state
 
   def step_fn(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
     if accum == 1:
-      sums, grads = sums_and_grads(state.params, batch, rng)
+      sums, grads, model_state = sums_and_grads(state.params, state.model_state, batch, rng)
     else:
       def body(carry, xs):
         i, micro = xs
+        total, model_state = carry
         micro = jax.tree.map(lambda x: sharding.constrain(
             x, ("batch",) + (None,) * (x.ndim - 1)), micro)
-        sums, grads = sums_and_grads(state.params, micro, jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, carry, (sums, grads)), None
-      zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          sums_and_grads, state.params, jax.tree.map(lambda x: x[: x.shape[0] // accum],
-                                                     batch), rng))
-      (sums, grads), _ = jax.lax.scan(body, zero, (jnp.arange(accum),
-                                                    _microbatches(batch, accum)))
+        sums, grads, model_state = sums_and_grads(state.params, model_state, micro,
+                                                  jax.random.fold_in(rng, i))
+        return (jax.tree.map(jnp.add, total, (sums, grads)), model_state), None
+      sums_shape, grads_shape, _ = jax.eval_shape(
+          sums_and_grads, state.params, state.model_state,
+          jax.tree.map(lambda x: x[: x.shape[0] // accum], batch), rng)
+      zero = jax.tree.map(jnp.zeros_like, (sums_shape, grads_shape))
+      ((sums, grads), model_state), _ = jax.lax.scan(
+          body, (zero, state.model_state), (jnp.arange(accum), _microbatches(batch, accum)))
     # Gradients of the summed loss, normalised once by the global token count,
     # so accumulation over microbatches equals one big batch exactly.
     denom = jnp.maximum(sums["weight_sum"], 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = task.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": sums["loss_sum"] / denom, "accuracy": sums["correct_sum"] / denom,
+    metrics = {"loss": sums["loss_sum"] / denom,
                "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
+    if "correct_sum" in sums:
+      metrics["accuracy"] = sums["correct_sum"] / denom
     if "moe" in sums:  # Per-layer router metrics, averaged over microbatches.
       metrics["router_loss"] = sums["router_loss_sum"] / denom
       for k, v in sums["moe"].items():
@@ -206,35 +262,27 @@ def make_train_step(task: Task) -> Callable:
           metrics.update({f"{k}/expert_{e}": v[e] / accum for e in range(v.shape[0])})
         else:
           metrics[k] = v / accum
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         model_state=model_state), metrics
 
   def traced(state, batch):
     with sharding.use_mesh_rules(task.mesh, task.rules):
       return step_fn(state, batch)
 
-  batch_shardings = jax.tree.map(lambda x: task.batch_sharding(x.ndim),
-                                 _batch_spec(task))
-  return jax.jit(traced, in_shardings=(task.state_shardings, batch_shardings),
+  return jax.jit(traced, in_shardings=(task.state_shardings, task.batch_sharding()),
                  out_shardings=(task.state_shardings, None), donate_argnums=(0,))
 
 
 def make_eval_step(task: Task) -> Callable:
-  def traced(params, batch):
+  """(params, model_state, batch) -> summed loss, weights and correct predictions."""
+  def traced(params, model_state, batch):
     with sharding.use_mesh_rules(task.mesh, task.rules):
-      sums = loss_sums(task.model(params), batch, None)
-      return {k: sums[k] for k in ("loss_sum", "weight_sum", "correct_sum")}
+      sums = loss_sums(task.model(params, model_state), batch, None, loss=task.loss)
+      return {k: v for k, v in sums.items() if k in ("loss_sum", "weight_sum", "correct_sum")}
 
-  batch_shardings = jax.tree.map(lambda x: task.batch_sharding(x.ndim), _batch_spec(task))
-  return jax.jit(traced, in_shardings=(task.state_shardings.params, batch_shardings))
-
-
-def _batch_spec(task: Task) -> dict:
-  """Batch keys and ranks the model kind consumes."""
-  if task.config.model.kind == "encdec":
-    keys = ("encoder_inputs", "decoder_inputs", "targets", "weights")
-  else:
-    keys = ("inputs", "targets", "weights")
-  return {k: jax.ShapeDtypeStruct((1, 1), jnp.int32) for k in keys}
+  return jax.jit(traced, in_shardings=(task.state_shardings.params,
+                                       task.state_shardings.model_state,
+                                       task.batch_sharding()))
 
 
 def learning_rate(task: Task, step: int) -> float:

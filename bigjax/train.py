@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bigjax import (checkpoint, config as config_lib, distributed, metrics as metrics_lib,
-                    optim, sharding, steps)
-from bigjax.data import pipeline
+from bigjax import (checkpoint, config as config_lib, distributed, init_from,
+                    metrics as metrics_lib, optim, sharding, steps)
+from bigjax.data import examples, pipeline
 
 
 def log(message: str):
@@ -42,17 +42,21 @@ def _global_batch(task: steps.Task, local: dict) -> dict:
           for k, v in local.items()}
 
 
-def evaluate(task, eval_step, params, batches) -> dict:
+def evaluate(task, eval_step, state, batches) -> dict:
   sums = None
   for local in batches:
-    out = eval_step(params, _global_batch(task, local))
+    out = eval_step(state.params, state.model_state, _global_batch(task, local))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   sums = jax.device_get(sums)
-  loss = float(sums["loss_sum"] / max(sums["weight_sum"], 1.0))
-  return {"eval_loss": loss, "eval_accuracy": float(sums["correct_sum"] / sums["weight_sum"]),
-          "eval_perplexity": math.exp(min(loss, 50.0)),
-          # One token per byte (plus one EOS per document): nats/token -> bits/byte.
-          "eval_bits_per_byte": loss / math.log(2)}
+  weight = max(float(sums["weight_sum"]), 1.0)
+  out = {"eval_loss": float(sums["loss_sum"]) / weight}
+  if "correct_sum" in sums:
+    out["eval_accuracy"] = float(sums["correct_sum"]) / weight
+  if task.config.task in ("lm", "reverse"):
+    out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
+    # One token per byte (plus one EOS per document): nats/token -> bits/byte.
+    out["eval_bits_per_byte"] = out["eval_loss"] / math.log(2)
+  return out
 
 
 @dataclasses.dataclass
@@ -127,24 +131,41 @@ def _check_finite(fetched: list, first_step: int, latest_checkpoint):
           "such updates.")
 
 
-def _load_data(config, shard: dict, task_name: str):
-  """Train batches and eval batches; data problems become DataErrors, raised
-  before anything is compiled."""
+def _load_data(config, shard: dict):
+  """(train batches, eval batches, one example's feature shape or None); data
+  problems become DataErrors, raised before anything is compiled."""
   d = config.data
+  train_name = f"Split {d.train_split!r} of {d.dataset!r}"
+  eval_name = f"Split {d.eval_split!r} of {d.dataset!r}"
   try:
-    train_tokens = pipeline.token_array(d.dataset, d.train_split, d.data_dir, d.text_key)
-    eval_tokens = pipeline.token_array(d.dataset, d.eval_split, d.data_dir, d.text_key)
-    train_data = pipeline.LMBatches(train_tokens, global_batch_size=config.batch_size,
-                                    seq_len=config.seq_len, seed=config.seed, task=task_name,
-                                    name=f"Split {d.train_split!r} of {d.dataset!r}", **shard)
-    eval_data = list(pipeline.eval_batches(eval_tokens, global_batch_size=config.batch_size,
-                                           seq_len=config.seq_len,
-                                           num_batches=config.eval_batches, task=task_name,
-                                           name=f"Split {d.eval_split!r} of {d.dataset!r}",
-                                           **shard))
+    if config.task in steps.TOKEN_TASKS:
+      train_tokens = pipeline.token_array(d.dataset, d.train_split, d.data_dir, d.text_key)
+      eval_tokens = pipeline.token_array(d.dataset, d.eval_split, d.data_dir, d.text_key)
+      kwargs = dict(global_batch_size=config.batch_size, seq_len=config.seq_len,
+                    task=config.task, mask_rate=d.get("mask_rate", 0.15), **shard)
+      train_data = pipeline.LMBatches(train_tokens, seed=config.seed, name=train_name,
+                                      **kwargs)
+      eval_data = list(pipeline.eval_batches(eval_tokens, num_batches=config.eval_batches,
+                                             name=eval_name, **kwargs))
+      return train_data, eval_data, None
+    keys = dict(data_dir=d.data_dir, feature_key=d.feature_key, label_key=d.label_key)
+    x_train, y_train = examples.load_split(d.dataset, d.train_split, **keys)
+    x_eval, y_eval = examples.load_split(d.dataset, d.eval_split, **keys)
+    if d.get("feature_columns"):  # Tabular data: train on these columns only.
+      columns = list(d.feature_columns)
+      if x_train.ndim != 2 or max(columns) >= x_train.shape[1] or min(columns) < 0:
+        raise ValueError(f"feature_columns={columns} do not index the features of shape "
+                         f"{x_train.shape[1:]}; use column numbers of flat features.")
+      x_train, x_eval = x_train[:, columns], x_eval[:, columns]
+    if d.get("standardize", False):  # Statistics of the training split only.
+      x_train, x_eval = examples.standardize(x_train, x_eval)
+    train_data = examples.ExampleBatches(x_train, y_train, global_batch_size=config.batch_size,
+                                         seed=config.seed, name=train_name, **shard)
+    eval_data = examples.eval_batches(x_eval, y_eval, global_batch_size=config.batch_size,
+                                      **shard)
+    return train_data, eval_data, tuple(x_train.shape[1:])
   except (ValueError, FileNotFoundError) as e:
     raise config_lib.DataError(f"config.data: {e}") from e
-  return train_data, eval_data
 
 
 def _model_config_diff(workdir: str, config) -> str:
@@ -194,14 +215,13 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
   mesh = sharding.make_mesh(config.mesh)
   log(f"Mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
       f"{jax.process_count()} process(es).")
-  task = steps.make_task(config, mesh)
 
   # --------------------------------------------------------------------------
   # Data: step-indexed batches, this process's rows only.
   # --------------------------------------------------------------------------
-  task_name = "reverse" if config.model.kind == "encdec" else "lm"
   shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_data, eval_data = _load_data(config, shard, task_name)
+  train_data, eval_data, example_shape = _load_data(config, shard)
+  task = steps.make_task(config, mesh, example_shape)
 
   # --------------------------------------------------------------------------
   # State: resume from the latest finished checkpoint, else initialise sharded.
@@ -222,6 +242,9 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
     log(f"Resumed from the checkpoint at step {start}.")
   else:
     state, start = steps.create_state(task, config.seed), 0
+    if config.get("init_from") and config.init_from.get("workdir"):
+      state, summary = init_from.load(config, task, state)
+      log(summary)
   # Recorded once the state fits: a mismatched rerun leaves the old config.json.
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -230,8 +253,11 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
     log(f"metrics.jsonl: dropped the rows after step {start}; those steps run again.")
   train_step, eval_step = steps.make_train_step(task), steps.make_eval_step(task)
   writer = metrics_lib.MetricWriter(workdir)
-  tokens_per_step = config.batch_size * config.seq_len
-  progress = metrics_lib.Progress(config.total_steps, start, tokens_per_step)
+  # Throughput in tokens for token tasks, in examples for the others.
+  unit = "tokens" if config.task in steps.TOKEN_TASKS else "examples"
+  items_per_step = config.batch_size * (config.seq_len if unit == "tokens" else 1)
+  progress = metrics_lib.Progress(config.total_steps, start, items_per_step, unit)
+  rate_key = f"{unit}_per_s"
   last_eval: dict = {}
   preempted = False
   halt_on_nan = optim.nan_policy(config.optim) == "halt"
@@ -267,11 +293,11 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
             log(f"step {done}: skipped {skipped - skipped_logged} update(s) with non-finite "
                 f"gradients ({skipped} in total).")
           skipped_logged = skipped
-        scalars["tokens_per_s"] = progress.update(done, {"loss": scalars["loss"]})
+        scalars[rate_key] = progress.update(done, {"loss": scalars["loss"]})
         writer.write(done, scalars)
 
       if done % config.eval_every == 0 or done == config.total_steps:
-        last_eval = evaluate(task, eval_step, state.params, eval_data)
+        last_eval = evaluate(task, eval_step, state, eval_data)
         writer.write(done, last_eval)
         log(f"eval at step {done}: " + ", ".join(f"{k}={v:.4f}"
                                                  for k, v in last_eval.items()))

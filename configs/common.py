@@ -45,6 +45,7 @@ DEFAULT_RULES = (
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("exp", "expert"),
+    ("classes", None),  # Classifier outputs: few, kept whole.
     ("kv", None),
     ("length", None),
     ("layers", None),
@@ -74,3 +75,88 @@ def moe_config(**overrides):
   ))
   moe.update(overrides)
   return moe
+
+
+def optim_config(**overrides):
+  """config.optim: optax optimizer by name, schedule, clipping, NaN policy, freezing."""
+  optim = ml_collections.ConfigDict(dict(
+      name="adamw",  # sgd | momentum | nesterov | adam | adamw | adafactor | lion
+      lr=6e-4,
+      warmup_steps=1000,
+      schedule="cosine",  # cosine | rsqrt | linear | constant
+      end_lr_factor=0.1,
+      weight_decay=0.1,
+      b1=0.9,  # Also the momentum of momentum / nesterov.
+      b2=0.95,
+      eps=1e-8,
+      clip_norm=1.0,  # 0 disables global-norm clipping.
+      clip_value=0.0,  # 0 disables clipping by value.
+      # A NaN/Inf gradient: "skip" drops that update (counted as skipped_updates in
+      # metrics.jsonl); "halt" stops the run at the next logging step with an error.
+      nan_policy="skip",
+      # Regex over parameter paths ("decoder/blocks/0/mlp/wi/kernel") to freeze.
+      freeze="",
+  ))
+  optim.update(overrides)
+  return optim
+
+
+def init_from_config(**overrides):
+  """config.init_from: start a fresh run from another run's parameters (fine-tuning)."""
+  init_from = ml_collections.ConfigDict(dict(
+      workdir="",  # The source run's --workdir; "" starts from scratch.
+      step=-1,  # -1: its latest checkpoint.
+      skip="",  # Regex of parameters to re-initialise rather than load.
+  ))
+  init_from.update(overrides)
+  return init_from
+
+
+def example_config(dataset: str, task: str, **data_overrides):
+  """The top of a config for a zoo model trained on (features, label) examples:
+  run length, logging, checkpoints, data; the caller adds model and optim."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.task = task  # classify | binary | regress
+  config.total_steps = 1000
+  config.batch_size = 64
+  config.grad_accum_steps = 1
+  config.log_every = 100
+  config.eval_every = 500
+  config.eval_batches = 1  # Unused: example runs evaluate the whole eval split.
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 2
+  config.async_checkpoint = True
+  config.data = ml_collections.ConfigDict(dict(
+      dataset=dataset,  # A prepared tfds dataset; sklearn_toy/* is built locally.
+      data_dir="",  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets.
+      train_split="train",
+      eval_split="test",
+      feature_key="features",
+      label_key="label",
+      standardize=False,  # Per-feature mean/std from the training split.
+      feature_columns=(),  # Tabular data: train on these columns only; () = all.
+  ))
+  config.data.update(data_overrides)
+  config.mesh = default_mesh()
+  config.sharding_rules = default_rules()
+  config.init_from = init_from_config()
+  return config
+
+
+def zoo_model(kind: str, **overrides):
+  """config.model for bigjax/models/zoo.py."""
+  model = ml_collections.ConfigDict(dict(
+      kind=kind,  # mlp | cnn | linear
+      num_outputs=10,  # Classes; 1 for binary and regression.
+      hidden_dims=(128,),
+      conv_features=(),  # cnn: channels of each 3x3 conv (each followed by 2x2 pooling).
+      activation="relu",
+      batch_norm=False,
+      dropout_rate=0.0,
+      init="he",  # lecun | xavier | he | zeros
+      dtype="float32",
+      param_dtype="float32",
+  ))
+  model.update(overrides)
+  return model

@@ -21,6 +21,7 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
 
   config.seed = 0
+  config.task = "lm"  # lm | reverse (encdec) | mlm (encoder); see bigjax/steps.py.
   config.total_steps = 20_000
   config.batch_size = 256
   config.seq_len = 1024
@@ -67,21 +68,8 @@ def get_config(arg=None):
   config.model.moe_every = 0  # Dense; configs/lm_moe.py sets 2 (GShard style).
   config.model.moe = common.moe_config()
 
-  config.optim = ml_collections.ConfigDict()
-  config.optim.name = "adamw"
-  config.optim.lr = 6e-4
-  config.optim.warmup_steps = 1000
-  config.optim.schedule = "cosine"  # cosine | rsqrt | linear | constant
-  config.optim.end_lr_factor = 0.1
-  config.optim.weight_decay = 0.1
-  config.optim.b1 = 0.9
-  config.optim.b2 = 0.95
-  config.optim.eps = 1e-8
-  config.optim.clip_norm = 1.0  # 0 disables global-norm clipping.
-  config.optim.clip_value = 0.0  # 0 disables clipping by value.
-  # A NaN/Inf gradient: "skip" drops that update (counted as skipped_updates in
-  # metrics.jsonl); "halt" stops the run at the next logging step with an error.
-  config.optim.nan_policy = "skip"
+  config.optim = common.optim_config(name="adamw", lr=6e-4, warmup_steps=1000)
+  config.init_from = common.init_from_config()  # Fine-tuning: see configs/gpt2.py.
 
   config.mesh = common.default_mesh()
   config.sharding_rules = common.default_rules()

@@ -25,5 +25,6 @@ def get_config(arg=None):
     config.model.update(num_layers=2, mlp_dim=512)  # top-2 of 512 = the dense 1024.
     config.optim.update(lr=2e-3, warmup_steps=50)
   if arg.encdec:
-    config.model.kind = "encdec"  # Trained on the corpus's reverse-a-chunk task.
+    config.model.kind = "encdec"
+    config.task = "reverse"  # Output each corpus chunk backwards.
   return config

@@ -71,7 +71,7 @@ def test_overfits_one_batch(kind):
   assert min(losses[: STEPS // 4]) > losses[-1]
 
   # The eval step agrees with the training metrics on the memorised batch.
-  sums = steps.make_eval_step(task)(state.params, batch)
+  sums = steps.make_eval_step(task)(state.params, state.model_state, batch)
   weight_sum = float(sums["weight_sum"])
   assert weight_sum == batch["weights"].sum()
   assert float(sums["loss_sum"]) / weight_sum < 0.05

@@ -1,8 +1,10 @@
 """tfds corpora, read with random access and without TensorFlow.
 
-`stdlib_py` is built here from the running interpreter's standard library, so a
-run needs no download. Any other tfds text dataset works once it is prepared in
-array_record format in the data dir; we never download (see `prepared_source`).
+`stdlib_py` is built here from the running interpreter's standard library, and
+`sklearn_toy` (sklearn_toy.py) from the toy datasets shipped in scikit-learn, so
+a run on either needs no download. Any other tfds dataset works once it is
+prepared in array_record format in the data dir; we never download (see
+`prepared_source`).
 """
 import contextlib
 import fcntl  # POSIX file locks: a data dir is a local (or NFS) path.
@@ -11,6 +13,9 @@ import sys
 import zlib
 
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import naming
+
+from bigjax.data import sklearn_toy
 
 # Directory names pruned anywhere under the stdlib root: installed packages are
 # not the stdlib, and test suites are huge, repetitive and full of odd encodings.
@@ -115,16 +120,32 @@ def _file_lock(path: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _prepare_stdlib(data_dir: str) -> StdlibPy:
-  builder = StdlibPy(data_dir=data_dir)
+# Builders whose sources ship on this machine: `prepared_source` prepares them
+# on first use instead of asking for a `tfds build`.
+_LOCAL_BUILDERS = {b.name: b for b in (StdlibPy, sklearn_toy.SklearnToy)}
+
+
+def _prepare_local(name: str, data_dir: str):
+  """Prepares (once) and returns a `_LOCAL_BUILDERS` dataset; `name` in tfds
+  syntax, "name[/config][:version]" (no config: the first one)."""
+  ds_name, kwargs = naming.parse_builder_name_kwargs(name)
+  cls = _LOCAL_BUILDERS[ds_name.name]
+  configs = [c.name for c in cls.BUILDER_CONFIGS]
+  if kwargs.get("config", configs[0]) not in configs:
+    raise ValueError(
+        f"Dataset {ds_name.name!r} has no config {kwargs['config']!r}; its "
+        f"configs: {configs}. Fix config.data.dataset, e.g. "
+        f"'{ds_name.name}/{configs[0]}'.")
+  make = lambda: cls(data_dir=data_dir, **kwargs)
+  builder = make()
   if is_mocked() or builder.is_prepared():
     return builder
   # tfds writes into an `incomplete.*` dir and renames it when done, so a crash
   # never leaves a prepared-looking dataset; the lock makes a second process
   # wait instead of failing on that rename, then reuse the first one's result.
   os.makedirs(data_dir, exist_ok=True)
-  with _file_lock(os.path.join(data_dir, ".stdlib_py.lock")):
-    builder = StdlibPy(data_dir=data_dir)  # Re-read: it may be ready now.
+  with _file_lock(os.path.join(data_dir, f".{cls.name}.lock")):
+    builder = make()  # Re-read: it may be ready now.
     if not builder.is_prepared():
       builder.download_and_prepare()
   return builder
@@ -137,8 +158,9 @@ def _unprepared_error(name: str, data_dir: str, where: str) -> ValueError:
       "bigjax never downloads: prepare it once in array_record format where "
       "there is internet, e.g. `tfds build "
       f"{name} --data_dir={data_dir} --file_format=array_record`, and point "
-      "config.data.data_dir at that dir; or set config.data.dataset='stdlib_py', "
-      "which is built locally from Python's own source.")
+      "config.data.data_dir at that dir; or set config.data.dataset='stdlib_py' "
+      "(text), or 'sklearn_toy/digits', 'sklearn_toy/breast_cancer' or "
+      "'sklearn_toy/diabetes' (examples), which are built locally.")
 
 
 def _prepared_builder(name: str, data_dir: str):
@@ -183,13 +205,16 @@ class _BytesText:
 def prepared_source(name: str, split: str, data_dir: str | None = None):
   """Random-access source (len, [i], __getitems__) of dicts for one split.
 
-  "stdlib_py" is prepared on first use; any other dataset must already be
-  prepared in `data_dir` (see `default_data_dir`), else a ValueError says how.
-  Text fields are bytes. `split` takes tfds syntax ("train[:10%]").
+  `name` takes tfds syntax ("sklearn_toy/digits"). "stdlib_py" and
+  "sklearn_toy/<config>" are prepared on first use; any other dataset must
+  already be prepared in `data_dir` (see `default_data_dir`), else a ValueError
+  says how. Text fields are bytes. `split` takes tfds syntax ("train[:10%]").
   """
   data_dir = default_data_dir(data_dir)
-  if name == StdlibPy.name:
-    builder = _prepare_stdlib(data_dir)
+  # A plain split, not tfds's parser, which raises on a malformed name: other
+  # datasets' names then reach tfds.builder unparsed, as they always did.
+  if name.split("/")[0].split(":")[0] in _LOCAL_BUILDERS:
+    builder = _prepare_local(name, data_dir)
   else:
     builder = _prepared_builder(name, data_dir)
   if not is_mocked():  # Mocked builders know no splits; any split works there.

@@ -9,6 +9,10 @@ only onto the same process and worker counts).
 Chunks: chunk i is tokens[i*seq_len : i*seq_len + seq_len + 1] (stride seq_len,
 one token of overlap), so every token but the first is a target exactly once
 per epoch. Documents are joined with EOS and chunks cross document boundaries.
+Tasks "reverse" and "mlm" use only the chunk's first seq_len tokens.
+
+Task "mlm" (BERT's masked LM) draws its masks from a generator that grain seeds
+with (seed, index in the repeated stream), so masks are step-indexed too.
 """
 import hashlib
 import os
@@ -20,7 +24,7 @@ import numpy as np
 
 from bigjax.data import corpora, tokenizer
 
-TASKS = ("lm", "reverse")
+TASKS = ("lm", "reverse", "mlm")
 _READ_BLOCK = 4096  # Examples read per __getitems__ call while tokenising.
 
 
@@ -111,10 +115,15 @@ def unigram_entropy_bits(tokens) -> float:
 
 
 def _num_chunks(tokens, global_batch_size, seq_len, process_index,
-                process_count, task, name) -> int:
+                process_count, task, name, mask_rate) -> int:
   """Validates the arguments; returns how many chunks the tokens hold."""
   if task not in TASKS:
     raise ValueError(f"Unknown task {task!r}; known: {TASKS}.")
+  # Only "mlm" reads it, so other tasks may leave any value there.
+  if task == "mlm" and not 0 < mask_rate < 1:
+    raise ValueError(f"config.data.mask_rate={mask_rate} must be in (0, 1) for "
+                     "task 'mlm': set it to the fraction of tokens to predict "
+                     "(BERT: 0.15).")
   if seq_len <= 0:
     raise ValueError(f"config.seq_len must be positive, got {seq_len}.")
   if global_batch_size <= 0 or global_batch_size % process_count:
@@ -149,6 +158,38 @@ def _read_fn(tokens, seq_len: int, task: str):
   return read
 
 
+def _mlm_example(src, mask_rate: float, rng: np.random.Generator) -> dict:
+  """BERT's recipe on one chunk `src` (int32 ids): each byte position is chosen
+  with probability mask_rate; a chosen one becomes MASK_ID (80%), a uniformly
+  random byte (10%) or stays (10%), so the model cannot tell from the input
+  which unmasked tokens it is graded on. Specials (EOS, ...) are never
+  chosen."""
+  eligible = (src >= tokenizer.OFFSET) & (src < tokenizer.VOCAB_SIZE)
+  draw, kind = rng.random((2, src.size))
+  chosen = eligible & (draw < mask_rate)
+  if not chosen.any() and eligible.any():
+    # An empty row would waste its compute; pick one position instead. (A row
+    # of only specials has none to pick and keeps all-zero weights.)
+    chosen[rng.choice(np.flatnonzero(eligible))] = True
+  inputs = src.copy()
+  inputs[chosen & (kind < 0.8)] = tokenizer.MASK_ID
+  rand = chosen & (kind >= 0.8) & (kind < 0.9)
+  inputs[rand] = rng.integers(tokenizer.OFFSET, tokenizer.VOCAB_SIZE, rand.sum())
+  return {"inputs": inputs, "targets": src, "weights": chosen.astype(np.float32)}
+
+
+def _examples(ds, tokens, seq_len: int, task: str, mask_rate: float, seed: int):
+  """Maps a dataset of chunk indices to examples."""
+  if task != "mlm":
+    return ds.map(_read_fn(tokens, seq_len, task))
+  read = lambda i: np.asarray(tokens[i * seq_len:(i + 1) * seq_len], np.int32)
+  # grain seeds the generator from (seed, index in `ds`), not the chunk id: a
+  # resumed run redraws the same masks, and a chunk's next epoch (a later
+  # index) gets fresh ones.
+  return ds.random_map(lambda i, rng: _mlm_example(read(i), mask_rate, rng),
+                       seed=seed % 2**32)
+
+
 def _per_process(ds, global_batch_size, process_index, process_count):
   # Local batches k*P + p, p = 0..P-1, tile global batch k in process order,
   # so the union of the processes' batches does not depend on P.
@@ -162,21 +203,25 @@ class LMBatches:
   `batch(step)` is a dict of numpy arrays, each [batch_size // P, seq_len]:
   task "lm": inputs, targets (inputs shifted by one), weights;
   task "reverse": encoder_inputs, decoder_inputs ([BOS] + targets[:-1]),
-  targets (encoder_inputs reversed), weights. Each epoch is reshuffled (grain
-  mixes the epoch into the seed); batches run across epoch boundaries.
-  `name` describes the tokens in error messages.
+  targets (encoder_inputs reversed), weights;
+  task "mlm": inputs (the chunk with about mask_rate of its bytes masked),
+  targets (the chunk), weights (1.0 where chosen; at least one per row with a byte in it).
+  Each epoch is reshuffled (grain mixes the epoch into the seed) and remasked;
+  batches run across epoch boundaries. `name` describes the tokens in error
+  messages. `mask_rate` is config.data.mask_rate, read by "mlm" only.
   """
 
   def __init__(self, tokens, *, global_batch_size: int, seq_len: int, seed: int,
                process_index: int = 0, process_count: int = 1,
                shuffle: bool = True, task: str = "lm",
-               name: str = "The token array"):
+               name: str = "The token array", mask_rate: float = 0.15):
     self.num_chunks = _num_chunks(tokens, global_batch_size, seq_len,
-                                  process_index, process_count, task, name)
+                                  process_index, process_count, task, name,
+                                  mask_rate)
     ds = grain.MapDataset.range(self.num_chunks)
     if shuffle:
       ds = ds.shuffle(seed=seed % 2**32)  # grain takes seeds in [0, 2**32).
-    ds = ds.repeat(None).map(_read_fn(tokens, seq_len, task))
+    ds = _examples(ds.repeat(None), tokens, seq_len, task, mask_rate, seed)
     self._ds = _per_process(ds, global_batch_size, process_index, process_count)
     self.local_batch_size = global_batch_size // process_count
     self.steps_per_epoch = self.num_chunks / global_batch_size
@@ -194,13 +239,16 @@ class LMBatches:
 def eval_batches(tokens, *, global_batch_size: int, seq_len: int,
                  num_batches: int, process_index: int = 0,
                  process_count: int = 1, task: str = "lm",
-                 name: str = "The token array") -> list[dict]:
+                 name: str = "The token array",
+                 mask_rate: float = 0.15) -> list[dict]:
   """The first `num_batches` global batches of the unshuffled chunks (this
-  process's part of each), the same every call. A split too short for that
-  many gives as many full batches as it holds; one that holds none raises."""
+  process's part of each), the same every call ("mlm" masks with a fixed
+  seed, so eval losses stay comparable). A split too short for that many gives
+  as many full batches as it holds; one that holds none raises."""
   n = _num_chunks(tokens, global_batch_size, seq_len, process_index,
-                  process_count, task, name)
-  ds = grain.MapDataset.range(n).map(_read_fn(tokens, seq_len, task))
+                  process_count, task, name, mask_rate)
+  ds = _examples(grain.MapDataset.range(n), tokens, seq_len, task, mask_rate,
+                 seed=0)
   ds = _per_process(ds, global_batch_size, process_index, process_count)
   # Whole global batches only: every process must get the same count, or the
   # processes' eval loops would disagree and hang in a collective.

@@ -1,0 +1,150 @@
+"""Start a run from another run's checkpoint (`config.init_from`): fine-tuning.
+
+Only the source's parameters are read: its optimizer state, step and RNG stay
+behind, so the new run may use another optimizer, schedule and learning rate
+(and freeze parameters with optim.freeze). Each parameter of the new model is
+  - copied, when the source has one at the same path and shape;
+  - copied where the two overlap, when they differ only along `vocab` or
+    `classes` dimensions: new vocabulary rows or classes keep their fresh
+    initialisation, and a shrunk table keeps the leading rows;
+  - left at its fresh initialisation, when the source has no parameter at its
+    path (e.g. a new head) or the path matches `init_from.skip` (a regex).
+Any other shape difference is an error naming the parameter. The source is
+opened read-only: nothing in its workdir is touched, even while it still runs.
+
+Only a run's first start reads the source: a resumed run restores its own
+checkpoint, which already holds the fine-tuned parameters.
+"""
+import logging
+import os
+import re
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
+
+from bigjax import optim, steps
+from bigjax.config import ConfigError
+
+RESIZABLE_AXES = ("vocab", "classes")
+
+
+def _fail(problem: str, fix: str):
+  raise ConfigError(f"config.init_from.workdir: {problem} {fix}")
+
+
+def _open(source: str) -> ocp.CheckpointManager:
+  directory = epath.Path(source if "://" in source else os.path.abspath(source))
+  if not (directory / "checkpoints").is_dir():
+    _fail(f"{source} has no checkpoints directory.",
+          "Point it at a finished training run's --workdir.")
+  # read_only: orbax neither saves nor deletes, and it logs a warning for each
+  # option it overrides; ours are already the read-only ones, which are quiet.
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)  # "Given directory is read only": that is the point.
+  try:
+    return ocp.CheckpointManager(
+        directory / "checkpoints", item_handlers=ocp.PyTreeCheckpointHandler(),
+        options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0,
+                                             create=False))
+  finally:
+    logger.setLevel(level)
+
+
+def _plan(name: str, want, have, axes, skip) -> str:
+  """'copy', 'overlap' or 'fresh' for one parameter of the new model."""
+  if have is None or (skip and skip.search(name)):
+    return "fresh"
+  if tuple(have.shape) == tuple(want.shape):
+    return "copy"
+  differing = [i for i, (a, b) in enumerate(zip(have.shape, want.shape)) if a != b]
+  if (len(have.shape) == len(want.shape) and axes
+      and all(axes[i] in RESIZABLE_AXES for i in differing)):
+    return "overlap"
+  raise ConfigError(
+      f"config.init_from: parameter {name} has shape {tuple(have.shape)} in the source "
+      f"checkpoint and {tuple(want.shape)} in this model (logical axes {axes}); only "
+      f"{'/'.join(RESIZABLE_AXES)} dimensions may differ. Match the model config to the "
+      "source run's config.json, or re-initialise it with --config.init_from.skip="
+      f"'{re.escape(name)}'.")
+
+
+def _overlap(fresh: jax.Array, loaded: jax.Array, sharding) -> jax.Array:
+  """`fresh` with its leading block (the overlap of the two shapes) from `loaded`."""
+  def put(f, src):
+    block = tuple(slice(0, min(a, b)) for a, b in zip(f.shape, src.shape))
+    return f.at[block].set(src[block].astype(f.dtype))
+  return jax.jit(put, out_shardings=sharding)(fresh, loaded)
+
+
+def load(config, task: steps.Task, state: steps.TrainState):
+  """Returns (state with the source's parameters put in, a one-line summary)."""
+  cfg = config.init_from
+  skip = re.compile(cfg.skip) if cfg.get("skip") else None
+  manager = _open(cfg.workdir)
+  try:
+    step = manager.latest_step() if cfg.get("step", -1) < 0 else cfg.step
+    if step is None or step not in manager.all_steps():
+      _fail(f"{cfg.workdir} has no finished checkpoint"
+            f"{'' if step is None else f' at step {step}'} (it has "
+            f"{list(manager.all_steps())}).",
+            "Train the source run first, or set init_from.step to one of its steps "
+            "(-1: the latest).")
+    tree = manager.item_metadata(step)
+    tree = dict(getattr(tree, "tree", tree))
+    if "params" not in tree:
+      _fail(f"the checkpoint at step {step} in {cfg.workdir} holds no parameters.",
+            "Point it at a bigjax training run.")
+    source = {optim.path_name(p): leaf for p, leaf in
+              jax.tree_util.tree_flatten_with_path(tree["params"])[0]}
+    wanted = {optim.path_name(p): (leaf, s) for (p, leaf), s in zip(
+        jax.tree_util.tree_flatten_with_path(task.abstract_state.params)[0],
+        jax.tree.leaves(task.state_shardings.params))}
+    plan = {name: _plan(name, want, source.get(name), task.param_axes.get(name), skip)
+            for name, (want, _) in wanted.items()}
+    if not any(p in ("copy", "overlap") for p in plan.values()):
+      _fail(f"the checkpoint in {cfg.workdir} shares no parameter with this model (its "
+            f"parameters look like {sorted(source)[:3]}, this model's like "
+            f"{sorted(wanted)[:3]}).", "Start from a run of the same model family.")
+
+    # Read only the parameters to load: everything else is an orbax placeholder.
+    replicated = NamedSharding(task.mesh, PartitionSpec())
+
+    def target(path, leaf):
+      name = optim.path_name(path[1:]) if optim.path_name(path[:1]) == "params" else None
+      if plan.get(name) == "copy":
+        want, sharding = wanted[name]
+        return jax.ShapeDtypeStruct(want.shape, want.dtype, sharding=sharding)
+      if plan.get(name) == "overlap":  # Source shape, whole on every device.
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated)
+      return ocp.PLACEHOLDER
+
+    item = jax.tree_util.tree_map_with_path(target, tree)
+    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
+  finally:
+    manager.close()
+
+  loaded = {optim.path_name(p): leaf for p, leaf in
+            jax.tree_util.tree_flatten_with_path(restored["params"])[0]
+            if leaf is not ocp.PLACEHOLDER}
+
+  def merge(path, fresh):
+    name = optim.path_name(path)
+    if plan[name] == "copy":
+      return loaded[name]
+    if plan[name] == "overlap":
+      return _overlap(fresh, loaded[name], wanted[name][1])
+    return fresh
+
+  params = jax.tree_util.tree_map_with_path(merge, state.params)
+  def listed(kind: str, what: str) -> str:
+    names = sorted(n for n, p in plan.items() if p == kind)
+    return f"{len(names)} {what}" + (f" ({', '.join(names[:6])})" if kind != "copy" and names
+                                     else "")
+
+  return state.replace(params=params), (
+      f"Initialised from {cfg.workdir} (step {step}): {listed('copy', 'parameters loaded')}, "
+      f"{listed('overlap', 'resized')}, {listed('fresh', 'freshly initialised')}.")

@@ -1,0 +1,154 @@
+"""The classic small models every tutorial starts from: MLP, CNN, linear regression.
+
+They follow the Transformers' conventions, so the same steps, sharding rules and
+checkpoints serve them: every parameter carries logical axis names, and
+`model(inputs, rng=None)` is evaluation (no dropout; BatchNorm normalises with
+its running averages), while `model(inputs, rng=key)` is training (dropout draws
+from the key; BatchNorm normalises by the batch and updates its running averages,
+which live in nnx.BatchStat variables, not parameters).
+
+Outputs are float32 [batch, num_outputs]: class logits, one logit for binary
+classification, or the regression prediction.
+"""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bigjax.models import layers
+
+KINDS = ("mlp", "cnn", "linear")
+INITS = ("lecun", "xavier", "he", "zeros")
+_INITS = {"lecun": nnx.initializers.lecun_normal, "xavier": nnx.initializers.xavier_uniform,
+          "he": nnx.initializers.he_normal, "zeros": lambda: nnx.initializers.zeros_init()}
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooConfig:
+  kind: str = "mlp"
+  num_outputs: int = 10  # Classes; 1 for a binary logit or a regression target.
+  hidden_dims: tuple = (128,)  # mlp: hidden widths; cnn: dense widths after the convs.
+  conv_features: tuple = (32, 64)  # cnn: channels of each 3x3 conv, each then 2x2 pooled.
+  activation: str = "relu"
+  batch_norm: bool = False  # After every hidden layer, before the activation.
+  dropout_rate: float = 0.0  # After every hidden activation.
+  init: str = "he"  # lecun | xavier | he | zeros (zeros: linear regression).
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @classmethod
+  def from_dict(cls, d) -> "ZooConfig":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in dict(d).items() if k in fields}
+    for k in ("hidden_dims", "conv_features"):
+      if k in kwargs:
+        kwargs[k] = tuple(kwargs[k])
+    return cls(**kwargs)
+
+
+class _Hidden(nnx.Module):
+  """Dense -> (BatchNorm) -> activation -> (dropout)."""
+
+  def __init__(self, cfg: ZooConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dense = nnx.Linear(d_in, d_out, use_bias=not cfg.batch_norm,
+                            kernel_init=_INITS[cfg.init](), dtype=cfg.dtype,
+                            param_dtype=cfg.param_dtype, rngs=rngs,
+                            kernel_metadata={"out_sharding": ("embed", "mlp")},
+                            bias_metadata={"out_sharding": ("mlp",)})
+    self.norm = nnx.BatchNorm(d_out, momentum=0.9, dtype=cfg.dtype,
+                              param_dtype=cfg.param_dtype, rngs=rngs,
+                              scale_metadata={"out_sharding": ("mlp",)},
+                              bias_metadata={"out_sharding": ("mlp",)}
+                              ) if cfg.batch_norm else None
+
+  def __call__(self, x, rng):
+    x = self.dense(x)
+    if self.norm is not None:
+      x = self.norm(x, use_running_average=rng is None)
+    return layers.dropout(layers.ACTIVATIONS[self.cfg.activation](x),
+                          self.cfg.dropout_rate, rng)
+
+
+class _Head(nnx.Module):
+  def __init__(self, cfg: ZooConfig, d_in: int, *, rngs: nnx.Rngs):
+    self.dense = nnx.Linear(d_in, cfg.num_outputs, kernel_init=_INITS[cfg.init](),
+                            dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+                            kernel_metadata={"out_sharding": ("mlp", "classes")},
+                            bias_metadata={"out_sharding": ("classes",)})
+
+  def __call__(self, x):
+    return self.dense(x).astype(jnp.float32)
+
+
+def _split(rng, n):
+  return [None] * n if rng is None else list(jax.random.split(rng, n))
+
+
+class MLP(nnx.Module):
+  """Flattens the input features, then hidden layers and a linear head."""
+
+  def __init__(self, cfg: ZooConfig, input_shape: tuple, *, rngs: nnx.Rngs):
+    dims = [math.prod(input_shape)] + list(cfg.hidden_dims)
+    self.hidden = nnx.List([_Hidden(cfg, a, b, rngs=rngs) for a, b in zip(dims, dims[1:])])
+    self.head = _Head(cfg, dims[-1], rngs=rngs)
+
+  def __call__(self, x, rng=None):
+    x = x.reshape(x.shape[0], -1)
+    for layer, r in zip(self.hidden, _split(rng, len(self.hidden))):
+      x = layer(x, r)
+    return self.head(x)
+
+
+class CNN(nnx.Module):
+  """[3x3 conv -> (BatchNorm) -> activation -> 2x2 max pool] per conv_features
+  entry, then the MLP's hidden layers and head. Inputs are [batch, H, W, C]."""
+
+  def __init__(self, cfg: ZooConfig, input_shape: tuple, *, rngs: nnx.Rngs):
+    if len(input_shape) != 3:
+      raise ValueError(f"model.kind='cnn' needs images [H, W, C]; the data's features have "
+                       f"shape {tuple(input_shape)}. Use model.kind='mlp' for flat features.")
+    self.cfg = cfg
+    h, w, c = input_shape
+    self.convs, self.norms = nnx.List(), nnx.List()
+    for features in cfg.conv_features:
+      self.convs.append(nnx.Conv(c, features, (3, 3), padding="SAME",
+                                 use_bias=not cfg.batch_norm, kernel_init=_INITS[cfg.init](),
+                                 dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+                                 kernel_metadata={"out_sharding": (None, None, "embed",
+                                                                   "mlp")},
+                                 bias_metadata={"out_sharding": ("mlp",)}))
+      self.norms.append(nnx.BatchNorm(features, momentum=0.9, dtype=cfg.dtype,
+                                      param_dtype=cfg.param_dtype, rngs=rngs)
+                        if cfg.batch_norm else None)
+      c, h, w = features, h // 2, w // 2
+    self.mlp = MLP(cfg, (h, w, c), rngs=rngs)
+
+  def __call__(self, x, rng=None):
+    for conv, norm in zip(self.convs, self.norms):
+      x = conv(x)
+      if norm is not None:
+        x = norm(x, use_running_average=rng is None)
+      x = nnx.max_pool(layers.ACTIVATIONS[self.cfg.activation](x), (2, 2), (2, 2))
+    return self.mlp(x, rng)
+
+
+class LinearRegression(nnx.Module):
+  """y = x @ kernel + bias: the model whose least-squares optimum is closed-form."""
+
+  def __init__(self, cfg: ZooConfig, input_shape: tuple, *, rngs: nnx.Rngs):
+    self.head = _Head(cfg, math.prod(input_shape), rngs=rngs)
+
+  def __call__(self, x, rng=None):
+    del rng  # Nothing random.
+    return self.head(x.reshape(x.shape[0], -1))
+
+
+def build(cfg: ZooConfig, input_shape: tuple, rngs: nnx.Rngs) -> nnx.Module:
+  """The model for `cfg.kind`; `input_shape` is one example's feature shape."""
+  cls = {"mlp": MLP, "cnn": CNN, "linear": LinearRegression}.get(cfg.kind)
+  if cls is None:
+    raise ValueError(f"model.kind={cfg.kind!r}; choose one of {KINDS}.")
+  return cls(cfg, tuple(input_shape), rngs=rngs)

@@ -1,0 +1,33 @@
+r"""GPT-2-style decoder LM (learned positions, pre-LayerNorm, GELU, tied
+embeddings, dropout 0.1) on the embedded Python-source corpus: pretrain, then
+fine-tune on a held-out subset, then generate.
+
+Pretrain (GPT-2 small size needs an accelerator; `runlocal` takes ~1 minute on CPU):
+  python -m bigjax.main --config=configs/gpt2.py:runlocal --workdir=/tmp/gpt2_pre
+Fine-tune from it on the first half of the held-out `validation` files, evaluated
+on the other half (a fresh optimizer and learning rate; only parameters are read):
+  python -m bigjax.main --config=configs/gpt2.py:finetune,runlocal \
+      --config.init_from.workdir=/tmp/gpt2_pre --workdir=/tmp/gpt2_ft
+Add --config.optim.freeze='^embedder/' to keep the embeddings fixed. Then sample:
+  python -m bigjax.generate --workdir=/tmp/gpt2_ft --prompt="def " --max_new_tokens=64
+"""
+from configs import common, lm
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, finetune=False, runlocal=False)
+  config = lm.get_config("runlocal" if arg.runlocal else None)
+  config.model.update(position="learned", norm="layernorm", mlp_activation="gelu",
+                      gated_mlp=False, tie_embeddings=True, dropout_rate=0.1)
+  if arg.runlocal:
+    config.total_steps = 60
+    config.log_every = config.eval_every = config.checkpoint_every = 30
+  if arg.finetune:
+    # The stdlib corpus holds ~5% of its files out as `validation`; fine-tuning
+    # adapts to the first half of them and is judged on the second half.
+    config.data.train_split = "validation[:50%]"
+    config.data.eval_split = "validation[50%:]"
+    config.total_steps = max(config.total_steps // 4, 10)
+    config.optim.update(lr=config.optim.lr / 3, warmup_steps=0, schedule="linear",
+                        end_lr_factor=0.0)
+  return config

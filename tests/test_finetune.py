@@ -1,0 +1,170 @@
+"""Fine-tuning: config.init_from (partial restore) and optim.freeze (optax mask).
+
+A small source run is trained once; each test starts new runs from it and checks
+the parameters against the source checkpoint itself, read back independently.
+"""
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from bigjax import config as config_lib, init_from, optim, sharding, steps, train
+from bigjax.data import pipeline
+from configs import gpt2, mlp
+
+pytestmark = pytest.mark.slow
+SOURCE_STEPS = 60
+
+
+def _config(data_dir, **model):
+  config = gpt2.get_config("runlocal")
+  config.data.data_dir = data_dir
+  config.total_steps = SOURCE_STEPS
+  config.log_every = config.eval_every = config.checkpoint_every = SOURCE_STEPS
+  config.model.dropout_rate = 0.0
+  config.model.update(model)
+  return config
+
+
+def _checkpoint_params(workdir):
+  """The parameters of a run's latest checkpoint, read with plain orbax."""
+  manager = ocp.CheckpointManager(f"{workdir}/checkpoints",  # Plain orbax, unsharded.
+                                  item_handlers=ocp.PyTreeCheckpointHandler(),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  params = manager.restore(manager.latest_step())["params"]
+  manager.close()
+  return _flat(params)
+
+
+def _flat(tree):
+  return {optim.path_name(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+  base = tmp_path_factory.mktemp("finetune")
+  data_dir = str(base / "data")
+  for split in ("train", "validation[:50%]", "validation[50%:]", "validation"):
+    pipeline.token_array("stdlib_py", split, data_dir)
+  workdir = str(base / "source")
+  train.run(_config(data_dir), workdir)
+  return {"base": base, "data_dir": data_dir, "workdir": workdir,
+          "params": _checkpoint_params(workdir)}
+
+
+def _fresh_and_loaded(config):
+  mesh = sharding.make_mesh(config.mesh)
+  task = steps.make_task(config, mesh)
+  fresh = steps.create_state(task, config.seed)
+  loaded, summary = init_from.load(config, task, steps.create_state(task, config.seed))
+  return _flat(fresh.params), _flat(loaded.params), summary
+
+
+def test_untouched_weights_load_exactly_and_new_vocab_rows_keep_their_init(source):
+  config = _config(source["data_dir"], vocab_size=512)  # 384 -> 512 rows.
+  config.init_from.workdir = source["workdir"]
+  fresh, loaded, summary = _fresh_and_loaded(config)
+  src = source["params"]
+  assert set(loaded) == set(src)
+  table = "embedder/tokens/embedding"
+  for name, value in loaded.items():
+    if name == table:
+      np.testing.assert_array_equal(value[:384], src[name])
+      np.testing.assert_array_equal(value[384:], fresh[name][384:])
+    else:
+      np.testing.assert_array_equal(value, src[name], err_msg=name)
+  assert "1 resized (embedder/tokens/embedding)" in summary, summary
+
+
+def test_skip_reinitialises_and_new_parameters_start_fresh(source):
+  config = _config(source["data_dir"], tie_embeddings=False)  # Adds an output head.
+  config.init_from.workdir = source["workdir"]
+  config.init_from.skip = "^decoder/final_norm/"
+  fresh, loaded, summary = _fresh_and_loaded(config)
+  new = set(loaded) - set(source["params"])
+  assert new == {"embedder/logits_kernel"}, new
+  for name, value in loaded.items():
+    expect = fresh[name] if name in new or name.startswith("decoder/final_norm/") else (
+        source["params"][name])
+    np.testing.assert_array_equal(value, expect, err_msg=name)
+  assert "3 freshly initialised" in summary, summary
+
+
+def test_frozen_parameters_never_change_under_another_optimizer(source):
+  config = _config(source["data_dir"])
+  config.init_from.workdir = source["workdir"]
+  config.total_steps = 6
+  config.log_every = config.eval_every = config.checkpoint_every = 3
+  config.optim.update(name="lion", lr=1e-3, weight_decay=0.1, clip_norm=0.5,
+                   freeze="^(embedder/|decoder/blocks/0/)")
+  workdir = str(source["base"] / "frozen")
+  result = train.run(config, workdir)
+  after = _flat(result.state.params)
+  frozen = [n for n in after if n.startswith(("embedder/", "decoder/blocks/0/"))]
+  trained = [n for n in after if n not in frozen]
+  assert frozen and trained
+  for name in frozen:  # Bit for bit, despite weight decay and clipping.
+    np.testing.assert_array_equal(after[name], source["params"][name], err_msg=name)
+  for name in trained:
+    assert not np.array_equal(after[name], source["params"][name]), name
+  # No optimizer state is kept for frozen parameters.
+  opt_leaves = sum(x.size for x in jax.tree.leaves(result.state.opt_state))
+  trained_size = sum(after[n].size for n in trained)
+  assert opt_leaves < trained_size + 100, (opt_leaves, trained_size)
+
+  # Rerunning resumes the fine-tuned run's own checkpoint, not the source.
+  config.total_steps = 9
+  resumed = train.run(config, workdir)
+  assert int(resumed.state.step) == 9
+  resumed_params = _flat(resumed.state.params)
+  for name in frozen:
+    np.testing.assert_array_equal(resumed_params[name], source["params"][name])
+
+
+def test_finetuning_on_held_out_files_beats_training_from_scratch(source):
+  def run(name, init):
+    config = gpt2.get_config("finetune,runlocal")
+    config.data.data_dir = source["data_dir"]
+    config.model.dropout_rate = 0.0
+    config.init_from.workdir = init
+    config.total_steps = 8
+    config.log_every = config.eval_every = config.checkpoint_every = 8
+    return train.run(config, str(source["base"] / name)).eval_metrics["eval_loss"]
+
+  tuned, scratch = run("tuned", source["workdir"]), run("scratch", "")
+  assert tuned < scratch - 0.5, (tuned, scratch)
+
+
+def test_incompatible_sources_fail_naming_the_parameter(source):
+  config = _config(source["data_dir"], emb_dim=32, num_heads=2)
+  config.init_from.workdir = source["workdir"]
+  with pytest.raises(config_lib.ConfigError, match=r"parameter decoder/.* has shape .* only "
+                     "vocab/classes dimensions may differ.*init_from.skip"):
+    _fresh_and_loaded(config)
+  # A model of another family shares no parameter path with the source.
+  config = mlp.get_config("variant=deep")
+  config.init_from.workdir = source["workdir"]
+  task = steps.make_task(config, sharding.make_mesh(config.mesh), example_shape=(8, 8, 1))
+  with pytest.raises(config_lib.ConfigError, match="shares no parameter"):
+    init_from.load(config, task, steps.create_state(task, 0))
+
+
+def test_bad_init_from_settings_are_config_errors(source, tmp_path):
+  config = _config(source["data_dir"])
+  config.init_from.workdir = str(tmp_path / "nothing")
+  with pytest.raises(config_lib.ConfigError, match="has no checkpoints directory"):
+    _fresh_and_loaded(config)
+  config.init_from.workdir = source["workdir"]
+  config.init_from.step = 7  # Not a saved step.
+  with pytest.raises(config_lib.ConfigError, match="no finished checkpoint at step 7"):
+    _fresh_and_loaded(config)
+  config.init_from.step = -1
+  with pytest.raises(config_lib.ConfigError, match="own --workdir"):
+    config_lib.validate(config, num_devices=8, workdir=source["workdir"])
+  config.optim.freeze = "^nothing_matches/"
+  with pytest.raises(ValueError, match="matches no parameter"):
+    _fresh_and_loaded(config)
+  config.optim.freeze = "."
+  with pytest.raises(ValueError, match="freezes every parameter"):
+    _fresh_and_loaded(config)
