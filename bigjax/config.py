@@ -188,7 +188,8 @@ def _validate_zoo(config):
   for field in ("hidden_dims", "conv_features"):
     values = list(m.get(field, ()))
     if any(not _is_int(v) or v <= 0 for v in values):
-      _fail(f"model.{field}", f"must be positive integers, got {values}.", "E.g. (128, 64).")
+      _fail(f"model.{field}", f"must be positive integers, got {values}.",
+            "Use widths >= 1, e.g. (128, 64).")
   if m.activation not in layers.ACTIVATIONS:
     _fail("model.activation", f"unknown value {m.activation!r}.",
           f"Choose one of {tuple(layers.ACTIVATIONS)}.")

@@ -78,25 +78,21 @@ def load_model(workdir: str):
   if not os.path.isdir(ckpt_dir):
     raise GenerateError(f"No checkpoints in {workdir} ({ckpt_dir} does not exist): train "
                         "first, or wait for the run's first save.")
-  unfinished = [n for n in os.listdir(ckpt_dir) if checkpoint.TMP_MARKER in n]
-  if unfinished:
-    # Opening a Checkpointer removes unfinished saves, which may be a running
-    # training job's save in progress: leave them alone.
-    raise GenerateError(f"{ckpt_dir} holds an unfinished save ({', '.join(unfinished)}): a "
-                        "training run may be writing it. Retry once the save is done (an "
-                        "interrupted save is cleaned up when training resumes).")
+  if config.get("task", "lm") not in ("lm", "reverse"):
+    raise GenerateError(f"{workdir} trained task={config.task!r}; generation needs a language "
+                        "model (task 'lm', or 'reverse' for an encoder-decoder).")
   task = steps.make_task(config, _mesh(config))
-  ckpt = checkpoint.Checkpointer(workdir, save_every=max(1, int(config.checkpoint_every)),
-                                 keep=int(config.get("keep_checkpoints", 3)), async_save=False)
+  # Read-only: a training run may still be writing (its unfinished save is not
+  # listed), and the optimizer state is never read.
+  reader = checkpoint.CheckpointReader(workdir)
   try:
-    if ckpt.latest_step() is None:
+    if reader.latest_step() is None:
       raise GenerateError(f"No finished checkpoint in {ckpt_dir}: train first, or wait for "
                           "the run's first save.")
-    # Only the parameters are used; the Checkpointer restores the whole train state.
-    state = ckpt.restore(task.abstract_state, task.state_shardings)
+    params, _ = reader.restore_params(task.abstract_state, task.state_shardings)
   finally:
-    ckpt.close()
-  return config, task, task.model(state.params)
+    reader.close()
+  return config, task, task.model(params)
 
 
 def run(workdir: str, prompt: str, *, max_new_tokens: int, temperature: float = 0.0,

@@ -15,16 +15,12 @@ opened read-only: nothing in its workdir is touched, even while it still runs.
 Only a run's first start reads the source: a resumed run restores its own
 checkpoint, which already holds the fine-tuned parameters.
 """
-import logging
-import os
 import re
 
 import jax
-import orbax.checkpoint as ocp
-from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bigjax import optim, steps
+from bigjax import checkpoint, optim, steps
 from bigjax.config import ConfigError
 
 RESIZABLE_AXES = ("vocab", "classes")
@@ -32,25 +28,6 @@ RESIZABLE_AXES = ("vocab", "classes")
 
 def _fail(problem: str, fix: str):
   raise ConfigError(f"config.init_from.workdir: {problem} {fix}")
-
-
-def _open(source: str) -> ocp.CheckpointManager:
-  directory = epath.Path(source if "://" in source else os.path.abspath(source))
-  if not (directory / "checkpoints").is_dir():
-    _fail(f"{source} has no checkpoints directory.",
-          "Point it at a finished training run's --workdir.")
-  # read_only: orbax neither saves nor deletes, and it logs a warning for each
-  # option it overrides; ours are already the read-only ones, which are quiet.
-  logger = logging.getLogger("absl")
-  level = logger.level
-  logger.setLevel(logging.ERROR)  # "Given directory is read only": that is the point.
-  try:
-    return ocp.CheckpointManager(
-        directory / "checkpoints", item_handlers=ocp.PyTreeCheckpointHandler(),
-        options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0,
-                                             create=False))
-  finally:
-    logger.setLevel(level)
 
 
 def _plan(name: str, want, have, axes, skip) -> str:
@@ -83,17 +60,18 @@ def load(config, task: steps.Task, state: steps.TrainState):
   """Returns (state with the source's parameters put in, a one-line summary)."""
   cfg = config.init_from
   skip = re.compile(cfg.skip) if cfg.get("skip") else None
-  manager = _open(cfg.workdir)
   try:
-    step = manager.latest_step() if cfg.get("step", -1) < 0 else cfg.step
-    if step is None or step not in manager.all_steps():
+    reader = checkpoint.CheckpointReader(cfg.workdir)
+  except FileNotFoundError as e:
+    _fail(str(e), "Point it at a finished training run's --workdir.")
+  try:
+    step = reader.latest_step() if cfg.get("step", -1) < 0 else cfg.step
+    if step is None or step not in reader.all_steps():
       _fail(f"{cfg.workdir} has no finished checkpoint"
-            f"{'' if step is None else f' at step {step}'} (it has "
-            f"{list(manager.all_steps())}).",
+            f"{'' if step is None else f' at step {step}'} (it has {reader.all_steps()}).",
             "Train the source run first, or set init_from.step to one of its steps "
             "(-1: the latest).")
-    tree = manager.item_metadata(step)
-    tree = dict(getattr(tree, "tree", tree))
+    tree = reader.metadata(step)
     if "params" not in tree:
       _fail(f"the checkpoint at step {step} in {cfg.workdir} holds no parameters.",
             "Point it at a bigjax training run.")
@@ -108,43 +86,37 @@ def load(config, task: steps.Task, state: steps.TrainState):
       _fail(f"the checkpoint in {cfg.workdir} shares no parameter with this model (its "
             f"parameters look like {sorted(source)[:3]}, this model's like "
             f"{sorted(wanted)[:3]}).", "Start from a run of the same model family.")
-
-    # Read only the parameters to load: everything else is an orbax placeholder.
+    # Copies land on this run's shardings; resized ones come whole (source
+    # shape, replicated) and are cut into place below.
     replicated = NamedSharding(task.mesh, PartitionSpec())
-
-    def target(path, leaf):
-      name = optim.path_name(path[1:]) if optim.path_name(path[:1]) == "params" else None
-      if plan.get(name) == "copy":
-        want, sharding = wanted[name]
-        return jax.ShapeDtypeStruct(want.shape, want.dtype, sharding=sharding)
-      if plan.get(name) == "overlap":  # Source shape, whole on every device.
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated)
-      return ocp.PLACEHOLDER
-
-    item = jax.tree_util.tree_map_with_path(target, tree)
-    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
+    targets = {}
+    for name, kind in plan.items():
+      want, sharding = wanted[name]
+      if kind == "copy":
+        targets["params/" + name] = jax.ShapeDtypeStruct(want.shape, want.dtype,
+                                                         sharding=sharding)
+      elif kind == "overlap":
+        have = source[name]
+        targets["params/" + name] = jax.ShapeDtypeStruct(have.shape, have.dtype,
+                                                         sharding=replicated)
+    loaded = reader.restore(step, targets)
   finally:
-    manager.close()
-
-  loaded = {optim.path_name(p): leaf for p, leaf in
-            jax.tree_util.tree_flatten_with_path(restored["params"])[0]
-            if leaf is not ocp.PLACEHOLDER}
+    reader.close()
 
   def merge(path, fresh):
     name = optim.path_name(path)
     if plan[name] == "copy":
-      return loaded[name]
+      return loaded["params/" + name]
     if plan[name] == "overlap":
-      return _overlap(fresh, loaded[name], wanted[name][1])
+      return _overlap(fresh, loaded["params/" + name], wanted[name][1])
     return fresh
 
-  params = jax.tree_util.tree_map_with_path(merge, state.params)
   def listed(kind: str, what: str) -> str:
     names = sorted(n for n, p in plan.items() if p == kind)
     return f"{len(names)} {what}" + (f" ({', '.join(names[:6])})" if kind != "copy" and names
                                      else "")
 
+  params = jax.tree_util.tree_map_with_path(merge, state.params)
   return state.replace(params=params), (
       f"Initialised from {cfg.workdir} (step {step}): {listed('copy', 'parameters loaded')}, "
       f"{listed('overlap', 'resized')}, {listed('fresh', 'freshly initialised')}.")

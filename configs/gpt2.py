@@ -2,7 +2,8 @@ r"""GPT-2-style decoder LM (learned positions, pre-LayerNorm, GELU, tied
 embeddings, dropout 0.1) on the embedded Python-source corpus: pretrain, then
 fine-tune on a held-out subset, then generate.
 
-Pretrain (GPT-2 small size needs an accelerator; `runlocal` takes ~1 minute on CPU):
+Pretrain (GPT-2 small size needs an accelerator; `runlocal` takes ~15 s on CPU,
+`demo`, 4 x 256 with 128-byte windows, ~4 minutes):
   python -m bigjax.main --config=configs/gpt2.py:runlocal --workdir=/tmp/gpt2_pre
 Fine-tune from it on the first half of the held-out `validation` files, evaluated
 on the other half (a fresh optimizer and learning rate; only parameters are read):
@@ -15,8 +16,8 @@ from configs import common, lm
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, finetune=False, runlocal=False)
-  config = lm.get_config("runlocal" if arg.runlocal else None)
+  arg = common.parse_arg(arg, finetune=False, runlocal=False, demo=False)
+  config = lm.get_config(",".join(k for k in ("runlocal", "demo") if arg[k]))
   config.model.update(position="learned", norm="layernorm", mlp_activation="gelu",
                       gated_mlp=False, tie_embeddings=True, dropout_rate=0.1)
   if arg.runlocal:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from bigjax import checkpoint, config as config_lib, sharding, steps
-from configs import lm, lm_moe
+from configs import bert, cnn, gpt2, linear_regression, lm, lm_moe, mlp, t5
 
 FIX_WORDS = ("use", "choose", "set", "change", "raise", "lower", "make", "pick", "add",
              "start", "write", "fix")
@@ -42,6 +42,24 @@ def _delete(key):
 def _with(**overrides):
   def make():
     c = lm.get_config("runlocal")
+    for k, v in overrides.items():
+      _set(c, k.replace("__", "."), v)
+    return c
+  return make
+
+
+def _set_ret(config, key, value):
+  _set(config, key, value)
+  return config
+
+
+def _set_in(get_config, arg, key, value):
+  return lambda: _set_ret(get_config(arg), key, value)
+
+
+def _zoo(module=mlp, arg="variant=deep", **overrides):
+  def make():
+    c = module.get_config(arg)
     for k, v in overrides.items():
       _set(c, k.replace("__", "."), v)
     return c
@@ -154,6 +172,29 @@ CASES = [
     (_with(sharding_rules=[["vocab", "tensor"], ["embed", "fsdp"]]), "sharding_rules"),
     (_with(sharding_rules=[["batch", ["data", "model"]]]), "sharding_rules[0]"),
     (_with(sharding_rules=[["batch"]]), "sharding_rules[0]"),
+    # Tasks and the model kinds that train on them.
+    (_with(task="translate"), "task"),
+    (_with(task="mlm"), "model.kind"),  # a decoder cannot do masked-LM
+    (_with(task="classify"), "model.kind"),
+    (_zoo(task="lm"), "model.kind"),
+    (_zoo(model__kind="resnet"), "model.kind"),
+    (_set_in(bert.get_config, "runlocal", "model.vocab_size", 259),
+     "model.vocab_size"),  # no id left for [MASK]
+    (_set_in(bert.get_config, "runlocal", "data.mask_rate", 1.0), "data.mask_rate"),
+    # Zoo models.
+    (_zoo(model__num_outputs=0), "model.num_outputs"),
+    (_zoo(model__hidden_dims=(64, 0)), "model.hidden_dims"),
+    (_zoo(model__activation="tanh2"), "model.activation"),
+    (_zoo(model__init="orthogonal"), "model.init"),
+    (_zoo(model__dropout_rate=1.0), "model.dropout_rate"),
+    (_zoo(mlp, "variant=binary", model__num_outputs=2), "model.num_outputs"),
+    (_zoo(linear_regression, "", model__hidden_dims=(8,)), "model.hidden_dims"),
+    (_zoo(data__feature_key=""), "data.feature_key"),
+    (_zoo(mesh__data=1, mesh__tensor=8, model__hidden_dims=(100,)), "model.hidden_dims"),
+    # Fine-tuning.
+    (_with(init_from__step=-2), "init_from.step"),
+    (_with(init_from__skip="(unclosed"), "init_from.skip"),
+    (_with(optim__freeze="[bad"), "optim.freeze"),
 ]
 CASES = [c if len(c) == 4 else (*c, 8, 1) for c in CASES]
 
@@ -176,8 +217,18 @@ def test_there_are_at_least_50_distinct_cases():
 def test_good_configs_pass():
   for config, n in ((lm.get_config("runlocal"), 8), (lm.get_config("runlocal"), 1),
                     (lm.get_config("demo"), 8), (lm.get_config(), 8),
-                    (lm_moe.get_config("runlocal"), 8), (lm_moe.get_config("runlocal,encdec"), 8)):
+                    (lm_moe.get_config("runlocal"), 8), (lm_moe.get_config("runlocal,encdec"), 8),
+                    *((c, n) for c in _every_zoo_config() for n in (8, 1))):
     config_lib.validate(config, num_devices=n)
+
+
+def _every_zoo_config():
+  for module, args in ((mlp, ("variant=binary", "variant=deep", "variant=deep,runlocal")),
+                       (cnn, ("", "mnist", "runlocal")), (linear_regression, ("", "runlocal")),
+                       (gpt2, ("", "runlocal", "finetune,runlocal")), (t5, ("", "runlocal")),
+                       (bert, ("", "runlocal"))):
+    for arg in args:
+      yield module.get_config(arg)
 
 
 # Workdir.

@@ -316,9 +316,14 @@ def test_generate_cli_end_to_end(tmp_path):
   assert train.returncode == 0, train.stderr[-3000:]
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["total_steps"] == 2
+  # A save still being written (e.g. by a run that continues training) is neither
+  # read nor touched: generation reads the checkpoints read-only.
+  in_flight = os.path.join(workdir, "checkpoints", "4.orbax-checkpoint-tmp-123")
+  os.makedirs(in_flight)
   for devices, flags in ((1, ["--temperature=1.0", "--top_k=50", "--top_p=0.95", "--seed=1"]),
                          (8, ["--beam_size=3", "--length_penalty=0.6"])):
     r = _generate_cli(f"--workdir={workdir}", "--prompt=def ", "--max_new_tokens=8", *flags,
                       devices=devices)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.endswith("\n") and "Traceback" not in r.stderr
+  assert os.path.isdir(in_flight)

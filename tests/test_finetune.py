@@ -8,8 +8,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bigjax import config as config_lib, init_from, optim, sharding, steps, train
-from bigjax.data import pipeline
+from bigjax import (config as config_lib, decode, generate, init_from, optim, sharding, steps,
+                    train)
+from bigjax.data import pipeline, tokenizer
 from configs import gpt2, mlp
 
 pytestmark = pytest.mark.slow
@@ -130,10 +131,18 @@ def test_finetuning_on_held_out_files_beats_training_from_scratch(source):
     config.init_from.workdir = init
     config.total_steps = 8
     config.log_every = config.eval_every = config.checkpoint_every = 8
-    return train.run(config, str(source["base"] / name)).eval_metrics["eval_loss"]
+    return train.run(config, str(source["base"] / name))
 
   tuned, scratch = run("tuned", source["workdir"]), run("scratch", "")
-  assert tuned < scratch - 0.5, (tuned, scratch)
+  losses = tuned.eval_metrics["eval_loss"], scratch.eval_metrics["eval_loss"]
+  assert losses[0] < losses[1] - 0.5, losses
+
+  # Then generate from the fine-tuned run's workdir: the CLI's path (config.json
+  # and a read-only restore) gives what the in-memory model gives.
+  text = generate.run(str(source["base"] / "tuned"), "def ", max_new_tokens=12)
+  ids = decode.generate(tuned.task.model(tuned.state.params), [list(tokenizer.encode("def "))],
+                        max_new_tokens=12, max_len=32, eos_id=tokenizer.EOS_ID)[0]
+  assert text == tokenizer.decode(ids) and text
 
 
 def test_incompatible_sources_fail_naming_the_parameter(source):

@@ -57,12 +57,7 @@ def standardize(x_train, *others):
 
 def _num_examples(x, y, global_batch_size, process_index, process_count, name):
   """Validates the arguments; returns how many examples there are."""
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(
-        f"config.batch_size={global_batch_size} must be a positive multiple of "
-        f"the process count {process_count}: set batch_size to a multiple of it.")
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
+  pipeline.check_batch_split(global_batch_size, process_index, process_count)
   if len(x) != len(y):
     raise ValueError(f"{name}: {len(x)} feature rows but {len(y)} labels.")
   if len(x) == 0:
@@ -95,7 +90,7 @@ class ExampleBatches:
     ds = grain.MapDataset.range(n)
     if shuffle:
       ds = ds.shuffle(seed=seed % 2**32)  # grain takes seeds in [0, 2**32).
-    ds = pipeline._per_process(ds.repeat(None), global_batch_size,
+    ds = pipeline.per_process(ds.repeat(None), global_batch_size,
                                process_index, process_count)
     self._ds = ds.map(_gather(x, y))
     self.num_examples = n
@@ -123,7 +118,7 @@ def eval_batches(x, y, *, global_batch_size: int, process_index: int = 0,
   num_batches = -(-n // global_batch_size)
   idx = np.arange(num_batches * global_batch_size)
   weights = (idx < n).astype(np.float32)
-  # Global batch b's rows [p*L, (p+1)*L) go to process p, as pipeline._per_process.
+  # Global batch b's rows [p*L, (p+1)*L) go to process p, as pipeline.per_process.
   local = lambda a: a.reshape(num_batches, process_count, -1)[:, process_index]
   idx, weights = local(np.where(idx < n, idx, 0)), local(weights)
   return [{**_gather(x, y)(i), "weights": w} for i, w in zip(idx, weights)]

@@ -114,6 +114,16 @@ def unigram_entropy_bits(tokens) -> float:
   return float(-(p * np.log2(p)).sum())
 
 
+def check_batch_split(global_batch_size: int, process_index: int, process_count: int):
+  """Every process must get an equal, non-empty share of each global batch."""
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(
+        f"config.batch_size={global_batch_size} must be a positive multiple of "
+        f"the process count {process_count}: set batch_size to a multiple of it.")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
+
+
 def _num_chunks(tokens, global_batch_size, seq_len, process_index,
                 process_count, task, name, mask_rate) -> int:
   """Validates the arguments; returns how many chunks the tokens hold."""
@@ -126,12 +136,7 @@ def _num_chunks(tokens, global_batch_size, seq_len, process_index,
                      "(BERT: 0.15).")
   if seq_len <= 0:
     raise ValueError(f"config.seq_len must be positive, got {seq_len}.")
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(
-        f"config.batch_size={global_batch_size} must be a positive multiple of "
-        f"the process count {process_count}: set batch_size to a multiple of it.")
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
+  check_batch_split(global_batch_size, process_index, process_count)
   n = len(tokens)
   if n == 0:
     raise ValueError(f"{name} is empty: it holds no tokens.")
@@ -190,7 +195,8 @@ def _examples(ds, tokens, seq_len: int, task: str, mask_rate: float, seed: int):
                        seed=seed % 2**32)
 
 
-def _per_process(ds, global_batch_size, process_index, process_count):
+def per_process(ds, global_batch_size, process_index, process_count):
+  """This process's batches of `ds`."""
   # Local batches k*P + p, p = 0..P-1, tile global batch k in process order,
   # so the union of the processes' batches does not depend on P.
   ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
@@ -222,7 +228,7 @@ class LMBatches:
     if shuffle:
       ds = ds.shuffle(seed=seed % 2**32)  # grain takes seeds in [0, 2**32).
     ds = _examples(ds.repeat(None), tokens, seq_len, task, mask_rate, seed)
-    self._ds = _per_process(ds, global_batch_size, process_index, process_count)
+    self._ds = per_process(ds, global_batch_size, process_index, process_count)
     self.local_batch_size = global_batch_size // process_count
     self.steps_per_epoch = self.num_chunks / global_batch_size
 
@@ -249,7 +255,7 @@ def eval_batches(tokens, *, global_batch_size: int, seq_len: int,
                   process_count, task, name, mask_rate)
   ds = _examples(grain.MapDataset.range(n), tokens, seq_len, task, mask_rate,
                  seed=0)
-  ds = _per_process(ds, global_batch_size, process_index, process_count)
+  ds = per_process(ds, global_batch_size, process_index, process_count)
   # Whole global batches only: every process must get the same count, or the
   # processes' eval loops would disagree and hang in a collective.
   return [ds[i] for i in range(min(num_batches, n // global_batch_size))]

@@ -48,6 +48,14 @@ class ZooConfig:
     return cls(**kwargs)
 
 
+def _batch_norm(cfg: ZooConfig, features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
+  # Statistics (nnx.BatchStat) are averaged over the global batch: under jit the
+  # mean of a batch-sharded array is the mean over all devices' rows.
+  return nnx.BatchNorm(features, momentum=0.9, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                       rngs=rngs, scale_metadata={"out_sharding": ("mlp",)},
+                       bias_metadata={"out_sharding": ("mlp",)})
+
+
 class _Hidden(nnx.Module):
   """Dense -> (BatchNorm) -> activation -> (dropout)."""
 
@@ -58,11 +66,7 @@ class _Hidden(nnx.Module):
                             param_dtype=cfg.param_dtype, rngs=rngs,
                             kernel_metadata={"out_sharding": ("embed", "mlp")},
                             bias_metadata={"out_sharding": ("mlp",)})
-    self.norm = nnx.BatchNorm(d_out, momentum=0.9, dtype=cfg.dtype,
-                              param_dtype=cfg.param_dtype, rngs=rngs,
-                              scale_metadata={"out_sharding": ("mlp",)},
-                              bias_metadata={"out_sharding": ("mlp",)}
-                              ) if cfg.batch_norm else None
+    self.norm = _batch_norm(cfg, d_out, rngs) if cfg.batch_norm else None
 
   def __call__(self, x, rng):
     x = self.dense(x)
@@ -117,12 +121,9 @@ class CNN(nnx.Module):
       self.convs.append(nnx.Conv(c, features, (3, 3), padding="SAME",
                                  use_bias=not cfg.batch_norm, kernel_init=_INITS[cfg.init](),
                                  dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
-                                 kernel_metadata={"out_sharding": (None, None, "embed",
-                                                                   "mlp")},
+                                 kernel_metadata={"out_sharding": (None, None, None, "mlp")},
                                  bias_metadata={"out_sharding": ("mlp",)}))
-      self.norms.append(nnx.BatchNorm(features, momentum=0.9, dtype=cfg.dtype,
-                                      param_dtype=cfg.param_dtype, rngs=rngs)
-                        if cfg.batch_norm else None)
+      self.norms.append(_batch_norm(cfg, features, rngs) if cfg.batch_norm else None)
       c, h, w = features, h // 2, w // 2
     self.mlp = MLP(cfg, (h, w, c), rngs=rngs)
 

@@ -1,0 +1,148 @@
+"""The model zoo: each config trains through the same loop on real shipped data
+and reaches its stated number, checked against an independent reference where
+one exists (numpy least squares, sklearn's arrays, a chance baseline)."""
+import jax
+import numpy as np
+import pytest
+import sklearn.datasets
+import tensorflow_datasets as tfds
+
+from bigjax import sharding, steps, train
+from bigjax.data import examples, pipeline, tokenizer
+from configs import cnn, linear_regression, mlp, t5
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("zoo_data"))
+
+
+def _run(config, data_dir, workdir):
+  config.data.data_dir = data_dir
+  return train.run(config, str(workdir))
+
+
+def test_linear_regression_sgd_matches_closed_form_least_squares(data_dir, tmp_path):
+  result = _run(linear_regression.get_config(), data_dir, tmp_path)
+  head = jax.device_get(result.state.params)["head"]["dense"]
+  slope, intercept = float(head["kernel"][0, 0]), float(head["bias"][0])
+
+  # numpy on sklearn's own arrays: BMI (column 2), the i % 5 == 0 rows held out.
+  x, y = sklearn.datasets.load_diabetes(return_X_y=True)
+  train_rows = np.arange(len(x)) % 5 != 0
+  bmi = x[train_rows, 2]
+  z = (bmi - bmi.mean()) / bmi.std()
+  (ls_slope, ls_intercept), *_ = np.linalg.lstsq(np.c_[z, np.ones_like(z)], y[train_rows],
+                                                 rcond=None)
+  np.testing.assert_allclose([slope, intercept], [ls_slope, ls_intercept], rtol=1e-3)
+  # The eval loss is the held-out mean squared error of that line.
+  z_test = (x[~train_rows, 2] - bmi.mean()) / bmi.std()
+  mse = np.mean((ls_slope * z_test + ls_intercept - y[~train_rows]) ** 2)
+  np.testing.assert_allclose(result.eval_metrics["eval_loss"], mse, rtol=2e-3)
+
+
+@pytest.mark.parametrize("module, arg, accuracy", [
+    (mlp, "variant=binary", 0.95),  # Breast cancer, sigmoid BCE; ~97%.
+    (mlp, "variant=deep", 0.96),  # Digits, BatchNorm + dropout; ~99%.
+    (cnn, "", 0.97),  # Digits; ~99%.
+])
+def test_classifiers_reach_their_stated_test_accuracy(data_dir, tmp_path, module, arg,
+                                                      accuracy):
+  result = _run(module.get_config(arg), data_dir, tmp_path)
+  assert result.eval_metrics["eval_accuracy"] >= accuracy, result.eval_metrics
+
+
+def test_batchnorm_statistics_train_resume_and_serve_eval(data_dir, tmp_path):
+  config = mlp.get_config("variant=deep,runlocal")
+  config.total_steps = 20
+  config.checkpoint_every = 10
+  straight = _run(config.copy_and_resolve_references(), data_dir, tmp_path / "a")
+  stats = jax.device_get(straight.state.model_state)
+  means = stats["hidden"][0]["norm"]["mean"]
+  assert np.abs(means).max() > 1e-3  # Running averages moved off their zero init.
+
+  # Ten steps, then a rerun to twenty: the same parameters and statistics, bit for bit.
+  short = config.copy_and_resolve_references()
+  short.total_steps = 10
+  _run(short, data_dir, tmp_path / "b")
+  resumed = _run(config, data_dir, tmp_path / "b")
+  for a, b in zip(jax.tree.leaves(jax.device_get(straight.state)),
+                  jax.tree.leaves(jax.device_get(resumed.state))):
+    np.testing.assert_array_equal(a, b)
+
+  # Evaluation normalises with the running averages: a row's output does not
+  # depend on which other rows share its batch.
+  task = straight.task
+  x, _ = examples.load_split("sklearn_toy/digits", "test", data_dir)
+  model = task.model(jax.device_get(straight.state.params), stats)
+  together = np.asarray(model(x[:16]))
+  alone = np.concatenate([np.asarray(model(x[i:i + 1])) for i in range(16)])
+  np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_batchnorm_training_equals_one_device(data_dir):
+  """data=4 x tensor=2 over 8 devices: BatchNorm's batch statistics are taken over
+  the global batch, so parameters and running averages match one device's."""
+  config = mlp.get_config("variant=deep")
+  config.model.dropout_rate = 0.0
+  x, y = examples.load_split("sklearn_toy/digits", "train", data_dir)
+  data = examples.ExampleBatches(x, y, global_batch_size=64, seed=0)
+  states = []
+  for mesh_cfg, devices in ((dict(data=4, tensor=2), jax.devices()),
+                            (dict(data=1), jax.devices()[:1])):
+    task = steps.make_task(config, sharding.make_mesh(mesh_cfg, devices), x.shape[1:])
+    state, train_step = steps.create_state(task, 0), steps.make_train_step(task)
+    for step in range(5):
+      state, _ = train_step(state, data.batch(step))
+    states.append(jax.device_get((state.params, state.model_state)))
+  for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_cnn_trains_on_mnist_where_prepared(tmp_path):
+  config = cnn.get_config("mnist,runlocal")
+  config.total_steps = 4
+  config.batch_size = 16
+  config.log_every = config.eval_every = config.checkpoint_every = 4
+  with tfds.testing.mock_data(num_examples=64):
+    result = train.run(config, str(tmp_path))
+  assert np.isfinite(result.eval_metrics["eval_loss"])
+  assert result.task.abstract_state.params["mlp"]["hidden"][0]["dense"]["kernel"].shape == (
+      7 * 7 * 64, 128)  # 28x28 pooled twice, 64 channels.
+
+
+def test_t5_style_encoder_decoder_learns_to_reverse_corpus_chunks(data_dir, tmp_path):
+  result = _run(t5.get_config("runlocal"), data_dir, tmp_path)
+  # A model blind to the input can do no better than the most common byte.
+  tokens = np.asarray(pipeline.token_array("stdlib_py", "validation", data_dir)[:100_000])
+  chance = np.bincount(tokens).max() / tokens.size
+  assert chance < 0.3
+  assert result.eval_metrics["eval_accuracy"] > 0.7, result.eval_metrics
+
+
+def test_bert_style_encoder_reads_the_right_context_to_fill_masks():
+  """A corpus of random letters, each written twice ("qqbbkk..."): a masked
+  first copy is known only from the letter to its right, so a model reading the
+  left context alone is at chance (1/16) on first copies."""
+  from configs import bert
+
+  config = bert.get_config("runlocal")
+  config.update(seq_len=32, batch_size=32, total_steps=500)
+  config.optim.warmup_steps = 50
+  letters = np.random.default_rng(0).integers(0, 16, 32_000)
+  tokens = np.repeat(tokenizer.encode(b"abcdefghijklmnop")[letters], 2).astype(np.uint16)
+  task = steps.make_task(config, sharding.make_mesh(config.mesh))
+  state = steps.create_state(task, 0)
+  train_step, eval_step = steps.make_train_step(task), steps.make_eval_step(task)
+  data = pipeline.LMBatches(tokens, global_batch_size=32, seq_len=32, seed=0, task="mlm")
+  for step in range(config.total_steps):
+    state, _ = train_step(state, data.batch(step))
+  masked = pipeline.eval_batches(tokens, global_batch_size=32, seq_len=32, num_batches=8,
+                                 task="mlm")
+  for batch in masked:
+    batch["weights"][:, 1::2] = 0  # Grade first copies only.
+  sums = [jax.device_get(eval_step(state.params, state.model_state, b)) for b in masked]
+  accuracy = sum(s["correct_sum"] for s in sums) / sum(s["weight_sum"] for s in sums)
+  assert accuracy > 0.3, accuracy  # ~0.5 after 500 steps; chance is 0.0625.
