@@ -12,6 +12,8 @@ behind, so the new run may use another optimizer, schedule and learning rate
 Any other shape difference is an error naming the parameter. The source is
 opened read-only: nothing in its workdir is touched, even while it still runs.
 
+BatchNorm running averages (model_state) come along where the source has them
+at the same path and shape: they belong to the parameters they normalise for.
 Only a run's first start reads the source: a resumed run restores its own
 checkpoint, which already holds the fine-tuned parameters.
 """
@@ -99,6 +101,17 @@ def load(config, task: steps.Task, state: steps.TrainState):
         have = source[name]
         targets["params/" + name] = jax.ShapeDtypeStruct(have.shape, have.dtype,
                                                          sharding=replicated)
+    saved_stats = {optim.path_name(p): leaf for p, leaf in
+                   jax.tree_util.tree_flatten_with_path(tree.get("model_state", {}))[0]}
+    for (path, want), sharding in zip(
+        jax.tree_util.tree_flatten_with_path(task.abstract_state.model_state)[0],
+        jax.tree.leaves(task.state_shardings.model_state)):
+      name = optim.path_name(path)
+      have = saved_stats.get(name)
+      if have is not None and tuple(have.shape) == want.shape and plan.get(
+          name.rsplit("/", 1)[0] + "/scale") != "fresh":
+        targets["model_state/" + name] = jax.ShapeDtypeStruct(want.shape, want.dtype,
+                                                              sharding=sharding)
     loaded = reader.restore(step, targets)
   finally:
     reader.close()
@@ -117,6 +130,9 @@ def load(config, task: steps.Task, state: steps.TrainState):
                                      else "")
 
   params = jax.tree_util.tree_map_with_path(merge, state.params)
-  return state.replace(params=params), (
+  model_state = jax.tree_util.tree_map_with_path(
+      lambda path, fresh: loaded.get("model_state/" + optim.path_name(path), fresh),
+      state.model_state)
+  return state.replace(params=params, model_state=model_state), (
       f"Initialised from {cfg.workdir} (step {step}): {listed('copy', 'parameters loaded')}, "
       f"{listed('overlap', 'resized')}, {listed('fresh', 'freshly initialised')}.")

@@ -21,8 +21,9 @@ def get_config(arg=None):
   config.data.mask_rate = 0.15
   config.model.update(kind="encoder", position="rotary", norm="layernorm",
                       mlp_activation="gelu", dropout_rate=0.1)
+  if arg.runlocal or arg.demo:
+    config.model.dropout_rate = 0.0  # Minutes of training on a large corpus: no overfitting.
   if arg.runlocal:
-    config.model.dropout_rate = 0.0
     config.total_steps = 150
     config.log_every = config.eval_every = config.checkpoint_every = 50
   return config

@@ -20,6 +20,8 @@ def get_config(arg=None):
   config = lm.get_config(",".join(k for k in ("runlocal", "demo") if arg[k]))
   config.model.update(position="learned", norm="layernorm", mlp_activation="gelu",
                       gated_mlp=False, tie_embeddings=True, dropout_rate=0.1)
+  if arg.runlocal or arg.demo:
+    config.model.dropout_rate = 0.0  # Minutes of training on a large corpus: no overfitting.
   if arg.runlocal:
     config.total_steps = 60
     config.log_every = config.eval_every = config.checkpoint_every = 30

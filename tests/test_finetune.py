@@ -177,3 +177,36 @@ def test_bad_init_from_settings_are_config_errors(source, tmp_path):
   config.optim.freeze = "."
   with pytest.raises(ValueError, match="freezes every parameter"):
     _fresh_and_loaded(config)
+
+
+def test_new_classification_head_and_batchnorm_statistics(tmp_path):
+  """A digits MLP fine-tuned with two more classes: hidden layers and BatchNorm
+  running averages load exactly; the head keeps the source's ten class columns and
+  fresh ones for the two new classes."""
+  source = mlp.get_config("variant=deep,runlocal")
+  source.data.data_dir = str(tmp_path / "data")
+  source.total_steps = source.checkpoint_every = 10
+  result = train.run(source, str(tmp_path / "source"))
+  src_params = _flat(result.state.params)
+  src_stats = _flat(result.state.model_state)
+
+  config = mlp.get_config("variant=deep,runlocal")
+  config.model.num_outputs = 12
+  config.init_from.workdir = str(tmp_path / "source")
+  task = steps.make_task(config, sharding.make_mesh(config.mesh), example_shape=(8, 8, 1))
+  fresh = steps.create_state(task, 0)
+  loaded, summary = init_from.load(config, task, steps.create_state(task, 0))
+  params, stats = _flat(loaded.params), _flat(loaded.model_state)
+  head_kernel, head_bias = "head/dense/kernel", "head/dense/bias"
+  assert params[head_kernel].shape == (128, 12)
+  np.testing.assert_array_equal(params[head_kernel][:, :10], src_params[head_kernel])
+  np.testing.assert_array_equal(params[head_kernel][:, 10:],
+                                _flat(fresh.params)[head_kernel][:, 10:])
+  np.testing.assert_array_equal(params[head_bias][:10], src_params[head_bias])
+  for name in params:
+    if not name.startswith("head/"):
+      np.testing.assert_array_equal(params[name], src_params[name], err_msg=name)
+  assert stats.keys() == src_stats.keys() and stats
+  for name in stats:
+    np.testing.assert_array_equal(stats[name], src_stats[name], err_msg=name)
+  assert "2 resized" in summary, summary
