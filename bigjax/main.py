@@ -62,7 +62,8 @@ def summarize(result, config, workdir: str):
       pipeline.token_array(d.dataset, d.train_split, d.data_dir, d.text_key))
   bpb = result.eval_metrics.get("eval_bits_per_byte")
   if bpb is not None:
-    print(f"Validation bits per byte: {bpb:.3f} (unigram entropy of the corpus: "
+    what = "bits per masked byte" if config.task == "mlm" else "bits per byte"
+    print(f"Validation {what}: {bpb:.3f} (unigram entropy of the corpus: "
           f"{entropy:.3f} bits/byte)")
   _print_router_metrics(workdir)
   # Sampling runs sharded computations that every process would have to join;

@@ -60,9 +60,8 @@ class Task:
   def loss(self) -> str:
     return TASK_LOSSES[self.config.task]
 
-  def batch_sharding(self, ndim: int | None = None) -> NamedSharding:
+  def batch_sharding(self) -> NamedSharding:
     """Rows split over the data-parallel axes; a prefix spec, so any rank >= 1."""
-    del ndim  # Kept for callers that pass it.
     return NamedSharding(self.mesh, sharding.logical_to_spec(("batch",), self.rules))
 
 

@@ -38,7 +38,7 @@ def log(message: str):
 
 def _global_batch(task: steps.Task, local: dict) -> dict:
   """Process-local numpy rows -> one global jax.Array per key, sharded on batch."""
-  return {k: jax.make_array_from_process_local_data(task.batch_sharding(v.ndim), v)
+  return {k: jax.make_array_from_process_local_data(task.batch_sharding(), v)
           for k, v in local.items()}
 
 
@@ -52,9 +52,10 @@ def evaluate(task, eval_step, state, batches) -> dict:
   out = {"eval_loss": float(sums["loss_sum"]) / weight}
   if "correct_sum" in sums:
     out["eval_accuracy"] = float(sums["correct_sum"]) / weight
-  if task.config.task in ("lm", "reverse"):
+  if task.config.task in steps.TOKEN_TASKS:
     out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
-    # One token per byte (plus one EOS per document): nats/token -> bits/byte.
+    # One token per byte (plus one EOS per document): nats/token -> bits/byte
+    # (for mlm: per masked byte).
     out["eval_bits_per_byte"] = out["eval_loss"] / math.log(2)
   return out
 
@@ -249,7 +250,8 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  if _rewind_metrics(workdir, start):
+  # A fresh start drops every row (-1), a resume the rows past its checkpoint.
+  if _rewind_metrics(workdir, start or -1):
     log(f"metrics.jsonl: dropped the rows after step {start}; those steps run again.")
   train_step, eval_step = steps.make_train_step(task), steps.make_eval_step(task)
   writer = metrics_lib.MetricWriter(workdir)
@@ -259,6 +261,14 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
   progress = metrics_lib.Progress(config.total_steps, start, items_per_step, unit)
   rate_key = f"{unit}_per_s"
   last_eval: dict = {}
+  fine_tuning = bool(config.get("init_from") and config.init_from.get("workdir"))
+  if start == 0 and fine_tuning:
+    # A fine-tuning run's baseline: the loaded parameters on this run's eval data.
+    last_eval = evaluate(task, eval_step, state, eval_data)
+    writer.write(0, last_eval)
+    log("eval of the loaded parameters (step 0): " +
+        ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
+    progress.reset_clock()
   preempted = False
   halt_on_nan = optim.nan_policy(config.optim) == "halt"
   skipped_logged = None

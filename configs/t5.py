@@ -4,32 +4,35 @@ on a sequence-to-sequence task built from the corpus: each chunk of Python
 source in, the same chunk reversed out.
 
   python -m bigjax.main --config=configs/t5.py:runlocal --workdir=/tmp/t5_local  # ~20 s
-  python -m bigjax.main --config=configs/t5.py:demo --workdir=/tmp/t5_demo  # 32-byte chunks
-  python -m bigjax.generate --workdir=/tmp/t5_local --prompt="import o" --max_new_tokens=7
-`runlocal` reverses 8-byte chunks and reaches ~80% per-byte accuracy (a unigram
-guess gets ~20%). Positions are learned absolute embeddings: T5's relative
-buckets (like rotary) see only offsets, and reversing needs to know that decoder
-position j reads encoder position L-1-j.
+  python -m bigjax.main --config=configs/t5.py:demo --workdir=/tmp/t5_demo  # ~40 s
+  python -m bigjax.generate --workdir=/tmp/t5_demo --prompt="return self._dat" \
+      --max_new_tokens=15   # -> "tad_.fles nrute"
+`runlocal` reverses 8-byte chunks (~80% per-byte accuracy after 600 steps; a
+guess blind to the input gets the most common byte, a space, ~30%), `demo`
+16-byte chunks (99.9% after 1,500 steps), both with a 2-layer, 64-wide model.
+Positions are learned absolute embeddings: T5's relative buckets (like rotary)
+see only offsets, and reversing needs to know that decoder position j reads
+encoder position L-1-j.
 """
 from configs import common, lm
 
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, runlocal=False, demo=False)
-  config = lm.get_config(",".join(k for k in ("runlocal", "demo") if arg[k]))
+  config = lm.get_config("runlocal" if arg.runlocal or arg.demo else None)
   config.task = "reverse"
   config.model.update(kind="encdec", norm="rmsnorm", mlp_activation="gelu", gated_mlp=True,
                       position="learned", dropout_rate=0.1, init="lecun")
   config.optim.update(name="adafactor", lr=1e-2, schedule="rsqrt", weight_decay=0.0,
                       clip_norm=0.0)
   if arg.runlocal or arg.demo:
-    config.total_steps = 600
+    config.total_steps = 1500 if arg.demo else 600
     config.batch_size = 32
-    config.seq_len = config.model.max_len = 32 if arg.demo else 8
+    config.seq_len = config.model.max_len = 16 if arg.demo else 8
     config.model.dropout_rate = 0.0
-    config.log_every = config.eval_every = config.checkpoint_every = 200
+    config.log_every = config.eval_every = config.checkpoint_every = 500 if arg.demo else 200
     # Adafactor's parameter-relative steps and the rsqrt decay suit long runs;
-    # runs of minutes learn faster with AdamW and a short cosine.
+    # runs of seconds learn faster with AdamW and a short cosine.
     config.optim.update(name="adamw", lr=3e-3, schedule="cosine", warmup_steps=20,
                         clip_norm=1.0)
   return config

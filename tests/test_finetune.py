@@ -8,8 +8,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bigjax import (config as config_lib, decode, generate, init_from, optim, sharding, steps,
-                    train)
+from bigjax import (config as config_lib, decode, generate, init_from, metrics, optim,
+                    sharding, steps, train)
 from bigjax.data import pipeline, tokenizer
 from configs import gpt2, mlp
 
@@ -136,6 +136,11 @@ def test_finetuning_on_held_out_files_beats_training_from_scratch(source):
   tuned, scratch = run("tuned", source["workdir"]), run("scratch", "")
   losses = tuned.eval_metrics["eval_loss"], scratch.eval_metrics["eval_loss"]
   assert losses[0] < losses[1] - 0.5, losses
+  # The fine-tuning run first evaluates the loaded parameters (its baseline, at
+  # step 0), then improves on the held-out half.
+  rows = metrics.read_jsonl(source["base"] / "tuned" / "metrics.jsonl")
+  baseline = [r["eval_loss"] for r in rows if r["step"] == 0]
+  assert len(baseline) == 1 and losses[0] < baseline[0], (baseline, losses)
 
   # Then generate from the fine-tuned run's workdir: the CLI's path (config.json
   # and a read-only restore) gives what the in-memory model gives.

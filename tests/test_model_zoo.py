@@ -1,13 +1,15 @@
 """The model zoo: each config trains through the same loop on real shipped data
 and reaches its stated number, checked against an independent reference where
 one exists (numpy least squares, sklearn's arrays, a chance baseline)."""
+import os
+
 import jax
 import numpy as np
 import pytest
 import sklearn.datasets
 import tensorflow_datasets as tfds
 
-from bigjax import sharding, steps, train
+from bigjax import metrics, sharding, steps, train
 from bigjax.data import examples, pipeline, tokenizer
 from configs import cnn, linear_regression, mlp, t5
 
@@ -118,7 +120,7 @@ def test_t5_style_encoder_decoder_learns_to_reverse_corpus_chunks(data_dir, tmp_
   # A model blind to the input can do no better than the most common byte.
   tokens = np.asarray(pipeline.token_array("stdlib_py", "validation", data_dir)[:100_000])
   chance = np.bincount(tokens).max() / tokens.size
-  assert chance < 0.3
+  assert chance < 0.4  # Spaces: ~30% of the bytes.
   assert result.eval_metrics["eval_accuracy"] > 0.7, result.eval_metrics
 
 
@@ -146,3 +148,26 @@ def test_bert_style_encoder_reads_the_right_context_to_fill_masks():
   sums = [jax.device_get(eval_step(state.params, state.model_state, b)) for b in masked]
   accuracy = sum(s["correct_sum"] for s in sums) / sum(s["weight_sum"] for s in sums)
   assert accuracy > 0.3, accuracy  # ~0.5 after 500 steps; chance is 0.0625.
+
+
+def test_zoo_table_script_reads_results_back_from_workdirs(tmp_path):
+  import subprocess
+  import sys
+
+  cmd = [sys.executable, "experiments/zoo.py", f"--root={tmp_path}", "--arg=runlocal",
+         "--only=mlp_binary,linear_regression", "--", "--config.total_steps=20"]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  first = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  rows = {line.split("|")[1].strip(): line for line in first.stdout.splitlines()
+          if line.startswith("| ")}
+  for name, label in (("mlp_binary", "test accuracy"), ("linear_regression", "test MSE")):
+    assert f"| 20 | {label} " in rows[name], rows[name]
+    evals = [r for r in metrics.read_jsonl(tmp_path / name / "metrics.jsonl")
+             if "eval_loss" in r]
+    assert evals[-1]["step"] == 20
+  assert "no evaluation yet" in rows["cnn_digits"]
+  # Rerunning resumes the finished runs (nothing to train) and prints the same results.
+  again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+  strip = lambda out: [l.rsplit("|", 2)[0] for l in out.splitlines() if l.startswith("| ")]
+  assert strip(again.stdout) == strip(first.stdout)

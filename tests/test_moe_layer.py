@@ -349,7 +349,7 @@ def _setup(mesh_cfg, num_devices, config=None):
   mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:num_devices])
   task = steps.make_task(config or _config(), mesh)
   state = steps.create_state(task, seed=SEED)
-  batch = jax.device_put(_batch(), {k: task.batch_sharding(2) for k in _batch()})
+  batch = jax.device_put(_batch(), {k: task.batch_sharding() for k in _batch()})
   weights = steps.router_weights(task)
   rng = jax.random.fold_in(state.rng, state.step)  # the train step's key for step 0
 

@@ -95,7 +95,7 @@ def _train(task, state, batches):
   train_step = steps.make_train_step(task)
   losses = []
   for b in batches:
-    b = {k: jax.device_put(v, task.batch_sharding(v.ndim)) for k, v in b.items()}
+    b = {k: jax.device_put(v, task.batch_sharding()) for k, v in b.items()}
     state, m = train_step(state, b)
     losses.append(float(m["loss"]))  # Blocks each step (simulated devices).
   return state, losses

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from bigjax import checkpoint, config as config_lib, sharding, steps, train
-from bigjax.data import corpora, pipeline
+from bigjax.data import pipeline
 from configs import lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

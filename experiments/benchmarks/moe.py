@@ -98,7 +98,7 @@ def main():
     base = times["dense MLP (hidden 2H)"]
     rows += [(tokens, name, t, memory[name], t / base) for name, t in times.items()]
 
-  print(f"\n| tokens | layer | fwd+bwd ms | memory MiB | time vs dense |")
+  print("\n| tokens | layer | fwd+bwd ms | memory MiB | time vs dense |")
   print("|---:|---|---:|---:|---:|")
   for tokens, name, t, m, ratio in rows:
     print(f"| {tokens} | {name} | {t * 1e3:.1f} | {m / 2**20:.1f} | {ratio:.2f}x |")
