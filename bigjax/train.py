@@ -149,17 +149,11 @@ def _load_data(config, shard: dict):
       eval_data = list(pipeline.eval_batches(eval_tokens, num_batches=config.eval_batches,
                                              name=eval_name, **kwargs))
       return train_data, eval_data, None
-    keys = dict(data_dir=d.data_dir, feature_key=d.feature_key, label_key=d.label_key)
-    x_train, y_train = examples.load_split(d.dataset, d.train_split, **keys)
-    x_eval, y_eval = examples.load_split(d.dataset, d.eval_split, **keys)
-    if d.get("feature_columns"):  # Tabular data: train on these columns only.
-      columns = list(d.feature_columns)
-      if x_train.ndim != 2 or max(columns) >= x_train.shape[1] or min(columns) < 0:
-        raise ValueError(f"feature_columns={columns} do not index the features of shape "
-                         f"{x_train.shape[1:]}; use column numbers of flat features.")
-      x_train, x_eval = x_train[:, columns], x_eval[:, columns]
-    if d.get("standardize", False):  # Statistics of the training split only.
-      x_train, x_eval = examples.standardize(x_train, x_eval)
+    x_train, y_train, x_eval, y_eval = examples.load_train_eval(
+        d.dataset, d.train_split, d.eval_split, data_dir=d.data_dir,
+        feature_key=d.feature_key, label_key=d.label_key,
+        feature_columns=d.get("feature_columns", ()),
+        standardize_features=d.get("standardize", False))
     train_data = examples.ExampleBatches(x_train, y_train, global_batch_size=config.batch_size,
                                          seed=config.seed, name=train_name, **shard)
     eval_data = examples.eval_batches(x_eval, y_eval, global_batch_size=config.batch_size,
@@ -233,6 +227,7 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
   for name in ckpt.unfinished_removed:
     log(f"Removed an unfinished checkpoint (its save was interrupted): {name}")
   start = ckpt.latest_step()
+  fine_tuning = bool(config.get("init_from") and config.init_from.get("workdir"))
   if start is not None:
     try:
       state = ckpt.restore(task.abstract_state, task.state_shardings, start)
@@ -243,7 +238,7 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
     log(f"Resumed from the checkpoint at step {start}.")
   else:
     state, start = steps.create_state(task, config.seed), 0
-    if config.get("init_from") and config.init_from.get("workdir"):
+    if fine_tuning:
       state, summary = init_from.load(config, task, state)
       log(summary)
   # Recorded once the state fits: a mismatched rerun leaves the old config.json.
@@ -261,7 +256,6 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
   progress = metrics_lib.Progress(config.total_steps, start, items_per_step, unit)
   rate_key = f"{unit}_per_s"
   last_eval: dict = {}
-  fine_tuning = bool(config.get("init_from") and config.init_from.get("workdir"))
   if start == 0 and fine_tuning:
     # A fine-tuning run's baseline: the loaded parameters on this run's eval data.
     last_eval = evaluate(task, eval_step, state, eval_data)

@@ -1,5 +1,6 @@
 """config.validate: every bad input is a ConfigError naming the field and the fix,
 raised before anything is compiled (validate itself never touches a device)."""
+import functools
 import os
 import re
 
@@ -22,15 +23,6 @@ def _set(config, key, value):
   node[leaf] = value
 
 
-def _moe(**overrides):
-  def make():
-    c = lm_moe.get_config("runlocal")
-    for k, v in overrides.items():
-      _set(c, k, v)
-    return c
-  return make
-
-
 def _delete(key):
   def make():
     c = lm.get_config("runlocal")  # Not locked: the CLI locks it after loading.
@@ -39,31 +31,19 @@ def _delete(key):
   return make
 
 
-def _with(**overrides):
-  def make():
-    c = lm.get_config("runlocal")
-    for k, v in overrides.items():
-      _set(c, k.replace("__", "."), v)
-    return c
-  return make
-
-
-def _set_ret(config, key, value):
-  _set(config, key, value)
-  return config
-
-
-def _set_in(get_config, arg, key, value):
-  return lambda: _set_ret(get_config(arg), key, value)
-
-
-def _zoo(module=mlp, arg="variant=deep", **overrides):
+def _config(module, arg, **overrides):
+  """A maker of `module.get_config(arg)` with overrides ('a__b' or 'a.b' keys)."""
   def make():
     c = module.get_config(arg)
     for k, v in overrides.items():
       _set(c, k.replace("__", "."), v)
     return c
   return make
+
+
+_with = functools.partial(_config, lm, "runlocal")
+_moe = functools.partial(_config, lm_moe, "runlocal")
+_zoo = functools.partial(_config, mlp, "variant=deep")
 
 
 # (make config, field named in the error, num_devices, process_count)
@@ -178,17 +158,16 @@ CASES = [
     (_with(task="classify"), "model.kind"),
     (_zoo(task="lm"), "model.kind"),
     (_zoo(model__kind="resnet"), "model.kind"),
-    (_set_in(bert.get_config, "runlocal", "model.vocab_size", 259),
-     "model.vocab_size"),  # no id left for [MASK]
-    (_set_in(bert.get_config, "runlocal", "data.mask_rate", 1.0), "data.mask_rate"),
+    (_config(bert, "runlocal", model__vocab_size=259), "model.vocab_size"),  # no [MASK] id
+    (_config(bert, "runlocal", data__mask_rate=1.0), "data.mask_rate"),
     # Zoo models.
     (_zoo(model__num_outputs=0), "model.num_outputs"),
     (_zoo(model__hidden_dims=(64, 0)), "model.hidden_dims"),
     (_zoo(model__activation="tanh2"), "model.activation"),
     (_zoo(model__init="orthogonal"), "model.init"),
     (_zoo(model__dropout_rate=1.0), "model.dropout_rate"),
-    (_zoo(mlp, "variant=binary", model__num_outputs=2), "model.num_outputs"),
-    (_zoo(linear_regression, "", model__hidden_dims=(8,)), "model.hidden_dims"),
+    (_config(mlp, "variant=binary", model__num_outputs=2), "model.num_outputs"),
+    (_config(linear_regression, "", model__hidden_dims=(8,)), "model.hidden_dims"),
     (_zoo(data__feature_key=""), "data.feature_key"),
     (_zoo(mesh__data=1, mesh__tensor=8, model__hidden_dims=(100,)), "model.hidden_dims"),
     # Fine-tuning.

@@ -43,6 +43,26 @@ def load_split(dataset: str, split: str, data_dir: str | None = None,
   return x, y.astype(np.float32 if y.dtype.kind == "f" else np.int32)
 
 
+def load_train_eval(dataset: str, train_split: str, eval_split: str, *,
+                    data_dir: str | None = None, feature_key: str = "features",
+                    label_key: str = "label", feature_columns=(), standardize_features=False):
+  """(x_train, y_train, x_eval, y_eval) as config.data describes them: optionally
+  only some columns of flat (tabular) features, optionally standardised with the
+  training split's statistics."""
+  keys = dict(data_dir=data_dir, feature_key=feature_key, label_key=label_key)
+  x_train, y_train = load_split(dataset, train_split, **keys)
+  x_eval, y_eval = load_split(dataset, eval_split, **keys)
+  if feature_columns:
+    columns = list(feature_columns)
+    if x_train.ndim != 2 or max(columns) >= x_train.shape[1] or min(columns) < 0:
+      raise ValueError(f"feature_columns={columns} do not index the features of shape "
+                       f"{x_train.shape[1:]}; use column numbers of flat features.")
+    x_train, x_eval = x_train[:, columns], x_eval[:, columns]
+  if standardize_features:
+    x_train, x_eval = standardize(x_train, x_eval)
+  return x_train, y_train, x_eval, y_eval
+
+
 def standardize(x_train, *others):
   """(x_train, *others), each shifted and scaled per feature by x_train's mean
   and std only (the held-out data must not leak into the statistics); float32.

@@ -56,6 +56,11 @@ def param(rngs: nnx.Rngs, init: Initializer, shape, names, dtype) -> nnx.Param:
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
 
 
+def split_rng(rng: jax.Array | None, n: int) -> list:
+  """n keys from `rng`, or n Nones in evaluation mode (rng None)."""
+  return [None] * n if rng is None else list(jax.random.split(rng, n))
+
+
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   """Inverted dropout with an explicit key; identity when rng is None."""
   if rng is None or rate == 0.0:

@@ -13,7 +13,6 @@ per-row positions, which are also their cache slots, and returns
 """
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -72,10 +71,6 @@ class TransformerConfig:
         param_dtype=jnp.dtype(self.param_dtype))
 
 
-def _split(rng, n):
-  return [None] * n if rng is None else list(jax.random.split(rng, n))
-
-
 class Block(nnx.Module):
   """Pre-norm residual block: self-attention, optional cross-attention, feed-forward."""
 
@@ -96,7 +91,7 @@ class Block(nnx.Module):
                cache=None):
     """With `cache` ({"self": {"k", "v"}} and, with cross-attention, "cross": the
     encoded input's keys/values) returns (x, updated cache); see Attention."""
-    r = _split(rng, 6)
+    r = layers.split_rng(rng, 6)
     h = self.attn_norm(x)
     if cache is None:
       h = self.attn(h, h, mask, positions, positions, rng=r[0])
@@ -145,11 +140,11 @@ class Stack(nnx.Module):
     """With `cache` (one entry per block) returns (x, updated cache)."""
     if cache is not None:  # Decoding: no gradients, so no remat.
       new_cache = []
-      for block, c, r in zip(self.blocks, cache, _split(rng, len(self.blocks))):
+      for block, c, r in zip(self.blocks, cache, layers.split_rng(rng, len(self.blocks))):
         x, c = block(x, mask, positions, encoded, cross_mask, r, cache=c)
         new_cache.append(c)
       return self.final_norm(x), tuple(new_cache)
-    for block, r in zip(self.blocks, _split(rng, len(self.blocks))):
+    for block, r in zip(self.blocks, layers.split_rng(rng, len(self.blocks))):
       if self.remat:
         x = nnx.remat(lambda b, *a: b(*a))(block, x, mask, positions, encoded, cross_mask, r)
       else:
@@ -225,7 +220,7 @@ class DecoderLM(nnx.Module):
 
   def __call__(self, tokens, positions=None, rng=None):
     positions = default_positions(tokens) if positions is None else positions
-    r = _split(rng, 2)
+    r = layers.split_rng(rng, 2)
     x = self.embedder.embed(tokens, positions, r[0])
     mask = layers.causal_mask(positions, positions) & (tokens != PAD_ID)[:, None, None, :]
     x = self.decoder(x, mask, positions, rng=r[1])
@@ -263,7 +258,7 @@ class Encoder(nnx.Module):
 
   def encode(self, tokens, rng=None):
     positions = default_positions(tokens)
-    r = _split(rng, 2)
+    r = layers.split_rng(rng, 2)
     valid = tokens != PAD_ID
     x = self.embedder.embed(tokens, positions, r[0])
     return self.encoder(x, layers.padding_mask(valid, valid), positions, rng=r[1])
@@ -284,7 +279,7 @@ class EncoderDecoder(Encoder):
 
   def decode(self, encoded, encoder_tokens, decoder_tokens, positions=None, rng=None):
     positions = default_positions(decoder_tokens) if positions is None else positions
-    r = _split(rng, 2)
+    r = layers.split_rng(rng, 2)
     x = self.embedder.embed(decoder_tokens, positions, r[0])
     enc_valid = encoder_tokens != PAD_ID
     # Decoder inputs start with BOS, which is never padding: keys are masked by
@@ -296,7 +291,7 @@ class EncoderDecoder(Encoder):
     return self.embedder.logits(x)
 
   def __call__(self, encoder_tokens, decoder_tokens, rng=None):
-    r = _split(rng, 2)
+    r = layers.split_rng(rng, 2)
     encoded = self.encode(encoder_tokens, r[0])
     return self.decode(encoded, encoder_tokens, decoder_tokens, rng=r[1])
 

@@ -13,7 +13,6 @@ classification, or the regression prediction.
 import dataclasses
 import math
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -87,10 +86,6 @@ class _Head(nnx.Module):
     return self.dense(x).astype(jnp.float32)
 
 
-def _split(rng, n):
-  return [None] * n if rng is None else list(jax.random.split(rng, n))
-
-
 class MLP(nnx.Module):
   """Flattens the input features, then hidden layers and a linear head."""
 
@@ -101,7 +96,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x, rng=None):
     x = x.reshape(x.shape[0], -1)
-    for layer, r in zip(self.hidden, _split(rng, len(self.hidden))):
+    for layer, r in zip(self.hidden, layers.split_rng(rng, len(self.hidden))):
       x = layer(x, r)
     return self.head(x)
 
