@@ -68,12 +68,28 @@ def _abspath(workdir: str) -> str:
   return workdir if "://" in workdir else os.path.abspath(workdir)
 
 
+def _check_writable(directory: epath.Path):
+  """A local checkpoints directory must be a writable directory; else the first
+  save would fail deep inside orbax, after compiling and training."""
+  path = str(directory)
+  if "://" in path or not os.path.lexists(path):
+    return  # Remote: checked by the first write. Missing: created by the manager.
+  if not os.path.isdir(path):
+    raise ConfigError(f"--workdir: {path} is not a directory, so no checkpoint can be saved "
+                      "there. Move it away, or use another --workdir.")
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir: {path} is not writable, so no checkpoint can be saved "
+                      f"there. Fix its permissions (chmod u+rwx {path}), or use another "
+                      "--workdir.")
+
+
 class Checkpointer:
   """The run's CheckpointManager under WORKDIR/checkpoints."""
 
   def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True):
     self.save_every = save_every
     self.directory = epath.Path(_abspath(workdir)) / "checkpoints"
+    _check_writable(self.directory)
     self._leftovers = self._remove_unfinished()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,

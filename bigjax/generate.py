@@ -12,6 +12,7 @@ stops at EOS or after --max_new_tokens. temperature 0 (the default) is greedy.
 For an encoder-decoder run the prompt is the encoder input.
 """
 import json
+import math
 import os
 import sys
 
@@ -95,6 +96,14 @@ def load_model(workdir: str):
   return config, task, task.model(params)
 
 
+def _check_finite(**settings):
+  """NaN or Inf sampling settings would decode nothing, silently: refuse them."""
+  for name, value in settings.items():
+    if not math.isfinite(value):
+      raise GenerateError(f"--{name}={value} is not a finite number; pass e.g. "
+                          f"--{name}={flags.FLAGS[name].default}.")
+
+
 def run(workdir: str, prompt: str, *, max_new_tokens: int, temperature: float = 0.0,
         top_k: int = 0, top_p: float = 1.0, beam_size: int = 1, length_penalty: float = 0.6,
         seed: int = 0) -> str:
@@ -102,6 +111,7 @@ def run(workdir: str, prompt: str, *, max_new_tokens: int, temperature: float = 
   from bigjax import decode
   from bigjax.data import tokenizer
 
+  _check_finite(temperature=temperature, top_p=top_p, length_penalty=length_penalty)
   config, task, model = load_model(workdir)
   ids = list(tokenizer.encode(prompt))
   if not ids:

@@ -8,6 +8,7 @@ checkpoint. Unknown or mistyped --config.* keys are errors (the config is locked
 """
 import os
 import sys
+import traceback
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -77,6 +78,64 @@ def summarize(result, config, workdir: str):
     print("Sample:\n" + prompt + tokenizer.decode(out))
 
 
+def _config_arg(argv: list[str]) -> str:
+  """The --config value as typed (for messages only)."""
+  for i, arg in enumerate(argv):
+    for prefix in ("--config=", "-config="):
+      if arg.startswith(prefix):
+        return arg[len(prefix):]
+    if arg in ("--config", "-config") and i + 1 < len(argv):
+      return argv[i + 1]
+  return "?"
+
+
+def _describe(error: BaseException, config_path: str) -> str:
+  """'ErrorType: message (FILE line N)' in one line, located in the config file
+  when the error came from it (else it came from a --config.* override)."""
+  if isinstance(error, SyntaxError):
+    return f"SyntaxError: {error.msg} ({error.filename} line {error.lineno})"
+  text = error  # KeyError('x') inside AttributeError(...): unwrap to the words.
+  while isinstance(text, BaseException) and len(text.args) == 1:
+    text = text.args[0]
+  text = str(text)
+  message = f"{type(error).__name__}: {' '.join(text.split())}"
+  path = os.path.abspath(config_path)
+  in_config = [f for f in traceback.extract_tb(error.__traceback__)
+               if os.path.abspath(f.filename) == path]
+  if in_config:
+    return f"{message} ({in_config[-1].filename} line {in_config[-1].lineno})"
+  return f"{message} (in a --config.* override)"
+
+
+def _last_line(text: str) -> str:
+  lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+  return lines[-1] if lines else ""
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a config file that cannot be loaded (missing,
+  a syntax error, a get_config that raises) reported in one line naming the file
+  and the error instead of a traceback."""
+  config_arg = _config_arg(argv)
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+    if "Traceback" in message:  # ml_collections puts get_config's traceback in it.
+      message = f"--config={config_arg}: {_last_line(message)}"
+    sys.exit(f"Error: {message}")
+  except Exception as e:  # pylint: disable=broad-except  # Raised by the config file itself.
+    sys.exit(f"Error: --config={config_arg}: {_describe(e, config_arg.split(':', 1)[0])}.")
+  try:
+    _CONFIG.value.get("seed")  # A config file that failed to load raises only when read.
+  except OSError as e:
+    path = config_arg.split(":", 1)[0]
+    problem = ("no such file (paths are relative to the current directory)"
+               if not os.path.exists(path) else _last_line(e.__cause__ or e))
+    sys.exit(f"Error: --config={config_arg}: {problem}.")
+  return rest
+
+
 def main(argv):
   del argv
   from bigjax import config as config_lib, train
@@ -91,9 +150,9 @@ def main(argv):
     sys.exit(f"Invalid config: {e}")
   except train.NonFiniteError as e:  # nan_policy="halt"
     sys.exit(f"Halted: {e}")
-  if not result.preempted:
+  if not (result.preempted or result.already_finished):
     summarize(result, config, workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

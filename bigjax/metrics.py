@@ -4,6 +4,7 @@ Only process 0 writes. metrics.jsonl has one JSON object per logged step
 (always `step`, plus every scalar logged for it) and is the interface that
 experiments read; TensorBoard event files go to WORKDIR/tensorboard.
 """
+import dataclasses
 import json
 import math
 import os
@@ -43,6 +44,66 @@ class MetricWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+@dataclasses.dataclass
+class Rewind:
+  """What `rewind_jsonl` dropped: rows past the resumed step (they run again)
+  and lines that were not a complete JSON row (a kill cut them short, or the
+  file was damaged), with the first such line's number."""
+  past_rows: int = 0
+  unreadable: int = 0
+  first_unreadable_line: int | None = None
+
+  def messages(self, step: int) -> list[str]:
+    out = []
+    if self.past_rows:
+      where = (f"after step {step}, the checkpoint this run resumes from" if step > 0 else
+               "of an earlier attempt that saved no checkpoint")
+      out.append(f"metrics.jsonl: dropped {self.past_rows} row(s) {where}; those steps run "
+                 "again.")
+    if self.unreadable:
+      out.append(f"metrics.jsonl: dropped {self.unreadable} unreadable line(s) (not a "
+                 f"complete UTF-8 JSON row with a step; the first is line "
+                 f"{self.first_unreadable_line}).")
+    return out
+
+
+def _row_step(raw: bytes) -> int | None:
+  """The step of one complete metrics.jsonl line, or None if it is not one."""
+  if not raw.endswith(b"\n"):
+    return None  # Cut short by a kill.
+  try:
+    return int(json.loads(raw.decode("utf-8"))["step"])
+  except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError.
+    return None
+
+
+def rewind_jsonl(workdir: str, step: int) -> Rewind:
+  """Drops metrics.jsonl rows past `step` (the checkpoint a run resumes from;
+  -1 for a fresh start) and every line that is not a complete row, so that the
+  file keeps one row per logged step once the lost steps run again. Read as
+  bytes: one damaged byte must not stop every rerun."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  report = Rewind()
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return report
+  keep = []
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, start=1):
+      row_step = _row_step(raw)
+      if row_step is not None and row_step <= step:
+        keep.append(raw)
+      elif row_step is not None:
+        report.past_rows += 1
+      elif raw.strip():
+        report.unreadable += 1
+        report.first_unreadable_line = report.first_unreadable_line or number
+  if report.past_rows or report.unreadable:
+    with open(path + ".tmp", "wb") as f:
+      f.writelines(keep)
+    os.replace(path + ".tmp", path)
+  return report
 
 
 def read_jsonl(path: str) -> list[dict]:

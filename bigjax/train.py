@@ -66,6 +66,7 @@ class RunResult:
   task: steps.Task
   eval_metrics: dict  # The last evaluation (empty if none ran).
   preempted: bool = False
+  already_finished: bool = False  # A rerun of a run already at config.total_steps.
 
 
 class NonFiniteError(FloatingPointError):
@@ -89,32 +90,6 @@ class _SigtermFlag:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
-
-
-def _rewind_metrics(workdir: str, step: int) -> int:
-  """Drops metrics.jsonl rows past `step` (the checkpoint a run resumes from),
-  and any line a kill cut short, so that the file keeps one row per logged step
-  after the lost steps are re-run. Returns how many lines were dropped."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if jax.process_index() != 0 or not os.path.exists(path):
-    return 0
-  keep, dropped = [], 0
-  with open(path) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-        ok = line.endswith("\n") and int(row["step"]) <= step
-      except (ValueError, KeyError, TypeError):
-        ok = not line.strip()
-      if ok:
-        keep.append(line)
-      else:
-        dropped += bool(line.strip())
-  if dropped:
-    with open(path + ".tmp", "w") as f:
-      f.writelines(keep)
-    os.replace(path + ".tmp", path)
-  return dropped
 
 
 def _check_finite(fetched: list, first_step: int, latest_checkpoint):
@@ -241,13 +216,16 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
     if fine_tuning:
       state, summary = init_from.load(config, task, state)
       log(summary)
+  if start >= config.total_steps:
+    ckpt.close()
+    return _nothing_to_train(config, workdir, state, task, start)
   # Recorded once the state fits: a mismatched rerun leaves the old config.json.
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   # A fresh start drops every row (-1), a resume the rows past its checkpoint.
-  if _rewind_metrics(workdir, start or -1):
-    log(f"metrics.jsonl: dropped the rows after step {start}; those steps run again.")
+  for message in metrics_lib.rewind_jsonl(workdir, start or -1).messages(start):
+    log(message)
   train_step, eval_step = steps.make_train_step(task), steps.make_eval_step(task)
   writer = metrics_lib.MetricWriter(workdir)
   # Throughput in tokens for token tasks, in examples for the others.
@@ -324,6 +302,20 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
     ckpt.close()
     writer.close()
   return RunResult(state, task, last_eval, preempted)
+
+
+def _nothing_to_train(config, workdir: str, state, task, start: int) -> RunResult:
+  """A rerun of a finished run, or one asking for fewer steps than the run has:
+  says so and leaves the run's record (config.json, metrics.jsonl) as it is."""
+  if start > config.total_steps:
+    raise config_lib.ConfigError(
+        f"config.total_steps: {config.total_steps} is below step {start}, where the run in "
+        f"{workdir} already is (its latest checkpoint); nothing was changed. Pass "
+        f"--config.total_steps above {start} to train further, or use a new --workdir.")
+  log(f"Nothing to train: the run in {workdir} already finished (its latest checkpoint is "
+      f"at step {start} = config.total_steps). Pass a larger --config.total_steps to train "
+      "further.")
+  return RunResult(state, task, {}, already_finished=True)
 
 
 def _mean_finite(values) -> float:
