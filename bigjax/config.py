@@ -145,6 +145,7 @@ def _validate_transformer(config):
           "Use e.g. 0.02.")
   for field, allowed in (("mlp_activation", tuple(layers.ACTIVATIONS)),
                          ("norm", layers.NORMS), ("init", layers.INITS),
+                         ("embed_init", layers.EMBED_INITS),
                          ("position", transformer.POSITIONS),
                          ("dtype", ("float32", "bfloat16", "float16")),
                          ("param_dtype", ("float32", "bfloat16"))):

@@ -61,6 +61,11 @@ def get_config(arg=None):
   config.model.dropout_rate = 0.0
   config.model.init = "normal"  # normal | xavier | lecun
   config.model.init_scale = 0.02  # stddev for "normal".
+  # GPT-2 conventions: embeddings N(0, 0.02^2), so tied logits need no scaling
+  # ("unit": N(0, 1) embeddings and tied logits x emb_dim^-0.5, as T5 and PaLM);
+  # attention/MLP output kernels start scaled by 1/sqrt(2 * num_layers).
+  config.model.embed_init = "normal"  # normal | unit
+  config.model.scale_residual_init = True
   config.model.tie_embeddings = True
   config.model.dtype = "bfloat16"  # compute dtype; params stay in param_dtype.
   config.model.param_dtype = "float32"

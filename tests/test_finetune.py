@@ -137,10 +137,12 @@ def test_finetuning_on_held_out_files_beats_training_from_scratch(source):
   losses = tuned.eval_metrics["eval_loss"], scratch.eval_metrics["eval_loss"]
   assert losses[0] < losses[1] - 0.5, losses
   # The fine-tuning run first evaluates the loaded parameters (its baseline, at
-  # step 0), then improves on the held-out half.
+  # step 0). Whether a few steps on the first half of the held-out files then
+  # help the second half depends on the source: they did for a source that had
+  # barely learned, and do not for one that trains as it should (README).
   rows = metrics.read_jsonl(source["base"] / "tuned" / "metrics.jsonl")
   baseline = [r["eval_loss"] for r in rows if r["step"] == 0]
-  assert len(baseline) == 1 and losses[0] < baseline[0], (baseline, losses)
+  assert len(baseline) == 1 and baseline[0] < losses[1] - 0.5, (baseline, losses)
 
   # Then generate from the fine-tuned run's workdir: the CLI's path (config.json
   # and a read-only restore) gives what the in-memory model gives.

@@ -264,9 +264,39 @@ def test_normal_init_std_is_init_scale():
     assert abs(np.mean(_np(w))) < 0.005
 
 
+@pytest.mark.parametrize("embed_init,std,logit_factor", [
+    ("normal", 0.3, 1.0), ("unit", 1.0, 256 ** -0.5)])
+def test_embedding_init_and_tied_logit_factor_agree(embed_init, std, logit_factor):
+  # GPT-2 draws its table with std 0.02 (here init_scale 0.3) and uses it for the
+  # logits as it is; T5/PaLM draw N(0, 1) and multiply tied logits by d^-0.5.
+  cfg = _cfg(emb_dim=256, embed_init=embed_init, init="lecun")
+  for table in (layers.Embed(512, cfg, rngs=nnx.Rngs(2)).embedding,
+                layers.PositionEmbed(512, cfg, rngs=nnx.Rngs(3)).embedding):
+    assert abs(np.std(_np(table)) / std - 1) < 0.02
+  assert layers.tied_logits_scale(cfg) == logit_factor
+
+
+def test_residual_output_kernels_start_scaled_by_depth():
+  # GPT-2: the kernels whose outputs are added to the residual stream (attention
+  # out, MLP out) start at init_scale / sqrt(2 * num_layers); the others do not.
+  def kernels(scale_residual_init):
+    cfg = transformer.TransformerConfig(
+        vocab_size=64, num_layers=8, emb_dim=128, num_heads=4, mlp_dim=512, max_len=16,
+        init_scale=0.05, scale_residual_init=scale_residual_init)
+    block = transformer.build(cfg, nnx.Rngs(0)).decoder.blocks[3]
+    return {"out": block.attn.out, "wo": block.ffn.wo, "query": block.attn.query,
+            "wi": block.ffn.wi}
+
+  plain, scaled = kernels(False), kernels(True)
+  for name in ("out", "wo", "query", "wi"):
+    assert abs(np.std(_np(plain[name])) / 0.05 - 1) < 0.05
+  for name, want in (("out", 0.05 / 4), ("wo", 0.05 / 4), ("query", 0.05), ("wi", 0.05)):
+    assert abs(np.std(_np(scaled[name])) / want - 1) < 0.05, name
+
+
 @pytest.mark.parametrize("init", ["xavier", "lecun"])
 def test_variance_scaling_inits_match_formulas(init):
-  e, m, h, d, vocab = 256, 1024, 8, 64, 512
+  e, m, h, d = 256, 1024, 8, 64
   cfg = _cfg(emb_dim=e, mlp_dim=m, num_heads=h, num_kv_heads=h, head_dim=d, init=init)
 
   def want_var(fan_in, fan_out):
@@ -274,15 +304,12 @@ def test_variance_scaling_inits_match_formulas(init):
 
   mlp = layers.MLP(cfg, rngs=nnx.Rngs(0))
   attn = layers.Attention(cfg, rotary_positions=False, rngs=nnx.Rngs(1))
-  emb = layers.Embed(vocab, cfg, rngs=nnx.Rngs(2))
   cases = [
       (mlp.wi, e, m), (mlp.wo, m, e),
       # [embed, heads, head_dim]: fan-in embed, fan-out heads * head_dim.
       (attn.query, e, h * d), (attn.key, e, h * d), (attn.value, e, h * d),
       # [heads, head_dim, embed]: fan-in heads * head_dim.
       (attn.out, h * d, e),
-      # Embedding [vocab, embed]: fan-in is the embedding width (see layers.Embed).
-      (emb.embedding, e, vocab),
   ]
   for w, fan_in, fan_out in cases:
     var = np.var(_np(w))

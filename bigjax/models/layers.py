@@ -31,6 +31,13 @@ class LayerConfig:
   dropout_rate: float = 0.0
   init: str = "normal"
   init_scale: float = 0.02
+  # Token and position embeddings: "normal" draws N(0, init_scale^2) (GPT-2),
+  # "unit" N(0, 1) (T5, PaLM). Tied output logits follow it; see EMBED_INITS.
+  embed_init: str = "normal"
+  # Multiplies the init of kernels that write into the residual stream (attention
+  # and MLP outputs): GPT-2 uses 1/sqrt(residual branches) so the stream's
+  # variance at init does not grow with depth.
+  residual_init_scale: float = 1.0
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -38,6 +45,10 @@ class LayerConfig:
 ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu, "silu": jax.nn.silu}
 NORMS = ("layernorm", "rmsnorm")
 INITS = ("normal", "xavier", "lecun")
+# Embedding init -> factor on tied logits (x . E^T) that keeps them O(1) at init:
+# a unit-variance table needs emb_dim ** -0.5 (T5, PaLM); a table of std 0.02
+# (GPT-2) is used as it is, since its logits already have std 0.02 * sqrt(emb_dim).
+EMBED_INITS = ("normal", "unit")
 
 
 def kernel_init(cfg: LayerConfig, in_axis=-2, out_axis=-1) -> Initializer:
@@ -50,6 +61,24 @@ def kernel_init(cfg: LayerConfig, in_axis=-2, out_axis=-1) -> Initializer:
     return nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis,
                                              out_axis)
   raise ValueError(f"model.init={cfg.init!r}; choose one of {INITS}.")
+
+
+def embed_init(cfg: LayerConfig) -> Initializer:
+  if cfg.embed_init not in EMBED_INITS:
+    raise ValueError(f"model.embed_init={cfg.embed_init!r}; choose one of {EMBED_INITS}.")
+  return nnx.initializers.normal(cfg.init_scale if cfg.embed_init == "normal" else 1.0)
+
+
+def tied_logits_scale(cfg: LayerConfig) -> float:
+  return cfg.emb_dim ** -0.5 if cfg.embed_init == "unit" else 1.0
+
+
+def residual_init(cfg: LayerConfig, in_axis=-2, out_axis=-1) -> Initializer:
+  """kernel_init scaled by cfg.residual_init_scale (for outputs added to the stream)."""
+  init, factor = kernel_init(cfg, in_axis, out_axis), cfg.residual_init_scale
+  if factor == 1.0:
+    return init
+  return lambda key, shape, dtype=jnp.float32: (init(key, shape, dtype) * factor).astype(dtype)
 
 
 def param(rngs: nnx.Rngs, init: Initializer, shape, names, dtype) -> nnx.Param:
@@ -97,9 +126,7 @@ class Embed(nnx.Module):
 
   def __init__(self, vocab_size: int, cfg: LayerConfig, *, rngs: nnx.Rngs):
     self.dtype = cfg.dtype
-    # Embeddings see one-hot inputs, so fan-in scaling uses the embedding width.
-    init = kernel_init(cfg, in_axis=-1, out_axis=-2)
-    self.embedding = param(rngs, init, (vocab_size, cfg.emb_dim), ("vocab", "embed"),
+    self.embedding = param(rngs, embed_init(cfg), (vocab_size, cfg.emb_dim), ("vocab", "embed"),
                            cfg.param_dtype)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -116,8 +143,8 @@ class PositionEmbed(nnx.Module):
 
   def __init__(self, max_len: int, cfg: LayerConfig, *, rngs: nnx.Rngs):
     self.max_len, self.dtype = max_len, cfg.dtype
-    self.embedding = param(rngs, nnx.initializers.normal(cfg.init_scale),
-                           (max_len, cfg.emb_dim), (None, "embed"), cfg.param_dtype)
+    self.embedding = param(rngs, embed_init(cfg), (max_len, cfg.emb_dim), (None, "embed"),
+                           cfg.param_dtype)
 
   def __call__(self, positions: jax.Array) -> jax.Array:
     return jnp.take(self.embedding[...], positions, axis=0).astype(self.dtype)
@@ -157,7 +184,7 @@ class Attention(nnx.Module):
     self.query = param(rngs, qkv_init, (e, h, d), ("embed", "heads", "kv"), cfg.param_dtype)
     self.key = param(rngs, qkv_init, (e, k, d), ("embed", "heads", "kv"), cfg.param_dtype)
     self.value = param(rngs, qkv_init, (e, k, d), ("embed", "heads", "kv"), cfg.param_dtype)
-    self.out = param(rngs, kernel_init(cfg, in_axis=(0, 1), out_axis=2), (h, d, e),
+    self.out = param(rngs, residual_init(cfg, in_axis=(0, 1), out_axis=2), (h, d, e),
                      ("heads", "kv", "embed"), cfg.param_dtype)
 
   def __call__(self, x_q, x_kv, mask, q_positions=None, k_positions=None, rng=None,
@@ -237,7 +264,7 @@ class MLP(nnx.Module):
     self.wi = param(rngs, init, shape_in, ("embed", "mlp"), cfg.param_dtype)
     self.wi_gate = nnx.data(param(rngs, init, shape_in, ("embed", "mlp"), cfg.param_dtype)
                             if cfg.gated_mlp else None)
-    self.wo = param(rngs, init, shape_out, ("mlp", "embed"), cfg.param_dtype)
+    self.wo = param(rngs, residual_init(cfg), shape_out, ("mlp", "embed"), cfg.param_dtype)
 
   def __call__(self, x: jax.Array, rng=None) -> jax.Array:
     dt, act = self.cfg.dtype, ACTIVATIONS[self.cfg.mlp_activation]

@@ -68,7 +68,8 @@ class MoEFeedForward(nnx.Module):
     self.wi_gate = nnx.data(
         layers.param(rngs, init, (e, m, h), ("exp", "embed", "mlp"), cfg.param_dtype)
         if cfg.gated_mlp else None)
-    self.wo = layers.param(rngs, init, (e, h, m), ("exp", "mlp", "embed"), cfg.param_dtype)
+    self.wo = layers.param(rngs, layers.residual_init(cfg), (e, h, m), ("exp", "mlp", "embed"),
+                           cfg.param_dtype)
 
   # -- shared pieces ----------------------------------------------------------
 

@@ -43,6 +43,9 @@ class TransformerConfig:
   dropout_rate: float = 0.0
   init: str = "normal"
   init_scale: float = 0.02
+  embed_init: str = "normal"  # normal (GPT-2) | unit (T5); see layers.EMBED_INITS.
+  # GPT-2: residual-output kernels start scaled by 1/sqrt(residual branches).
+  scale_residual_init: bool = True
   tie_embeddings: bool = True
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -58,7 +61,9 @@ class TransformerConfig:
       kwargs["moe"] = moe_lib.MoEConfig.from_dict(kwargs["moe"])
     return cls(**kwargs)
 
-  def layer_config(self) -> layers.LayerConfig:
+  def layer_config(self, num_layers: int = 0, cross_attention: bool = False
+                   ) -> layers.LayerConfig:
+    """Layer settings for a stack of `num_layers` blocks (0: no residual scaling)."""
     if self.position not in POSITIONS:
       raise ValueError(f"model.position={self.position!r}; choose one of {POSITIONS}.")
     return layers.LayerConfig(
@@ -67,8 +72,15 @@ class TransformerConfig:
         head_dim=self.head_dim or self.emb_dim // self.num_heads,
         mlp_dim=self.mlp_dim, mlp_activation=self.mlp_activation, gated_mlp=self.gated_mlp,
         norm=self.norm, position=self.position, dropout_rate=self.dropout_rate,
-        init=self.init, init_scale=self.init_scale, dtype=jnp.dtype(self.dtype),
+        init=self.init, init_scale=self.init_scale, embed_init=self.embed_init,
+        residual_init_scale=self._residual_init_scale(num_layers, cross_attention),
+        dtype=jnp.dtype(self.dtype),
         param_dtype=jnp.dtype(self.param_dtype))
+
+
+  def _residual_init_scale(self, num_layers: int, cross_attention: bool) -> float:
+    branches = num_layers * (3 if cross_attention else 2)
+    return branches ** -0.5 if self.scale_residual_init and branches else 1.0
 
 
 class Block(nnx.Module):
@@ -163,6 +175,7 @@ class _Embedder(nnx.Module):
         rngs, layers.kernel_init(lcfg), (cfg.emb_dim, cfg.vocab_size), ("embed", "vocab"),
         lcfg.param_dtype))
     self.dropout_rate, self.dtype = cfg.dropout_rate, lcfg.dtype
+    self.tied_logits_scale = layers.tied_logits_scale(lcfg)
 
   def embed(self, tokens, positions, rng=None):
     x = self.tokens(tokens)
@@ -172,8 +185,8 @@ class _Embedder(nnx.Module):
 
   def logits(self, x):
     if self.logits_kernel is None:
-      # Tied embeddings: scale so initial logits stay O(1) whatever the width.
-      out = self.tokens.attend(x * (x.shape[-1] ** -0.5))
+      # The factor that keeps initial logits O(1) for this embedding init.
+      out = self.tokens.attend(x * self.tied_logits_scale)
     else:
       out = jnp.einsum("bte,ev->btv", x, self.logits_kernel[...].astype(self.dtype))
       out = constrain(out, ("batch", "length", "vocab"))
@@ -212,10 +225,10 @@ class DecoderLM(nnx.Module):
   """Decoder-only language model: causal self-attention, padded keys masked."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-    lcfg = cfg.layer_config()
-    self.embedder = _Embedder(cfg, lcfg, rngs=rngs)
+    self.embedder = _Embedder(cfg, cfg.layer_config(), rngs=rngs)
     _check_causal_router(cfg)
-    self.decoder = Stack(lcfg, cfg.num_layers, cross_attention=False, remat=cfg.remat,
+    self.decoder = Stack(cfg.layer_config(cfg.num_layers), cfg.num_layers,
+                         cross_attention=False, remat=cfg.remat,
                          rngs=rngs, moe=cfg.moe, moe_every=cfg.moe_every)
 
   def __call__(self, tokens, positions=None, rng=None):
@@ -251,9 +264,9 @@ class Encoder(nnx.Module):
   """Bidirectional encoder (BERT-style) with a vocabulary head for masked-LM."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-    lcfg = cfg.layer_config()
-    self.embedder = _Embedder(cfg, lcfg, rngs=rngs)
-    self.encoder = Stack(lcfg, cfg.num_layers, cross_attention=False, remat=cfg.remat,
+    self.embedder = _Embedder(cfg, cfg.layer_config(), rngs=rngs)
+    self.encoder = Stack(cfg.layer_config(cfg.num_layers), cfg.num_layers,
+                         cross_attention=False, remat=cfg.remat,
                          rngs=rngs, moe=cfg.moe, moe_every=cfg.moe_every)
 
   def encode(self, tokens, rng=None):
@@ -273,8 +286,9 @@ class EncoderDecoder(Encoder):
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     _check_causal_router(cfg)
     super().__init__(cfg, rngs=rngs)
-    self.decoder = Stack(cfg.layer_config(), cfg.num_decoder_layers or cfg.num_layers,
-                         cross_attention=True, remat=cfg.remat, rngs=rngs, moe=cfg.moe,
+    num_decoder_layers = cfg.num_decoder_layers or cfg.num_layers
+    self.decoder = Stack(cfg.layer_config(num_decoder_layers, cross_attention=True),
+                         num_decoder_layers, cross_attention=True, remat=cfg.remat, rngs=rngs, moe=cfg.moe,
                          moe_every=cfg.moe_every)
 
   def decode(self, encoded, encoder_tokens, decoder_tokens, positions=None, rng=None):

@@ -33,7 +33,7 @@ class ZooConfig:
   activation: str = "relu"
   batch_norm: bool = False  # After every hidden layer, before the activation.
   dropout_rate: float = 0.0  # After every hidden activation.
-  init: str = "he"  # lecun | xavier | he | zeros (zeros: linear regression).
+  init: str = "he"  # Hidden layers: lecun | xavier | he | zeros. The head starts at 0.
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -76,8 +76,12 @@ class _Hidden(nnx.Module):
 
 
 class _Head(nnx.Module):
+  """The output layer starts at zero (as big_vision's heads): the first prediction
+  is uniform (loss ln(classes)) whatever the scale of the features below it;
+  `cfg.init` draws the hidden layers."""
+
   def __init__(self, cfg: ZooConfig, d_in: int, *, rngs: nnx.Rngs):
-    self.dense = nnx.Linear(d_in, cfg.num_outputs, kernel_init=_INITS[cfg.init](),
+    self.dense = nnx.Linear(d_in, cfg.num_outputs, kernel_init=nnx.initializers.zeros_init(),
                             dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
                             kernel_metadata={"out_sharding": ("mlp", "classes")},
                             bias_metadata={"out_sharding": ("classes",)})
