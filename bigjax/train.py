@@ -14,6 +14,7 @@ What a run survives (each tested in tests/test_survival_*.py):
 - A save interrupted half-way: never listed; removed and reported on restart.
 - NaN/Inf gradients: skipped and counted, or the run halts (optim.nan_policy).
 - Bad config, data or checkpoint: a ConfigError naming the field, before compiling.
+- A second run on the same workdir: refused (WorkdirBusyError naming the holder).
 """
 import dataclasses
 import json
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bigjax import (checkpoint, config as config_lib, distributed, init_from,
-                    metrics as metrics_lib, optim, sharding, steps)
+                    metrics as metrics_lib, optim, sharding, steps, workdir_lock)
 from bigjax.data import examples, pipeline
 
 
@@ -173,11 +174,14 @@ def run(config, workdir: str) -> RunResult:
   distributed.initialize_from_env()
   config_lib.validate(config, num_devices=jax.device_count(),
                       process_count=jax.process_count(), workdir=workdir)
+  # Before anything is written: a second run on this workdir stops here.
+  lock = workdir_lock.hold(workdir, log)
   sigterm = _SigtermFlag()  # From here on a SIGTERM means "save and stop".
   try:
     return _run(config, workdir, sigterm)
   finally:
     sigterm.restore()
+    lock.release()
 
 
 def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
