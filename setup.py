@@ -26,5 +26,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "scikit-learn", "nbformat", "nbclient", "ipykernel"],
+        # experiments/benchmarks/peer.py only: never needed to train or test.
+        "bench": ["torch", "transformers"],
     },
 )

@@ -11,17 +11,30 @@ on the other half (a fresh optimizer and learning rate; only parameters are read
       --config.init_from.workdir=/tmp/gpt2_pre --workdir=/tmp/gpt2_ft
 Add --config.optim.freeze='^embedder/' to keep the embeddings fixed. Then sample:
   python -m bigjax.generate --workdir=/tmp/gpt2_ft --prompt="def " --max_new_tokens=64
+
+`baby` is nanoGPT's "baby GPT on CPU" recipe (4 layers, 4 heads, width 128,
+64-byte context, batch 12, 2,000 steps of AdamW 1e-3 -> 1e-4 cosine after 100
+warmup steps, beta2 0.99), the recipe experiments/benchmarks/peer.py trains in
+bigjax and in PyTorch (HF transformers' GPT-2) side by side (~3 minutes here):
+  python -m bigjax.main --config=configs/gpt2.py:baby --workdir=/tmp/gpt2_baby
 """
 from configs import common, lm
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, finetune=False, runlocal=False, demo=False)
+  arg = common.parse_arg(arg, finetune=False, runlocal=False, demo=False, baby=False)
   config = lm.get_config(",".join(k for k in ("runlocal", "demo") if arg[k]))
   config.model.update(position="learned", norm="layernorm", mlp_activation="gelu",
                       gated_mlp=False, tie_embeddings=True, dropout_rate=0.1)
   if arg.runlocal or arg.demo:
     config.model.dropout_rate = 0.0  # Minutes of training on a large corpus: no overfitting.
+  if arg.baby:
+    config.update(total_steps=2000, batch_size=12, seq_len=64, log_every=100,
+                  eval_every=500, eval_batches=200, checkpoint_every=1000)
+    config.model.update(num_layers=4, num_heads=4, emb_dim=128, mlp_dim=512, max_len=64,
+                        dropout_rate=0.0, dtype="float32")
+    config.optim.update(lr=1e-3, warmup_steps=100, end_lr_factor=0.1, b2=0.99,
+                        weight_decay=0.1, clip_norm=1.0)
   if arg.runlocal:
     config.total_steps = 60
     config.log_every = config.eval_every = config.checkpoint_every = 30

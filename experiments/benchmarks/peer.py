@@ -1,0 +1,271 @@
+r"""bigjax against the same GPT-2 in PyTorch (HF transformers), side by side.
+
+  pip install -e '.[bench]'                       # torch + transformers, benchmark only
+  python experiments/benchmarks/peer.py           # both parts, ~15 minutes on 2 CPU cores
+  python experiments/benchmarks/peer.py --part=quality --steps=300   # the test's recipe
+
+Quality: nanoGPT's baby GPT recipe (`configs/gpt2.py:baby`) trained in each
+framework from its own initialisation on the same batches of the embedded corpus
+(bigjax's step-indexed pipeline feeds both), with the same schedule, AdamW
+(weight decay on matrices only), clipping and tied embeddings, evaluated on the
+same validation windows. Prints validation bits per byte of each at equal steps,
+and at equal wall time: at the faster side's total training time, each side's
+last evaluation reached by then (evaluation time excluded).
+
+Speed: a GPT-2-style decoder at --speed_shape (default 6 layers, width 512, 8
+heads, MLP 2048, context 256, batch 8, f32, no dropout), bigjax's own jitted
+train step (the one `python -m bigjax.main` runs) against a PyTorch training
+step of HF's GPT2LMHeadModel, timed alternately in rounds in this one process.
+Prints both tokens/s, their ratio, and both MFUs against the XLA f32 matmul
+roofline measured here (model FLOPs per token: 6 x matmul parameters incl. the
+unembedding + 6 x layers x context x width for causal attention, MaxText's form).
+"""
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from bigjax import optim, sharding, steps, train  # noqa: E402
+from bigjax.data import pipeline  # noqa: E402
+from configs import gpt2  # noqa: E402
+
+try:
+  import torch
+  import transformers
+except ImportError:
+  sys.exit("peer.py needs the benchmark extra: pip install -e '.[bench]'")
+
+
+# --------------------------------------------------------------------------
+# The two sides: one object each with step(batch) and eval_loss(batches).
+# --------------------------------------------------------------------------
+
+
+class BigjaxSide:
+  name = "bigjax"
+
+  def __init__(self, config):
+    self.task = steps.make_task(config, sharding.make_mesh(config.mesh))
+    self.train_step = steps.make_train_step(self.task)
+    self.eval_step = steps.make_eval_step(self.task)
+    self.reset()
+
+  def reset(self):
+    """A fresh initialisation (the compiled steps are kept)."""
+    self.state = steps.create_state(self.task, self.task.config.seed)
+
+  def step(self, batch):
+    self.state, metrics = self.train_step(self.state, train._global_batch(self.task, batch))
+    return metrics
+
+  def sync(self, metrics):
+    return float(jax.device_get(metrics["loss"]))
+
+  def eval_loss(self, batches) -> float:
+    return train.evaluate(self.task, self.eval_step, self.state, batches)["eval_loss"]
+
+
+class TorchSide:
+  """HF GPT2LMHeadModel with the config's shape and bigjax's optimizer settings."""
+  name = "pytorch"
+
+  def __init__(self, config):
+    self.config = config
+    self.reset()
+
+  def reset(self):
+    config = self.config
+    m, o = config.model, config.optim
+    torch.manual_seed(config.seed)
+    self.model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=m.vocab_size, n_positions=m.max_len, n_embd=m.emb_dim,
+        n_layer=m.num_layers, n_head=m.num_heads, n_inner=m.mlp_dim,
+        activation_function="gelu_new",  # tanh GELU, as jax.nn.gelu's default
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True))
+    self.model.train()
+    params = [p for p in self.model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    self.opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
+    self.schedule = optim.schedule(o, config.total_steps)
+    self.clip, self.t = o.clip_norm, 0
+
+  def _loss(self, batch):
+    inputs = torch.from_numpy(np.asarray(batch["inputs"], np.int64))
+    targets = torch.from_numpy(np.asarray(batch["targets"], np.int64))
+    logits = self.model(input_ids=inputs).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                             reduction="sum"), targets.numel()
+
+  def step(self, batch):
+    for group in self.opt.param_groups:
+      group["lr"] = float(self.schedule(self.t))
+    loss, n = self._loss(batch)
+    self.opt.zero_grad(set_to_none=True)
+    (loss / n).backward()
+    if self.clip:
+      torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+    self.opt.step()
+    self.t += 1
+    return loss.detach() / n
+
+  def sync(self, metrics):
+    return float(metrics)
+
+  def eval_loss(self, batches) -> float:
+    self.model.eval()
+    with torch.no_grad():
+      sums = [self._loss(b) for b in batches]
+    self.model.train()
+    return sum(float(s) for s, _ in sums) / sum(n for _, n in sums)
+
+
+# --------------------------------------------------------------------------
+# Quality: equal steps and equal wall time.
+# --------------------------------------------------------------------------
+
+
+def load_batches(config):
+  train_tokens = pipeline.token_array("stdlib_py", "train")
+  eval_tokens = pipeline.token_array("stdlib_py", "validation")
+  kw = dict(global_batch_size=config.batch_size, seq_len=config.seq_len)
+  return (pipeline.LMBatches(train_tokens, seed=config.seed, **kw),
+          pipeline.eval_batches(eval_tokens, num_batches=config.eval_batches, **kw))
+
+
+def train_curve(side, config, data, evals, eval_every):
+  """[(step, seconds of training so far, validation bits per byte)]."""
+  curve, seconds = [(0, 0.0, side.eval_loss(evals) / math.log(2))], 0.0
+  side.sync(side.step(data.batch(0)))  # Compile / warm up outside the clock...
+  side.reset()  # ...then start again from a fresh initialisation.
+  for step in range(config.total_steps):
+    start = time.perf_counter()
+    metrics = side.step(data.batch(step))
+    if (step + 1) % eval_every == 0 or step + 1 == config.total_steps:
+      side.sync(metrics)
+      seconds += time.perf_counter() - start
+      curve.append((step + 1, seconds, side.eval_loss(evals) / math.log(2)))
+      print(f"  {side.name:8s} step {step + 1:5d}  {seconds:7.1f} s  "
+            f"val {curve[-1][2]:.4f} bits/byte", flush=True)
+    else:
+      seconds += time.perf_counter() - start
+  return curve
+
+
+def at_time(curve, seconds):
+  return [c for c in curve if c[1] <= seconds][-1]
+
+
+def quality(args):
+  config = gpt2.get_config("baby")
+  if args.steps:
+    config.total_steps = args.steps
+  data, evals = load_batches(config)
+  print(f"Quality: configs/gpt2.py:baby, {config.total_steps} steps, "
+        f"{len(evals)} validation batches of {config.batch_size}x{config.seq_len} bytes")
+  curves = {}
+  for side in (BigjaxSide, TorchSide):
+    curves[side.name] = train_curve(side(config), config, data, evals, args.eval_every)
+  (_, tj, bj), (_, tt, bt) = curves["bigjax"][-1], curves["pytorch"][-1]
+  wall = min(tj, tt)
+  (sj, _, wj), (st, _, wt) = at_time(curves["bigjax"], wall), at_time(curves["pytorch"], wall)
+  print(f"equal steps ({config.total_steps}): bigjax {bj:.4f}, pytorch {bt:.4f} bits/byte "
+        f"({bj - bt:+.4f}); training time bigjax {tj:.1f} s, pytorch {tt:.1f} s")
+  print(f"equal wall time ({wall:.0f} s): bigjax {wj:.4f} (step {sj}), "
+        f"pytorch {wt:.4f} (step {st}) bits/byte")
+
+
+# --------------------------------------------------------------------------
+# Speed: alternated rounds, tokens/s and MFU against the matmul roofline.
+# --------------------------------------------------------------------------
+
+
+def matmul_roofline(n=2048, repeats=5) -> float:
+  """XLA's f32 matmul FLOP/s here (best of `repeats`): the practical peak."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
+  return 2 * n ** 3 / best
+
+
+def _timed(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def model_flops_per_token(m, seq_len) -> float:
+  """6 x matmul parameters (attention, MLP, unembedding) + causal attention."""
+  per_layer = 4 * m.emb_dim * m.emb_dim + 2 * m.emb_dim * m.mlp_dim
+  matmul_params = m.num_layers * per_layer + m.emb_dim * m.vocab_size
+  return 6 * matmul_params + 6 * m.num_layers * seq_len * m.emb_dim
+
+
+def speed_config(shape: str):
+  layers_, width, heads, mlp, seq, batch = (int(x) for x in shape.split(","))
+  config = gpt2.get_config()
+  config.update(batch_size=batch, seq_len=seq, total_steps=10_000)
+  config.model.update(num_layers=layers_, emb_dim=width, num_heads=heads, mlp_dim=mlp,
+                      max_len=seq, dropout_rate=0.0, dtype="float32")
+  return config
+
+
+def speed(args):
+  config = speed_config(args.speed_shape)
+  data, _ = load_batches(config)
+  sides = [BigjaxSide(config), TorchSide(config)]
+  batches = [data.batch(i) for i in range(args.steps_per_round)]
+  for side in sides:  # Compile and warm up.
+    side.sync(side.step(batches[0]))
+  times = {side.name: [] for side in sides}
+  for _ in range(args.rounds):
+    for side in sides:
+      start = time.perf_counter()
+      for b in batches:
+        metrics = side.step(b)
+      side.sync(metrics)
+      times[side.name].append((time.perf_counter() - start) / len(batches))
+  peak = matmul_roofline()
+  flops = model_flops_per_token(config.model, config.seq_len)
+  tokens = config.batch_size * config.seq_len
+  print(f"Speed: {args.speed_shape} (layers, width, heads, mlp, context, batch), f32; "
+        f"median of {args.rounds} alternated rounds of {args.steps_per_round} steps; "
+        f"XLA f32 matmul roofline {peak / 1e9:.0f} GFLOP/s")
+  rate = {}
+  for name, ts in times.items():
+    rate[name] = tokens / statistics.median(ts)
+    print(f"  {name:8s} {rate[name]:7.0f} tokens/s   MFU {rate[name] * flops / peak:5.1%}")
+  print(f"  bigjax / pytorch: {rate['bigjax'] / rate['pytorch']:.2f}x")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--part", choices=("quality", "speed", "both"), default="both")
+  parser.add_argument("--steps", type=int, default=0, help="Quality steps (0: the recipe's).")
+  parser.add_argument("--eval_every", type=int, default=250)
+  parser.add_argument("--speed_shape", default="6,512,8,2048,256,8")
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--steps_per_round", type=int, default=5)
+  args = parser.parse_args()
+  torch.set_num_threads(os.cpu_count())
+  print(f"jax {jax.__version__}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} cores")
+  if args.part in ("speed", "both"):
+    speed(args)
+  if args.part in ("quality", "both"):
+    quality(args)
+
+
+if __name__ == "__main__":
+  main()
