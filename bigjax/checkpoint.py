@@ -16,6 +16,7 @@ import logging
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
@@ -25,10 +26,37 @@ from bigjax.config import ConfigError
 from bigjax.steps import TrainState
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
+DAMAGED_DIR = "damaged_checkpoints"  # WORKDIR/damaged_checkpoints/STEP: set aside, kept.
 
 
 class CheckpointMismatchError(ConfigError):
   """The checkpoint's arrays do not fit this run's state (another model)."""
+
+
+class CheckpointDamagedError(RuntimeError):
+  """A checkpoint does not read back as it was saved (a truncated or missing
+  file, flipped bytes, non-finite values), or no intact checkpoint is left."""
+
+  def __init__(self, message: str, step: int | None = None, problem: str = ""):
+    super().__init__(message)
+    self.step, self.problem = step, problem
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+  """An exception as one line of at most `limit` chars. orbax wraps tensorstore's
+  errors ("Encountered error while reading array index ..."): the innermost
+  cause says what is wrong ("OUT_OF_RANGE: ... byte range ... not valid")."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  text = " ".join(str(error).split()) or type(error).__name__
+  return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _everywhere(ok: bool) -> bool:
+  """True if `ok` on every process, so that all of them take the same branch."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _as_dict(state: TrainState) -> dict:
@@ -147,10 +175,9 @@ class Checkpointer:
     try:
       metadata = self.manager.item_metadata(step)
     except (FileNotFoundError, ValueError) as e:
-      raise CheckpointMismatchError(
-          f"The checkpoint at step {step} in {self.directory} is unreadable ({e}). "
-          "Remove that step's directory to resume from an earlier one, or use a new "
-          "--workdir.") from None
+      raise CheckpointDamagedError(
+          f"The checkpoint at step {step} in {self.directory} is unreadable ({_one_line(e)}).",
+          step, f"its metadata is unreadable: {_one_line(e)}") from None
     if metadata is None:
       return  # Nothing to compare against; orbax checks while restoring.
     diffs = describe_mismatch(_shapes(metadata), _shapes(_as_dict(abstract_state)))
@@ -172,6 +199,62 @@ class Checkpointer:
                           _as_dict(abstract_state), _as_dict(shardings))
     restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
     return TrainState(**restored)
+
+  def restore_latest_intact(self, abstract_state: TrainState, shardings: TrainState,
+                            report) -> tuple[TrainState, int] | None:
+    """(state, step) of the newest checkpoint that reads back as saved, restored
+    onto `shardings`; None if there is no checkpoint. Each damaged step is
+    reported in one line (`report`) and moved to WORKDIR/damaged_checkpoints, so
+    that the run goes on from the previous good step and can save that step
+    again. Raises CheckpointDamagedError if every step is damaged."""
+    damaged = []
+    for step in reversed(self.all_steps()):
+      try:
+        return self._restore_intact(abstract_state, shardings, step), step
+      except CheckpointDamagedError as e:
+        aside = self._set_aside(step)
+        report(f"Checkpoint step {step} is damaged ({e.problem}); moved it to {aside} and "
+               "falling back to the previous checkpoint.")
+        damaged.append(step)
+    if damaged:
+      raise CheckpointDamagedError(
+          f"No intact checkpoint in {self.directory}: steps {damaged} were damaged and moved "
+          f"to {self.directory.parent / DAMAGED_DIR}. Rerun to start again from step 0, or "
+          "put back good copies of those steps.")
+    return None
+
+  def _restore_intact(self, abstract_state: TrainState, shardings: TrainState,
+                      step: int) -> TrainState:
+    """`restore`, with any failure to read the step back raised as
+    CheckpointDamagedError (another model's checkpoint is a mismatch, not damage)."""
+    problem, state = None, None
+    try:
+      state = self.restore(abstract_state, shardings, step)
+    except (CheckpointMismatchError, KeyboardInterrupt):
+      raise
+    except CheckpointDamagedError as e:
+      problem = e.problem
+    except Exception as e:  # pylint: disable=broad-except  # tensorstore: ValueError, ...
+      problem = f"reading it failed: {_one_line(e)}"
+    if not _everywhere(problem is None):
+      raise CheckpointDamagedError(f"step {step} is damaged", step,
+                                   problem or "reading it failed on another process")
+    return state
+
+  def _set_aside(self, step: int) -> epath.Path:
+    """Moves a damaged step out of the manager's sight, keeping its files."""
+    aside_dir = self.directory.parent / DAMAGED_DIR
+    aside = aside_dir / str(step)
+    if jax.process_index() == 0:
+      aside_dir.mkdir(parents=True, exist_ok=True)
+      n = 1
+      while aside.exists():
+        aside, n = aside_dir / f"{step}-{n}", n + 1
+      (self.directory / str(step)).rename(aside)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"bigjax.checkpoint: set aside {step}")
+    self.manager.reload()
+    return aside
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process at the same step once any host got a preemption
@@ -261,6 +344,28 @@ class CheckpointReader:
     leaves = [flat[optim.path_name(p)] for p, _ in jax.tree_util.tree_flatten_with_path(wanted)[0]]
     out = jax.tree.unflatten(jax.tree.structure(wanted), leaves)
     return out["params"], out["model_state"]
+
+  def restore_latest_intact_params(self, abstract_state: TrainState, shardings: TrainState,
+                                   report) -> tuple:
+    """(params, model_state, step) of the newest step that reads back as saved.
+    A damaged step is reported in one line (`report`) and skipped, never moved:
+    the reader is read-only. Raises CheckpointDamagedError if none is intact."""
+    problems = []
+    for step in reversed(self.all_steps()):
+      try:
+        params, model_state = self.restore_params(abstract_state, shardings, step)
+      except (CheckpointMismatchError, KeyboardInterrupt):
+        raise
+      except Exception as e:  # pylint: disable=broad-except  # tensorstore: ValueError, ...
+        problem = f"reading it failed: {_one_line(e, 200)}"
+        report(f"Note: checkpoint step {step} in {self.directory} is damaged ({problem}); "
+               "trying the previous one.")
+        problems.append(f"step {step}")
+        continue
+      return params, model_state, step
+    raise CheckpointDamagedError(
+        f"No intact checkpoint in {self.directory}: {', '.join(problems) or 'none'} damaged. "
+        "Wait for the run's next save, or put back a good copy of a step.")
 
   def close(self):
     self.manager.close()

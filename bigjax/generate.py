@@ -90,7 +90,9 @@ def load_model(workdir: str):
     if reader.latest_step() is None:
       raise GenerateError(f"No finished checkpoint in {ckpt_dir}: train first, or wait for "
                           "the run's first save.")
-    params, _ = reader.restore_params(task.abstract_state, task.state_shardings)
+    # A damaged step is skipped (with a note) for the one before it.
+    params, _, _ = reader.restore_latest_intact_params(
+        task.abstract_state, task.state_shardings, lambda note: print(note, file=sys.stderr))
   finally:
     reader.close()
   return config, task, task.model(params)
@@ -128,6 +130,7 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f"Error: unexpected arguments {argv[1:]}; pass the prompt as --prompt=TEXT.")
   absl_logging.set_verbosity(absl_logging.WARNING)
+  from bigjax.checkpoint import CheckpointDamagedError
   from bigjax.config import ConfigError
 
   try:
@@ -136,7 +139,8 @@ def main(argv):
                beam_size=_BEAM.value, length_penalty=_LENGTH_PENALTY.value, seed=_SEED.value)
   # ConfigError (e.g. a checkpoint of another model) is a ValueError, as are the
   # settings decode rejects (lengths, top_p, beam_size, ...).
-  except (GenerateError, ConfigError, ValueError, FileNotFoundError) as e:
+  except (GenerateError, ConfigError, CheckpointDamagedError, ValueError,
+          FileNotFoundError) as e:
     sys.exit(f"Error: {e}")
   print(text)
 

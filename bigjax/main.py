@@ -138,7 +138,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
   del argv
-  from bigjax import config as config_lib, train, workdir_lock
+  from bigjax import checkpoint, config as config_lib, train, workdir_lock
 
   # Library chatter (orbax logs every save at INFO) stays out of the way;
   # bigjax prints what a researcher needs on process 0.
@@ -146,7 +146,8 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
     result = train.run(config, workdir)
-  except workdir_lock.WorkdirBusyError as e:  # Another run holds the workdir.
+  except (workdir_lock.WorkdirBusyError,  # Another run holds the workdir.
+          checkpoint.CheckpointDamagedError) as e:  # No intact checkpoint is left.
     sys.exit(f"Error: {e}")
   except config_lib.ConfigError as e:  # Bad input: the message says what to fix.
     sys.exit(f"Invalid config: {e}")

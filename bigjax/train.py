@@ -12,6 +12,8 @@ What a run survives (each tested in tests/test_survival_*.py):
   waited for, a line says so, and run() returns (the CLI exits 0). Under
   jax.distributed every host stops at the same step (JAX's preemption sync).
 - A save interrupted half-way: never listed; removed and reported on restart.
+- A damaged checkpoint (truncated, missing or altered files): reported in one
+  line, moved to WORKDIR/damaged_checkpoints, and the step before it resumed.
 - NaN/Inf gradients: skipped and counted, or the run halts (optim.nan_policy).
 - Bad config, data or checkpoint: a ConfigError naming the field, before compiling.
 - A second run on the same workdir: refused (WorkdirBusyError naming the holder).
@@ -205,15 +207,18 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
                                  async_save=config.async_checkpoint)
   for name in ckpt.unfinished_removed:
     log(f"Removed an unfinished checkpoint (its save was interrupted): {name}")
-  start = ckpt.latest_step()
   fine_tuning = bool(config.get("init_from") and config.init_from.get("workdir"))
-  if start is not None:
-    try:
-      state = ckpt.restore(task.abstract_state, task.state_shardings, start)
-    except checkpoint.CheckpointMismatchError as e:
-      ckpt.close()
-      raise checkpoint.CheckpointMismatchError(
-          str(e) + _model_config_diff(workdir, config)) from None
+  try:  # A damaged step is reported, set aside, and the one before it restored.
+    restored = ckpt.restore_latest_intact(task.abstract_state, task.state_shardings, log)
+  except checkpoint.CheckpointMismatchError as e:
+    ckpt.close()
+    raise checkpoint.CheckpointMismatchError(
+        str(e) + _model_config_diff(workdir, config)) from None
+  except checkpoint.CheckpointDamagedError:
+    ckpt.close()
+    raise
+  if restored is not None:
+    state, start = restored
     log(f"Resumed from the checkpoint at step {start}.")
   else:
     state, start = steps.create_state(task, config.seed), 0
