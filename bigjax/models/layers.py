@@ -6,6 +6,7 @@ Compute runs in `dtype`; parameters are stored in `param_dtype`; softmax,
 norms and logits are computed in float32.
 """
 import dataclasses
+import math
 from typing import Callable
 
 import jax
@@ -81,6 +82,23 @@ def residual_init(cfg: LayerConfig, in_axis=-2, out_axis=-1) -> Initializer:
   return lambda key, shape, dtype=jnp.float32: (init(key, shape, dtype) * factor).astype(dtype)
 
 
+def dense(x: jax.Array, kernel: jax.Array, contract: int = 1) -> jax.Array:
+  """x [..., *k] times kernel [*k, *n] -> [..., *n], contracting the last
+  `contract` dims of x with the first of the kernel, as one 2-D matmul.
+
+  Why not einsum("bte,em->btm"): XLA:CPU gives the backward pass of the rank-3
+  form transposed copies of the activations (written inside the elementwise
+  fusions before each weight-gradient matmul); over [b*t, features] every
+  forward and backward matmul is a plain row-major one. Same mathematics, same
+  shardings (the batch dimension stays major); experiments/benchmarks/peer.py
+  measures the difference.
+  """
+  lead = x.shape[:x.ndim - contract]
+  k = math.prod(kernel.shape[:contract])
+  y = jnp.dot(x.reshape(-1, k), kernel.reshape(k, -1))
+  return y.reshape(*lead, *kernel.shape[contract:])
+
+
 def param(rngs: nnx.Rngs, init: Initializer, shape, names, dtype) -> nnx.Param:
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
 
@@ -134,7 +152,7 @@ class Embed(nnx.Module):
     return constrain(x, ("batch", "length", "embed"))
 
   def attend(self, x: jax.Array) -> jax.Array:
-    logits = jnp.einsum("bte,ve->btv", x, self.embedding[...].astype(self.dtype))
+    logits = dense(x, self.embedding[...].astype(self.dtype).T)
     return constrain(logits, ("batch", "length", "vocab"))
 
 
@@ -204,15 +222,15 @@ class Attention(nnx.Module):
     return self.attend(q, k, v, mask, rng)
 
   def project_query(self, x_q, q_positions=None):
-    q = jnp.einsum("bte,ehd->bthd", x_q, self.query[...].astype(self.cfg.dtype))
+    q = dense(x_q, self.query[...].astype(self.cfg.dtype))
     q = constrain(q, ("batch", "length", "heads", "kv"))
     return rotary(q, q_positions) if self.rotary else q
 
   def project_kv(self, x_kv, k_positions=None):
     """Keys and values [b, s, kv_heads, head_dim] (rotary applied to the keys)."""
     dt = self.cfg.dtype
-    k = jnp.einsum("bse,ehd->bshd", x_kv, self.key[...].astype(dt))
-    v = jnp.einsum("bse,ehd->bshd", x_kv, self.value[...].astype(dt))
+    k = dense(x_kv, self.key[...].astype(dt))
+    v = dense(x_kv, self.value[...].astype(dt))
     k = constrain(k, ("batch", "length", "heads", "kv"))
     v = constrain(v, ("batch", "length", "heads", "kv"))
     if self.rotary:
@@ -231,7 +249,7 @@ class Attention(nnx.Module):
     probs = dropout(probs, cfg.dropout_rate, rng)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
     out = constrain(out, ("batch", "length", "heads", "kv"))
-    y = jnp.einsum("bthd,hde->bte", out, self.out[...].astype(dt))
+    y = dense(out, self.out[...].astype(dt), contract=2)
     return constrain(y, ("batch", "length", "embed"))
 
   def cached_self_attention(self, x, mask, positions, cache, rng=None):
@@ -268,12 +286,12 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array, rng=None) -> jax.Array:
     dt, act = self.cfg.dtype, ACTIVATIONS[self.cfg.mlp_activation]
-    h = jnp.einsum("bte,em->btm", x, self.wi[...].astype(dt))
+    h = dense(x, self.wi[...].astype(dt))
     if self.wi_gate is not None:
-      h = act(jnp.einsum("bte,em->btm", x, self.wi_gate[...].astype(dt))) * h
+      h = act(dense(x, self.wi_gate[...].astype(dt))) * h
     else:
       h = act(h)
     h = constrain(h, ("batch", "length", "mlp"))
     h = dropout(h, self.cfg.dropout_rate, rng)
-    y = jnp.einsum("btm,me->bte", h, self.wo[...].astype(dt))
+    y = dense(h, self.wo[...].astype(dt))
     return constrain(y, ("batch", "length", "embed"))

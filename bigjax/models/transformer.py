@@ -188,7 +188,7 @@ class _Embedder(nnx.Module):
       # The factor that keeps initial logits O(1) for this embedding init.
       out = self.tokens.attend(x * self.tied_logits_scale)
     else:
-      out = jnp.einsum("bte,ev->btv", x, self.logits_kernel[...].astype(self.dtype))
+      out = layers.dense(x, self.logits_kernel[...].astype(self.dtype))
       out = constrain(out, ("batch", "length", "vocab"))
     return out.astype(jnp.float32)
 
