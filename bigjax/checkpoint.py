@@ -12,6 +12,7 @@ the arrays that differ rather than deep inside orbax. Nothing is unpickled:
 orbax stores arrays in tensorstore (zarr/OCDBT) and metadata as JSON.
 """
 import contextlib
+import dataclasses
 import logging
 import os
 
@@ -21,7 +22,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from bigjax import optim
+from bigjax import checkpoint_integrity as integrity, optim
 from bigjax.config import ConfigError
 from bigjax.steps import TrainState
 
@@ -111,22 +112,63 @@ def _check_writable(directory: epath.Path):
                       "--workdir.")
 
 
+@dataclasses.dataclass
+class _KeepNewestGood:
+  """An orbax preservation policy: keeps the newest finished checkpoint whose
+  state was good, so that saves of a broken state (loss NaN) never rotate out
+  the last checkpoint worth resuming. The others follow keep-K."""
+  checkpointer: "Checkpointer"
+
+  def should_preserve(self, checkpoints, *, context) -> list[bool]:
+    del context
+    keep = self.checkpointer.newest_good_step([info.step for info in checkpoints])
+    return [info.step == keep for info in checkpoints]
+
+
 class Checkpointer:
-  """The run's CheckpointManager under WORKDIR/checkpoints."""
+  """The run's CheckpointManager under WORKDIR/checkpoints.
+
+  Every save records checksums of its files (checkpoint_integrity) once its
+  arrays are written and before orbax renames it into place; restores verify
+  them and the state's finiteness, and fall back past a damaged step.
+  """
 
   def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True):
     self.save_every = save_every
     self.directory = epath.Path(_abspath(workdir)) / "checkpoints"
     _check_writable(self.directory)
     self._leftovers = self._remove_unfinished()
+    self._async = async_save
+    self._in_flight: tuple[int, bool] | None = None  # (step, good) of the last save.
+    # The manager is always asynchronous: orbax runs the checksum hook only
+    # there. A synchronous run waits for each save right away.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
-        enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
-        create=True)
+        enable_async_checkpointing=True, cleanup_tmp_directories=True, create=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._record_checksums),
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy([
+            ocp.checkpoint_managers.LatestN(keep), _KeepNewestGood(self)]))
     # An explicit handler lets `item_metadata` read a checkpoint's shapes
     # before anything has been restored in this process.
     self.manager = ocp.CheckpointManager(
         self.directory, item_handlers=ocp.StandardCheckpointHandler(), options=options)
+    self._good = {step: integrity.is_good(self.directory / str(step))
+                  for step in self.all_steps()}
+
+  def newest_good_step(self, steps: list[int] | None = None) -> int | None:
+    """The newest finished step (of `steps`, default all) saved from a good
+    state; steps saved before bigjax recorded this count as good. The save in
+    flight is not finished, so it never counts."""
+    steps = self.all_steps() if steps is None else steps
+    in_flight = self._in_flight[0] if self._in_flight else None
+    return max((s for s in steps if s != in_flight and self._good.get(s, True)), default=None)
+
+  def _record_checksums(self):
+    """orbax's post-write hook (background thread, process 0): every file of the
+    save is written; it is not yet renamed into place."""
+    step, good = self._in_flight
+    unfinished = self.directory / f"{step}{TMP_MARKER}"
+    integrity.write(unfinished if unfinished.exists() else self.directory / str(step),
+                    good=good)
 
   def _temporary_dirs(self) -> list[str]:
     if not self.directory.is_dir():
@@ -157,16 +199,25 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state: TrainState, *, force: bool = False) -> bool:
+  def save(self, step: int, state: TrainState, *, force: bool = False,
+           good: bool = True) -> bool:
     """Saves if `step` is due (or forced); returns whether a save started.
 
     `step` is passed as a Python int so that the loop never waits on the device.
+    `good=False` (e.g. the loss was not finite) keeps the newest good checkpoint
+    from being rotated out by this one.
     """
     if not force and step % self.save_every:
       return False
     if step == self.latest_step():
       return False  # Already saved (e.g. a final save right after a periodic one).
-    return self.manager.save(step, args=ocp.args.StandardSave(_as_dict(state)), force=True)
+    self.manager.wait_until_finished()  # The hook reads _in_flight: one save at a time.
+    self._in_flight = (step, good)
+    self._good[step] = good
+    started = self.manager.save(step, args=ocp.args.StandardSave(_as_dict(state)), force=True)
+    if not self._async:
+      self.manager.wait_until_finished()
+    return started
 
   def check_compatible(self, abstract_state: TrainState, step: int):
     """Raises CheckpointMismatchError if the checkpoint at `step` holds other
@@ -213,6 +264,7 @@ class Checkpointer:
         return self._restore_intact(abstract_state, shardings, step), step
       except CheckpointDamagedError as e:
         aside = self._set_aside(step)
+        self._good.pop(step, None)
         report(f"Checkpoint step {step} is damaged ({e.problem}); moved it to {aside} and "
                "falling back to the previous checkpoint.")
         damaged.append(step)
@@ -227,15 +279,22 @@ class Checkpointer:
                       step: int) -> TrainState:
     """`restore`, with any failure to read the step back raised as
     CheckpointDamagedError (another model's checkpoint is a mismatch, not damage)."""
-    problem, state = None, None
-    try:
-      state = self.restore(abstract_state, shardings, step)
-    except (CheckpointMismatchError, KeyboardInterrupt):
-      raise
-    except CheckpointDamagedError as e:
-      problem = e.problem
-    except Exception as e:  # pylint: disable=broad-except  # tensorstore: ValueError, ...
-      problem = f"reading it failed: {_one_line(e)}"
+    # Checksums first (process 0 reads the files once), so that a damaged step
+    # is never handed to orbax; then the restored values must be finite.
+    problem = integrity.damage(self.directory / str(step)) if jax.process_index() == 0 else None
+    state = None
+    if _everywhere(problem is None):
+      try:
+        state = self.restore(abstract_state, shardings, step)
+      except (CheckpointMismatchError, KeyboardInterrupt):
+        raise
+      except CheckpointDamagedError as e:
+        problem = e.problem
+      except Exception as e:  # pylint: disable=broad-except  # tensorstore: ValueError, ...
+        problem = f"reading it failed: {_one_line(e)}"
+    if state is not None and problem is None:
+      bad = integrity.first_nonfinite(_as_dict(state))
+      problem = f"{bad} holds NaN or Inf" if bad else None
     if not _everywhere(problem is None):
       raise CheckpointDamagedError(f"step {step} is damaged", step,
                                    problem or "reading it failed on another process")
@@ -352,20 +411,32 @@ class CheckpointReader:
     the reader is read-only. Raises CheckpointDamagedError if none is intact."""
     problems = []
     for step in reversed(self.all_steps()):
-      try:
-        params, model_state = self.restore_params(abstract_state, shardings, step)
-      except (CheckpointMismatchError, KeyboardInterrupt):
-        raise
-      except Exception as e:  # pylint: disable=broad-except  # tensorstore: ValueError, ...
-        problem = f"reading it failed: {_one_line(e, 200)}"
+      problem = self._problem(abstract_state, shardings, step)
+      if isinstance(problem, str):
         report(f"Note: checkpoint step {step} in {self.directory} is damaged ({problem}); "
                "trying the previous one.")
         problems.append(f"step {step}")
         continue
+      params, model_state = problem
       return params, model_state, step
     raise CheckpointDamagedError(
         f"No intact checkpoint in {self.directory}: {', '.join(problems) or 'none'} damaged. "
         "Wait for the run's next save, or put back a good copy of a step.")
+
+  def _problem(self, abstract_state, shardings, step: int):
+    """(params, model_state) of `step` if it reads back as saved, else a few
+    words saying what is wrong with it."""
+    problem = integrity.damage(self.directory / str(step))
+    if problem:
+      return problem
+    try:
+      params, model_state = self.restore_params(abstract_state, shardings, step)
+    except (CheckpointMismatchError, KeyboardInterrupt):
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # tensorstore: ValueError, ...
+      return f"reading it failed: {_one_line(e, 200)}"
+    bad = integrity.first_nonfinite(params)
+    return f"params/{bad} holds NaN or Inf" if bad else (params, model_state)
 
   def close(self):
     self.manager.close()

@@ -12,8 +12,10 @@ What a run survives (each tested in tests/test_survival_*.py):
   waited for, a line says so, and run() returns (the CLI exits 0). Under
   jax.distributed every host stops at the same step (JAX's preemption sync).
 - A save interrupted half-way: never listed; removed and reported on restart.
-- A damaged checkpoint (truncated, missing or altered files): reported in one
-  line, moved to WORKDIR/damaged_checkpoints, and the step before it resumed.
+- A damaged checkpoint (truncated, missing or altered files: checksums; non-
+  finite values): reported in one line, moved to WORKDIR/damaged_checkpoints,
+  and the step before it resumed. The newest checkpoint of a good state (finite
+  loss) is never rotated out by saves of one that is not.
 - NaN/Inf gradients: skipped and counted, or the run halts (optim.nan_policy).
 - Bad config, data or checkpoint: a ConfigError naming the field, before compiling.
 - A second run on the same workdir: refused (WorkdirBusyError naming the holder).
@@ -295,7 +297,10 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
         progress.reset_clock()
 
       if save_now:
-        ckpt.save(done, state, force=True)
+        # A state whose loss is not finite may be broken: its saves must not
+        # rotate out the newest good checkpoint (one host sync per save).
+        good = math.isfinite(float(step_metrics["loss"]))
+        ckpt.save(done, state, force=True, good=good)
       if stop:
         ckpt.wait()
         print(f"Preempted: checkpoint saved at step {done}; rerun the same command to "

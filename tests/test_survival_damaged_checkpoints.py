@@ -1,4 +1,4 @@
-"""Damaged checkpoints: a truncated or missing array file, flipped bytes. The
+"""Damaged checkpoints: a truncated or missing array file, a flipped byte. The
 damaged step is reported in one line and set aside, the run resumes from the
 step before it (and re-runs the lost steps with the same losses), and
 `generate` uses the previous step; nothing good is deleted."""
@@ -67,7 +67,17 @@ def _flip_byte(path):
     f.write(bytes([byte[0] ^ 0xFF]))
 
 
-DAMAGE = {"truncated": _truncate, "deleted": os.remove}
+DAMAGE = {"truncated": _truncate, "deleted": os.remove, "flipped": _flip_byte}
+
+
+def test_every_step_carries_checksums_of_its_files(trained):
+  for step in (10, 20):
+    step_dir = _step_dir(trained["workdir"], step)
+    with open(os.path.join(step_dir, "bigjax_checksums.json")) as f:
+      record = json.load(f)
+    largest = _largest_file(step_dir)
+    name = os.path.relpath(largest, step_dir)
+    assert record["files"][name][0] == os.path.getsize(largest) and record["good"] is True
 
 
 def _losses(workdir) -> dict:

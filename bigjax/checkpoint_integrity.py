@@ -1,0 +1,107 @@
+"""Is a checkpoint the one that was saved? Checksums of its bytes, and finiteness.
+
+Orbax and tensorstore store no checksums of the array data (a flipped byte in an
+OCDBT data file restores silently as wrong values), so bigjax records one per
+file: when a save's arrays are all written and before orbax renames the step
+into place, `write` puts STEP/bigjax_checksums.json (size and CRC-32 of every
+file of the step) inside it. A finalised step therefore always carries its
+checksums, and `damage` finds a flipped byte, a truncated or a missing file
+before anything is read. Checksums are per file, not per array, so that a
+checkpoint restores onto any mesh: the files are the same whatever reads them.
+
+The record also says whether the saved state was good (its training loss
+finite), which decides which checkpoint must never be rotated out.
+"""
+import json
+import zlib
+
+import jax
+import jax.numpy as jnp
+from etils import epath
+
+from bigjax import optim
+
+CHECKSUMS = "bigjax_checksums.json"
+# Files orbax may (re)write after the checksums: small metadata, not arrays.
+_UNCHECKED = {CHECKSUMS, "_CHECKPOINT_METADATA", "commit_success.txt"}
+_CHUNK = 16 << 20
+
+
+def _crc32(path: epath.Path) -> tuple[int, str]:
+  """(size, CRC-32 as 8 hex digits) of a file, read in chunks."""
+  crc, size = 0, 0
+  with path.open("rb") as f:
+    while chunk := f.read(_CHUNK):
+      crc = zlib.crc32(chunk, crc)
+      size += len(chunk)
+  return size, f"{crc:08x}"
+
+
+def _files(step_dir: epath.Path, prefix: str = "") -> dict[str, epath.Path]:
+  """{path relative to the step: path} of every checked file of a step (walked
+  level by level: epath has no recursive glob on buckets)."""
+  out = {}
+  for path in step_dir.iterdir():
+    if path.is_dir():
+      out.update(_files(path, f"{prefix}{path.name}/"))
+    elif path.name not in _UNCHECKED:
+      out[prefix + path.name] = path
+  return out
+
+
+def write(step_dir: epath.Path, *, good: bool):
+  """Records the checksums of every file now in `step_dir` (a finished save)."""
+  files = {name: list(_crc32(path)) for name, path in sorted(_files(step_dir).items())}
+  record = {"format": 1, "good": good, "files": files}
+  (step_dir / CHECKSUMS).write_text(json.dumps(record, indent=0))
+
+
+def read(step_dir: epath.Path) -> dict | None:
+  """The step's record, or None if it has none (saved before bigjax wrote them)
+  or it is unreadable (then `damage` reports it)."""
+  try:
+    return json.loads((step_dir / CHECKSUMS).read_text())
+  except FileNotFoundError:
+    return None
+
+
+def is_good(step_dir: epath.Path) -> bool:
+  """Whether the state saved there was good; steps without a record count as good."""
+  try:
+    record = read(step_dir)
+  except (OSError, ValueError):
+    return False
+  return record is None or bool(record.get("good", True))
+
+
+def damage(step_dir: epath.Path) -> str | None:
+  """What differs from when the step was saved, in a few words, or None if
+  nothing does (or the step has no checksums to compare with)."""
+  try:
+    record = read(step_dir)
+  except (OSError, ValueError) as e:
+    return f"its {CHECKSUMS} is unreadable: {e}"
+  if record is None:
+    return None
+  for name, (size, crc) in record["files"].items():
+    path = step_dir / name
+    if not path.exists():
+      return f"file {name} is missing"
+    now_size, now_crc = _crc32(path)
+    if now_size != size:
+      return f"file {name} has {now_size} bytes, {size} when saved (truncated or overwritten)"
+    if now_crc != crc:
+      return f"file {name} has other bytes than when saved (CRC-32 {now_crc}, saved {crc})"
+  return None
+
+
+def first_nonfinite(tree) -> str | None:
+  """The name ('params/decoder/...') of the first floating-point array holding a
+  NaN or Inf, or None if all are finite. One small jitted reduction per array."""
+  named = [(optim.path_name(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  finite = jax.jit(lambda xs: [jnp.all(jnp.isfinite(x)) for x in xs])([x for _, x in named])
+  for (name, _), ok in zip(named, jax.device_get(finite)):
+    if not ok:
+      return name
+  return None
