@@ -17,8 +17,8 @@ heads, MLP 2048, context 256, batch 8, f32, no dropout), bigjax's own jitted
 train step (the one `python -m bigjax.main` runs) against a PyTorch training
 step of HF's GPT2LMHeadModel, timed alternately in rounds in this one process.
 Prints both tokens/s, their ratio, and both MFUs against the XLA f32 matmul
-roofline measured here (model FLOPs per token: 6 x matmul parameters incl. the
-unembedding + 6 x layers x context x width for causal attention, MaxText's form).
+roofline measured here (model FLOPs per token from bigjax/flops.py: MaxText's
+convention, 6 x matmul parameters incl. the unembedding + causal attention).
 """
 import argparse
 import math
@@ -35,7 +35,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bigjax import optim, sharding, steps, train  # noqa: E402
+from bigjax import flops, optim, sharding, steps, train  # noqa: E402
 from bigjax.data import pipeline  # noqa: E402
 from configs import gpt2  # noqa: E402
 
@@ -205,13 +205,6 @@ def _timed(fn) -> float:
   return time.perf_counter() - start
 
 
-def model_flops_per_token(m, seq_len) -> float:
-  """6 x matmul parameters (attention, MLP, unembedding) + causal attention."""
-  per_layer = 4 * m.emb_dim * m.emb_dim + 2 * m.emb_dim * m.mlp_dim
-  matmul_params = m.num_layers * per_layer + m.emb_dim * m.vocab_size
-  return 6 * matmul_params + 6 * m.num_layers * seq_len * m.emb_dim
-
-
 def speed_config(shape: str):
   layers_, width, heads, mlp, seq, batch = (int(x) for x in shape.split(","))
   config = gpt2.get_config()
@@ -237,7 +230,7 @@ def speed(args):
       side.sync(metrics)
       times[side.name].append((time.perf_counter() - start) / len(batches))
   peak = matmul_roofline()
-  flops = model_flops_per_token(config.model, config.seq_len)
+  per_token = flops.training_flops_per_token(steps.model_config(config), config.seq_len)
   tokens = config.batch_size * config.seq_len
   print(f"Speed: {args.speed_shape} (layers, width, heads, mlp, context, batch), f32; "
         f"median of {args.rounds} alternated rounds of {args.steps_per_round} steps; "
@@ -245,7 +238,7 @@ def speed(args):
   rate = {}
   for name, ts in times.items():
     rate[name] = tokens / statistics.median(ts)
-    print(f"  {name:8s} {rate[name]:7.0f} tokens/s   MFU {rate[name] * flops / peak:5.1%}")
+    print(f"  {name:8s} {rate[name]:7.0f} tokens/s   MFU {rate[name] * per_token / peak:5.1%}")
   print(f"  bigjax / pytorch: {rate['bigjax'] / rate['pytorch']:.2f}x")
 
 

@@ -1,0 +1,59 @@
+"""Model FLOPs per token and MFU, by the MaxText convention.
+
+Training FLOPs per token = 6 x (parameters that take part in a matmul for that
+token, the unembedding included) + causal attention 6 x layers x context x
+(heads x head_dim), which is PaLM's 12 x L x H x Q x T halved because a causal
+mask leaves half the score matrix unused (Levanter and Megatron count it whole).
+A MoE layer counts its router and the k experts each token is routed to, not
+all E. XLA's own counted FLOPs are not used: they count a scanned layer once and
+rematerialised work twice.
+"""
+from bigjax.models import transformer
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' sheets (without sparsity).
+PEAK_BF16 = {"tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12,
+             "tpu v6 lite": 918e12, "tpu v6e": 918e12, "h100": 989e12, "h200": 989e12,
+             "a100": 312e12}
+
+
+def _layer_matmul_params(cfg: transformer.TransformerConfig, moe: bool,
+                         cross_attention: bool) -> int:
+  lcfg = cfg.layer_config()
+  e, hd, kvd = lcfg.emb_dim, lcfg.num_heads * lcfg.head_dim, lcfg.num_kv_heads * lcfg.head_dim
+  attention = e * (2 * hd + 2 * kvd)  # query, out; key, value
+  if cross_attention:
+    attention *= 2
+  mlp = e * cfg.mlp_dim * (3 if cfg.gated_mlp else 2)
+  if moe:
+    mlp = mlp * cfg.moe.k + e * cfg.moe.num_experts  # k active experts + the router
+  return attention + mlp
+
+
+def _stack(cfg, num_layers: int, cross_attention: bool) -> int:
+  return sum(_layer_matmul_params(cfg, bool(cfg.moe_every) and (i + 1) % cfg.moe_every == 0,
+                                  cross_attention) for i in range(num_layers))
+
+
+def training_flops_per_token(cfg: transformer.TransformerConfig, seq_len: int) -> float:
+  """Forward + backward model FLOPs per (target) token; see the module docstring.
+  For an encoder-decoder each target token is charged one encoder token too."""
+  attn_width = cfg.num_heads * (cfg.head_dim or cfg.emb_dim // cfg.num_heads)
+  params = cfg.emb_dim * cfg.vocab_size  # The unembedding (tied or not).
+  params += _stack(cfg, cfg.num_layers, cross_attention=False)
+  attention = 6 * cfg.num_layers * seq_len * attn_width
+  if cfg.kind == "encdec":
+    decoder_layers = cfg.num_decoder_layers or cfg.num_layers
+    params += _stack(cfg, decoder_layers, cross_attention=True)
+    attention += 6 * decoder_layers * seq_len * attn_width * 3  # causal self + full cross
+  elif cfg.kind == "encoder":
+    attention *= 2  # Bidirectional: the whole score matrix is used.
+  return 6 * params + attention
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """The chip's dense bf16 peak from PEAK_BF16, or None if it is not listed."""
+  kind = device_kind.lower()
+  for name, peak in PEAK_BF16.items():
+    if name in kind:
+      return peak
+  return None

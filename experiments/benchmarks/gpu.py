@@ -1,0 +1,88 @@
+r"""Training throughput and MFU of a ~1B dense decoder and an 8-expert MoE on one GPU.
+
+  python experiments/benchmarks/gpu.py                 # one H100/H200: ~5 minutes
+  python experiments/benchmarks/gpu.py --preset=tiny   # a CPU smoke run (seconds)
+
+Both models run bigjax's own jitted train step (`python -m bigjax.main`'s) in
+bfloat16 compute with float32 parameters and AdamW. The MoE model has the dense
+model's attention and, in every other block, 8 experts (top-2, GShard capacity
+routing) each the size of the dense MLP's half, so its active FLOPs per token
+equal the dense model's up to the router: the step-time ratio is the cost of
+routing. MFU = model FLOPs per token (bigjax/flops.py) x tokens/s / the chip's
+dense bf16 peak (flops.PEAK_BF16).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bigjax import flops, sharding, steps  # noqa: E402
+from configs import lm, lm_moe  # noqa: E402
+
+# name -> (layers, width, heads, mlp, context, batch)
+PRESETS = {"1b": (20, 2048, 16, 8192, 2048, 8), "tiny": (2, 128, 4, 512, 128, 4)}
+
+
+def make_config(moe: bool, shape):
+  num_layers, width, heads, mlp, seq, batch = shape
+  config = (lm_moe if moe else lm).get_config()
+  config.update(batch_size=batch, seq_len=seq, total_steps=1000)
+  config.model.update(num_layers=num_layers, emb_dim=width, num_heads=heads, mlp_dim=mlp,
+                      max_len=seq, dtype="bfloat16", dropout_rate=0.0)
+  if moe:
+    config.model.mlp_dim = mlp // 2  # Top-2 of half-size experts = the dense MLP's FLOPs.
+    config.model.moe.update(num_experts=8, router="gshard_top2", capacity_factor=1.0,
+                            group_size=min(1024, seq))
+  return config
+
+
+def tokens_per_second(config, steps_to_time: int) -> float:
+  task = steps.make_task(config, sharding.make_mesh(config.mesh))
+  state = steps.create_state(task, config.seed)
+  train_step = steps.make_train_step(task)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, 259, (config.batch_size, config.seq_len + 1)).astype(np.int32)
+  batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                          "weights": np.ones(tokens[:, 1:].shape, np.float32)},
+                         task.batch_sharding())
+  times = []
+  for i in range(steps_to_time + 2):  # Two warm-up steps (compile, allocate).
+    start = time.perf_counter()
+    state, metrics = train_step(state, batch)
+    jax.block_until_ready(metrics)
+    if i >= 2:
+      times.append(time.perf_counter() - start)
+  return config.batch_size * config.seq_len / statistics.median(times)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--preset", choices=sorted(PRESETS), default="1b")
+  parser.add_argument("--steps", type=int, default=10)
+  args = parser.parse_args()
+  device = jax.devices()[0]
+  peak = flops.peak_flops(device.device_kind)
+  print(f"{device.device_kind} x{jax.device_count()}, jax {jax.__version__}; preset "
+        f"{args.preset} {PRESETS[args.preset]} (layers, width, heads, mlp, context, batch)")
+  rates = {}
+  for name, moe in (("dense", False), ("moe 8x top-2", True)):
+    config = make_config(moe, PRESETS[args.preset])
+    per_token = flops.training_flops_per_token(steps.model_config(config), config.seq_len)
+    params = sum(x.size for x in jax.tree.leaves(steps.make_task(
+        config, sharding.make_mesh(config.mesh)).abstract_state.params))
+    rates[name] = tokens_per_second(config, args.steps)
+    mfu = f"MFU {rates[name] * per_token / jax.device_count() / peak:.1%}" if peak else \
+        "MFU n/a (chip not in flops.PEAK_BF16)"
+    print(f"  {name:13s} {params / 1e9:5.2f}B params  {rates[name]:9.0f} tokens/s  {mfu}")
+  print(f"  moe step / dense step: {rates['dense'] / rates['moe 8x top-2']:.2f}x")
+
+
+if __name__ == "__main__":
+  main()
