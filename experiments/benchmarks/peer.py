@@ -4,6 +4,10 @@ r"""bigjax against the same GPT-2 in PyTorch (HF transformers), side by side.
   python experiments/benchmarks/peer.py           # both parts, ~15 minutes on 2 CPU cores
   python experiments/benchmarks/peer.py --part=quality --steps=300   # the test's recipe
 
+Equivalence: bigjax's freshly initialised baby GPT, its weights copied into HF's
+GPT2LMHeadModel (biases zero, the same LayerNorm epsilon): the two logits agree
+(max |difference| printed), so the architectures are the same function.
+
 Quality: nanoGPT's baby GPT recipe (`configs/gpt2.py:baby`) trained in each
 framework from its own initialisation on the same batches of the embedded corpus
 (bigjax's step-indexed pipeline feeds both), with the same schedule, AdamW
@@ -75,6 +79,53 @@ class BigjaxSide:
     return train.evaluate(self.task, self.eval_step, self.state, batches)["eval_loss"]
 
 
+def hf_gpt2(config, layer_norm_epsilon=1e-5):
+  m = config.model
+  return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      vocab_size=m.vocab_size, n_positions=m.max_len, n_embd=m.emb_dim,
+      n_layer=m.num_layers, n_head=m.num_heads, n_inner=m.mlp_dim,
+      activation_function="gelu_new",  # tanh GELU, as jax.nn.gelu's default
+      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+      layer_norm_epsilon=layer_norm_epsilon))
+
+
+def load_into_hf(params, model):
+  """bigjax GPT-2 parameters -> HF GPT2LMHeadModel (Conv1D weights are [in, out])."""
+  t = lambda x: torch.from_numpy(np.asarray(x, np.float32).copy())
+  flat = lambda x: np.asarray(x).reshape(x.shape[0], -1)
+  sd = {"transformer.wte.weight": t(params["embedder"]["tokens"]["embedding"]),
+        "transformer.wpe.weight": t(params["embedder"]["positions"]["embedding"]),
+        "transformer.ln_f.weight": t(params["decoder"]["final_norm"]["scale"]),
+        "transformer.ln_f.bias": t(params["decoder"]["final_norm"]["bias"])}
+  for i, b in enumerate(params["decoder"]["blocks"].values()
+                        if isinstance(params["decoder"]["blocks"], dict)
+                        else params["decoder"]["blocks"]):
+    a, pre = b["attn"], f"transformer.h.{i}."
+    sd[pre + "attn.c_attn.weight"] = t(np.concatenate(
+        [flat(a["query"]), flat(a["key"]), flat(a["value"])], axis=1))
+    sd[pre + "attn.c_proj.weight"] = t(np.asarray(a["out"]).reshape(-1, a["out"].shape[-1]))
+    sd[pre + "mlp.c_fc.weight"], sd[pre + "mlp.c_proj.weight"] = t(b["ffn"]["wi"]), t(b["ffn"]["wo"])
+    for ours, theirs in (("attn_norm", "ln_1"), ("ffn_norm", "ln_2")):
+      sd[f"{pre}{theirs}.weight"] = t(b[ours]["scale"])
+      sd[f"{pre}{theirs}.bias"] = t(b[ours]["bias"])
+  for name, value in model.state_dict().items():  # Biases: bigjax has none.
+    if name not in sd and name.endswith(".bias"):
+      sd[name] = torch.zeros_like(value)
+  model.load_state_dict(sd, strict=False)
+  return model
+
+
+def equivalence(config, batch):
+  bj = BigjaxSide(config)
+  params = jax.device_get(bj.state.params)
+  ours = np.asarray(bj.task.model(bj.state.params)(jnp.asarray(batch["inputs"])))
+  hf = load_into_hf(params, hf_gpt2(config, layer_norm_epsilon=1e-6)).eval()
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.from_numpy(np.asarray(batch["inputs"], np.int64))).logits.numpy()
+  print(f"Equivalence: the same weights in bigjax and in HF GPT-2: max |logit difference| "
+        f"{np.abs(ours - theirs).max():.2e} (logit std {ours.std():.3f})")
+
+
 class TorchSide:
   """HF GPT2LMHeadModel with the config's shape and bigjax's optimizer settings."""
   name = "pytorch"
@@ -85,13 +136,9 @@ class TorchSide:
 
   def reset(self):
     config = self.config
-    m, o = config.model, config.optim
+    o = config.optim
     torch.manual_seed(config.seed)
-    self.model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=m.vocab_size, n_positions=m.max_len, n_embd=m.emb_dim,
-        n_layer=m.num_layers, n_head=m.num_heads, n_inner=m.mlp_dim,
-        activation_function="gelu_new",  # tanh GELU, as jax.nn.gelu's default
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True))
+    self.model = hf_gpt2(config)
     self.model.train()
     params = [p for p in self.model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
@@ -171,6 +218,7 @@ def quality(args):
   if args.steps:
     config.total_steps = args.steps
   data, evals = load_batches(config)
+  equivalence(config, evals[0])
   print(f"Quality: configs/gpt2.py:baby, {config.total_steps} steps, "
         f"{len(evals)} validation batches of {config.batch_size}x{config.seq_len} bytes")
   curves = {}
