@@ -1,12 +1,13 @@
 r"""bigjax against the same GPT-2 in PyTorch (HF transformers), side by side.
 
   pip install -e '.[bench]'                       # torch + transformers, benchmark only
-  python experiments/benchmarks/peer.py           # both parts, ~15 minutes on 2 CPU cores
+  python experiments/benchmarks/peer.py           # everything, ~20 minutes on 2 CPU cores
   python experiments/benchmarks/peer.py --part=quality --steps=300   # the test's recipe
 
-Equivalence: bigjax's freshly initialised baby GPT, its weights copied into HF's
-GPT2LMHeadModel (biases zero, the same LayerNorm epsilon): the two logits agree
-(max |difference| printed), so the architectures are the same function.
+Equivalence, before each part: a freshly initialised bigjax model's weights
+copied into the HF model of the same architecture (experiments/benchmarks/
+hf_models.py: GPT-2, and Mixtral for the MoE) give the same logits (max |difference|
+printed): the two sides compute the same function.
 
 Quality: nanoGPT's baby GPT recipe (`configs/gpt2.py:baby`) trained in each
 framework from its own initialisation on the same batches of the embedded corpus
@@ -20,6 +21,9 @@ Speed: a GPT-2-style decoder at --speed_shape (default 6 layers, width 512, 8
 heads, MLP 2048, context 256, batch 8, f32, no dropout), bigjax's own jitted
 train step (the one `python -m bigjax.main` runs) against a PyTorch training
 step of HF's GPT2LMHeadModel, timed alternately in rounds in this one process.
+Then the same for an 8-expert top-2 MoE in every block against HF's Mixtral
+(RMSNorm, rotary, SwiGLU experts of half the MLP width, bigjax's dropless
+router with its CPU path, sorted_blocks; HF runs its per-expert loop).
 Prints both tokens/s, their ratio, and both MFUs against the XLA f32 matmul
 roofline measured here (model FLOPs per token from bigjax/flops.py: MaxText's
 convention, 6 x matmul parameters incl. the unembedding + causal attention).
@@ -35,7 +39,12 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+try:
+  import torch  # noqa: F401
+except ImportError:
+  sys.exit("peer.py needs the benchmark extra: pip install -e '.[bench]'")
 
+import hf_models  # noqa: E402  (the bench extra: torch, transformers)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
@@ -43,11 +52,8 @@ from bigjax import flops, optim, sharding, steps, train  # noqa: E402
 from bigjax.data import pipeline  # noqa: E402
 from configs import gpt2  # noqa: E402
 
-try:
-  import torch
-  import transformers
-except ImportError:
-  sys.exit("peer.py needs the benchmark extra: pip install -e '.[bench]'")
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 
 # --------------------------------------------------------------------------
@@ -79,66 +85,31 @@ class BigjaxSide:
     return train.evaluate(self.task, self.eval_step, self.state, batches)["eval_loss"]
 
 
-def hf_gpt2(config, layer_norm_epsilon=1e-5):
-  m = config.model
-  return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-      vocab_size=m.vocab_size, n_positions=m.max_len, n_embd=m.emb_dim,
-      n_layer=m.num_layers, n_head=m.num_heads, n_inner=m.mlp_dim,
-      activation_function="gelu_new",  # tanh GELU, as jax.nn.gelu's default
-      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
-      layer_norm_epsilon=layer_norm_epsilon))
-
-
-def load_into_hf(params, model):
-  """bigjax GPT-2 parameters -> HF GPT2LMHeadModel (Conv1D weights are [in, out])."""
-  t = lambda x: torch.from_numpy(np.asarray(x, np.float32).copy())
-  flat = lambda x: np.asarray(x).reshape(x.shape[0], -1)
-  sd = {"transformer.wte.weight": t(params["embedder"]["tokens"]["embedding"]),
-        "transformer.wpe.weight": t(params["embedder"]["positions"]["embedding"]),
-        "transformer.ln_f.weight": t(params["decoder"]["final_norm"]["scale"]),
-        "transformer.ln_f.bias": t(params["decoder"]["final_norm"]["bias"])}
-  for i, b in enumerate(params["decoder"]["blocks"].values()
-                        if isinstance(params["decoder"]["blocks"], dict)
-                        else params["decoder"]["blocks"]):
-    a, pre = b["attn"], f"transformer.h.{i}."
-    sd[pre + "attn.c_attn.weight"] = t(np.concatenate(
-        [flat(a["query"]), flat(a["key"]), flat(a["value"])], axis=1))
-    sd[pre + "attn.c_proj.weight"] = t(np.asarray(a["out"]).reshape(-1, a["out"].shape[-1]))
-    sd[pre + "mlp.c_fc.weight"], sd[pre + "mlp.c_proj.weight"] = t(b["ffn"]["wi"]), t(b["ffn"]["wo"])
-    for ours, theirs in (("attn_norm", "ln_1"), ("ffn_norm", "ln_2")):
-      sd[f"{pre}{theirs}.weight"] = t(b[ours]["scale"])
-      sd[f"{pre}{theirs}.bias"] = t(b[ours]["bias"])
-  for name, value in model.state_dict().items():  # Biases: bigjax has none.
-    if name not in sd and name.endswith(".bias"):
-      sd[name] = torch.zeros_like(value)
-  model.load_state_dict(sd, strict=False)
-  return model
-
-
-def equivalence(config, batch):
+def equivalence(arch: str, config, batch):
   bj = BigjaxSide(config)
-  params = jax.device_get(bj.state.params)
   ours = np.asarray(bj.task.model(bj.state.params)(jnp.asarray(batch["inputs"])))
-  hf = load_into_hf(params, hf_gpt2(config, layer_norm_epsilon=1e-6)).eval()
+  hf = hf_models.load(arch, jax.device_get(bj.state.params), hf_models.build(arch, config))
   with torch.no_grad():
-    theirs = hf(input_ids=torch.from_numpy(np.asarray(batch["inputs"], np.int64))).logits.numpy()
-  print(f"Equivalence: the same weights in bigjax and in HF GPT-2: max |logit difference| "
-        f"{np.abs(ours - theirs).max():.2e} (logit std {ours.std():.3f})")
+    theirs = hf.eval()(input_ids=torch.from_numpy(np.asarray(batch["inputs"], np.int64)))
+  diff = np.abs(ours - theirs.logits.numpy()).max()
+  print(f"Equivalence ({arch}): the same weights in bigjax and in HF: max |logit "
+        f"difference| {diff:.2e} (logit std {ours.std():.3f})")
 
 
 class TorchSide:
-  """HF GPT2LMHeadModel with the config's shape and bigjax's optimizer settings."""
+  """The HF model of `arch` with the config's shape and bigjax's optimizer settings
+  (HF's own initialisation; its layer-norm epsilon, 1e-5 for GPT-2)."""
   name = "pytorch"
 
-  def __init__(self, config):
-    self.config = config
+  def __init__(self, config, arch="gpt2"):
+    self.config, self.arch = config, arch
     self.reset()
 
   def reset(self):
     config = self.config
     o = config.optim
     torch.manual_seed(config.seed)
-    self.model = hf_gpt2(config)
+    self.model = hf_models.build(self.arch, config, norm_eps=1e-5)
     self.model.train()
     params = [p for p in self.model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
@@ -218,7 +189,7 @@ def quality(args):
   if args.steps:
     config.total_steps = args.steps
   data, evals = load_batches(config)
-  equivalence(config, evals[0])
+  equivalence("gpt2", config, evals[0])
   print(f"Quality: configs/gpt2.py:baby, {config.total_steps} steps, "
         f"{len(evals)} validation batches of {config.batch_size}x{config.seq_len} bytes")
   curves = {}
@@ -262,10 +233,14 @@ def speed_config(shape: str):
   return config
 
 
-def speed(args):
+def speed(args, arch: str):
   config = speed_config(args.speed_shape)
-  data, _ = load_batches(config)
-  sides = [BigjaxSide(config), TorchSide(config)]
+  if arch == "mixtral":
+    config = hf_models.mixtral_like(config)
+    config.model.mlp_dim //= 2  # Top-2 of half-size experts: the dense model's FLOPs.
+  data, evals = load_batches(config)
+  equivalence(arch, config, evals[0])
+  sides = [BigjaxSide(config), TorchSide(config, arch)]
   batches = [data.batch(i) for i in range(args.steps_per_round)]
   for side in sides:  # Compile and warm up.
     side.sync(side.step(batches[0]))
@@ -280,7 +255,8 @@ def speed(args):
   peak = matmul_roofline()
   per_token = flops.training_flops_per_token(steps.model_config(config), config.seq_len)
   tokens = config.batch_size * config.seq_len
-  print(f"Speed: {args.speed_shape} (layers, width, heads, mlp, context, batch), f32; "
+  print(f"Speed ({arch}): {args.speed_shape} (layers, width, heads, mlp, context, batch), "
+        f"f32{', 8 experts of mlp/2, top-2, in every block' if arch == 'mixtral' else ''}; "
         f"median of {args.rounds} alternated rounds of {args.steps_per_round} steps; "
         f"XLA f32 matmul roofline {peak / 1e9:.0f} GFLOP/s")
   rate = {}
@@ -296,6 +272,7 @@ def main():
   parser.add_argument("--steps", type=int, default=0, help="Quality steps (0: the recipe's).")
   parser.add_argument("--eval_every", type=int, default=250)
   parser.add_argument("--speed_shape", default="6,512,8,2048,256,8")
+  parser.add_argument("--archs", default="gpt2,mixtral", help="Speed: of " + str(hf_models.ARCHS))
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps_per_round", type=int, default=5)
   args = parser.parse_args()
@@ -303,7 +280,8 @@ def main():
   print(f"jax {jax.__version__}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} cores")
   if args.part in ("speed", "both"):
-    speed(args)
+    for arch in args.archs.split(","):
+      speed(args, arch)
   if args.part in ("quality", "both"):
     quality(args)
 

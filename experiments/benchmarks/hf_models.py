@@ -1,0 +1,114 @@
+"""HF transformers models of a bigjax config's shape, and bigjax weights in them.
+
+For experiments/benchmarks/peer.py (torch and transformers are the `bench` extra).
+Two architectures bigjax can express exactly:
+  gpt2:    GPT2LMHeadModel; bigjax `configs/gpt2.py` (learned positions, LayerNorm,
+           tanh GELU, tied embeddings). bigjax has no biases: they are zeroed.
+  mixtral: MixtralForCausalLM; bigjax with RMSNorm, rotary positions, SwiGLU
+           experts in every block, the dropless top-2 router (softmax, top-2,
+           renormalised), an untied output projection.
+Conv1D weights (GPT-2) are [in, out]; nn.Linear weights (Mixtral) are [out, in].
+"""
+import numpy as np
+import torch
+import transformers
+
+ARCHS = ("gpt2", "mixtral")
+
+
+def mixtral_like(config):
+  """bigjax's expression of Mixtral's block on top of a GPT-2-shaped `config`."""
+  config.model.update(norm="rmsnorm", position="rotary", mlp_activation="silu",
+                      gated_mlp=True, tie_embeddings=False, moe_every=1)
+  config.model.moe.update(num_experts=8, router="dropless", top_k=2,
+                          dropless_impl="sorted_blocks")
+  return config
+
+
+def build(arch: str, config, norm_eps: float = 1e-6):
+  """An HF model of config.model's shape; `norm_eps` matches bigjax's 1e-6 (GPT-2
+  itself uses 1e-5)."""
+  m = config.model
+  if arch == "gpt2":
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=m.vocab_size, n_positions=m.max_len, n_embd=m.emb_dim,
+        n_layer=m.num_layers, n_head=m.num_heads, n_inner=m.mlp_dim,
+        activation_function="gelu_new",  # tanh GELU, as jax.nn.gelu's default
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+        layer_norm_epsilon=norm_eps))
+  return transformers.MixtralForCausalLM(transformers.MixtralConfig(
+      vocab_size=m.vocab_size, hidden_size=m.emb_dim, intermediate_size=m.mlp_dim,
+      num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+      num_key_value_heads=m.num_kv_heads or m.num_heads, max_position_embeddings=m.max_len,
+      num_local_experts=m.moe.num_experts, num_experts_per_tok=m.moe.top_k,
+      rms_norm_eps=norm_eps, tie_word_embeddings=False, hidden_act="silu",
+      rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}))
+
+
+def _t(x):
+  return torch.from_numpy(np.array(x, np.float32))  # A writable copy.
+
+
+def _blocks(params, stack="decoder"):
+  blocks = params[stack]["blocks"]
+  return [blocks[k] for k in sorted(blocks, key=int)] if isinstance(blocks, dict) else blocks
+
+
+def _gpt2_state(params) -> dict:
+  flat = lambda x: np.asarray(x).reshape(x.shape[0], -1)
+  emb = params["embedder"]
+  sd = {"transformer.wte.weight": emb["tokens"]["embedding"],
+        "transformer.wpe.weight": emb["positions"]["embedding"],
+        "transformer.ln_f.weight": params["decoder"]["final_norm"]["scale"],
+        "transformer.ln_f.bias": params["decoder"]["final_norm"]["bias"]}
+  for i, b in enumerate(_blocks(params)):
+    pre, a = f"transformer.h.{i}.", b["attn"]
+    sd[pre + "attn.c_attn.weight"] = np.concatenate(
+        [flat(a["query"]), flat(a["key"]), flat(a["value"])], axis=1)
+    sd[pre + "attn.c_proj.weight"] = np.asarray(a["out"]).reshape(-1, a["out"].shape[-1])
+    sd[pre + "mlp.c_fc.weight"], sd[pre + "mlp.c_proj.weight"] = b["ffn"]["wi"], b["ffn"]["wo"]
+    for ours, theirs in (("attn_norm", "ln_1"), ("ffn_norm", "ln_2")):
+      sd[f"{pre}{theirs}.weight"], sd[f"{pre}{theirs}.bias"] = (b[ours]["scale"],
+                                                               b[ours]["bias"])
+  return sd
+
+
+def _mixtral_state(params) -> dict:
+  linear = lambda x: np.asarray(x).reshape(x.shape[0], -1).T  # [in, ...] -> [out, in]
+  sd = {"model.embed_tokens.weight": params["embedder"]["tokens"]["embedding"],
+        "model.norm.weight": params["decoder"]["final_norm"]["scale"],
+        "lm_head.weight": np.asarray(params["embedder"]["logits_kernel"]).T}
+  for i, b in enumerate(_blocks(params)):
+    pre, a, f = f"model.layers.{i}.", b["attn"], b["ffn"]
+    for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+      sd[f"{pre}self_attn.{theirs}.weight"] = linear(a[ours])
+    sd[pre + "self_attn.o_proj.weight"] = np.asarray(a["out"]).reshape(
+        -1, a["out"].shape[-1]).T
+    sd[pre + "input_layernorm.weight"] = b["attn_norm"]["scale"]
+    sd[pre + "post_attention_layernorm.weight"] = b["ffn_norm"]["scale"]
+    sd[pre + "mlp.gate.weight"] = np.asarray(f["router"]).T
+    # [experts, emb, hidden] -> [experts, 2 * hidden (gate, then up), emb].
+    sd[pre + "mlp.experts.gate_up_proj"] = np.concatenate(
+        [np.swapaxes(f["wi_gate"], 1, 2), np.swapaxes(f["wi"], 1, 2)], axis=1)
+    sd[pre + "mlp.experts.down_proj"] = np.swapaxes(f["wo"], 1, 2)
+  return sd
+
+
+def load(arch: str, params, model):
+  """Copies bigjax parameters (a nested dict of arrays) into `model`; every HF
+  tensor must be set, except biases, which bigjax does not have (zeroed)."""
+  ours = {k: _t(v) for k, v in (_gpt2_state if arch == "gpt2" else _mixtral_state)(
+      params).items()}
+  theirs = {k: v.detach() for k, v in model.named_parameters()}  # Not the buffers.
+  missing = [k for k in theirs if k not in ours and not k.endswith(".bias")
+             and not (arch == "gpt2" and k == "lm_head.weight")]  # Tied to wte.
+  unknown = [k for k in ours if k not in theirs]
+  if missing or unknown:
+    raise KeyError(f"Unmapped HF tensors {missing}; unknown names {unknown}.")
+  for k, v in theirs.items():
+    if k not in ours and k.endswith(".bias"):
+      ours[k] = torch.zeros_like(v)
+    elif k in ours and tuple(ours[k].shape) != tuple(v.shape):
+      raise ValueError(f"{k}: bigjax gives {tuple(ours[k].shape)}, HF has {tuple(v.shape)}.")
+  model.load_state_dict(ours, strict=False)
+  return model
