@@ -15,6 +15,8 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
+import sys
 
 import jax
 import numpy as np
@@ -43,6 +45,64 @@ class CheckpointDamagedError(RuntimeError):
     self.step, self.problem = step, problem
 
 
+class CheckpointSaveError(RuntimeError):
+  """A save failed (often a full disk); the message names the last good step."""
+
+
+class _OrbaxErrorCatcher(logging.Filter):
+  """Keeps the first exception orbax logs from its background save threads and
+  drops those records (each a long traceback, several per failure): bigjax
+  reports the failure itself, in one line, at the next step boundary."""
+
+  def __init__(self):
+    super().__init__()
+    self.error: BaseException | None = None
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname:
+      return True
+    if self.error is None and record.exc_info and record.exc_info[1] is not None:
+      self.error = record.exc_info[1]
+    return False
+
+
+_ABANDONED = ("Event loop is closed", "sys.meta_path is None")
+
+
+def _orbax_task_never_retrieved(record: logging.LogRecord) -> bool:
+  """asyncio's 'Task/Future exception was never retrieved' for an orbax write."""
+  message = record.getMessage()
+  return "exception was never retrieved" in message and "orbax" in message
+
+
+def _quiet_abandoned_writes():
+  """After a failed save, tensorstore's remaining write callbacks find orbax's
+  event loop closed, asyncio collects orbax's failed write tasks, and at exit
+  its unfinished write coroutines are collected: each prints a traceback
+  (hundreds in all) that says nothing new. Those, and only those, are dropped
+  (once per process); the failure itself is reported by Checkpointer."""
+  previous = sys.unraisablehook
+  if getattr(previous, "bigjax_quiet", False):
+    return
+
+  def hook(unraisable):
+    if not any(text in str(unraisable.exc_value) for text in _ABANDONED):
+      previous(unraisable)
+
+  hook.bigjax_quiet = True
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(
+      lambda record: not _orbax_task_never_retrieved(record))
+
+
+def _mib(num_bytes: float) -> str:
+  return f"{num_bytes / 2**20:,.1f} MiB"
+
+
+def _bytes_under(path: epath.Path) -> int:
+  return sum(p.stat().length for p in integrity.step_files(path).values())
+
+
 def _one_line(error: BaseException, limit: int = 300) -> str:
   """An exception as one line of at most `limit` chars. orbax wraps tensorstore's
   errors ("Encountered error while reading array index ..."): the innermost
@@ -50,7 +110,10 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
   while error.__cause__ is not None:
     error = error.__cause__
   text = " ".join(str(error).split()) or type(error).__name__
-  return text if len(text) <= limit else text[:limit] + " ..."
+  if len(text) <= limit:
+    return text
+  # The reason ("File too large", "No space left on device") comes last.
+  return f"{text[:limit // 2]} ... {text[-limit // 2:]}"
 
 
 def _everywhere(ok: bool) -> bool:
@@ -153,6 +216,11 @@ class Checkpointer:
         self.directory, item_handlers=ocp.StandardCheckpointHandler(), options=options)
     self._good = {step: integrity.is_good(self.directory / str(step))
                   for step in self.all_steps()}
+    self._unconfirmed: int | None = None  # A save not yet seen finished.
+    self._state_bytes = 0
+    self._errors = _OrbaxErrorCatcher()
+    logging.getLogger("absl").addFilter(self._errors)
+    _quiet_abandoned_writes()
 
   def newest_good_step(self, steps: list[int] | None = None) -> int | None:
     """The newest finished step (of `steps`, default all) saved from a good
@@ -211,13 +279,68 @@ class Checkpointer:
       return False
     if step == self.latest_step():
       return False  # Already saved (e.g. a final save right after a periodic one).
-    self.manager.wait_until_finished()  # The hook reads _in_flight: one save at a time.
+    self.wait_and_check()  # The hook reads _in_flight: one save at a time.
+    self._errors.error = None  # Anything orbax logged before this save is not its failure.
     self._in_flight = (step, good)
     self._good[step] = good
-    started = self.manager.save(step, args=ocp.args.StandardSave(_as_dict(state)), force=True)
+    self._state_bytes = sum(x.nbytes for x in jax.tree.leaves(_as_dict(state)))
+    try:
+      started = self.manager.save(step, args=ocp.args.StandardSave(_as_dict(state)),
+                                  force=True)
+    except OSError as e:  # A synchronous part failed (creating the directory, ...).
+      self._errors.error = e
+      raise self._save_failure(step) from None
+    self._unconfirmed = step
     if not self._async:
-      self.manager.wait_until_finished()
+      self.wait_and_check()
     return started
+
+  def raise_if_save_failed(self):
+    """Cheap enough for every step: once the save in flight has ended, checks
+    that it landed; else raises CheckpointSaveError, in one line."""
+    if self._unconfirmed is None or self.manager.is_saving_in_progress():
+      return
+    self._wait()  # Returns at once (the save has ended), raising what it raised.
+    step, self._unconfirmed = self._unconfirmed, None
+    if self._errors.error is None and (self.directory / str(step) / integrity.CHECKSUMS).exists():
+      return
+    raise self._save_failure(step)
+
+  def wait_and_check(self):
+    """Waits for the save in flight, then raises if it failed."""
+    self._wait()
+    self.raise_if_save_failed()
+
+  def _wait(self):
+    """Waits for the save in flight; an exception it ended with is kept for the
+    report (orbax re-raises it from the next wait or save)."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  # tensorstore: ValueError, ...
+      self._errors.error = self._errors.error or e
+
+  def _save_failure(self, step: int) -> CheckpointSaveError:
+    """What failed, where, how much space a checkpoint takes, and the step to
+    resume from. The unfinished save is removed: it only takes space."""
+    error, self._errors.error = self._errors.error, None
+    unfinished = self.directory / f"{step}{TMP_MARKER}"
+    if jax.process_index() == 0:
+      unfinished.rmtree(missing_ok=True)
+    self.manager.reload()
+    self._good.pop(step, None)
+    finished = [s for s in self.all_steps() if s != step]
+    need = _bytes_under(self.directory / str(finished[-1])) if finished else self._state_bytes
+    space = f"a checkpoint takes about {_mib(need)}"
+    if "://" not in str(self.directory):
+      space += f", {_mib(shutil.disk_usage(str(self.directory)).free)} free there"
+    what = _one_line(error, 200) if error else "it did not finish"
+    good = self.newest_good_step(finished)
+    resume = (f"The last good checkpoint is step {good}: free some space (or use another "
+              f"--workdir) and rerun the same command to resume from it." if good is not None
+              else "No checkpoint was saved before it: a rerun starts from step 0.")
+    return CheckpointSaveError(
+        f"Saving the checkpoint at step {step} failed: {what} (writing {unfinished}; {space}). "
+        + resume)
 
   def check_compatible(self, abstract_state: TrainState, step: int):
     """Raises CheckpointMismatchError if the checkpoint at `step` holds other
@@ -324,8 +447,11 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.wait_until_finished()
+    """Waits for the save in flight and closes; a failure is for `wait_and_check`
+    (close runs on the way out of errors, which it must not hide)."""
+    self._wait()
     self.manager.close()
+    logging.getLogger("absl").removeFilter(self._errors)
 
 
 @contextlib.contextmanager

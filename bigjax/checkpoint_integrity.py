@@ -37,13 +37,13 @@ def _crc32(path: epath.Path) -> tuple[int, str]:
   return size, f"{crc:08x}"
 
 
-def _files(step_dir: epath.Path, prefix: str = "") -> dict[str, epath.Path]:
+def step_files(step_dir: epath.Path, prefix: str = "") -> dict[str, epath.Path]:
   """{path relative to the step: path} of every checked file of a step (walked
   level by level: epath has no recursive glob on buckets)."""
   out = {}
   for path in step_dir.iterdir():
     if path.is_dir():
-      out.update(_files(path, f"{prefix}{path.name}/"))
+      out.update(step_files(path, f"{prefix}{path.name}/"))
     elif path.name not in _UNCHECKED:
       out[prefix + path.name] = path
   return out
@@ -51,7 +51,7 @@ def _files(step_dir: epath.Path, prefix: str = "") -> dict[str, epath.Path]:
 
 def write(step_dir: epath.Path, *, good: bool):
   """Records the checksums of every file now in `step_dir` (a finished save)."""
-  files = {name: list(_crc32(path)) for name, path in sorted(_files(step_dir).items())}
+  files = {name: list(_crc32(path)) for name, path in sorted(step_files(step_dir).items())}
   record = {"format": 1, "good": good, "files": files}
   (step_dir / CHECKSUMS).write_text(json.dumps(record, indent=0))
 

@@ -147,7 +147,8 @@ def main(argv):
   try:
     result = train.run(config, workdir)
   except (workdir_lock.WorkdirBusyError,  # Another run holds the workdir.
-          checkpoint.CheckpointDamagedError) as e:  # No intact checkpoint is left.
+          checkpoint.CheckpointDamagedError,  # No intact checkpoint is left.
+          checkpoint.CheckpointSaveError) as e:  # A save failed (a full disk).
     sys.exit(f"Error: {e}")
   except config_lib.ConfigError as e:  # Bad input: the message says what to fix.
     sys.exit(f"Invalid config: {e}")

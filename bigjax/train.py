@@ -17,6 +17,8 @@ What a run survives (each tested in tests/test_survival_*.py):
   and the step before it resumed. The newest checkpoint of a good state (finite
   loss) is never rotated out by saves of one that is not.
 - NaN/Inf gradients: skipped and counted, or the run halts (optim.nan_policy).
+- A save that fails in the background (a full disk): CheckpointSaveError at the
+  next step, in one line naming the last good checkpoint.
 - Bad config, data or checkpoint: a ConfigError naming the field, before compiling.
 - A second run on the same workdir: refused (WorkdirBusyError naming the holder).
 """
@@ -262,6 +264,7 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
   try:
     pending = []
     for step in range(start, config.total_steps):
+      ckpt.raise_if_save_failed()  # A background save that failed stops the run here.
       batch = _global_batch(task, train_data.batch(step))
       state, step_metrics = train_step(state, batch)
       pending.append(step_metrics)
@@ -302,11 +305,12 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
         good = math.isfinite(float(step_metrics["loss"]))
         ckpt.save(done, state, force=True, good=good)
       if stop:
-        ckpt.wait()
+        ckpt.wait_and_check()
         print(f"Preempted: checkpoint saved at step {done}; rerun the same command to "
               "resume.", flush=True)
         preempted = True
         break
+    ckpt.wait_and_check()  # The last save, too, must have landed.
 
   # --------------------------------------------------------------------------
   # Finish: every save completes before the process may exit (also on errors).

@@ -1,0 +1,79 @@
+"""A checkpoint save that fails in the background (a full disk): noticed at the
+next step boundary, reported in one line (what failed, where, the space a
+checkpoint takes) naming the last good checkpoint; the rerun resumes from it.
+
+The disk is filled by a file-size limit (RLIMIT_FSIZE) set in the run's process
+just before the step-20 save: from then on writing a file past 64 KiB fails
+(EFBIG, "File too large") as a full disk fails (ENOSPC). metrics.jsonl stays
+below the limit; the checkpoint's data files do not."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from bigjax import checkpoint
+from bigjax.data import pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+_LIMITED = textwrap.dedent("""
+    import resource, runpy, signal, sys
+    from bigjax import checkpoint
+    from_step, limit = int(sys.argv[1]), int(sys.argv[2])
+    real_save = checkpoint.Checkpointer.save
+
+    def save(self, step, *args, **kwargs):
+      if step >= from_step:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # Else the kernel kills us.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+      return real_save(self, step, *args, **kwargs)
+
+    checkpoint.Checkpointer.save = save
+    sys.argv = ["bigjax.main", *sys.argv[3:]]
+    runpy.run_module("bigjax.main", run_name="__main__", alter_sys=True)
+""")
+
+
+def _flags(workdir, data_dir):
+  return ["--config=configs/lm.py:runlocal", f"--workdir={workdir}",
+          f"--config.data.data_dir={data_dir}", "--config.total_steps=40",
+          "--config.log_every=1", "--config.eval_every=100"]
+
+
+def _logged_steps(workdir) -> list[int]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [row["step"] for row in map(json.loads, f) if "loss" in row]
+
+
+def test_failed_background_save_is_one_line_at_the_next_step_and_rerun_resumes(tmp_path):
+  data_dir = str(tmp_path / "data")
+  for split in ("train", "validation"):
+    pipeline.token_array("stdlib_py", split, data_dir)
+  workdir = str(tmp_path / "run")
+
+  full = subprocess.run([sys.executable, "-c", _LIMITED, "20", str(64 << 10),
+                         *_flags(workdir, data_dir)],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-3000:]
+  lines = [line for line in full.stderr.splitlines() if line.strip()]
+  assert "Traceback" not in full.stderr and len(lines) == 1, full.stderr[-3000:]
+  report = lines[0]
+  assert report.startswith("Error: Saving the checkpoint at step 20 failed: "), report
+  assert "File too large" in report and "20" + checkpoint.TMP_MARKER in report
+  assert "a checkpoint takes about" in report and "MiB free there" in report
+  assert "The last good checkpoint is step 10" in report
+  # Noticed at the first step boundary after the background save gave up, and
+  # at the latest before the next save: not one interval late, training on.
+  assert max(_logged_steps(workdir)) <= 30
+  names = os.listdir(os.path.join(workdir, "checkpoints"))
+  assert sorted(names) == ["10"]  # The unfinished save is gone; step 10 is kept.
+
+  again = subprocess.run([sys.executable, "-m", "bigjax.main", *_flags(workdir, data_dir)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "Resumed from the checkpoint at step 10." in again.stdout
+  assert _logged_steps(workdir) == list(range(1, 41))
