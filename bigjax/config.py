@@ -134,6 +134,10 @@ def _validate_transformer(config):
   from bigjax.models import layers, transformer
 
   _positive(config, "seq_len")
+  _non_negative(config, "loss_chunk_len")
+  if config.loss_chunk_len and config.seq_len % config.loss_chunk_len:
+    _fail("loss_chunk_len", f"{config.loss_chunk_len} does not divide "
+          f"seq_len={config.seq_len}.", "Use a divisor of seq_len, or 0 for no chunks.")
   m = config.model
   _positive(config, "model.vocab_size", "model.num_layers", "model.emb_dim",
             "model.num_heads", "model.mlp_dim", "model.max_len")

@@ -60,6 +60,11 @@ class Task:
   def loss(self) -> str:
     return TASK_LOSSES[self.config.task]
 
+  @property
+  def loss_chunk_len(self) -> int:
+    """config.loss_chunk_len for token tasks (the only ones with that key), else 0."""
+    return self.config.loss_chunk_len if self.config.task in TOKEN_TASKS else 0
+
   def batch_sharding(self) -> NamedSharding:
     """Rows split over the data-parallel axes; a prefix spec, so any rank >= 1."""
     return NamedSharding(self.mesh, sharding.logical_to_spec(("batch",), self.rules))
@@ -139,11 +144,31 @@ def create_state(task: Task, seed: int) -> TrainState:
 # --------------------------------------------------------------------------
 
 
-def forward(model, batch, rng):
-  """Logits for a batch, whatever the model kind."""
+def forward(model, batch, rng, logits: bool = True):
+  """Logits for a batch, whatever the model kind; with logits=False the final
+  hidden states that the output projection (`model.embedder.logits`) reads."""
+  fn = model if logits else model.features
   if "encoder_inputs" in batch:
-    return model(batch["encoder_inputs"], batch["decoder_inputs"], rng=rng)
-  return model(batch["inputs"], rng=rng)
+    return fn(batch["encoder_inputs"], batch["decoder_inputs"], rng=rng)
+  return fn(batch["inputs"], rng=rng)
+
+
+def chunked_softmax_ce(project, features, targets, chunk_len: int):
+  """pointwise_loss("softmax", project(features), targets), `chunk_len` positions
+  at a time: the [batch, length, vocab] logits never exist at once, and the
+  backward pass recomputes each chunk's logits (jax.checkpoint) instead of
+  keeping them. Chunks run along the length, so the batch keeps its sharding."""
+  b, t, e = features.shape
+  chunks = lambda x: x.reshape(b, t // chunk_len, chunk_len, *x.shape[2:]).swapaxes(0, 1)
+  whole = lambda x: x.swapaxes(0, 1).reshape(b, t)
+
+  @jax.checkpoint
+  def one(args):
+    f, y = args
+    return pointwise_loss("softmax", project(f), y)
+
+  ce, correct = jax.lax.map(one, (chunks(features), chunks(targets)))
+  return whole(ce), whole(correct)
 
 
 def moe_metrics(intermediates) -> dict:
@@ -170,13 +195,21 @@ def pointwise_loss(loss: str, outputs, targets):
   return jnp.square(value - targets), None
 
 
-def loss_sums(model, batch, rng, router_weights=(0.0, 0.0), loss="softmax"):
+def loss_sums(model, batch, rng, router_weights=(0.0, 0.0), loss="softmax",
+              loss_chunk_len: int = 0):
   """Summed loss, weight (token or example) count and correct predictions
   (float32; no correct_sum for regression), and for MoE models the router
-  losses (already weighted, in per-token units)."""
-  outputs, intermediates = nnx.capture(forward, nnx.Intermediate)(model, batch, rng)
+  losses (already weighted, in per-token units). `loss_chunk_len` > 0: the
+  output projection and softmax loss in chunks of that many positions."""
+  capture = nnx.capture(forward, nnx.Intermediate)
+  if loss_chunk_len:
+    features, intermediates = capture(model, batch, rng, logits=False)
+    values, correct = chunked_softmax_ce(model.embedder.logits, features, batch["targets"],
+                                         loss_chunk_len)
+  else:
+    outputs, intermediates = capture(model, batch, rng)
+    values, correct = pointwise_loss(loss, outputs, batch["targets"])
   weights = batch["weights"].astype(jnp.float32)
-  values, correct = pointwise_loss(loss, outputs, batch["targets"])
   sums = {"loss_sum": jnp.sum(values * weights), "weight_sum": jnp.sum(weights)}
   if correct is not None:
     sums["correct_sum"] = jnp.sum(correct.astype(jnp.float32) * weights)
@@ -219,7 +252,7 @@ def make_train_step(task: Task) -> Callable:
   def sums_and_grads(params, model_state, batch, rng):
     def loss(p):
       model = task.model(p, model_state)
-      sums = loss_sums(model, batch, rng, weights, task.loss)
+      sums = loss_sums(model, batch, rng, weights, task.loss, task.loss_chunk_len)
       new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
       return sums["loss_sum"] + sums.get("router_loss_sum", 0.0), (sums, new_model_state)
     grads, (sums, model_state) = jax.grad(loss, has_aux=True)(params)
@@ -276,7 +309,8 @@ def make_eval_step(task: Task) -> Callable:
   """(params, model_state, batch) -> summed loss, weights and correct predictions."""
   def traced(params, model_state, batch):
     with sharding.use_mesh_rules(task.mesh, task.rules):
-      sums = loss_sums(task.model(params, model_state), batch, None, loss=task.loss)
+      sums = loss_sums(task.model(params, model_state), batch, None, loss=task.loss,
+                       loss_chunk_len=task.loss_chunk_len)
       return {k: v for k, v in sums.items() if k in ("loss_sum", "weight_sum", "correct_sum")}
 
   return jax.jit(traced, in_shardings=(task.state_shardings.params,

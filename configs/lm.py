@@ -25,6 +25,9 @@ def get_config(arg=None):
   config.total_steps = 20_000
   config.batch_size = 256
   config.seq_len = 1024
+  # Positions per chunk of the output projection + softmax loss (0: all at once).
+  # Large vocabularies: the [batch, seq_len, vocab] logits never exist at once.
+  config.loss_chunk_len = 0
   config.grad_accum_steps = 1
   config.log_every = 50
   config.eval_every = 1000

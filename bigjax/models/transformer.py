@@ -232,12 +232,15 @@ class DecoderLM(nnx.Module):
                          rngs=rngs, moe=cfg.moe, moe_every=cfg.moe_every)
 
   def __call__(self, tokens, positions=None, rng=None):
+    return self.embedder.logits(self.features(tokens, positions, rng))
+
+  def features(self, tokens, positions=None, rng=None):
+    """The final hidden states [b, t, emb] that `embedder.logits` projects."""
     positions = default_positions(tokens) if positions is None else positions
     r = layers.split_rng(rng, 2)
     x = self.embedder.embed(tokens, positions, r[0])
     mask = layers.causal_mask(positions, positions) & (tokens != PAD_ID)[:, None, None, :]
-    x = self.decoder(x, mask, positions, rng=r[1])
-    return self.embedder.logits(x)
+    return self.decoder(x, mask, positions, rng=r[1])
 
   def init_cache(self, batch: int, length: int) -> dict:
     """An empty cache for `length` positions: per layer {"self": {"k", "v"}}, and
@@ -277,7 +280,10 @@ class Encoder(nnx.Module):
     return self.encoder(x, layers.padding_mask(valid, valid), positions, rng=r[1])
 
   def __call__(self, tokens, rng=None):
-    return self.embedder.logits(self.encode(tokens, rng))
+    return self.embedder.logits(self.features(tokens, rng))
+
+  def features(self, tokens, rng=None):
+    return self.encode(tokens, rng)
 
 
 class EncoderDecoder(Encoder):
@@ -292,6 +298,11 @@ class EncoderDecoder(Encoder):
                          moe_every=cfg.moe_every)
 
   def decode(self, encoded, encoder_tokens, decoder_tokens, positions=None, rng=None):
+    return self.embedder.logits(self.decode_features(encoded, encoder_tokens, decoder_tokens,
+                                                     positions, rng))
+
+  def decode_features(self, encoded, encoder_tokens, decoder_tokens, positions=None,
+                      rng=None):
     positions = default_positions(decoder_tokens) if positions is None else positions
     r = layers.split_rng(rng, 2)
     x = self.embedder.embed(decoder_tokens, positions, r[0])
@@ -301,13 +312,15 @@ class EncoderDecoder(Encoder):
     mask = layers.causal_mask(positions, positions)
     cross_mask = jnp.broadcast_to(enc_valid[:, None, None, :],
                                   (x.shape[0], 1, x.shape[1], encoded.shape[1]))
-    x = self.decoder(x, mask, positions, encoded, cross_mask, rng=r[1])
-    return self.embedder.logits(x)
+    return self.decoder(x, mask, positions, encoded, cross_mask, rng=r[1])
 
   def __call__(self, encoder_tokens, decoder_tokens, rng=None):
+    return self.embedder.logits(self.features(encoder_tokens, decoder_tokens, rng))
+
+  def features(self, encoder_tokens, decoder_tokens, rng=None):
     r = layers.split_rng(rng, 2)
     encoded = self.encode(encoder_tokens, r[0])
-    return self.decode(encoded, encoder_tokens, decoder_tokens, rng=r[1])
+    return self.decode_features(encoded, encoder_tokens, decoder_tokens, rng=r[1])
 
   def init_cache(self, encoded, encoder_tokens, length: int) -> dict:
     """A cache for `length` decoder positions: per layer an empty {"self": {"k", "v"}}
