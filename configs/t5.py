@@ -8,9 +8,10 @@ source in, the same chunk reversed out.
   python -m bigjax.main --config=configs/t5.py:demo --workdir=/tmp/t5_demo  # ~40 s
   python -m bigjax.generate --workdir=/tmp/t5_demo --prompt="return self._dat" \
       --max_new_tokens=15   # -> "tad_.fles nrute"
-`runlocal` reverses 8-byte chunks (~80% per-byte accuracy after 600 steps; a
-guess blind to the input gets the most common byte, a space, ~30%), `demo`
-16-byte chunks (99.9% after 1,500 steps), both with a 2-layer, 64-wide model.
+`runlocal` reverses 8-byte chunks (99.8% per-byte accuracy after 600 steps,
+99.6% already at step 200; a guess blind to the input gets the most common byte,
+a space, ~30%), `demo` 16-byte chunks (100% of the 1,024 evaluated bytes after
+1,500 steps, already at step 500), both with a 2-layer, 64-wide model.
 Positions are learned absolute embeddings: T5's relative buckets (like rotary)
 see only offsets, and reversing needs to know that decoder position j reads
 encoder position L-1-j.
