@@ -10,13 +10,17 @@ Restoring checks the checkpoint's shapes against the run's state first, so a
 checkpoint from another model fails with a `CheckpointMismatchError` naming
 the arrays that differ rather than deep inside orbax. Nothing is unpickled:
 orbax stores arrays in tensorstore (zarr/OCDBT) and metadata as JSON.
+
+Every save carries checksums of its files (checkpoint_integrity); a step that
+does not read back as saved is set aside and the one before it restored, and a
+save that fails in the background is reported at the next step (both in one
+line: checkpoint_errors).
 """
 import contextlib
 import dataclasses
 import logging
 import os
 import shutil
-import sys
 
 import jax
 import numpy as np
@@ -25,6 +29,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from bigjax import checkpoint_integrity as integrity, optim
+from bigjax.checkpoint_errors import (CheckpointDamagedError, CheckpointMismatchError,
+                                      CheckpointSaveError, OrbaxErrorCatcher, mib, one_line,
+                                      quiet_abandoned_writes)
 from bigjax.config import ConfigError
 from bigjax.steps import TrainState
 
@@ -32,88 +39,8 @@ TMP_MARKER = ".orbax-checkpoint-tmp"
 DAMAGED_DIR = "damaged_checkpoints"  # WORKDIR/damaged_checkpoints/STEP: set aside, kept.
 
 
-class CheckpointMismatchError(ConfigError):
-  """The checkpoint's arrays do not fit this run's state (another model)."""
-
-
-class CheckpointDamagedError(RuntimeError):
-  """A checkpoint does not read back as it was saved (a truncated or missing
-  file, flipped bytes, non-finite values), or no intact checkpoint is left."""
-
-  def __init__(self, message: str, step: int | None = None, problem: str = ""):
-    super().__init__(message)
-    self.step, self.problem = step, problem
-
-
-class CheckpointSaveError(RuntimeError):
-  """A save failed (often a full disk); the message names the last good step."""
-
-
-class _OrbaxErrorCatcher(logging.Filter):
-  """Keeps the first exception orbax logs from its background save threads and
-  drops those records (each a long traceback, several per failure): bigjax
-  reports the failure itself, in one line, at the next step boundary."""
-
-  def __init__(self):
-    super().__init__()
-    self.error: BaseException | None = None
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname:
-      return True
-    if self.error is None and record.exc_info and record.exc_info[1] is not None:
-      self.error = record.exc_info[1]
-    return False
-
-
-_ABANDONED = ("Event loop is closed", "sys.meta_path is None")
-
-
-def _orbax_task_never_retrieved(record: logging.LogRecord) -> bool:
-  """asyncio's 'Task/Future exception was never retrieved' for an orbax write."""
-  message = record.getMessage()
-  return "exception was never retrieved" in message and "orbax" in message
-
-
-def _quiet_abandoned_writes():
-  """After a failed save, tensorstore's remaining write callbacks find orbax's
-  event loop closed, asyncio collects orbax's failed write tasks, and at exit
-  its unfinished write coroutines are collected: each prints a traceback
-  (hundreds in all) that says nothing new. Those, and only those, are dropped
-  (once per process); the failure itself is reported by Checkpointer."""
-  previous = sys.unraisablehook
-  if getattr(previous, "bigjax_quiet", False):
-    return
-
-  def hook(unraisable):
-    if not any(text in str(unraisable.exc_value) for text in _ABANDONED):
-      previous(unraisable)
-
-  hook.bigjax_quiet = True
-  sys.unraisablehook = hook
-  logging.getLogger("asyncio").addFilter(
-      lambda record: not _orbax_task_never_retrieved(record))
-
-
-def _mib(num_bytes: float) -> str:
-  return f"{num_bytes / 2**20:,.1f} MiB"
-
-
 def _bytes_under(path: epath.Path) -> int:
   return sum(p.stat().length for p in integrity.step_files(path).values())
-
-
-def _one_line(error: BaseException, limit: int = 300) -> str:
-  """An exception as one line of at most `limit` chars. orbax wraps tensorstore's
-  errors ("Encountered error while reading array index ..."): the innermost
-  cause says what is wrong ("OUT_OF_RANGE: ... byte range ... not valid")."""
-  while error.__cause__ is not None:
-    error = error.__cause__
-  text = " ".join(str(error).split()) or type(error).__name__
-  if len(text) <= limit:
-    return text
-  # The reason ("File too large", "No space left on device") comes last.
-  return f"{text[:limit // 2]} ... {text[-limit // 2:]}"
 
 
 def _everywhere(ok: bool) -> bool:
@@ -218,9 +145,9 @@ class Checkpointer:
                   for step in self.all_steps()}
     self._unconfirmed: int | None = None  # A save not yet seen finished.
     self._state_bytes = 0
-    self._errors = _OrbaxErrorCatcher()
+    self._errors = OrbaxErrorCatcher()
     logging.getLogger("absl").addFilter(self._errors)
-    _quiet_abandoned_writes()
+    quiet_abandoned_writes()
 
   def newest_good_step(self, steps: list[int] | None = None) -> int | None:
     """The newest finished step (of `steps`, default all) saved from a good
@@ -330,10 +257,10 @@ class Checkpointer:
     self._good.pop(step, None)
     finished = [s for s in self.all_steps() if s != step]
     need = _bytes_under(self.directory / str(finished[-1])) if finished else self._state_bytes
-    space = f"a checkpoint takes about {_mib(need)}"
+    space = f"a checkpoint takes about {mib(need)}"
     if "://" not in str(self.directory):
-      space += f", {_mib(shutil.disk_usage(str(self.directory)).free)} free there"
-    what = _one_line(error, 200) if error else "it did not finish"
+      space += f", {mib(shutil.disk_usage(str(self.directory)).free)} free there"
+    what = one_line(error, 200) if error else "it did not finish"
     good = self.newest_good_step(finished)
     resume = (f"The last good checkpoint is step {good}: free some space (or use another "
               f"--workdir) and rerun the same command to resume from it." if good is not None
@@ -350,8 +277,8 @@ class Checkpointer:
       metadata = self.manager.item_metadata(step)
     except (FileNotFoundError, ValueError) as e:
       raise CheckpointDamagedError(
-          f"The checkpoint at step {step} in {self.directory} is unreadable ({_one_line(e)}).",
-          step, f"its metadata is unreadable: {_one_line(e)}") from None
+          f"The checkpoint at step {step} in {self.directory} is unreadable ({one_line(e)}).",
+          step, f"its metadata is unreadable: {one_line(e)}") from None
     if metadata is None:
       return  # Nothing to compare against; orbax checks while restoring.
     diffs = describe_mismatch(_shapes(metadata), _shapes(_as_dict(abstract_state)))
@@ -414,7 +341,7 @@ class Checkpointer:
       except CheckpointDamagedError as e:
         problem = e.problem
       except Exception as e:  # pylint: disable=broad-except  # tensorstore: ValueError, ...
-        problem = f"reading it failed: {_one_line(e)}"
+        problem = f"reading it failed: {one_line(e)}"
     if state is not None and problem is None:
       bad = integrity.first_nonfinite(_as_dict(state))
       problem = f"{bad} holds NaN or Inf" if bad else None
@@ -560,7 +487,7 @@ class CheckpointReader:
     except (CheckpointMismatchError, KeyboardInterrupt):
       raise
     except Exception as e:  # pylint: disable=broad-except  # tensorstore: ValueError, ...
-      return f"reading it failed: {_one_line(e, 200)}"
+      return f"reading it failed: {one_line(e, 200)}"
     bad = integrity.first_nonfinite(params)
     return f"params/{bad} holds NaN or Inf" if bad else (params, model_state)
 

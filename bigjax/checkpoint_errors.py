@@ -1,0 +1,94 @@
+"""How checkpoint problems are told: the errors, each reported in one line, and
+the library output that would bury them.
+
+A failed save makes orbax log the same exception several times with long
+tracebacks from background threads, and leaves tensorstore callbacks and write
+coroutines that print more when they find the event loop closed or are
+collected at exit: over a thousand lines for one full disk. bigjax keeps the
+first exception for its own report and drops that noise (and nothing else).
+"""
+import logging
+import os
+import sys
+
+from bigjax.config import ConfigError
+
+
+class CheckpointMismatchError(ConfigError):
+  """The checkpoint's arrays do not fit this run's state (another model)."""
+
+
+class CheckpointDamagedError(RuntimeError):
+  """A checkpoint does not read back as it was saved (a truncated or missing
+  file, flipped bytes, non-finite values), or no intact checkpoint is left."""
+
+  def __init__(self, message: str, step: int | None = None, problem: str = ""):
+    super().__init__(message)
+    self.step, self.problem = step, problem
+
+
+class CheckpointSaveError(RuntimeError):
+  """A save failed (often a full disk); the message names the last good step."""
+
+
+class OrbaxErrorCatcher(logging.Filter):
+  """Keeps the first exception orbax logs from its background save threads and
+  drops those records (each a long traceback, several per failure): bigjax
+  reports the failure itself, in one line, at the next step boundary."""
+
+  def __init__(self):
+    super().__init__()
+    self.error: BaseException | None = None
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname:
+      return True
+    if self.error is None and record.exc_info and record.exc_info[1] is not None:
+      self.error = record.exc_info[1]
+    return False
+
+
+_ABANDONED = ("Event loop is closed", "sys.meta_path is None")
+
+
+def _orbax_task_never_retrieved(record: logging.LogRecord) -> bool:
+  """asyncio's 'Task/Future exception was never retrieved' for an orbax write."""
+  message = record.getMessage()
+  return "exception was never retrieved" in message and "orbax" in message
+
+
+def quiet_abandoned_writes():
+  """After a failed save, tensorstore's remaining write callbacks find orbax's
+  event loop closed, asyncio collects orbax's failed write tasks, and at exit
+  its unfinished write coroutines are collected: each prints a traceback
+  (hundreds in all) that says nothing new. Those, and only those, are dropped
+  (once per process); the failure itself is reported by Checkpointer."""
+  previous = sys.unraisablehook
+  if getattr(previous, "bigjax_quiet", False):
+    return
+
+  def hook(unraisable):
+    if not any(text in str(unraisable.exc_value) for text in _ABANDONED):
+      previous(unraisable)
+
+  hook.bigjax_quiet = True
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(
+      lambda record: not _orbax_task_never_retrieved(record))
+
+
+def mib(num_bytes: float) -> str:
+  return f"{num_bytes / 2**20:,.1f} MiB"
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+  """An exception as one line of at most `limit` chars. orbax wraps tensorstore's
+  errors ("Encountered error while reading array index ..."): the innermost
+  cause says what is wrong ("OUT_OF_RANGE: ... byte range ... not valid")."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  text = " ".join(str(error).split()) or type(error).__name__
+  if len(text) <= limit:
+    return text
+  # The reason ("File too large", "No space left on device") comes last.
+  return f"{text[:limit // 2]} ... {text[-limit // 2:]}"
