@@ -5,8 +5,8 @@ r"""Training throughput and MFU of a ~1B dense decoder and an 8-expert MoE on on
 
 Both models run bigjax's own jitted train step (`python -m bigjax.main`'s) in
 bfloat16 compute with float32 parameters and AdamW. The MoE model has the dense
-model's attention and, in every other block, 8 experts (top-2, GShard capacity
-routing) each the size of the dense MLP's half, so its active FLOPs per token
+model's attention and, in every block, 8 experts (top-2, GShard capacity routing)
+each half the size of the dense MLP, so its active FLOPs per token
 equal the dense model's up to the router: the step-time ratio is the cost of
 routing. MFU = model FLOPs per token (bigjax/flops.py) x tokens/s / the chip's
 dense bf16 peak (flops.PEAK_BF16).
@@ -37,7 +37,8 @@ def make_config(moe: bool, shape):
   config.model.update(num_layers=num_layers, emb_dim=width, num_heads=heads, mlp_dim=mlp,
                       max_len=seq, dtype="bfloat16", dropout_rate=0.0)
   if moe:
-    config.model.mlp_dim = mlp // 2  # Top-2 of half-size experts = the dense MLP's FLOPs.
+    # Every block's MLP becomes top-2 of 8 half-size experts: the dense MLP's FLOPs.
+    config.model.update(mlp_dim=mlp // 2, moe_every=1)
     config.model.moe.update(num_experts=8, router="gshard_top2", capacity_factor=1.0,
                             group_size=min(1024, seq))
   return config
