@@ -77,7 +77,6 @@ class TransformerConfig:
         dtype=jnp.dtype(self.dtype),
         param_dtype=jnp.dtype(self.param_dtype))
 
-
   def _residual_init_scale(self, num_layers: int, cross_attention: bool) -> float:
     branches = num_layers * (3 if cross_attention else 2)
     return branches ** -0.5 if self.scale_residual_init and branches else 1.0
@@ -294,8 +293,8 @@ class EncoderDecoder(Encoder):
     super().__init__(cfg, rngs=rngs)
     num_decoder_layers = cfg.num_decoder_layers or cfg.num_layers
     self.decoder = Stack(cfg.layer_config(num_decoder_layers, cross_attention=True),
-                         num_decoder_layers, cross_attention=True, remat=cfg.remat, rngs=rngs, moe=cfg.moe,
-                         moe_every=cfg.moe_every)
+                         num_decoder_layers, cross_attention=True, remat=cfg.remat,
+                         rngs=rngs, moe=cfg.moe, moe_every=cfg.moe_every)
 
   def decode(self, encoded, encoder_tokens, decoder_tokens, positions=None, rng=None):
     return self.embedder.logits(self.decode_features(encoded, encoder_tokens, decoder_tokens,

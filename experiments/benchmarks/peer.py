@@ -40,7 +40,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 try:
-  import torch  # noqa: F401
+  import torch
+  import transformers
 except ImportError:
   sys.exit("peer.py needs the benchmark extra: pip install -e '.[bench]'")
 
@@ -51,9 +52,6 @@ import jax.numpy as jnp  # noqa: E402
 from bigjax import flops, optim, sharding, steps, train  # noqa: E402
 from bigjax.data import pipeline  # noqa: E402
 from configs import gpt2  # noqa: E402
-
-import torch  # noqa: E402
-import transformers  # noqa: E402
 
 
 # --------------------------------------------------------------------------
