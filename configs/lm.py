@@ -70,6 +70,7 @@ def get_config(arg=None):
   config.model.embed_init = "normal"  # normal | unit
   config.model.scale_residual_init = True
   config.model.tie_embeddings = True
+  config.model.use_bias = False  # Biases in attention and dense MLPs (GPT-2, BERT).
   config.model.dtype = "bfloat16"  # compute dtype; params stay in param_dtype.
   config.model.param_dtype = "float32"
   config.model.remat = False

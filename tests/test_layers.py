@@ -46,15 +46,16 @@ def np_rotary(x, positions, base=10_000.0):
   return out
 
 
-def np_attention(x_q, x_kv, mask, wq, wk, wv, wo, q_pos=None, k_pos=None):
-  """Multi-head attention, one head at a time; query head i reads kv head i // g."""
+def np_attention(x_q, x_kv, mask, wq, wk, wv, wo, q_pos=None, k_pos=None, biases=(0, 0, 0, 0)):
+  """Multi-head attention, one head at a time; query head i reads kv head i // g.
+  `biases`: added to the query, key, value and output projections."""
   x_q, x_kv = np.asarray(x_q, np.float64), np.asarray(x_kv, np.float64)
   mask = np.asarray(mask)
   h, kvh, d = wq.shape[1], wk.shape[1], wq.shape[2]
   g = h // kvh
-  q = np.einsum("bte,ehd->bthd", x_q, wq)
-  k = np.einsum("bse,ehd->bshd", x_kv, wk)
-  v = np.einsum("bse,ehd->bshd", x_kv, wv)
+  q = np.einsum("bte,ehd->bthd", x_q, wq) + biases[0]
+  k = np.einsum("bse,ehd->bshd", x_kv, wk) + biases[1]
+  v = np.einsum("bse,ehd->bshd", x_kv, wv) + biases[2]
   if q_pos is not None:
     q, k = np_rotary(q, q_pos), np_rotary(k, k_pos)
   y = np.zeros(x_q.shape)
@@ -64,7 +65,7 @@ def np_attention(x_q, x_kv, mask, wq, wk, wv, wo, q_pos=None, k_pos=None):
     s = np.where(mask[:, 0], s, -1e30)
     p = np_softmax(s)
     y += (p @ v[:, :, j]) @ wo[i]
-  return y
+  return y + biases[3]
 
 
 def np_norm(x, kind, scale, bias=None):
@@ -121,6 +122,21 @@ def test_attention_matches_numpy(num_kv_heads, rotary_positions):
                           _np(attn.value), _np(attn.out),
                           *((q_pos, k_pos) if rotary_positions else ()))
   assert np.abs(unmasked - want).max() > 1e-2
+
+
+def test_attention_biases_match_numpy():
+  cfg = _cfg(num_kv_heads=2, use_bias=True)
+  attn = layers.Attention(cfg, rotary_positions=False, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(3)
+  for b in (attn.query_bias, attn.key_bias, attn.value_bias, attn.out_bias):
+    b[...] = jnp.asarray(rng.normal(size=b[...].shape), jnp.float32)  # Zero at init.
+  x = rng.normal(size=(2, 5, 32)).astype(np.float32)
+  mask = _random_mask(rng, 2, 5, 5)
+  got = attn(jnp.asarray(x), jnp.asarray(x), jnp.asarray(mask))
+  biases = [_np(b) for b in (attn.query_bias, attn.key_bias, attn.value_bias, attn.out_bias)]
+  want = np_attention(x, x, mask, _np(attn.query), _np(attn.key), _np(attn.value),
+                      _np(attn.out), biases=biases)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
 
 
 def test_attention_masked_keys_are_ignored():
@@ -234,20 +250,28 @@ def test_norm_rejects_unknown_kind():
     layers.Norm(_cfg(norm="batchnorm"), rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("activation,gated", [("gelu", False), ("relu", False),
-                                              ("silu", True), ("gelu", True)])
-def test_mlp_matches_numpy(activation, gated):
-  mlp = layers.MLP(_cfg(mlp_activation=activation, gated_mlp=gated), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("activation,gated,use_bias", [
+    ("gelu", False, False), ("relu", False, False), ("silu", True, False),
+    ("gelu", True, False), ("gelu", False, True), ("silu", True, True)])
+def test_mlp_matches_numpy(activation, gated, use_bias):
+  mlp = layers.MLP(_cfg(mlp_activation=activation, gated_mlp=gated, use_bias=use_bias),
+                   rngs=nnx.Rngs(0))
   assert (mlp.wi_gate is not None) == gated
   rng = np.random.default_rng(6)
+  biases = {}
+  for name in ("wi_bias", "wi_gate_bias", "wo_bias"):
+    b = getattr(mlp, name)
+    if b is not None:  # Zero at init: make them count.
+      b[...] = jnp.asarray(rng.normal(size=b[...].shape), jnp.float32)
+    biases[name] = 0.0 if b is None else _np(b)
   x = rng.normal(size=(2, 5, 32)).astype(np.float32)
   act = NP_ACT[activation]
-  h = x.astype(np.float64) @ _np(mlp.wi)
+  h = x.astype(np.float64) @ _np(mlp.wi) + biases["wi_bias"]
   if gated:
-    h = act(x.astype(np.float64) @ _np(mlp.wi_gate)) * h
+    h = act(x.astype(np.float64) @ _np(mlp.wi_gate) + biases["wi_gate_bias"]) * h
   else:
     h = act(h)
-  want = h @ _np(mlp.wo)
+  want = h @ _np(mlp.wo) + biases["wo_bias"]
   np.testing.assert_allclose(np.asarray(mlp(jnp.asarray(x))), want, rtol=1e-4, atol=1e-5)
 
 

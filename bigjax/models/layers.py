@@ -39,6 +39,9 @@ class LayerConfig:
   # and MLP outputs): GPT-2 uses 1/sqrt(residual branches) so the stream's
   # variance at init does not grow with depth.
   residual_init_scale: float = 1.0
+  # Biases on the attention projections and the MLP's matmuls, zero at init (GPT-2,
+  # BERT have them; T5, PaLM, Llama do not).
+  use_bias: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -101,6 +104,16 @@ def dense(x: jax.Array, kernel: jax.Array, contract: int = 1) -> jax.Array:
 
 def param(rngs: nnx.Rngs, init: Initializer, shape, names, dtype) -> nnx.Param:
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
+
+
+def bias(cfg: LayerConfig, shape, names):
+  """A zero-initialised bias of `shape`, or None without cfg.use_bias."""
+  return nnx.data(nnx.Param(jnp.zeros(shape, cfg.param_dtype), out_sharding=names)
+                  if cfg.use_bias else None)
+
+
+def add_bias(y: jax.Array, b: nnx.Param | None) -> jax.Array:
+  return y if b is None else y + b[...].astype(y.dtype)
 
 
 def split_rng(rng: jax.Array | None, n: int) -> list:
@@ -204,6 +217,10 @@ class Attention(nnx.Module):
     self.value = param(rngs, qkv_init, (e, k, d), ("embed", "heads", "kv"), cfg.param_dtype)
     self.out = param(rngs, residual_init(cfg, in_axis=(0, 1), out_axis=2), (h, d, e),
                      ("heads", "kv", "embed"), cfg.param_dtype)
+    self.query_bias = bias(cfg, (h, d), ("heads", "kv"))
+    self.key_bias = bias(cfg, (k, d), ("heads", "kv"))
+    self.value_bias = bias(cfg, (k, d), ("heads", "kv"))
+    self.out_bias = bias(cfg, (e,), ("embed",))
 
   def __call__(self, x_q, x_kv, mask, q_positions=None, k_positions=None, rng=None,
                cache=None):
@@ -222,15 +239,15 @@ class Attention(nnx.Module):
     return self.attend(q, k, v, mask, rng)
 
   def project_query(self, x_q, q_positions=None):
-    q = dense(x_q, self.query[...].astype(self.cfg.dtype))
+    q = add_bias(dense(x_q, self.query[...].astype(self.cfg.dtype)), self.query_bias)
     q = constrain(q, ("batch", "length", "heads", "kv"))
     return rotary(q, q_positions) if self.rotary else q
 
   def project_kv(self, x_kv, k_positions=None):
     """Keys and values [b, s, kv_heads, head_dim] (rotary applied to the keys)."""
     dt = self.cfg.dtype
-    k = dense(x_kv, self.key[...].astype(dt))
-    v = dense(x_kv, self.value[...].astype(dt))
+    k = add_bias(dense(x_kv, self.key[...].astype(dt)), self.key_bias)
+    v = add_bias(dense(x_kv, self.value[...].astype(dt)), self.value_bias)
     k = constrain(k, ("batch", "length", "heads", "kv"))
     v = constrain(v, ("batch", "length", "heads", "kv"))
     if self.rotary:
@@ -249,7 +266,7 @@ class Attention(nnx.Module):
     probs = dropout(probs, cfg.dropout_rate, rng)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
     out = constrain(out, ("batch", "length", "heads", "kv"))
-    y = dense(out, self.out[...].astype(dt), contract=2)
+    y = add_bias(dense(out, self.out[...].astype(dt), contract=2), self.out_bias)
     return constrain(y, ("batch", "length", "embed"))
 
   def cached_self_attention(self, x, mask, positions, cache, rng=None):
@@ -283,15 +300,18 @@ class MLP(nnx.Module):
     self.wi_gate = nnx.data(param(rngs, init, shape_in, ("embed", "mlp"), cfg.param_dtype)
                             if cfg.gated_mlp else None)
     self.wo = param(rngs, residual_init(cfg), shape_out, ("mlp", "embed"), cfg.param_dtype)
+    self.wi_bias = bias(cfg, (cfg.mlp_dim,), ("mlp",))
+    self.wi_gate_bias = bias(cfg, (cfg.mlp_dim,), ("mlp",)) if cfg.gated_mlp else nnx.data(None)
+    self.wo_bias = bias(cfg, (cfg.emb_dim,), ("embed",))
 
   def __call__(self, x: jax.Array, rng=None) -> jax.Array:
     dt, act = self.cfg.dtype, ACTIVATIONS[self.cfg.mlp_activation]
-    h = dense(x, self.wi[...].astype(dt))
+    h = add_bias(dense(x, self.wi[...].astype(dt)), self.wi_bias)
     if self.wi_gate is not None:
-      h = act(dense(x, self.wi_gate[...].astype(dt))) * h
+      h = act(add_bias(dense(x, self.wi_gate[...].astype(dt)), self.wi_gate_bias)) * h
     else:
       h = act(h)
     h = constrain(h, ("batch", "length", "mlp"))
     h = dropout(h, self.cfg.dropout_rate, rng)
-    y = dense(h, self.wo[...].astype(dt))
+    y = add_bias(dense(h, self.wo[...].astype(dt)), self.wo_bias)
     return constrain(y, ("batch", "length", "embed"))

@@ -47,6 +47,7 @@ class TransformerConfig:
   # GPT-2: residual-output kernels start scaled by 1/sqrt(residual branches).
   scale_residual_init: bool = True
   tie_embeddings: bool = True
+  use_bias: bool = False  # Biases in attention and dense MLPs (GPT-2); MoE experts have none.
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
@@ -74,7 +75,7 @@ class TransformerConfig:
         norm=self.norm, position=self.position, dropout_rate=self.dropout_rate,
         init=self.init, init_scale=self.init_scale, embed_init=self.embed_init,
         residual_init_scale=self._residual_init_scale(num_layers, cross_attention),
-        dtype=jnp.dtype(self.dtype),
+        use_bias=self.use_bias, dtype=jnp.dtype(self.dtype),
         param_dtype=jnp.dtype(self.param_dtype))
 
   def _residual_init_scale(self, num_layers: int, cross_attention: bool) -> float:

@@ -3,7 +3,8 @@
 For experiments/benchmarks/peer.py (torch and transformers are the `bench` extra).
 Two architectures bigjax can express exactly:
   gpt2:    GPT2LMHeadModel; bigjax `configs/gpt2.py` (learned positions, LayerNorm,
-           tanh GELU, tied embeddings). bigjax has no biases: they are zeroed.
+           tanh GELU, tied embeddings, `model.use_bias`); without bigjax
+           biases, HF's are zeroed.
   mixtral: MixtralForCausalLM; bigjax with RMSNorm, rotary positions, SwiGLU
            experts in every block, the dropless top-2 router (softmax, top-2,
            renormalised), an untied output projection.
@@ -67,6 +68,12 @@ def _gpt2_state(params) -> dict:
         [flat(a["query"]), flat(a["key"]), flat(a["value"])], axis=1)
     sd[pre + "attn.c_proj.weight"] = np.asarray(a["out"]).reshape(-1, a["out"].shape[-1])
     sd[pre + "mlp.c_fc.weight"], sd[pre + "mlp.c_proj.weight"] = b["ffn"]["wi"], b["ffn"]["wo"]
+    if "query_bias" in a:
+      sd[pre + "attn.c_attn.bias"] = np.concatenate(
+          [np.ravel(a["query_bias"]), np.ravel(a["key_bias"]), np.ravel(a["value_bias"])])
+      sd[pre + "attn.c_proj.bias"] = a["out_bias"]
+      sd[pre + "mlp.c_fc.bias"], sd[pre + "mlp.c_proj.bias"] = (b["ffn"]["wi_bias"],
+                                                              b["ffn"]["wo_bias"])
     for ours, theirs in (("attn_norm", "ln_1"), ("ffn_norm", "ln_2")):
       sd[f"{pre}{theirs}.weight"], sd[f"{pre}{theirs}.bias"] = (b[ours]["scale"],
                                                                b[ours]["bias"])
@@ -96,7 +103,7 @@ def _mixtral_state(params) -> dict:
 
 def load(arch: str, params, model):
   """Copies bigjax parameters (a nested dict of arrays) into `model`; every HF
-  tensor must be set, except biases, which bigjax does not have (zeroed)."""
+  tensor must be set, except biases of a bigjax model without them (zeroed)."""
   ours = {k: _t(v) for k, v in (_gpt2_state if arch == "gpt2" else _mixtral_state)(
       params).items()}
   theirs = {k: v.detach() for k, v in model.named_parameters()}  # Not the buffers.

@@ -62,15 +62,16 @@ from configs import gpt2  # noqa: E402
 class BigjaxSide:
   name = "bigjax"
 
-  def __init__(self, config):
+  def __init__(self, config, init_seed=None):
     self.task = steps.make_task(config, sharding.make_mesh(config.mesh))
     self.train_step = steps.make_train_step(self.task)
     self.eval_step = steps.make_eval_step(self.task)
+    self.init_seed = config.seed if init_seed is None else init_seed
     self.reset()
 
   def reset(self):
     """A fresh initialisation (the compiled steps are kept)."""
-    self.state = steps.create_state(self.task, self.task.config.seed)
+    self.state = steps.create_state(self.task, self.init_seed)
 
   def step(self, batch):
     self.state, metrics = self.train_step(self.state, train._global_batch(self.task, batch))
@@ -99,14 +100,15 @@ class TorchSide:
   (HF's own initialisation; its layer-norm epsilon, 1e-5 for GPT-2)."""
   name = "pytorch"
 
-  def __init__(self, config, arch="gpt2"):
+  def __init__(self, config, init_seed=None, arch="gpt2"):
     self.config, self.arch = config, arch
+    self.init_seed = config.seed if init_seed is None else init_seed
     self.reset()
 
   def reset(self):
     config = self.config
     o = config.optim
-    torch.manual_seed(config.seed)
+    torch.manual_seed(self.init_seed)
     self.model = hf_models.build(self.arch, config, norm_eps=1e-5)
     self.model.train()
     params = [p for p in self.model.parameters() if p.requires_grad]
@@ -190,16 +192,25 @@ def quality(args):
   equivalence("gpt2", config, evals[0])
   print(f"Quality: configs/gpt2.py:baby, {config.total_steps} steps, "
         f"{len(evals)} validation batches of {config.batch_size}x{config.seq_len} bytes")
-  curves = {}
-  for side in (BigjaxSide, TorchSide):
-    curves[side.name] = train_curve(side(config), config, data, evals, args.eval_every)
-  (_, tj, bj), (_, tt, bt) = curves["bigjax"][-1], curves["pytorch"][-1]
+  # The same batches for every seed: only the initialisation changes.
+  runs = {"bigjax": [], "pytorch": []}
+  for seed in range(args.seeds):
+    for side in (BigjaxSide, TorchSide):
+      print(f" initialisation seed {seed}:", flush=True)
+      runs[side.name].append(train_curve(side(config, seed), config, data, evals,
+                                         args.eval_every))
+  (_, tj, bj), (_, tt, bt) = runs["bigjax"][0][-1], runs["pytorch"][0][-1]
   wall = min(tj, tt)
-  (sj, _, wj), (st, _, wt) = at_time(curves["bigjax"], wall), at_time(curves["pytorch"], wall)
-  print(f"equal steps ({config.total_steps}): bigjax {bj:.4f}, pytorch {bt:.4f} bits/byte "
-        f"({bj - bt:+.4f}); training time bigjax {tj:.1f} s, pytorch {tt:.1f} s")
-  print(f"equal wall time ({wall:.0f} s): bigjax {wj:.4f} (step {sj}), "
+  (sj, _, wj), (st, _, wt) = at_time(runs["bigjax"][0], wall), at_time(runs["pytorch"][0], wall)
+  print(f"equal steps ({config.total_steps}), seed 0: bigjax {bj:.4f}, pytorch {bt:.4f} "
+        f"bits/byte ({bj - bt:+.4f}); training time bigjax {tj:.1f} s, pytorch {tt:.1f} s")
+  print(f"equal wall time ({wall:.0f} s), seed 0: bigjax {wj:.4f} (step {sj}), "
         f"pytorch {wt:.4f} (step {st}) bits/byte")
+  if args.seeds > 1:
+    final = {name: [c[-1][2] for c in curves] for name, curves in runs.items()}
+    for name, values in final.items():
+      print(f"equal steps over {args.seeds} seeds: {name:8s} mean {statistics.mean(values):.4f}"
+            f" std {statistics.stdev(values):.4f}  ({', '.join(f'{v:.4f}' for v in values)})")
 
 
 # --------------------------------------------------------------------------
@@ -238,7 +249,7 @@ def speed(args, arch: str):
     config.model.mlp_dim //= 2  # Top-2 of half-size experts: the dense model's FLOPs.
   data, evals = load_batches(config)
   equivalence(arch, config, evals[0])
-  sides = [BigjaxSide(config), TorchSide(config, arch)]
+  sides = [BigjaxSide(config), TorchSide(config, arch=arch)]
   batches = [data.batch(i) for i in range(args.steps_per_round)]
   for side in sides:  # Compile and warm up.
     side.sync(side.step(batches[0]))
@@ -269,6 +280,8 @@ def main():
   parser.add_argument("--part", choices=("quality", "speed", "both"), default="both")
   parser.add_argument("--steps", type=int, default=0, help="Quality steps (0: the recipe's).")
   parser.add_argument("--eval_every", type=int, default=250)
+  parser.add_argument("--seeds", type=int, default=1,
+                      help="Quality: initialisation seeds per side (the same batches).")
   parser.add_argument("--speed_shape", default="6,512,8,2048,256,8")
   parser.add_argument("--archs", default="gpt2,mixtral", help="Speed: of " + str(hf_models.ARCHS))
   parser.add_argument("--rounds", type=int, default=5)
