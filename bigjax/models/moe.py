@@ -88,15 +88,21 @@ class MoEFeedForward(nnx.Module):
       x = x * jax.random.uniform(rng, x.shape, jnp.float32, 1.0 - eps, 1.0 + eps)
     return jnp.einsum("...m,me->...e", x, self.router[...].astype(jnp.float32))
 
-  def _expert_ffn(self, x, eq_in: str, eq_out: str, names_h):
-    dt, act = self.cfg.dtype, layers.ACTIVATIONS[self.cfg.mlp_activation]
-    h = jnp.einsum(eq_in, x, self.wi[...].astype(dt))
-    if self.wi_gate is not None:
-      h = act(jnp.einsum(eq_in, x, self.wi_gate[...].astype(dt))) * h
+  def _expert_ffn(self, xe):
+    """The experts' FFN on dispatched tokens xe [E, G, C, M], one matmul per expert
+    over its [G*C, M] rows: a single row dimension, for the reason layers.dense
+    gives (plain matmuls in the backward pass too). G stays major: same shardings."""
+    e, g, c, m = xe.shape
+    rows = xe.reshape(e, g * c, m)
+    weights, act = self._expert_weights(), layers.ACTIVATIONS[self.cfg.mlp_activation]
+    h = jnp.einsum("enm,emh->enh", rows, weights["wi"])
+    if "wi_gate" in weights:
+      h = act(jnp.einsum("enm,emh->enh", rows, weights["wi_gate"])) * h
     else:
       h = act(h)
-    h = constrain(h, names_h)
-    return jnp.einsum(eq_out, h, self.wo[...].astype(dt))
+    h = constrain(h.reshape(e, g, c, -1), ("exp", "batch", None, "mlp"))
+    out = jnp.einsum("enh,ehm->enm", h.reshape(e, g * c, -1), weights["wo"])
+    return out.reshape(e, g, c, m)
 
   def _report(self, aux, z, routed, kept, load, probs):
     entropy = -jnp.mean(jnp.sum(probs * jnp.log(probs + 1e-9), axis=-1))
@@ -127,7 +133,7 @@ class MoEFeedForward(nnx.Module):
     dt = self.cfg.dtype
     xe = jnp.einsum("gsec,gsm->egcm", r.dispatch.astype(dt), xg)
     xe = constrain(xe, ("exp", "batch", None, "embed"))  # all-to-all: groups -> experts
-    ye = self._expert_ffn(xe, "egcm,emh->egch", "egch,ehm->egcm", ("exp", "batch", None, "mlp"))
+    ye = self._expert_ffn(xe)
     ye = constrain(ye, ("exp", "batch", None, "embed"))
     y = jnp.einsum("gsec,egcm->gsm", r.combine.astype(dt), ye)  # all-to-all back
     y = constrain(y, ("batch", "length", "embed"))
