@@ -249,6 +249,19 @@ def test_tokens_must_be_split_over_the_expert_axis():
     jax.eval_shape(forward, params, _x())
 
 
+def test_batch_must_split_over_the_token_shards():
+  layer = _layer()
+  mesh = _mesh("expert8")
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+  def forward(p, x):
+    with sharding.use_mesh_rules(mesh, common.default_rules()):
+      return nnx.merge(graphdef, p, rest)(x)
+  with pytest.raises(ValueError, match=r"a batch of 3 does not split over the 8 shards.*"
+                                       r"config.batch_size"):
+    jax.eval_shape(forward, params, jnp.zeros((3, LENGTH, EMB)))
+
+
 def test_without_expert_split_the_one_device_path_runs():
   """A data-parallel mesh (experts not split) keeps the GSPMD path: no all-to-all."""
   layer = _layer()

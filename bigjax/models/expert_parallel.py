@@ -59,14 +59,21 @@ class Layout(NamedTuple):
 
 
 def _axes(entry) -> tuple:
+  """The mesh axes of one PartitionSpec entry."""
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def layout(token_names, expert_weight_names, setting: str) -> Layout | None:
+def _entry(axes: tuple):
+  """One PartitionSpec entry for mesh axes (the inverse of _axes)."""
+  return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def layout(token_shape, token_names, expert_weight_names, setting: str) -> Layout | None:
   """The expert-parallel layout under the mesh and rules in force, or None when no
   mesh is in force or the experts are not split (the one-device path then runs).
 
-  token_names: logical names of x [B, L, M]; expert_weight_names: those of wi
+  token_shape, token_names: shape and logical names of x [B, L, M];
+  expert_weight_names: those of wi
   [E, M, H]. The embedding dims stay whole inside the map (weights split over it,
   as by fsdp, are gathered on entry); the hidden dim keeps its split where it is
   not taken by the tokens, and partial outputs are summed over it."""
@@ -86,6 +93,12 @@ def layout(token_names, expert_weight_names, setting: str) -> Layout | None:
         f"config.sharding_rules: the experts are split over {expert_axes} but the tokens "
         f"{tuple(token_names)} are not (spec {token_spec}); add {expert_axes} to the "
         f"rule for {token_names[0]!r}, or each expert shard would process every token.")
+  for dim, what in ((0, "batch"), (1, "sequence")):
+    shards = math.prod(mesh.shape[a] for a in _axes(token_spec[dim]))
+    if token_shape[dim] % shards:
+      raise ValueError(f"expert-parallel MoE: a {what} of {token_shape[dim]} does not split "
+                       f"over the {shards} shards of mesh axes {token_spec[dim]}; use a "
+                       f"config.batch_size (per microbatch) or seq_len divisible by {shards}.")
   hidden_axes = split(tuple(a for a in _axes(weight_spec[2])
                             if a not in token_axes and a not in expert_axes))
   platform = mesh.devices.flat[0].platform
@@ -96,11 +109,11 @@ def layout(token_names, expert_weight_names, setting: str) -> Layout | None:
 def token_top_k(layout: Layout) -> Callable:
   """jax.lax.top_k over the last axis of per-token values [T, E], run per shard:
   XLA's partitioner would all-gather every token's values for a TopK."""
-  tokens = PartitionSpec(_axes(layout.token_spec[0]) + _axes(layout.token_spec[1]) or None)
+  tokens = PartitionSpec(_entry(_axes(layout.token_spec[0]) + _axes(layout.token_spec[1])))
 
   def top_k(values, k):
-    return jax.shard_map(lambda v: tuple(jax.lax.top_k(v, k)), mesh=layout.mesh, in_specs=tokens,
-                         out_specs=(tokens, tokens))(values)
+    return jax.shard_map(lambda v: tuple(jax.lax.top_k(v, k)), mesh=layout.mesh,
+                         in_specs=tokens, out_specs=(tokens, tokens))(values)
   return top_k
 
 
@@ -191,14 +204,7 @@ def dropless(x, experts, gates, weights: dict, ffn: Callable, *, num_experts: in
   if num_experts % n:
     raise ValueError(f"model.moe.num_experts={num_experts} does not split over the "
                      f"{n} expert shards of mesh axes {layout.expert_axes}.")
-  batch_split = math.prod(mesh.shape[a] for a in _axes(tokens[0]))
-  if x.shape[0] % batch_split:
-    raise ValueError(f"expert-parallel MoE: a batch of {x.shape[0]} rows does not split "
-                     f"over the {batch_split} token shards {tokens[0]}; use a batch size "
-                     f"divisible by {batch_split}.")
-  expert_dim = layout.expert_axes[0] if len(layout.expert_axes) == 1 else layout.expert_axes
-  hidden = (None if not layout.hidden_axes else layout.hidden_axes[0]
-            if len(layout.hidden_axes) == 1 else layout.hidden_axes)
+  expert_dim, hidden = _entry(layout.expert_axes), _entry(layout.hidden_axes)
   weight_specs = {name: (PartitionSpec(expert_dim, hidden, None) if name == "wo"
                          else PartitionSpec(expert_dim, None, hidden)) for name in weights}
 

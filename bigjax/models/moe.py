@@ -145,7 +145,7 @@ class MoEFeedForward(nnx.Module):
     b, length, m = x.shape
     e, k = self.moe.num_experts, self.moe.k
     xt = x.reshape(b * length, m)
-    parallel = expert_parallel.layout(("batch", "length", "embed"),
+    parallel = expert_parallel.layout(x.shape, ("batch", "length", "embed"),
                                       sharding.logical_axes_of(self.wi),
                                       self.moe.dropless_exchange)
     logits = self.router_logits(xt, rng)
