@@ -85,7 +85,7 @@ def _validate_rules(config):
 
 
 def _validate_moe(config):
-  from bigjax.models import moe, routing
+  from bigjax.models import expert_parallel, moe, routing
 
   m, e = config.model, config.model.moe
   if m.moe_every < 0:
@@ -97,6 +97,9 @@ def _validate_moe(config):
   if e.dropless_impl not in moe.DROPLESS_IMPLS:
     _fail("model.moe.dropless_impl", f"unknown implementation {e.dropless_impl!r}.",
           f"Choose one of {moe.DROPLESS_IMPLS}.")
+  if e.dropless_exchange not in expert_parallel.EXCHANGES:
+    _fail("model.moe.dropless_exchange", f"unknown exchange {e.dropless_exchange!r}.",
+          f"Choose one of {expert_parallel.EXCHANGES} ('auto' picks by backend).")
   for field in ("capacity_factor", "eval_capacity_factor"):
     if not e[field] > 0:
       _fail(f"model.moe.{field}", f"must be > 0, got {e[field]}.", "Use e.g. 1.25.")

@@ -108,6 +108,11 @@ def use_mesh_rules(mesh: Mesh, rules):
     _CONTEXT.reset(token)
 
 
+def active_mesh_rules():
+  """(mesh, rules) in force while tracing (use_mesh_rules), or None."""
+  return _CONTEXT.get()
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Sharding constraint on an activation by logical names; a no-op without a mesh."""
   ctx = _CONTEXT.get()

@@ -69,6 +69,9 @@ def moe_config(**overrides):
       random_routing=True,
       jitter_noise=0.0,
       dropless_impl="ragged_dot",  # ragged_dot | sorted_blocks (CPU-friendly)
+      # Expert-parallel dropless exchange (experts split over mesh.expert):
+      # auto (ragged on GPU/TPU, padded on CPU) | ragged | padded
+      dropless_exchange="auto",
       block_size=128,
       aux_loss_weight=0.01,
       z_loss_weight=0.001,

@@ -451,8 +451,9 @@ def test_train_step_on_expert_mesh_uses_all_to_all_and_matches(setups):
 
 @pytest.mark.parametrize("impl", ["sorted_blocks", "ragged_dot"])
 def test_dropless_on_expert_mesh_matches_one_device(impl):
-  """The dropless path has no capacity einsums: with expert-sharded weights GSPMD
-  gathers what each shard needs. Same loss, metrics and gradients as one device."""
+  """The dropless path runs expert-parallel (tokens exchanged by all-to-all inside a
+  shard_map, see tests/test_moe_expert_parallel.py). Same loss, metrics and
+  gradients as one device."""
   config = _config(router="dropless", top_k=2, dropless_impl=impl, block_size=8)
   got = _setup(dict(expert=4, data=2), 8, config)
   want = _setup(dict(data=1), 1, config)

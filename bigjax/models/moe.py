@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bigjax.models import layers, routing
+from bigjax import sharding
+from bigjax.models import expert_parallel, layers, routing
 from bigjax.sharding import constrain
 
 DROPLESS_IMPLS = ("ragged_dot", "sorted_blocks")
@@ -35,6 +36,9 @@ class MoEConfig:
   random_routing: bool = True
   jitter_noise: float = 0.0  # Switch: router input scaled by U(1-eps, 1+eps).
   dropless_impl: str = "ragged_dot"
+  # Expert-parallel dropless exchange: auto (ragged on GPU/TPU, padded on CPU),
+  # ragged (jax.lax.ragged_all_to_all) or padded (all_to_all of worst-case slots).
+  dropless_exchange: str = "auto"
   block_size: int = 128  # sorted_blocks: rows per expert block.
   aux_loss_weight: float = 0.01  # Used by the train step's loss.
   z_loss_weight: float = 0.001
@@ -59,6 +63,9 @@ class MoEFeedForward(nnx.Module):
     if moe.dropless_impl not in DROPLESS_IMPLS:
       raise ValueError(f"model.moe.dropless_impl={moe.dropless_impl!r}; choose one of "
                        f"{DROPLESS_IMPLS}.")
+    if moe.dropless_exchange not in expert_parallel.EXCHANGES:
+      raise ValueError(f"model.moe.dropless_exchange={moe.dropless_exchange!r}; choose one "
+                       f"of {expert_parallel.EXCHANGES}.")
     self.cfg, self.moe = cfg, moe
     e, m, h = moe.num_experts, cfg.emb_dim, cfg.mlp_dim
     self.router = layers.param(rngs, layers.kernel_init(cfg), (m, e), ("embed", None),
@@ -81,15 +88,21 @@ class MoEFeedForward(nnx.Module):
       x = x * jax.random.uniform(rng, x.shape, jnp.float32, 1.0 - eps, 1.0 + eps)
     return jnp.einsum("...m,me->...e", x, self.router[...].astype(jnp.float32))
 
-  def _expert_ffn(self, x, eq_in: str, eq_out: str, names_h):
-    dt, act = self.cfg.dtype, layers.ACTIVATIONS[self.cfg.mlp_activation]
-    h = jnp.einsum(eq_in, x, self.wi[...].astype(dt))
-    if self.wi_gate is not None:
-      h = act(jnp.einsum(eq_in, x, self.wi_gate[...].astype(dt))) * h
+  def _expert_ffn(self, xe):
+    """The experts' FFN on dispatched tokens xe [E, G, C, M], one matmul per expert
+    over its [G*C, M] rows: a single row dimension, for the reason layers.dense
+    gives (plain matmuls in the backward pass too). G stays major: same shardings."""
+    e, g, c, m = xe.shape
+    rows = xe.reshape(e, g * c, m)
+    weights, act = self._expert_weights(), layers.ACTIVATIONS[self.cfg.mlp_activation]
+    h = jnp.einsum("enm,emh->enh", rows, weights["wi"])
+    if "wi_gate" in weights:
+      h = act(jnp.einsum("enm,emh->enh", rows, weights["wi_gate"])) * h
     else:
       h = act(h)
-    h = constrain(h, names_h)
-    return jnp.einsum(eq_out, h, self.wo[...].astype(dt))
+    h = constrain(h.reshape(e, g, c, -1), ("exp", "batch", None, "mlp"))
+    out = jnp.einsum("enh,ehm->enm", h.reshape(e, g * c, -1), weights["wo"])
+    return out.reshape(e, g, c, m)
 
   def _report(self, aux, z, routed, kept, load, probs):
     entropy = -jnp.mean(jnp.sum(probs * jnp.log(probs + 1e-9), axis=-1))
@@ -120,51 +133,67 @@ class MoEFeedForward(nnx.Module):
     dt = self.cfg.dtype
     xe = jnp.einsum("gsec,gsm->egcm", r.dispatch.astype(dt), xg)
     xe = constrain(xe, ("exp", "batch", None, "embed"))  # all-to-all: groups -> experts
-    ye = self._expert_ffn(xe, "egcm,emh->egch", "egch,ehm->egcm", ("exp", "batch", None, "mlp"))
+    ye = self._expert_ffn(xe)
     ye = constrain(ye, ("exp", "batch", None, "embed"))
     y = jnp.einsum("gsec,egcm->gsm", r.combine.astype(dt), ye)  # all-to-all back
     y = constrain(y, ("batch", "length", "embed"))
     return y.reshape(b, length, m)
 
   def _dropless(self, x, rng):
-    """Top-k with no capacity: choices sorted by expert, grouped matmuls."""
+    """Top-k with no capacity: choices sorted by expert, grouped matmuls. With the
+    experts split over a mesh axis, expert-parallel (see expert_parallel.py)."""
     b, length, m = x.shape
     e, k = self.moe.num_experts, self.moe.k
     xt = x.reshape(b * length, m)
+    parallel = expert_parallel.layout(x.shape, ("batch", "length", "embed"),
+                                      sharding.logical_axes_of(self.wi),
+                                      self.moe.dropless_exchange)
     logits = self.router_logits(xt, rng)
-    choice = routing.topk_dropless(logits, k)
+    choice = routing.topk_dropless(logits, k, top_k=(
+        jax.lax.top_k if parallel is None else expert_parallel.token_top_k(parallel)))
     n = b * length * k  # Nothing is ever dropped.
     self._report(choice.aux_loss, choice.z_loss, jnp.float32(n), jnp.float32(n),
                  choice.load, jax.nn.softmax(logits))
+    ffn = self._ragged_ffn if self.moe.dropless_impl == "ragged_dot" else self._blocked_ffn
+    weights = self._expert_weights()
+    if parallel is not None:
+      return expert_parallel.dropless(
+          x, choice.experts.reshape(b, length, k), choice.gates.reshape(b, length, k),
+          weights, ffn, num_experts=e, layout=parallel)
     flat_expert = choice.experts.reshape(-1)
     order = jnp.argsort(flat_expert, stable=True)
     token = order // k
     xs = jnp.take(xt, token, axis=0)  # [T*k, M], grouped by expert.
     sizes = jnp.bincount(flat_expert, length=e).astype(jnp.int32)
-    if self.moe.dropless_impl == "ragged_dot":
-      ys = self._ragged_ffn(xs, sizes)
-    else:
-      ys = self._blocked_ffn(xs, sizes)
+    ys = ffn(xs, sizes, weights)
     ys = ys * choice.gates.reshape(-1)[order][:, None].astype(ys.dtype)
     y = jnp.zeros_like(xt).at[token].add(ys)
     return y.reshape(b, length, m)
 
-  def _ragged_ffn(self, xs, sizes):
-    dt, act = self.cfg.dtype, layers.ACTIVATIONS[self.cfg.mlp_activation]
-    h = jax.lax.ragged_dot(xs, self.wi[...].astype(dt), sizes)
-    if self.wi_gate is not None:
-      h = act(jax.lax.ragged_dot(xs, self.wi_gate[...].astype(dt), sizes)) * h
+  def _expert_weights(self) -> dict:
+    """The expert FFN weights in the compute dtype, by name."""
+    names = ("wi", "wo") + (("wi_gate",) if self.wi_gate is not None else ())
+    return {name: getattr(self, name)[...].astype(self.cfg.dtype) for name in names}
+
+  def _ragged_ffn(self, xs, sizes, weights):
+    """Grouped FFN by jax.lax.ragged_dot: rows [sum(sizes) + padding, M], grouped by
+    expert; the rows past sum(sizes) are padding whose outputs are never read."""
+    act = layers.ACTIVATIONS[self.cfg.mlp_activation]
+    h = jax.lax.ragged_dot(xs, weights["wi"], sizes)
+    if "wi_gate" in weights:
+      h = act(jax.lax.ragged_dot(xs, weights["wi_gate"], sizes)) * h
     else:
       h = act(h)
-    return jax.lax.ragged_dot(h, self.wo[...].astype(dt), sizes)
+    return jax.lax.ragged_dot(h, weights["wo"], sizes)
 
-  def _blocked_ffn(self, xs, sizes):
+  def _blocked_ffn(self, xs, sizes, weights):
     """Grouped matmul as batched matmuls over fixed-size blocks, each block holding
     rows of one expert only (segments padded to a multiple of block_size). Memory
     and FLOPs grow with the tokens, not with tokens x experts as the CPU emulation
-    of ragged_dot does."""
+    of ragged_dot does. Rows past sum(sizes) are padding (computed with the last
+    expert, never read)."""
     rows, m = xs.shape
-    e, bs = self.moe.num_experts, self.moe.block_size
+    e, bs = weights["wi"].shape[0], self.moe.block_size
     padded = (sizes + bs - 1) // bs * bs
     start = jnp.cumsum(sizes) - sizes  # segment starts in xs
     pstart = jnp.cumsum(padded) - padded  # segment starts in the padded layout
@@ -176,14 +205,14 @@ class MoEFeedForward(nnx.Module):
     block_expert = jnp.searchsorted(jnp.cumsum(padded) // bs, jnp.arange(num_blocks),
                                     side="right")
     block_expert = jnp.minimum(block_expert, e - 1)  # trailing empty blocks
-    dt, act = self.cfg.dtype, layers.ACTIVATIONS[self.cfg.mlp_activation]
-    wi = jnp.take(self.wi[...].astype(dt), block_expert, axis=0)
+    act = layers.ACTIVATIONS[self.cfg.mlp_activation]
+    wi = jnp.take(weights["wi"], block_expert, axis=0)
     h = jnp.einsum("nbm,nmh->nbh", blocks, wi)
-    if self.wi_gate is not None:
-      wg = jnp.take(self.wi_gate[...].astype(dt), block_expert, axis=0)
+    if "wi_gate" in weights:
+      wg = jnp.take(weights["wi_gate"], block_expert, axis=0)
       h = act(jnp.einsum("nbm,nmh->nbh", blocks, wg)) * h
     else:
       h = act(h)
-    wo = jnp.take(self.wo[...].astype(dt), block_expert, axis=0)
+    wo = jnp.take(weights["wo"], block_expert, axis=0)
     out = jnp.einsum("nbh,nhm->nbm", h, wo).reshape(num_blocks * bs, m)
     return jnp.take(out, dest, axis=0)

@@ -128,13 +128,14 @@ class DroplessChoice(NamedTuple):
   load: jax.Array  # [E]
 
 
-def topk_dropless(logits, k: int) -> DroplessChoice:
+def topk_dropless(logits, k: int, top_k=jax.lax.top_k) -> DroplessChoice:
   """Top-k with no capacity. k=1 scales by p_max (as Switch); k>1 renormalises the
   k gates (as GShard without random routing), so each equals its capacity twin
-  when nothing is dropped. logits: [T, E]."""
+  when nothing is dropped. logits: [T, E]. top_k: jax.lax.top_k or a version of it
+  that keeps the tokens sharded."""
   logits = logits.astype(jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1)
-  gates, experts = jax.lax.top_k(probs, k)
+  gates, experts = top_k(probs, k)
   if k > 1:
     gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
   num_experts = probs.shape[-1]

@@ -2,6 +2,9 @@ r"""MoE layer vs. a dense MLP of the same active FLOPs: time and memory, fwd+bwd
 
   python experiments/benchmarks/moe.py            # ~2 minutes on 2 CPU cores
   python experiments/benchmarks/moe.py --tokens=2048,8192 --emb=512 --mlp=2048
+  # + the expert-parallel dropless layer on 8 devices (fake ones on CPU):
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+      python experiments/benchmarks/moe.py --expert_shards=8
 
 A top-2 MoE layer (E experts of hidden size H) does the work of a dense MLP of
 hidden size 2H per token (plus capacity padding); that dense MLP is the
@@ -10,16 +13,29 @@ they are timed round-robin (one run of each, --repeats times) and the median
 kept, all in this one process, so that slow drifts of a shared machine hit
 every variant alike and the ratios compare like with like. Memory is XLA's own accounting of the compiled program (temporaries +
 arguments + outputs), which is exact and independent of the allocator.
+
+With --expert_shards=N the dropless layer also runs expert-parallel on a mesh of
+N devices (`expert=N`, E/N experts per device, tokens split N ways; on CPU the
+padded all-to-all exchange, see bigjax/models/expert_parallel.py); its memory is
+per device. The other rows run on one device.
 """
 import argparse
+import os
 import statistics
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
 
-from bigjax.models import layers, moe
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+from bigjax import sharding  # noqa: E402
+from bigjax.models import expert_parallel, layers, moe  # noqa: E402
+from configs import common  # noqa: E402
 
 
 def _layer_config(emb, mlp):
@@ -27,9 +43,9 @@ def _layer_config(emb, mlp):
                             mlp_dim=mlp, mlp_activation="gelu")
 
 
-def _fwd_bwd(module):
-  graphdef, params = nnx.split(module, nnx.Param, ...)[:2]
-  rest = nnx.split(module, nnx.Param, ...)[2]
+def _fwd_bwd(module, mesh=None):
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+  rules = common.default_rules()
 
   def loss(p, x, rng):
     m = nnx.merge(graphdef, p, rest)
@@ -39,12 +55,20 @@ def _fwd_bwd(module):
       y = m(x)
     return jnp.mean(jnp.square(y))
 
-  return jax.jit(jax.value_and_grad(loss)), params
+  def traced(p, x, rng):
+    with sharding.use_mesh_rules(mesh, rules):
+      return jax.value_and_grad(loss)(p, x, rng)
+
+  if mesh is None:
+    return jax.jit(jax.value_and_grad(loss)), params
+  return jax.jit(traced), jax.device_put(params, sharding.state_shardings(params, mesh, rules))
 
 
-def prepare(module, x):
-  """A warmed-up zero-argument runner and the program's memory in bytes."""
-  fn, params = _fwd_bwd(module)
+def prepare(module, x, mesh=None):
+  """A warmed-up zero-argument runner and the program's memory in bytes (per device)."""
+  fn, params = _fwd_bwd(module, mesh)
+  if mesh is not None:
+    x = jax.device_put(x, NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES)))
   rng = jax.random.PRNGKey(0)
   compiled = fn.lower(params, x, rng).compile()
   mem = compiled.memory_analysis()
@@ -72,7 +96,18 @@ def main():
   parser.add_argument("--experts", type=int, default=8)
   parser.add_argument("--group_size", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--expert_shards", type=int, default=0,
+                      help="also run the dropless layer expert-parallel on this many devices")
   args = parser.parse_args()
+  mesh = None
+  if args.expert_shards:
+    if len(jax.devices()) < args.expert_shards:
+      raise SystemExit(f"--expert_shards={args.expert_shards} needs that many devices, found "
+                       f"{len(jax.devices())}; on CPU set XLA_FLAGS="
+                       f"--xla_force_host_platform_device_count={args.expert_shards}.")
+    mesh = sharding.make_mesh(dict(expert=args.expert_shards),
+                              jax.devices()[:args.expert_shards])
+    exchange = expert_parallel.exchange_kind("auto", jax.devices()[0].platform)
 
   k = 2
   rows = []
@@ -90,10 +125,15 @@ def main():
                                                 dropless_impl="sorted_blocks")),
                 ("dropless ragged_dot", dict(router="dropless", top_k=2,
                                              dropless_impl="ragged_dot"))]
-    for name, kw in variants:
+    variants = [(name, kw, None) for name, kw in variants]
+    if mesh is not None:
+      variants += [(f"dropless {impl}, {args.expert_shards} expert shards ({exchange})",
+                    dict(router="dropless", top_k=2, dropless_impl=impl), mesh)
+                   for impl in ("sorted_blocks", "ragged_dot")]
+    for name, kw, on_mesh in variants:
       cfg = moe.MoEConfig(num_experts=args.experts, group_size=args.group_size, **kw)
       layer = moe.MoEFeedForward(_layer_config(args.emb, args.mlp), cfg, rngs=nnx.Rngs(0))
-      runners[name], memory[name] = prepare(layer, x)
+      runners[name], memory[name] = prepare(layer, x, on_mesh)
     times = time_round_robin(runners, args.repeats)
     base = times["dense MLP (hidden 2H)"]
     rows += [(tokens, name, t, memory[name], t / base) for name, t in times.items()]
