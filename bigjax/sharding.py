@@ -13,41 +13,41 @@ import math
 from typing import Any, Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 # Mesh axes in device order: the last varies fastest, so "tensor" (the most
 # communication-heavy) lands on neighbouring devices.
 MESH_AXES = ("data", "expert", "fsdp", "tensor")
-BATCH_AXES = ("data", "expert", "fsdp")
 
 
-def resolve_mesh_shape(mesh_cfg: dict, num_devices: int) -> dict:
-  """Returns {axis: size} with the single -1 replaced by the remaining devices."""
-  mesh_cfg = dict(mesh_cfg)
-  unknown = set(mesh_cfg) - set(MESH_AXES)
-  if unknown:
-    raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; "
-                     f"known axes are {MESH_AXES}.")
-  sizes = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}
+def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict:
+  """{axis: size} for every mesh axis (absent ones 1), the single -1 replaced by the
+  remaining devices. The one check of config.mesh: validation and make_mesh both
+  call it, and its ValueErrors name the field and the fix."""
+  for axis in mesh_cfg:
+    size = mesh_cfg[axis]
+    if axis not in MESH_AXES:
+      raise ValueError(f"config.mesh.{axis}: is not a mesh axis. Use the axes {MESH_AXES}.")
+    if not isinstance(size, int) or isinstance(size, bool) or size == 0 or size < -1:
+      raise ValueError(f"config.mesh.{axis}: must be a positive size or -1, got {size!r}. "
+                       "Use a size >= 1, or -1 for the remaining devices.")
+  sizes = {a: mesh_cfg[a] if a in mesh_cfg else 1 for a in MESH_AXES}
   rest = [a for a, s in sizes.items() if s == -1]
   if len(rest) > 1:
-    raise ValueError(f"config.mesh: only one axis may be -1, got {rest}.")
-  for a, s in sizes.items():
-    if s == 0 or s < -1:
-      raise ValueError(f"config.mesh.{a}={s}: sizes must be positive or -1.")
+    raise ValueError(f"config.mesh: more than one axis is -1 ({rest}). "
+                     "Set at most one axis to -1.")
   known = math.prod(s for s in sizes.values() if s != -1)
   if rest:
     if num_devices % known:
       raise ValueError(
           f"config.mesh: the fixed axes multiply to {known}, which does not divide "
-          f"the {num_devices} devices; change the sizes so that -1 can take the rest.")
+          f"the {num_devices} devices. Change the sizes so that -1 can take the rest.")
     sizes[rest[0]] = num_devices // known
   elif known != num_devices:
     raise ValueError(
         f"config.mesh: axis sizes {sizes} multiply to {known} but there are "
-        f"{num_devices} devices; make them multiply to {num_devices} or set one to -1.")
+        f"{num_devices} devices. Make them multiply to {num_devices} or set one to -1.")
   return sizes
 
 
@@ -138,7 +138,12 @@ def state_shardings(state, mesh: Mesh, rules):
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-  """Devices over every axis a batch may be split on (the rules table picks among
-  them, so this is a multiple of any rule's split): for padding batches."""
-  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+def batch_mesh_axes(rules) -> tuple:
+  """The mesh axes a batch's rows are split over under `rules`."""
+  return _as_tuple(logical_to_spec(("batch",), rules)[0])
+
+
+def data_parallel_size(mesh_shape, rules) -> int:
+  """How many slices a batch is split into ({axis: size} or mesh.shape): validation
+  checks that batches divide by it, decoding pads its rows to a multiple of it."""
+  return math.prod(mesh_shape[a] for a in batch_mesh_axes(rules))

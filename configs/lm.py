@@ -43,6 +43,7 @@ def get_config(arg=None):
   config.data.text_key = "text"
   config.data.train_split = "train"
   config.data.eval_split = "validation"
+  config.data.mask_rate = 0.15  # task="mlm" only: the share of bytes to predict (BERT's).
 
   config.model = ml_collections.ConfigDict()
   config.model.kind = "decoder"  # decoder | encoder | encdec

@@ -31,6 +31,19 @@ def _delete(key):
   return make
 
 
+def _without(module, arg, key):
+  """A maker of `module.get_config(arg)` without the (dotted) key."""
+  def make():
+    c = module.get_config(arg)
+    *parents, leaf = key.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    del node[leaf]
+    return c
+  return make
+
+
 def _config(module, arg, **overrides):
   """A maker of `module.get_config(arg)` with overrides ('a__b' or 'a.b' keys)."""
   def make():
@@ -152,6 +165,22 @@ CASES = [
     (_with(sharding_rules=[["vocab", "tensor"], ["embed", "fsdp"]]), "sharding_rules"),
     (_with(sharding_rules=[["batch", ["data", "model"]]]), "sharding_rules[0]"),
     (_with(sharding_rules=[["batch"]]), "sharding_rules[0]"),
+    # Every setting is read from the config, strictly: a missing key is not filled in
+    # with a second default, and an unknown (misspelt) one is not ignored.
+    (_with(model__dropout=0.1), "model.dropout"),
+    (_moe(**{"model.moe.topk": 2}), "model.moe.topk"),
+    (_zoo(model__hidden=(8,)), "model.hidden"),
+    (_without(lm, "runlocal", "model.remat"), "model.remat"),
+    (_without(lm_moe, "runlocal", "model.moe.block_size"), "model.moe.block_size"),
+    (_without(mlp, "variant=deep", "model.batch_norm"), "model.batch_norm"),
+    (_without(bert, "runlocal", "data.mask_rate"), "data.mask_rate"),
+    (_without(mlp, "variant=deep", "data.standardize"), "data.standardize"),
+    (_without(lm, "runlocal", "optim.nan_policy"), "optim.nan_policy"),
+    (_without(lm, "runlocal", "optim.freeze"), "optim.freeze"),
+    (_without(lm, "runlocal", "optim.eps"), "optim.eps"),
+    (_without(lm, "runlocal", "init_from"), "init_from"),
+    (_without(lm, "runlocal", "init_from.skip"), "init_from.skip"),
+    (_with(mesh__pipeline=2), "mesh.pipeline"),
     # Tasks and the model kinds that train on them.
     (_with(task="translate"), "task"),
     (_with(task="mlm"), "model.kind"),  # a decoder cannot do masked-LM
@@ -199,6 +228,20 @@ def test_good_configs_pass():
                     (lm_moe.get_config("runlocal"), 8), (lm_moe.get_config("runlocal,encdec"), 8),
                     *((c, n) for c in _every_zoo_config() for n in (8, 1))):
     config_lib.validate(config, num_devices=n)
+
+
+def test_expert_choice_counts_one_choice_per_token_in_validation_as_in_the_layer():
+  # Expert choice takes C = ceil(capacity_factor·S/E) tokens per expert: k = 1 for the
+  # capacity, in the layer and in validation alike, so one expert is enough.
+  config = bert.get_config("runlocal")
+  config.model.moe_every = 1
+  config.model.moe.update(router="expert_choice", num_experts=1, top_k=2, group_size=32)
+  config_lib.validate(config, num_devices=8)
+  moe_cfg = steps.model_config(config).moe
+  assert moe_cfg.k == 1
+  with pytest.raises(config_lib.ConfigError, match=r"config\.model\.moe\.top_k"):
+    config.model.moe.router = "gshard_top2"  # Two distinct experts per token: not with one.
+    config_lib.validate(config, num_devices=8)
 
 
 def _every_zoo_config():

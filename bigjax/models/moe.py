@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bigjax.models import layers, routing
+from bigjax.models import dataclass_from_config, layers, routing
 from bigjax.sharding import constrain
 
 DROPLESS_IMPLS = ("ragged_dot", "sorted_blocks")
@@ -41,13 +41,12 @@ class MoEConfig:
 
   @classmethod
   def from_dict(cls, d) -> "MoEConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in dict(d).items() if k in fields})
+    """From config.model.moe: every setting given, no unknown ones (a clear error)."""
+    return dataclass_from_config(cls, "model.moe", d)
 
   @property
   def k(self) -> int:
-    return {"gshard_top2": 2, "switch_top1": 1, "expert_choice": 1}.get(self.router,
-                                                                         self.top_k)
+    return routing.choices_per_token(self.router, self.top_k)
 
 
 class MoEFeedForward(nnx.Module):

@@ -16,7 +16,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from bigjax.models import layers, moe as moe_lib
+from bigjax.models import dataclass_from_config, layers, moe as moe_lib
 from bigjax.sharding import constrain
 
 PAD_ID = 0
@@ -55,11 +55,11 @@ class TransformerConfig:
 
   @classmethod
   def from_dict(cls, d) -> "TransformerConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in dict(d).items() if k in fields}
-    if "moe" in kwargs and not isinstance(kwargs["moe"], moe_lib.MoEConfig):
-      kwargs["moe"] = moe_lib.MoEConfig.from_dict(kwargs["moe"])
-    return cls(**kwargs)
+    """From config.model: every setting given, no unknown ones (a clear error)."""
+    converted = {}
+    if "moe" in d and not isinstance(d["moe"], moe_lib.MoEConfig):
+      converted["moe"] = moe_lib.MoEConfig.from_dict(d["moe"])
+    return dataclass_from_config(cls, "model", d, **converted)
 
   def layer_config(self, num_layers: int = 0, cross_attention: bool = False
                    ) -> layers.LayerConfig:
