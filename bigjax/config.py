@@ -15,7 +15,7 @@ from bigjax import sharding
 
 REQUIRED_TOP_LEVEL = ("seed", "task", "total_steps", "log_every", "eval_every",
                       "checkpoint_every", "batch_size", "model", "optim", "mesh", "data",
-                      "init_from")
+                      "init_from", "mesh_axes", "sharding_rules")
 # Which model kinds each config.task trains (the loss is steps.TASK_LOSSES).
 TASK_KINDS = {"lm": ("decoder",), "reverse": ("encdec",), "mlm": ("encoder",),
               "classify": ("mlp", "cnn", "linear"), "binary": ("mlp", "cnn", "linear"),
@@ -77,20 +77,33 @@ def _name(config, field: str):
           "'validation', text_key 'text').")
 
 
-def _validate_rules(config):
+def _validate_mesh_axes(config) -> tuple:
+  axes = _get(config, "mesh_axes")
+  if (not isinstance(axes, (list, tuple)) or not axes or len(set(axes)) != len(axes)
+      or not all(isinstance(a, str) and a for a in axes)):
+    _fail("mesh_axes", f"must list distinct axis names, got {axes!r}.",
+          "Write e.g. ('data', 'expert', 'fsdp', 'tensor') (see configs/common.py).")
+  for axis in axes:
+    if axis not in config.mesh:
+      _fail(f"mesh.{axis}", "is missing: every axis in config.mesh_axes needs a size.",
+            "Add it (1 if unused, -1 for the remaining devices).")
+  return tuple(axes)
+
+
+def _validate_rules(config, mesh_axes: tuple):
   rules = _get(config, "sharding_rules")
   for i, rule in enumerate(rules):
     if not isinstance(rule, (list, tuple)) or len(rule) != 2 or not isinstance(rule[0], str):
       _fail(f"sharding_rules[{i}]", f"{rule!r} is not a [logical_name, mesh_axes] pair.",
-            "Write e.g. ['embed', 'fsdp'] or ['batch', ['data', 'fsdp']].")
+            "Write e.g. ['embed', 'fsdp'] or ['activation_batch', ['data', 'fsdp']].")
     axes = rule[1]
     axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-    if not isinstance(axes, (list, tuple)) or any(a not in sharding.MESH_AXES for a in axes):
+    if not isinstance(axes, (list, tuple)) or any(a not in mesh_axes for a in axes):
       _fail(f"sharding_rules[{i}]", f"{rule[0]!r} maps to {rule[1]!r}, not to mesh axes.",
-            f"Use None or names from {sharding.MESH_AXES}.")
-  if not any(r[0] == "batch" for r in rules):
-    _fail("sharding_rules", "has no rule for 'batch'.",
-          "Add ['batch', ['data', 'expert', 'fsdp']] (see configs/common.py).")
+            f"Use None or names from config.mesh_axes {mesh_axes}.")
+  if not any(r[0] == sharding.BATCH[0] for r in rules):
+    _fail("sharding_rules", f"has no rule for {sharding.BATCH[0]!r}.",
+          f"Add [{sharding.BATCH[0]!r}, ['data', 'expert', 'fsdp']] (see configs/common.py).")
 
 
 def _validate_moe(config):
@@ -296,11 +309,12 @@ def validate(config, *, num_devices: int, process_count: int = 1, workdir: str |
           "Use '' for $TFDS_DATA_DIR or ~/tensorflow_datasets.")
 
   # Mesh and batch: every device gets an equal share of every (micro)batch.
+  mesh_axes = _validate_mesh_axes(config)
   try:
-    sizes = sharding.resolve_mesh_shape(config.mesh, num_devices)
+    sizes = sharding.resolve_mesh_shape(config.mesh, num_devices, mesh_axes)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  _validate_rules(config)
+  _validate_rules(config, mesh_axes)
   rules = [tuple(r) for r in config.sharding_rules]
   batch_axes = sharding.batch_mesh_axes(rules)
   dp = sharding.data_parallel_size(sizes, rules)

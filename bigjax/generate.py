@@ -63,7 +63,7 @@ def _mesh(config):
   from bigjax import sharding
 
   try:
-    return sharding.make_mesh(config.mesh)
+    return sharding.config_mesh(config)
   except ValueError as e:
     print(f"Note: the run's mesh does not fit here ({e}); using data=-1 instead.",
           file=sys.stderr)

@@ -135,6 +135,24 @@ def nan_policy(optim_cfg) -> str:
   return policy
 
 
+def state_shardings(tx, abstract_opt_state, abstract_params, param_shardings, replicated):
+  """Shardings of the optimizer state, derived from the parameters' by optax's
+  tree_map_params: every copy of the parameter tree inside the state (Adam's mu
+  and nu, momentum traces) takes the parameters' shardings leaf by leaf. Leaves of
+  another shape (Adafactor's factored rows and columns) and the rest (counts) are
+  replicated; masked-out entries (frozen parameters) stay masked."""
+  def one(leaf, param_sharding, param):
+    if isinstance(leaf, optax.MaskedNode):
+      return leaf
+    return param_sharding if leaf.shape == param.shape else replicated
+
+  return optax.tree_map_params(
+      tx, one, abstract_opt_state, param_shardings, abstract_params,
+      transform_non_params=lambda leaf: leaf if isinstance(leaf, optax.MaskedNode)
+      else replicated,
+      is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+
 def skipped_updates(opt_state):
   """Updates skipped so far for non-finite gradients (an int32 array), or None
   when the optimizer does not skip (nan_policy "halt")."""

@@ -192,7 +192,7 @@ def run(config, workdir: str) -> RunResult:
 
 def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.config_mesh(config)
   log(f"Mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
       f"{jax.process_count()} process(es).")
 

@@ -80,6 +80,7 @@ def get_config(arg=None):
   config.optim = common.optim_config(name="adamw", lr=6e-4, warmup_steps=1000)
   config.init_from = common.init_from_config()  # Fine-tuning: see configs/gpt2.py.
 
+  config.mesh_axes = common.MESH_AXES
   config.mesh = common.default_mesh()
   config.sharding_rules = common.default_rules()
 

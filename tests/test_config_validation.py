@@ -181,6 +181,9 @@ CASES = [
     (_without(lm, "runlocal", "init_from"), "init_from"),
     (_without(lm, "runlocal", "init_from.skip"), "init_from.skip"),
     (_with(mesh__pipeline=2), "mesh.pipeline"),
+    (_without(lm, "runlocal", "mesh.tensor"), "mesh.tensor"),
+    (_without(lm, "runlocal", "mesh_axes"), "mesh_axes"),
+    (_with(mesh_axes=("data", "data")), "mesh_axes"),
     # Tasks and the model kinds that train on them.
     (_with(task="translate"), "task"),
     (_with(task="mlm"), "model.kind"),  # a decoder cannot do masked-LM
@@ -242,6 +245,21 @@ def test_expert_choice_counts_one_choice_per_token_in_validation_as_in_the_layer
   with pytest.raises(config_lib.ConfigError, match=r"config\.model\.moe\.top_k"):
     config.model.moe.router = "gshard_top2"  # Two distinct experts per token: not with one.
     config_lib.validate(config, num_devices=8)
+
+
+def test_a_new_mesh_axis_is_a_config_and_rules_change():
+  config = lm.get_config("runlocal")
+  config.mesh_axes = ("data", "expert", "fsdp", "sequence", "tensor")
+  config.mesh.sequence = 2
+  config.sharding_rules = [["activation_length", "sequence"]] + [
+      r for r in config.sharding_rules if r[0] != "activation_length"]
+  config_lib.validate(config, num_devices=8)
+  mesh = sharding.config_mesh(config)
+  assert dict(mesh.shape) == dict(data=4, expert=1, fsdp=1, sequence=2, tensor=1)
+  spec = sharding.named_sharding(
+      mesh, ("activation_batch", "activation_length", "activation_embed"),
+      [tuple(r) for r in config.sharding_rules]).spec
+  assert spec == jax.P(("data", "expert", "fsdp"), "sequence", None)
 
 
 def _every_zoo_config():

@@ -5,9 +5,9 @@ of S tokens, routed with dense dispatch/combine tensors, and exchanged with the
 experts by einsums
     dispatch  GSEC,GSM->EGCM    experts  EGCM,EMH->EGCH, EGCH,EHM->EGCM
     combine   GSEC,GECM->GSM
-The dispatched tensor is constrained to be expert-sharded ('exp' -> mesh axis
-`expert`) while tokens are group-sharded ('batch'), so GSPMD moves it with one
-all-to-all each way. Router metrics are sown as nnx.Intermediate('router_metrics').
+The dispatched tensor is constrained to be expert-sharded ('activation_exp' ->
+mesh axis `expert`) while tokens are group-sharded ('activation_batch'), so GSPMD
+moves it with one all-to-all each way. Router metrics are sown as nnx.Intermediate('router_metrics').
 
 Evaluation mode is `rng is None` (as for dropout): eval capacity factor, no
 random routing, no jitter.
@@ -105,7 +105,8 @@ class MoEFeedForward(nnx.Module):
     if self.moe.router == "dropless":
       return self._dropless(x, r_jitter)
     s = self.moe.group_size if length % self.moe.group_size == 0 else length
-    xg = constrain(x.reshape(b * length // s, s, m), ("batch", "length", "embed"))
+    xg = constrain(x.reshape(b * length // s, s, m),
+                   ("activation_batch", "activation_length", "activation_embed"))
     logits = self.router_logits(xg, r_jitter)
     factor = self.moe.capacity_factor if rng is not None else self.moe.eval_capacity_factor
     cap = routing.capacity(s, self.moe.num_experts, self.moe.k, factor)
@@ -118,11 +119,13 @@ class MoEFeedForward(nnx.Module):
     self._report(r.aux_loss, r.z_loss, r.routed, r.kept, r.load, jax.nn.softmax(logits))
     dt = self.cfg.dtype
     xe = jnp.einsum("gsec,gsm->egcm", r.dispatch.astype(dt), xg)
-    xe = constrain(xe, ("exp", "batch", None, "embed"))  # all-to-all: groups -> experts
-    ye = self._expert_ffn(xe, "egcm,emh->egch", "egch,ehm->egcm", ("exp", "batch", None, "mlp"))
-    ye = constrain(ye, ("exp", "batch", None, "embed"))
+    # all-to-all: groups -> experts
+    xe = constrain(xe, ("activation_exp", "activation_batch", None, "activation_embed"))
+    ye = self._expert_ffn(xe, "egcm,emh->egch", "egch,ehm->egcm",
+                          ("activation_exp", "activation_batch", None, "activation_mlp"))
+    ye = constrain(ye, ("activation_exp", "activation_batch", None, "activation_embed"))
     y = jnp.einsum("gsec,egcm->gsm", r.combine.astype(dt), ye)  # all-to-all back
-    y = constrain(y, ("batch", "length", "embed"))
+    y = constrain(y, ("activation_batch", "activation_length", "activation_embed"))
     return y.reshape(b, length, m)
 
   def _dropless(self, x, rng):

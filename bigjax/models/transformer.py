@@ -121,7 +121,7 @@ class Block(nnx.Module):
       x = x + layers.dropout(h, self.dropout_rate, r[3])
     h = self.ffn(self.ffn_norm(x), rng=r[4])
     x = x + layers.dropout(h, self.dropout_rate, r[5])
-    x = constrain(x, ("batch", "length", "embed"))
+    x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
     return x if cache is None else (x, cache)
 
   def init_cache(self, batch: int, length: int, encoded=None) -> dict:
@@ -188,7 +188,7 @@ class _Embedder(nnx.Module):
       out = self.tokens.attend(x * self.tied_logits_scale)
     else:
       out = layers.dense(x, self.logits_kernel[...].astype(self.dtype))
-      out = constrain(out, ("batch", "length", "vocab"))
+      out = constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
     return out.astype(jnp.float32)
 
 
@@ -245,7 +245,8 @@ class DecoderLM(nnx.Module):
     """An empty cache for `length` positions: per layer {"self": {"k", "v"}}, and
     "valid" [batch, length], whether a slot holds a non-padding token (padded keys
     are masked, as in __call__)."""
-    valid = constrain(jnp.zeros((batch, length), bool), ("batch", "length"))
+    valid = constrain(jnp.zeros((batch, length), bool),
+                      ("activation_batch", "activation_length"))
     return {"valid": valid,
             "layers": tuple(b.init_cache(batch, length) for b in self.decoder.blocks)}
 
