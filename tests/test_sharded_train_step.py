@@ -92,12 +92,40 @@ def test_parameters_are_sharded_as_the_rules_say():
 
 
 def test_gradient_accumulation_equals_one_big_batch():
+  # SGD at a constant rate, unclipped: one step moves the parameters by -lr × the
+  # gradient, so the updated parameters give the gradients exactly.
   config = _config(dropout_rate=0.0)
+  config.optim.update(name="sgd", lr=1.0, warmup_steps=0, schedule="constant",
+                      clip_norm=0.0, clip_value=0.0, weight_decay=0.0)
   batch = _batch(0, batch=16)
-  _, ref = _train(config, dict(data=1), 1, [batch])
+  # Unequal token counts per microbatch (microbatch i holds rows i, i+4, ...): the
+  # loss must be normalised by the global count, not averaged over microbatches.
+  batch["weights"][0, 5:] = 0.0
+  batch["weights"][5] = 0.0
+
+  def one_step(mesh_cfg, num_devices):
+    task = steps.make_task(config, sharding.make_mesh(mesh_cfg, jax.devices()[:num_devices]))
+    state = steps.create_state(task, seed=0)
+    before = jax.device_get(state.params)
+    state, metrics = steps.make_train_step(task)(state, batch)
+    after = jax.device_get(state.params)
+    grads = jax.tree.map(lambda b, a: (b - a) / config.optim.lr, before, after)
+    return jax.device_get(metrics), grads, after
+
+  want_metrics, want_grads, want_params = one_step(dict(data=1), 1)
   config.grad_accum_steps = 4
-  state, got = _train(config, dict(data=2), 2, [batch])
-  np.testing.assert_allclose(got, ref, rtol=1e-5)
+  got_metrics, got_grads, got_params = one_step(dict(data=2), 2)
+  for key in ("loss", "grad_norm", "param_norm"):
+    np.testing.assert_allclose(got_metrics[key], want_metrics[key], rtol=1e-5, err_msg=key)
+  assert float(want_metrics["grad_norm"]) > 0
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(got_grads),
+                               jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(got_params),
+                               jax.tree.leaves(want_params)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7,
+                               err_msg=jax.tree_util.keystr(path))
 
 
 def test_logical_rules_first_free_match_wins():
