@@ -71,7 +71,7 @@ def main():
   parser.add_argument("--mlp", type=int, default=1024, help="expert hidden size H")
   parser.add_argument("--experts", type=int, default=8)
   parser.add_argument("--group_size", type=int, default=128)
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=7)
   args = parser.parse_args()
 
   k = 2
