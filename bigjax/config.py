@@ -14,7 +14,8 @@ import re
 from bigjax import sharding
 
 REQUIRED_TOP_LEVEL = ("seed", "task", "total_steps", "log_every", "eval_every",
-                      "checkpoint_every", "batch_size", "model", "optim", "mesh", "data")
+                      "checkpoint_every", "batch_size", "model", "optim", "mesh", "data",
+                      "init_from", "mesh_axes", "sharding_rules")
 # Which model kinds each config.task trains (the loss is steps.TASK_LOSSES).
 TASK_KINDS = {"lm": ("decoder",), "reverse": ("encdec",), "mlm": ("encoder",),
               "classify": ("mlp", "cnn", "linear"), "binary": ("mlp", "cnn", "linear"),
@@ -40,6 +41,14 @@ def _get(config, field: str):
       _fail(field, "is missing.", "Start from configs/lm.py, which defines every key.")
     value = value[part]
   return value
+
+
+def _from_dict(cls, section):
+  """The model's dataclass from its config section: a missing or unknown key fails here."""
+  try:
+    cls.from_dict(section)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def _is_int(value) -> bool:
@@ -68,20 +77,33 @@ def _name(config, field: str):
           "'validation', text_key 'text').")
 
 
-def _validate_rules(config):
+def _validate_mesh_axes(config) -> tuple:
+  axes = _get(config, "mesh_axes")
+  if (not isinstance(axes, (list, tuple)) or not axes or len(set(axes)) != len(axes)
+      or not all(isinstance(a, str) and a for a in axes)):
+    _fail("mesh_axes", f"must list distinct axis names, got {axes!r}.",
+          "Write e.g. ('data', 'expert', 'fsdp', 'tensor') (see configs/common.py).")
+  for axis in axes:
+    if axis not in config.mesh:
+      _fail(f"mesh.{axis}", "is missing: every axis in config.mesh_axes needs a size.",
+            "Add it (1 if unused, -1 for the remaining devices).")
+  return tuple(axes)
+
+
+def _validate_rules(config, mesh_axes: tuple):
   rules = _get(config, "sharding_rules")
   for i, rule in enumerate(rules):
     if not isinstance(rule, (list, tuple)) or len(rule) != 2 or not isinstance(rule[0], str):
       _fail(f"sharding_rules[{i}]", f"{rule!r} is not a [logical_name, mesh_axes] pair.",
-            "Write e.g. ['embed', 'fsdp'] or ['batch', ['data', 'fsdp']].")
+            "Write e.g. ['embed', 'fsdp'] or ['activation_batch', ['data', 'fsdp']].")
     axes = rule[1]
     axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-    if not isinstance(axes, (list, tuple)) or any(a not in sharding.MESH_AXES for a in axes):
+    if not isinstance(axes, (list, tuple)) or any(a not in mesh_axes for a in axes):
       _fail(f"sharding_rules[{i}]", f"{rule[0]!r} maps to {rule[1]!r}, not to mesh axes.",
-            f"Use None or names from {sharding.MESH_AXES}.")
-  if not any(r[0] == "batch" for r in rules):
-    _fail("sharding_rules", "has no rule for 'batch'.",
-          "Add ['batch', ['data', 'expert', 'fsdp']] (see configs/common.py).")
+            f"Use None or names from config.mesh_axes {mesh_axes}.")
+  if not any(r[0] == sharding.BATCH[0] for r in rules):
+    _fail("sharding_rules", f"has no rule for {sharding.BATCH[0]!r}.",
+          f"Add [{sharding.BATCH[0]!r}, ['data', 'expert', 'fsdp']] (see configs/common.py).")
 
 
 def _validate_moe(config):
@@ -103,7 +125,7 @@ def _validate_moe(config):
   for field in ("capacity_factor", "eval_capacity_factor"):
     if not e[field] > 0:
       _fail(f"model.moe.{field}", f"must be > 0, got {e[field]}.", "Use e.g. 1.25.")
-  k = {"gshard_top2": 2, "switch_top1": 1}.get(e.router, e.top_k)
+  k = routing.choices_per_token(e.router, e.top_k)
   if k > e.num_experts:
     _fail("model.moe.top_k", f"top-{k} routing needs at least {k} experts, got "
           f"num_experts={e.num_experts}.", "Lower top_k or add experts.")
@@ -138,16 +160,15 @@ def _validate_transformer(config):
 
   _positive(config, "seq_len")
   _non_negative(config, "loss_chunk_len")
+  _from_dict(transformer.TransformerConfig, config.model)
   if config.loss_chunk_len and config.seq_len % config.loss_chunk_len:
     _fail("loss_chunk_len", f"{config.loss_chunk_len} does not divide "
           f"seq_len={config.seq_len}.", "Use a divisor of seq_len, or 0 for no chunks.")
   m = config.model
   _positive(config, "model.vocab_size", "model.num_layers", "model.emb_dim",
             "model.num_heads", "model.mlp_dim", "model.max_len")
-  _non_negative(config, "model.num_kv_heads", "model.head_dim")
-  if "num_decoder_layers" in m:
-    _non_negative(config, "model.num_decoder_layers")
-  if m.get("init") == "normal" and "init_scale" in m and not m.init_scale > 0:
+  _non_negative(config, "model.num_kv_heads", "model.head_dim", "model.num_decoder_layers")
+  if m.init == "normal" and not m.init_scale > 0:
     _fail("model.init_scale", f"must be > 0 for init='normal', got {m.init_scale}.",
           "Use e.g. 0.02.")
   for field, allowed in (("mlp_activation", tuple(layers.ACTIVATIONS)),
@@ -179,11 +200,11 @@ def _validate_transformer(config):
     _fail("model.vocab_size", f"{m.vocab_size} is smaller than the {need} ids task="
           f"{config.task!r} uses (the byte tokenizer's, plus [MASK] for mlm).",
           f"Use at least {need}.")
+  rate = _get(config, "data.mask_rate")
   if config.task == "mlm":
-    rate = config.data.get("mask_rate", 0.15)
     if not 0 < rate < 1:
       _fail("data.mask_rate", f"{rate} is outside (0, 1).", "Use e.g. 0.15 (BERT's).")
-  if m.get("moe_every", 0):
+  if m.moe_every:
     _validate_moe(config)
   _name(config, "data.text_key")
 
@@ -192,9 +213,10 @@ def _validate_zoo(config):
   from bigjax.models import layers, zoo
 
   m = config.model
+  _from_dict(zoo.ZooConfig, m)
   _positive(config, "model.num_outputs")
   for field in ("hidden_dims", "conv_features"):
-    values = list(m.get(field, ()))
+    values = list(m[field])
     if any(not _is_int(v) or v <= 0 for v in values):
       _fail(f"model.{field}", f"must be positive integers, got {values}.",
             "Use widths >= 1, e.g. (128, 64).")
@@ -208,11 +230,13 @@ def _validate_zoo(config):
   if config.task in ("binary", "regress") and m.num_outputs != 1:
     _fail("model.num_outputs", f"task={config.task!r} predicts one value per example, "
           f"got num_outputs={m.num_outputs}.", "Set model.num_outputs=1.")
-  if m.kind == "linear" and (m.get("hidden_dims") or m.get("batch_norm")):
+  if m.kind == "linear" and (m.hidden_dims or m.batch_norm):
     _fail("model.hidden_dims", "a linear model has no hidden layers or BatchNorm.",
           "Set hidden_dims=() and batch_norm=False, or use model.kind='mlp'.")
   for field in ("feature_key", "label_key"):
     _name(config, f"data.{field}")
+  _get(config, "data.feature_columns")
+  _get(config, "data.standardize")
 
 
 def _validate_transformer_mesh(m, sizes):
@@ -222,7 +246,7 @@ def _validate_transformer_mesh(m, sizes):
     if value % tensor:
       _fail(field, f"{value} is not divisible by mesh.tensor={tensor}.",
             "Change it or the tensor-parallel size.")
-  if m.get("moe_every", 0) and m.moe.num_experts % sizes["expert"]:
+  if m.moe_every and m.moe.num_experts % sizes["expert"]:
     _fail("model.moe.num_experts", f"{m.moe.num_experts} experts do not split over "
           f"mesh.expert={sizes['expert']}.", "Use a multiple of the expert-parallel size.")
   if m.emb_dim % sizes["fsdp"]:
@@ -262,18 +286,18 @@ def validate(config, *, num_devices: int, process_count: int = 1, workdir: str |
     if o[field] < 0:
       _fail(f"optim.{field}", f"must be >= 0, got {o[field]}.", "Use 0 to disable it.")
   for field in ("b1", "b2"):
-    if field in o and not 0 <= o[field] < 1:
+    if not 0 <= _get(config, f"optim.{field}") < 1:
       _fail(f"optim.{field}", f"{o[field]} is outside [0, 1).", "Use e.g. 0.9 / 0.95.")
-  if "eps" in o and not o.eps >= 0:
+  if not _get(config, "optim.eps") >= 0:
     _fail("optim.eps", f"must be >= 0, got {o.eps}.", "Use e.g. 1e-8.")
-  if "end_lr_factor" in o and not 0 <= o.end_lr_factor <= 1:
+  if not 0 <= _get(config, "optim.end_lr_factor") <= 1:
     _fail("optim.end_lr_factor", f"{o.end_lr_factor} is outside [0, 1].",
           "Use e.g. 0.1 (the final lr is lr × end_lr_factor).")
-  policy = o.get("nan_policy", "skip")
+  policy = _get(config, "optim.nan_policy")
   if policy not in optim.NAN_POLICIES:
     _fail("optim.nan_policy", f"unknown policy {policy!r}.",
           f"Choose one of {optim.NAN_POLICIES}.")
-  if o.get("freeze", ""):
+  if _get(config, "optim.freeze"):
     try:
       re.compile(o.freeze)
     except re.error as e:
@@ -283,31 +307,20 @@ def validate(config, *, num_devices: int, process_count: int = 1, workdir: str |
   d = config.data
   for field in ("dataset", "train_split", "eval_split"):
     _name(config, f"data.{field}")
-  if not isinstance(d.get("data_dir", ""), str):
+  if not isinstance(_get(config, "data.data_dir"), str):
     _fail("data.data_dir", f"must be a path string, got {d.data_dir!r}.",
           "Use '' for $TFDS_DATA_DIR or ~/tensorflow_datasets.")
 
   # Mesh and batch: every device gets an equal share of every (micro)batch.
-  mesh_cfg = dict(config.mesh)
-  for axis, size in mesh_cfg.items():
-    if axis not in sharding.MESH_AXES:
-      _fail(f"mesh.{axis}", "is not a mesh axis.", f"Use the axes {sharding.MESH_AXES}.")
-    if not _is_int(size) or size == 0 or size < -1:
-      _fail(f"mesh.{axis}", f"must be a positive size or -1, got {size!r}.",
-            "Use a size >= 1, or -1 for the remaining devices.")
-  if sum(size == -1 for size in mesh_cfg.values()) > 1:
-    _fail("mesh", f"more than one axis is -1: {mesh_cfg}.", "Set at most one axis to -1.")
+  mesh_axes = _validate_mesh_axes(config)
   try:
-    sizes = sharding.resolve_mesh_shape(config.mesh, num_devices)
+    sizes = sharding.resolve_mesh_shape(config.mesh, num_devices, mesh_axes)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  _validate_rules(config)
+  _validate_rules(config, mesh_axes)
   rules = [tuple(r) for r in config.sharding_rules]
-  batch_spec = sharding.logical_to_spec(("batch",), rules)[0] or ()
-  batch_axes = (batch_spec,) if isinstance(batch_spec, str) else tuple(batch_spec)
-  dp = 1
-  for a in batch_axes:
-    dp *= sizes[a]
+  batch_axes = sharding.batch_mesh_axes(rules)
+  dp = sharding.data_parallel_size(sizes, rules)
   if config.batch_size % config.grad_accum_steps:
     _fail("batch_size", f"{config.batch_size} is not divisible by "
           f"grad_accum_steps={config.grad_accum_steps}.", "Make it a multiple.")
@@ -324,13 +337,12 @@ def validate(config, *, num_devices: int, process_count: int = 1, workdir: str |
     _validate_transformer_mesh(m, sizes)
   else:
     for field in ("hidden_dims", "conv_features"):
-      for width in m.get(field, ()):
+      for width in m[field]:
         if width % sizes["tensor"]:
           _fail(f"model.{field}", f"width {width} is not divisible by mesh.tensor="
                 f"{sizes['tensor']}.", "Change it or the tensor-parallel size.")
 
-  if config.get("init_from") is not None:
-    _validate_init_from(config, workdir)
+  _validate_init_from(config, workdir)
   if workdir is not None:
     validate_workdir(workdir)
 
@@ -340,12 +352,12 @@ def _validate_init_from(config, workdir: str | None):
   if not isinstance(source, str):
     _fail("init_from.workdir", f"must be a path string, got {source!r}.",
           "Use '' to start from scratch, or a finished run's --workdir.")
-  step = config.init_from.get("step", -1)
+  step = _get(config, "init_from.step")
   if not _is_int(step) or step < -1:
     _fail("init_from.step", f"must be a checkpoint step or -1 (the latest), got {step!r}.",
           "Use -1 or one of the source run's checkpoint steps.")
   try:
-    re.compile(config.init_from.get("skip", ""))
+    re.compile(_get(config, "init_from.skip"))
   except (re.error, TypeError) as e:
     _fail("init_from.skip", f"{config.init_from.skip!r} is not a regular expression ({e}).",
           "Write e.g. 'embedder/' to re-initialise the embeddings.")

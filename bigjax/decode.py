@@ -292,7 +292,7 @@ def _model_max_len(model) -> int | None:
   return getattr(positions, "max_len", None)
 
 
-def _prepare(model, prompts, max_new_tokens: int, max_len: int | None, mesh):
+def _prepare(model, prompts, max_new_tokens: int, max_len: int | None, mesh, rules):
   """Right-padded prompts [B, L] (B padded to the data-parallel size), lengths [B],
   the cache length, and the number of real rows."""
   encdec = is_encdec(model)
@@ -320,7 +320,7 @@ def _prepare(model, prompts, max_new_tokens: int, max_len: int | None, mesh):
   num = len(prompts)
   rows = num
   if mesh is not None:  # Each batch shard gets whole rows: pad with copies of row 0.
-    dp = sharding.data_parallel_size(mesh)
+    dp = sharding.data_parallel_size(mesh.shape, rules)
     rows = -(-num // dp) * dp
   tokens = np.full((rows, longest), PAD_ID, np.int32)
   lengths = np.empty((rows,), np.int32)
@@ -363,7 +363,8 @@ def _run_sampler(loop, model, prompts, *, max_new_tokens, max_len, temperature, 
                  eos_id, seed, mesh, rules, return_scores):
   _check_sampling(temperature, top_k, top_p)
   _check_mesh(mesh, rules)
-  tokens, lengths, cache_len, num = _prepare(model, prompts, max_new_tokens, max_len, mesh)
+  tokens, lengths, cache_len, num = _prepare(model, prompts, max_new_tokens, max_len,
+                                             mesh, rules)
   graphdef, state = nnx.split(model)
   out, logprob = loop(graphdef, state, tokens, lengths, jax.random.PRNGKey(seed),
                       jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k),
@@ -429,7 +430,8 @@ def beam_search(model, prompts: Sequence[Sequence[int]], *, beam_size: int,
   if length_penalty < 0:
     raise ValueError(f"length_penalty={length_penalty}; use 0 (none) or more.")
   _check_mesh(mesh, rules)
-  tokens, lengths, cache_len, num = _prepare(model, prompts, max_new_tokens, max_len, mesh)
+  tokens, lengths, cache_len, num = _prepare(model, prompts, max_new_tokens, max_len,
+                                             mesh, rules)
   graphdef, state = nnx.split(model)
   seqs, scores, lps = _beam_loop(graphdef, state, tokens, lengths, jnp.float32(length_penalty),
                                  beam_size=beam_size, max_new_tokens=max_new_tokens,

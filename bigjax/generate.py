@@ -63,7 +63,7 @@ def _mesh(config):
   from bigjax import sharding
 
   try:
-    return sharding.make_mesh(config.mesh)
+    return sharding.config_mesh(config)
   except ValueError as e:
     print(f"Note: the run's mesh does not fit here ({e}); using data=-1 instead.",
           file=sys.stderr)
@@ -79,7 +79,7 @@ def load_model(workdir: str):
   if not os.path.isdir(ckpt_dir):
     raise GenerateError(f"No checkpoints in {workdir} ({ckpt_dir} does not exist): train "
                         "first, or wait for the run's first save.")
-  if config.get("task", "lm") not in ("lm", "reverse"):
+  if config.task not in ("lm", "reverse"):
     raise GenerateError(f"{workdir} trained task={config.task!r}; generation needs a language "
                         "model (task 'lm', or 'reverse' for an encoder-decoder).")
   task = steps.make_task(config, _mesh(config))

@@ -61,13 +61,13 @@ def _overlap(fresh: jax.Array, loaded: jax.Array, sharding) -> jax.Array:
 def load(config, task: steps.Task, state: steps.TrainState):
   """Returns (state with the source's parameters put in, a one-line summary)."""
   cfg = config.init_from
-  skip = re.compile(cfg.skip) if cfg.get("skip") else None
+  skip = re.compile(cfg.skip) if cfg.skip else None
   try:
     reader = checkpoint.CheckpointReader(cfg.workdir)
   except FileNotFoundError as e:
     _fail(str(e), "Point it at a finished training run's --workdir.")
   try:
-    step = reader.latest_step() if cfg.get("step", -1) < 0 else cfg.step
+    step = reader.latest_step() if cfg.step < 0 else cfg.step
     if step is None or step not in reader.all_steps():
       _fail(f"{cfg.workdir} has no finished checkpoint"
             f"{'' if step is None else f' at step {step}'} (it has {reader.all_steps()}).",

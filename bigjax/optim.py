@@ -71,7 +71,7 @@ def frozen_mask(params, freeze: str):
 
 def check_freeze(optim_cfg, params):
   """Raises ValueError unless optim.freeze (if set) matches some parameters but not all."""
-  freeze = optim_cfg.get("freeze", "")
+  freeze = optim_cfg.freeze
   if not freeze:
     return
   try:
@@ -115,7 +115,7 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
   if optim_cfg.clip_norm:
     clips.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
   tx = optax.chain(*clips, opt)
-  freeze = optim_cfg.get("freeze", "") if hasattr(optim_cfg, "get") else ""
+  freeze = optim_cfg.freeze
   if freeze:
     tx = optax.multi_transform(
         {"train": tx, "frozen": optax.set_to_zero()},
@@ -129,10 +129,28 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
 
 
 def nan_policy(optim_cfg) -> str:
-  policy = optim_cfg.get("nan_policy", "skip") if hasattr(optim_cfg, "get") else "skip"
+  policy = optim_cfg.nan_policy
   if policy not in NAN_POLICIES:
     raise ValueError(f"optim.nan_policy={policy!r}; choose one of {NAN_POLICIES}.")
   return policy
+
+
+def state_shardings(tx, abstract_opt_state, abstract_params, param_shardings, replicated):
+  """Shardings of the optimizer state, derived from the parameters' by optax's
+  tree_map_params: every copy of the parameter tree inside the state (Adam's mu
+  and nu, momentum traces) takes the parameters' shardings leaf by leaf. Leaves of
+  another shape (Adafactor's factored rows and columns) and the rest (counts) are
+  replicated; masked-out entries (frozen parameters) stay masked."""
+  def one(leaf, param_sharding, param):
+    if isinstance(leaf, optax.MaskedNode):
+      return leaf
+    return param_sharding if leaf.shape == param.shape else replicated
+
+  return optax.tree_map_params(
+      tx, one, abstract_opt_state, param_shardings, abstract_params,
+      transform_non_params=lambda leaf: leaf if isinstance(leaf, optax.MaskedNode)
+      else replicated,
+      is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
 
 def skipped_updates(opt_state):

@@ -1,11 +1,29 @@
 """Meshes from config, and the one table that maps logical axis names to mesh axes.
 
-Every parameter and key activation names its dimensions logically ("batch",
-"embed", "mlp", ...). `rules` is an ordered list of (logical name, mesh axes);
-the first rule for a name whose mesh axes are still free in that array wins, so
-an activation ("batch", "length", "embed") leaves "embed" unsharded when
-"batch" has already taken "fsdp". This module knows mesh axes and logical
-names, never a model class.
+The mesh axes are declared by the config (`config.mesh_axes`, in device order;
+`config.mesh` gives their sizes), so a new axis ("sequence", "pipeline") is a
+config and rules change, not an edit of this module.
+
+Every parameter and key activation names its dimensions logically. Parameters
+use "embed", "mlp", "heads", "kv", "vocab", "exp", ...; activations have names
+of their own ("activation_batch", "activation_embed", ...), each with its own
+rule, so editing how parameters shard never reshards activations, and back.
+
+Resolution (`logical_to_spec`), for `rules`, an ordered list of (logical name,
+mesh axes):
+  * dimensions are resolved left to right, and a mesh axis taken by one
+    dimension is not available to the dimensions to its right (left-most wins);
+  * for one dimension, the first rule of its name whose mesh axes are all still
+    free wins; a name may have several rules, tried in order (the MoE tensors
+    (activation_exp, activation_batch, ...) fall through to the second
+    activation_batch rule because "expert" is taken);
+  * a name with no rule is an error; a rule's mesh axes that the mesh lacks
+    (a mesh built without a config, e.g. in tests) count as size 1 and are dropped.
+Unlike flax/t5x, where the order of the rules decides between dimensions, here
+the order of the dimensions does. With activation names of their own, only the
+expert-sharded MoE tensors rely on it: activation_exp, left of activation_batch,
+takes "expert" first.
+This module knows mesh axes and logical names, never a model class.
 """
 import contextlib
 import contextvars
@@ -13,51 +31,58 @@ import math
 from typing import Any, Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-# Mesh axes in device order: the last varies fastest, so "tensor" (the most
-# communication-heavy) lands on neighbouring devices.
-MESH_AXES = ("data", "expert", "fsdp", "tensor")
-BATCH_AXES = ("data", "expert", "fsdp")
-
-
-def resolve_mesh_shape(mesh_cfg: dict, num_devices: int) -> dict:
-  """Returns {axis: size} with the single -1 replaced by the remaining devices."""
-  mesh_cfg = dict(mesh_cfg)
-  unknown = set(mesh_cfg) - set(MESH_AXES)
-  if unknown:
-    raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; "
-                     f"known axes are {MESH_AXES}.")
-  sizes = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}
+def resolve_mesh_shape(mesh_cfg, num_devices: int, axes) -> dict:
+  """{axis: size} for every axis of `axes` (config.mesh_axes; absent sizes are 1),
+  the single -1 replaced by the remaining devices. The one check of config.mesh:
+  validation and make_mesh both call it, and its ValueErrors name the field and
+  the fix."""
+  axes = tuple(axes)
+  for axis in mesh_cfg:
+    size = mesh_cfg[axis]
+    if axis not in axes:
+      raise ValueError(f"config.mesh.{axis}: is not a mesh axis. Use the axes {axes}, or "
+                       "declare it in config.mesh_axes (and give it sharding rules).")
+    if not isinstance(size, int) or isinstance(size, bool) or size == 0 or size < -1:
+      raise ValueError(f"config.mesh.{axis}: must be a positive size or -1, got {size!r}. "
+                       "Use a size >= 1, or -1 for the remaining devices.")
+  sizes = {a: mesh_cfg[a] if a in mesh_cfg else 1 for a in axes}
   rest = [a for a, s in sizes.items() if s == -1]
   if len(rest) > 1:
-    raise ValueError(f"config.mesh: only one axis may be -1, got {rest}.")
-  for a, s in sizes.items():
-    if s == 0 or s < -1:
-      raise ValueError(f"config.mesh.{a}={s}: sizes must be positive or -1.")
+    raise ValueError(f"config.mesh: more than one axis is -1 ({rest}). "
+                     "Set at most one axis to -1.")
   known = math.prod(s for s in sizes.values() if s != -1)
   if rest:
     if num_devices % known:
       raise ValueError(
           f"config.mesh: the fixed axes multiply to {known}, which does not divide "
-          f"the {num_devices} devices; change the sizes so that -1 can take the rest.")
+          f"the {num_devices} devices. Change the sizes so that -1 can take the rest.")
     sizes[rest[0]] = num_devices // known
   elif known != num_devices:
     raise ValueError(
         f"config.mesh: axis sizes {sizes} multiply to {known} but there are "
-        f"{num_devices} devices; make them multiply to {num_devices} or set one to -1.")
+        f"{num_devices} devices. Make them multiply to {num_devices} or set one to -1.")
   return sizes
 
 
-def make_mesh(mesh_cfg: dict, devices: Sequence[Any] | None = None) -> Mesh:
-  """A mesh with Auto axis types: GSPMD propagates shardings between constraints."""
+def make_mesh(mesh_cfg, devices: Sequence[Any] | None = None,
+              axes: Sequence[str] | None = None) -> Mesh:
+  """A mesh with Auto axis types: GSPMD propagates shardings between constraints.
+  `axes`: the axis names in device order, the last varying fastest (a config's
+  mesh_axes, see `config_mesh`); None: the keys of `mesh_cfg` in its order."""
   devices = list(jax.devices() if devices is None else devices)
-  sizes = resolve_mesh_shape(mesh_cfg, len(devices))
-  shape = tuple(sizes[a] for a in MESH_AXES)
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(shape),
+  axes = tuple(mesh_cfg) if axes is None else tuple(axes)
+  sizes = resolve_mesh_shape(mesh_cfg, len(devices), axes)
+  shape = tuple(sizes[a] for a in axes)
+  return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(shape),
                        devices=devices)
+
+
+def config_mesh(config, devices: Sequence[Any] | None = None) -> Mesh:
+  """The mesh a config declares: axes config.mesh_axes, sizes config.mesh."""
+  return make_mesh(config.mesh, devices, config.mesh_axes)
 
 
 def _as_tuple(axes) -> tuple:
@@ -68,9 +93,12 @@ def _as_tuple(axes) -> tuple:
   return tuple(axes)
 
 
-def logical_to_spec(logical_axes: Sequence[str | None], rules) -> PartitionSpec:
-  """Maps logical dimension names to a PartitionSpec: first free match wins."""
+def logical_to_spec(logical_axes: Sequence[str | None], rules,
+                    mesh_axes: Sequence[str] | None = None) -> PartitionSpec:
+  """Maps logical dimension names to a PartitionSpec (see the module docstring for
+  the priority). `mesh_axes`: the mesh's axes; rule axes outside it are dropped."""
   used: set[str] = set()
+  present = None if mesh_axes is None else set(mesh_axes)
   out = []
   for name in logical_axes:
     choice = None
@@ -81,6 +109,8 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules) -> PartitionSpec:
           continue
         matched = True
         axes = _as_tuple(mesh_axes)
+        if present is not None:
+          axes = tuple(a for a in axes if a in present)
         if not used.intersection(axes):
           choice = axes
           break
@@ -122,8 +152,11 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   if len(logical_axes) != x.ndim:
     raise ValueError(f"constrain: {len(logical_axes)} names {logical_axes} for an "
                      f"array of rank {x.ndim}.")
-  spec = logical_to_spec(logical_axes, rules)
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return jax.lax.with_sharding_constraint(x, named_sharding(mesh, logical_axes, rules))
+
+
+def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None], rules) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(logical_axes, rules, mesh.axis_names))
 
 
 def logical_axes_of(variable: nnx.Variable) -> tuple | None:
@@ -135,15 +168,21 @@ def state_shardings(state, mesh: Mesh, rules):
 
   def one(v):
     if isinstance(v, nnx.Variable):
-      names = logical_axes_of(v)
-      spec = logical_to_spec(names, rules) if names else PartitionSpec()
-      return v.replace(NamedSharding(mesh, spec))
+      return v.replace(named_sharding(mesh, logical_axes_of(v) or (), rules))
     return NamedSharding(mesh, PartitionSpec())
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-  """Devices over every axis a batch may be split on (the rules table picks among
-  them, so this is a multiple of any rule's split): for padding batches."""
-  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+BATCH = ("activation_batch",)  # The logical name of a batch's rows.
+
+
+def batch_mesh_axes(rules, mesh_axes: Sequence[str] | None = None) -> tuple:
+  """The mesh axes a batch's rows are split over under `rules`."""
+  return _as_tuple(logical_to_spec(BATCH, rules, mesh_axes)[0])
+
+
+def data_parallel_size(mesh_shape, rules) -> int:
+  """How many slices a batch is split into ({axis: size} or mesh.shape): validation
+  checks that batches divide by it, decoding pads its rows to a multiple of it."""
+  return math.prod(mesh_shape[a] for a in batch_mesh_axes(rules, tuple(mesh_shape)))

@@ -67,7 +67,7 @@ class Task:
 
   def batch_sharding(self) -> NamedSharding:
     """Rows split over the data-parallel axes; a prefix spec, so any rank >= 1."""
-    return NamedSharding(self.mesh, sharding.logical_to_spec(("batch",), self.rules))
+    return sharding.named_sharding(self.mesh, sharding.BATCH, self.rules)
 
 
 def model_config(config) -> transformer.TransformerConfig:
@@ -81,26 +81,6 @@ def build_model(config, rngs: nnx.Rngs, example_shape: tuple | None = None) -> n
       raise ValueError(f"model.kind={config.model.kind!r} needs the data's example shape.")
     return zoo.build(zoo.ZooConfig.from_dict(config.model), example_shape, rngs)
   return transformer.build(model_config(config), rngs)
-
-
-def _opt_state_shardings(abs_opt_state, abs_params, param_shardings, mesh):
-  """Optimizer-state leaves that mirror a parameter (same path suffix and shape)
-  take its sharding; everything else (counts, factored moments) is replicated."""
-  by_path = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(abs_params)[0]:
-    by_path[tuple(path)] = leaf.shape
-  shard_by_path = {tuple(p): s for p, s in
-                   jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
-
-  def one(path, leaf):
-    path = tuple(path)
-    for start in range(len(path)):
-      suffix = path[start:]
-      if suffix in by_path and by_path[suffix] == getattr(leaf, "shape", None):
-        return shard_by_path[suffix]
-    return NamedSharding(mesh, PartitionSpec())
-
-  return jax.tree_util.tree_map_with_path(one, abs_opt_state)
 
 
 def make_task(config, mesh: Mesh, example_shape: tuple | None = None) -> Task:
@@ -123,8 +103,8 @@ def make_task(config, mesh: Mesh, example_shape: tuple | None = None) -> Task:
   replicated = NamedSharding(mesh, PartitionSpec())
   shardings = TrainState(
       step=replicated, params=param_shardings,
-      opt_state=_opt_state_shardings(abstract.opt_state, abstract.params, param_shardings,
-                                     mesh),
+      opt_state=optim.state_shardings(tx, abstract.opt_state, abstract.params,
+                                      param_shardings, replicated),
       rng=replicated,
       model_state=nnx.to_pure_dict(sharding.state_shardings(abs_stats, mesh, rules)))
   param_axes = {"/".join(map(str, path)): sharding.logical_axes_of(v)
@@ -267,7 +247,7 @@ def make_train_step(task: Task) -> Callable:
         i, micro = xs
         total, model_state = carry
         micro = jax.tree.map(lambda x: sharding.constrain(
-            x, ("batch",) + (None,) * (x.ndim - 1)), micro)
+            x, sharding.BATCH + (None,) * (x.ndim - 1)), micro)
         sums, grads, model_state = sums_and_grads(state.params, model_state, micro,
                                                   jax.random.fold_in(rng, i))
         return (jax.tree.map(jnp.add, total, (sums, grads)), model_state), None

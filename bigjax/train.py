@@ -125,7 +125,7 @@ def _load_data(config, shard: dict):
       train_tokens = pipeline.token_array(d.dataset, d.train_split, d.data_dir, d.text_key)
       eval_tokens = pipeline.token_array(d.dataset, d.eval_split, d.data_dir, d.text_key)
       kwargs = dict(global_batch_size=config.batch_size, seq_len=config.seq_len,
-                    task=config.task, mask_rate=d.get("mask_rate", 0.15), **shard)
+                    task=config.task, mask_rate=d.mask_rate, **shard)
       train_data = pipeline.LMBatches(train_tokens, seed=config.seed, name=train_name,
                                       **kwargs)
       eval_data = list(pipeline.eval_batches(eval_tokens, num_batches=config.eval_batches,
@@ -134,8 +134,8 @@ def _load_data(config, shard: dict):
     x_train, y_train, x_eval, y_eval = examples.load_train_eval(
         d.dataset, d.train_split, d.eval_split, data_dir=d.data_dir,
         feature_key=d.feature_key, label_key=d.label_key,
-        feature_columns=d.get("feature_columns", ()),
-        standardize_features=d.get("standardize", False))
+        feature_columns=d.feature_columns,
+        standardize_features=d.standardize)
     train_data = examples.ExampleBatches(x_train, y_train, global_batch_size=config.batch_size,
                                          seed=config.seed, name=train_name, **shard)
     eval_data = examples.eval_batches(x_eval, y_eval, global_batch_size=config.batch_size,
@@ -192,7 +192,7 @@ def run(config, workdir: str) -> RunResult:
 
 def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.config_mesh(config)
   log(f"Mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
       f"{jax.process_count()} process(es).")
 
@@ -211,7 +211,7 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
                                  async_save=config.async_checkpoint)
   for name in ckpt.unfinished_removed:
     log(f"Removed an unfinished checkpoint (its save was interrupted): {name}")
-  fine_tuning = bool(config.get("init_from") and config.init_from.get("workdir"))
+  fine_tuning = bool(config.init_from.workdir)
   try:  # A damaged step is reported, set aside, and the one before it restored.
     restored = ckpt.restore_latest_intact(task.abstract_state, task.state_shardings, log)
   except checkpoint.CheckpointMismatchError as e:

@@ -18,7 +18,6 @@ def get_config(arg=None):
   arg = common.parse_arg(arg, runlocal=False, demo=False)
   config = lm.get_config(",".join(k for k in ("runlocal", "demo") if arg[k]))
   config.task = "mlm"
-  config.data.mask_rate = 0.15
   config.model.update(kind="encoder", position="rotary", norm="layernorm",
                       mlp_activation="gelu", dropout_rate=0.1)
   if arg.runlocal or arg.demo:

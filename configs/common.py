@@ -27,28 +27,45 @@ def parse_arg(arg, lazy=False, **spec):
   return ml_collections.ConfigDict(out)
 
 
+# The mesh axes, in device order: the last varies fastest, so "tensor" (the most
+# communication-heavy) lands on neighbouring devices. A new axis ("sequence",
+# "pipeline") is added here, given a size in default_mesh and rules below.
+MESH_AXES = ("data", "expert", "fsdp", "tensor")
+
+
 def default_mesh():
-  """Mesh axes named by parallelism type; one -1 takes the remaining devices."""
-  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+  """Mesh axis sizes named by parallelism type; one -1 takes the remaining devices."""
+  return ml_collections.ConfigDict(dict(data=-1, expert=1, fsdp=1, tensor=1))
 
 
-# The one logical-axis rules table: logical name -> mesh axes. First match wins;
-# a rule whose mesh axis is already used by another dimension of the same array
-# is skipped, so activations ('batch', 'length', 'embed') keep `embed`
-# unsharded when `batch` already took `fsdp`.
+# The one logical-axis rules table: logical name -> mesh axes. Dimensions resolve
+# left to right, each taking the first rule of its name whose mesh axes are still
+# free in that array (bigjax/sharding.py). Parameters and activations have names of
+# their own, so each is sharded by its own rule.
 DEFAULT_RULES = (
-    ("batch", ("data", "expert", "fsdp")),
-    # Expert-sharded MoE tensors (exp, batch, ...): groups keep data and fsdp.
-    ("batch", ("data", "fsdp")),
+    # Parameters.
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
+    ("kv", None),
     ("mlp", "tensor"),
     ("exp", "expert"),
     ("classes", None),  # Classifier outputs: few, kept whole.
-    ("kv", None),
-    ("length", None),
     ("layers", None),
+    # Activations. Rows split over every data-parallel axis (as t5x); the
+    # residual stream's features stay whole (sequence parallelism would shard
+    # activation_length).
+    ("activation_batch", ("data", "expert", "fsdp")),
+    # Expert-sharded MoE tensors (activation_exp, activation_batch, ...): "expert"
+    # is taken by the experts, so groups keep data and fsdp.
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("activation_exp", "expert"),
 )
 
 
@@ -141,6 +158,7 @@ def example_config(dataset: str, task: str, **data_overrides):
       feature_columns=(),  # Tabular data: train on these columns only; () = all.
   ))
   config.data.update(data_overrides)
+  config.mesh_axes = MESH_AXES
   config.mesh = default_mesh()
   config.sharding_rules = default_rules()
   config.init_from = init_from_config()

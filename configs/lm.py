@@ -43,6 +43,7 @@ def get_config(arg=None):
   config.data.text_key = "text"
   config.data.train_split = "train"
   config.data.eval_split = "validation"
+  config.data.mask_rate = 0.15  # task="mlm" only: the share of bytes to predict (BERT's).
 
   config.model = ml_collections.ConfigDict()
   config.model.kind = "decoder"  # decoder | encoder | encdec
@@ -80,6 +81,7 @@ def get_config(arg=None):
   config.optim = common.optim_config(name="adamw", lr=6e-4, warmup_steps=1000)
   config.init_from = common.init_from_config()  # Fine-tuning: see configs/gpt2.py.
 
+  config.mesh_axes = common.MESH_AXES
   config.mesh = common.default_mesh()
   config.sharding_rules = common.default_rules()
 

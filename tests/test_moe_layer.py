@@ -7,6 +7,7 @@ conftest forces.
 import dataclasses
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -423,14 +424,38 @@ def test_expert_weights_are_split_over_the_expert_axis(setups, name):
   assert len(moments) == 2 and all(x.sharding.spec[0] == "expert" for x in moments)
 
 
-def test_train_step_on_expert_mesh_uses_all_to_all_and_matches(setups):
+def _collectives_moving_tokens(hlo: str, kind: str, emb_dim: int) -> list[str]:
+  """The `kind` ops ("all-to-all", "all-gather") of compiled HLO whose result holds
+  token activations (arrays whose last dimension is the embedding width)."""
+  found = []
+  for line in hlo.splitlines():
+    lhs, sep, _ = line.partition(f" {kind}(")
+    if sep and any(int(shape.split(",")[-1]) == emb_dim
+                   for shape in re.findall(r"f32\[([\d,]+)\]", lhs.partition("=")[2])):
+      found.append(line.strip())
+  return found
+
+
+@pytest.mark.xfail(strict=True, reason="GSPMD all-gathers the groups' tokens to every "
+                   "expert shard and all-reduces the outputs instead of exchanging the "
+                   "dispatched tensor by all-to-all")
+def test_expert_parallel_forward_moves_tokens_by_one_all_to_all_each_way(setups):
+  # The README's claim: the dispatched tensor goes to the experts by one all-to-all
+  # and comes back by one; the tokens are never gathered whole on every device.
+  task = setups("expert8")["task"]
+  state = setups("expert8")["state"]
+  hlo = steps.make_eval_step(task).lower(state.params, state.model_state,
+                                          setups("expert8")["batch"]).compile().as_text()
+  emb = task.config.model.emb_dim
+  assert not _collectives_moving_tokens(hlo, "all-gather", emb)
+  assert len(_collectives_moving_tokens(hlo, "all-to-all", emb)) == 2
+
+
+def test_train_step_on_expert_mesh_matches_one_device(setups):
   got, want = setups("expert8"), setups("one")
   task = got["task"]
   state = steps.create_state(task, seed=SEED)  # a fresh copy: the step donates it
-  step = steps.make_train_step(task)
-  compiled = step.lower(state, got["batch"]).compile()
-  assert "all-to-all" in compiled.as_text()
-  new_state, metrics = compiled(state, got["batch"])
+  new_state, metrics = steps.make_train_step(task)(state, got["batch"])
   metrics = jax.device_get(metrics)
   assert int(new_state.step) == 1
   sums = want["sums"]

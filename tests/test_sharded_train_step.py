@@ -1,10 +1,12 @@
 """A train step on 8 devices equals the same step on one device; params shard by the rules."""
 import jax
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
-from bigjax import sharding, steps
-from configs import lm
+from bigjax import optim, sharding, steps
+from configs import common, lm
 
 
 def _config(**model):
@@ -90,12 +92,40 @@ def test_parameters_are_sharded_as_the_rules_say():
 
 
 def test_gradient_accumulation_equals_one_big_batch():
+  # SGD at a constant rate, unclipped: one step moves the parameters by -lr × the
+  # gradient, so the updated parameters give the gradients exactly.
   config = _config(dropout_rate=0.0)
+  config.optim.update(name="sgd", lr=1.0, warmup_steps=0, schedule="constant",
+                      clip_norm=0.0, clip_value=0.0, weight_decay=0.0)
   batch = _batch(0, batch=16)
-  _, ref = _train(config, dict(data=1), 1, [batch])
+  # Unequal token counts per microbatch (microbatch i holds rows i, i+4, ...): the
+  # loss must be normalised by the global count, not averaged over microbatches.
+  batch["weights"][0, 5:] = 0.0
+  batch["weights"][5] = 0.0
+
+  def one_step(mesh_cfg, num_devices):
+    task = steps.make_task(config, sharding.make_mesh(mesh_cfg, jax.devices()[:num_devices]))
+    state = steps.create_state(task, seed=0)
+    before = jax.device_get(state.params)
+    state, metrics = steps.make_train_step(task)(state, batch)
+    after = jax.device_get(state.params)
+    grads = jax.tree.map(lambda b, a: (b - a) / config.optim.lr, before, after)
+    return jax.device_get(metrics), grads, after
+
+  want_metrics, want_grads, want_params = one_step(dict(data=1), 1)
   config.grad_accum_steps = 4
-  state, got = _train(config, dict(data=2), 2, [batch])
-  np.testing.assert_allclose(got, ref, rtol=1e-5)
+  got_metrics, got_grads, got_params = one_step(dict(data=2), 2)
+  for key in ("loss", "grad_norm", "param_norm"):
+    np.testing.assert_allclose(got_metrics[key], want_metrics[key], rtol=1e-5, err_msg=key)
+  assert float(want_metrics["grad_norm"]) > 0
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(got_grads),
+                               jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(got_params),
+                               jax.tree.leaves(want_params)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7,
+                               err_msg=jax.tree_util.keystr(path))
 
 
 def test_logical_rules_first_free_match_wins():
@@ -110,7 +140,76 @@ def test_logical_rules_first_free_match_wins():
 
 
 def test_mesh_minus_one_takes_the_rest():
-  mesh = sharding.make_mesh(dict(data=-1, tensor=2))
+  mesh = sharding.make_mesh(dict(data=-1, tensor=2), axes=("data", "expert", "fsdp", "tensor"))
   assert dict(mesh.shape) == dict(data=4, expert=1, fsdp=1, tensor=2)
+  assert sharding.config_mesh(lm.get_config("runlocal")).shape == dict(data=8, expert=1,
+                                                                       fsdp=1, tensor=1)
   with pytest.raises(ValueError, match="multiply to 6"):
     sharding.make_mesh(dict(data=3, tensor=2))
+
+
+def _constraint_specs(fn, *args):
+  """The PartitionSpec of every sharding constraint traced in fn(*args), by rank."""
+  specs = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "sharding_constraint":
+        specs.append((eqn.invars[0].aval.shape, eqn.params["sharding"].spec))
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            walk(sub.jaxpr)
+          elif isinstance(sub, jax.extend.core.Jaxpr):
+            walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return specs
+
+
+def test_activations_keep_their_sharding_when_the_batch_rule_changes():
+  # Parameters and activations have names of their own: giving batches only the
+  # `data` axis frees `fsdp`, and must not shard the residual stream's features
+  # over it (they follow activation_embed's rule, not embed's).
+  config = lm.get_config("runlocal")
+  default = [tuple(r) for r in config.sharding_rules]
+  config.sharding_rules = [["activation_batch", "data"]] + [
+      r for r in config.sharding_rules if r[0] != "activation_batch"]
+  task = steps.make_task(config, sharding.make_mesh(dict(data=2, fsdp=4), axes=common.MESH_AXES))
+  model = steps.build_model(config, nnx.Rngs(0))
+  tokens = np.ones((8, config.seq_len), np.int32)
+  with sharding.use_mesh_rules(task.mesh, task.rules):
+    specs = _constraint_specs(lambda t: model(t), tokens)
+  emb = config.model.emb_dim
+  residual = [spec for shape, spec in specs if shape == (8, config.seq_len, emb)]
+  assert len(residual) >= 2 * config.model.num_layers, specs
+  assert all(spec == jax.P("data", None, None) for spec in residual), residual
+  # ... while the parameters' `embed` dimension stays on fsdp.
+  by_name = {optim.path_name(p): s for p, s in
+             jax.tree_util.tree_leaves_with_path(task.state_shardings.params)}
+  embed_mlp = [n for n, axes in task.param_axes.items() if axes == ("embed", "mlp")]
+  assert embed_mlp and all(by_name[n].spec == jax.P("fsdp", "tensor") for n in embed_mlp)
+  # The default batch rule takes every data-parallel axis, features still whole.
+  assert sharding.logical_to_spec(
+      ("activation_batch", "activation_length", "activation_embed"), default) == \
+      jax.P(("data", "expert", "fsdp"), None, None)
+
+
+@pytest.mark.parametrize("freeze", ["", "^embedder/"])
+def test_optimizer_moments_are_sharded_as_the_parameters(freeze):
+  config = lm.get_config("runlocal")
+  config.optim.update(name="adamw", freeze=freeze)
+  mesh = sharding.make_mesh(dict(fsdp=4, tensor=2), axes=common.MESH_AXES)
+  task = steps.make_task(config, mesh)
+  params = task.state_shardings.params
+  assert any(s.spec != jax.P() for s in jax.tree.leaves(params))  # Something is sharded.
+  moments = [m for key in ("mu", "nu") for _, m in
+             optax.tree_utils.tree_get_all_with_path(task.state_shardings.opt_state, key)]
+  assert len(moments) == 2
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  for moment in moments:
+    assert jax.tree.structure(moment, is_leaf=masked) == jax.tree.structure(params)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(moment, is_leaf=masked),
+                                 jax.tree.leaves(params)):
+      frozen = freeze and jax.tree_util.keystr(path).startswith("['embedder']")
+      assert masked(got) if frozen else got == want, jax.tree_util.keystr(path)

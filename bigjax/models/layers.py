@@ -53,6 +53,10 @@ INITS = ("normal", "xavier", "lecun")
 # a unit-variance table needs emb_dim ** -0.5 (T5, PaLM); a table of std 0.02
 # (GPT-2) is used as it is, since its logits already have std 0.02 * sqrt(emb_dim).
 EMBED_INITS = ("normal", "unit")
+# Logical names of the attention activations [batch, length, heads, head_dim]:
+# activation names have rules of their own (bigjax/sharding.py).
+HEAD_ACTIVATIONS = ("activation_batch", "activation_length", "activation_heads",
+                    "activation_kv")
 
 
 def kernel_init(cfg: LayerConfig, in_axis=-2, out_axis=-1) -> Initializer:
@@ -162,11 +166,11 @@ class Embed(nnx.Module):
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
-    return constrain(x, ("batch", "length", "embed"))
+    return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
   def attend(self, x: jax.Array) -> jax.Array:
     logits = dense(x, self.embedding[...].astype(self.dtype).T)
-    return constrain(logits, ("batch", "length", "vocab"))
+    return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
 
 class PositionEmbed(nnx.Module):
@@ -240,7 +244,7 @@ class Attention(nnx.Module):
 
   def project_query(self, x_q, q_positions=None):
     q = add_bias(dense(x_q, self.query[...].astype(self.cfg.dtype)), self.query_bias)
-    q = constrain(q, ("batch", "length", "heads", "kv"))
+    q = constrain(q, HEAD_ACTIVATIONS)
     return rotary(q, q_positions) if self.rotary else q
 
   def project_kv(self, x_kv, k_positions=None):
@@ -248,8 +252,8 @@ class Attention(nnx.Module):
     dt = self.cfg.dtype
     k = add_bias(dense(x_kv, self.key[...].astype(dt)), self.key_bias)
     v = add_bias(dense(x_kv, self.value[...].astype(dt)), self.value_bias)
-    k = constrain(k, ("batch", "length", "heads", "kv"))
-    v = constrain(v, ("batch", "length", "heads", "kv"))
+    k = constrain(k, HEAD_ACTIVATIONS)
+    v = constrain(v, HEAD_ACTIVATIONS)
     if self.rotary:
       k = rotary(k, k_positions)
     return k, v
@@ -265,9 +269,9 @@ class Attention(nnx.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     probs = dropout(probs, cfg.dropout_rate, rng)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
-    out = constrain(out, ("batch", "length", "heads", "kv"))
+    out = constrain(out, HEAD_ACTIVATIONS)
     y = add_bias(dense(out, self.out[...].astype(dt), contract=2), self.out_bias)
-    return constrain(y, ("batch", "length", "embed"))
+    return constrain(y, ("activation_batch", "activation_length", "activation_embed"))
 
   def cached_self_attention(self, x, mask, positions, cache, rng=None):
     q = self.project_query(x, positions)
@@ -275,7 +279,7 @@ class Attention(nnx.Module):
     rows = jnp.arange(x.shape[0])[:, None]
     # Slots past the cache (positions >= cache_len) are dropped by the scatter.
     new = {name: constrain(cache[name].at[rows, positions].set(val.astype(cache[name].dtype)),
-                           ("batch", "length", "heads", "kv"))
+                           HEAD_ACTIVATIONS)
            for name, val in (("k", k), ("v", v))}
     return self.attend(q, new["k"], new["v"], mask, rng), new
 
@@ -283,7 +287,7 @@ class Attention(nnx.Module):
     """An empty self-attention cache: {"k", "v"} zeros [batch, length, kv_heads, head_dim]."""
     shape = (batch, length, self.cfg.num_kv_heads, self.cfg.head_dim)
     return {name: constrain(jnp.zeros(shape, self.cfg.dtype),
-                            ("batch", "length", "heads", "kv")) for name in ("k", "v")}
+                            HEAD_ACTIVATIONS) for name in ("k", "v")}
 
 
 class MLP(nnx.Module):
@@ -311,7 +315,7 @@ class MLP(nnx.Module):
       h = act(add_bias(dense(x, self.wi_gate[...].astype(dt)), self.wi_gate_bias)) * h
     else:
       h = act(h)
-    h = constrain(h, ("batch", "length", "mlp"))
+    h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
     h = dropout(h, self.cfg.dropout_rate, rng)
     y = add_bias(dense(h, self.wo[...].astype(dt)), self.wo_bias)
-    return constrain(y, ("batch", "length", "embed"))
+    return constrain(y, ("activation_batch", "activation_length", "activation_embed"))

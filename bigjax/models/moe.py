@@ -5,9 +5,9 @@ of S tokens, routed with dense dispatch/combine tensors, and exchanged with the
 experts by einsums
     dispatch  GSEC,GSM->EGCM    experts  EGCM,EMH->EGCH, EGCH,EHM->EGCM
     combine   GSEC,GECM->GSM
-The dispatched tensor is constrained to be expert-sharded ('exp' -> mesh axis
-`expert`) while tokens are group-sharded ('batch'), so GSPMD moves it with one
-all-to-all each way. Router metrics are sown as nnx.Intermediate('router_metrics').
+The dispatched tensor is constrained to be expert-sharded ('activation_exp' ->
+mesh axis `expert`) while tokens are group-sharded ('activation_batch'), so GSPMD
+moves it with one all-to-all each way. Router metrics are sown as nnx.Intermediate('router_metrics').
 
 Evaluation mode is `rng is None` (as for dropout): eval capacity factor, no
 random routing, no jitter.
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigjax import sharding
-from bigjax.models import expert_parallel, layers, routing
+from bigjax.models import dataclass_from_config, expert_parallel, layers, routing
 from bigjax.sharding import constrain
 
 DROPLESS_IMPLS = ("ragged_dot", "sorted_blocks")
@@ -45,13 +45,12 @@ class MoEConfig:
 
   @classmethod
   def from_dict(cls, d) -> "MoEConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in dict(d).items() if k in fields})
+    """From config.model.moe: every setting given, no unknown ones (a clear error)."""
+    return dataclass_from_config(cls, "model.moe", d)
 
   @property
   def k(self) -> int:
-    return {"gshard_top2": 2, "switch_top1": 1, "expert_choice": 1}.get(self.router,
-                                                                         self.top_k)
+    return routing.choices_per_token(self.router, self.top_k)
 
 
 class MoEFeedForward(nnx.Module):
@@ -100,7 +99,7 @@ class MoEFeedForward(nnx.Module):
       h = act(jnp.einsum("enm,emh->enh", rows, weights["wi_gate"])) * h
     else:
       h = act(h)
-    h = constrain(h.reshape(e, g, c, -1), ("exp", "batch", None, "mlp"))
+    h = constrain(h.reshape(e, g, c, -1), ("activation_exp", "activation_batch", None, "activation_mlp"))
     out = jnp.einsum("enh,ehm->enm", h.reshape(e, g * c, -1), weights["wo"])
     return out.reshape(e, g, c, m)
 
@@ -119,7 +118,8 @@ class MoEFeedForward(nnx.Module):
     if self.moe.router == "dropless":
       return self._dropless(x, r_jitter)
     s = self.moe.group_size if length % self.moe.group_size == 0 else length
-    xg = constrain(x.reshape(b * length // s, s, m), ("batch", "length", "embed"))
+    xg = constrain(x.reshape(b * length // s, s, m),
+                   ("activation_batch", "activation_length", "activation_embed"))
     logits = self.router_logits(xg, r_jitter)
     factor = self.moe.capacity_factor if rng is not None else self.moe.eval_capacity_factor
     cap = routing.capacity(s, self.moe.num_experts, self.moe.k, factor)
@@ -132,11 +132,12 @@ class MoEFeedForward(nnx.Module):
     self._report(r.aux_loss, r.z_loss, r.routed, r.kept, r.load, jax.nn.softmax(logits))
     dt = self.cfg.dtype
     xe = jnp.einsum("gsec,gsm->egcm", r.dispatch.astype(dt), xg)
-    xe = constrain(xe, ("exp", "batch", None, "embed"))  # all-to-all: groups -> experts
+    # all-to-all: groups -> experts
+    xe = constrain(xe, ("activation_exp", "activation_batch", None, "activation_embed"))
     ye = self._expert_ffn(xe)
-    ye = constrain(ye, ("exp", "batch", None, "embed"))
+    ye = constrain(ye, ("activation_exp", "activation_batch", None, "activation_embed"))
     y = jnp.einsum("gsec,egcm->gsm", r.combine.astype(dt), ye)  # all-to-all back
-    y = constrain(y, ("batch", "length", "embed"))
+    y = constrain(y, ("activation_batch", "activation_length", "activation_embed"))
     return y.reshape(b, length, m)
 
   def _dropless(self, x, rng):
@@ -145,7 +146,7 @@ class MoEFeedForward(nnx.Module):
     b, length, m = x.shape
     e, k = self.moe.num_experts, self.moe.k
     xt = x.reshape(b * length, m)
-    parallel = expert_parallel.layout(x.shape, ("batch", "length", "embed"),
+    parallel = expert_parallel.layout(x.shape, ("activation_batch", "activation_length", "activation_embed"),
                                       sharding.logical_axes_of(self.wi),
                                       self.moe.dropless_exchange)
     logits = self.router_logits(xt, rng)

@@ -18,6 +18,15 @@ import jax
 import jax.numpy as jnp
 
 ROUTERS = ("gshard_top2", "switch_top1", "expert_choice", "dropless")
+# k of the routers that fix it. Expert choice: C = ceil(cf·S/E) tokens per expert,
+# so a token is taken capacity_factor times on average, as top-1 routing.
+_FIXED_K = {"gshard_top2": 2, "switch_top1": 1, "expert_choice": 1}
+
+
+def choices_per_token(router: str, top_k: int) -> int:
+  """k in the capacity C = ceil(k·capacity_factor·S/E); `top_k` is dropless's.
+  The one mapping: the layer and config validation both read it."""
+  return top_k if router == "dropless" else _FIXED_K[router]
 
 
 class Routing(NamedTuple):

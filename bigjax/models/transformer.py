@@ -16,7 +16,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from bigjax.models import layers, moe as moe_lib
+from bigjax.models import dataclass_from_config, layers, moe as moe_lib
 from bigjax.sharding import constrain
 
 PAD_ID = 0
@@ -56,11 +56,11 @@ class TransformerConfig:
 
   @classmethod
   def from_dict(cls, d) -> "TransformerConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in dict(d).items() if k in fields}
-    if "moe" in kwargs and not isinstance(kwargs["moe"], moe_lib.MoEConfig):
-      kwargs["moe"] = moe_lib.MoEConfig.from_dict(kwargs["moe"])
-    return cls(**kwargs)
+    """From config.model: every setting given, no unknown ones (a clear error)."""
+    converted = {}
+    if "moe" in d and not isinstance(d["moe"], moe_lib.MoEConfig):
+      converted["moe"] = moe_lib.MoEConfig.from_dict(d["moe"])
+    return dataclass_from_config(cls, "model", d, **converted)
 
   def layer_config(self, num_layers: int = 0, cross_attention: bool = False
                    ) -> layers.LayerConfig:
@@ -122,7 +122,7 @@ class Block(nnx.Module):
       x = x + layers.dropout(h, self.dropout_rate, r[3])
     h = self.ffn(self.ffn_norm(x), rng=r[4])
     x = x + layers.dropout(h, self.dropout_rate, r[5])
-    x = constrain(x, ("batch", "length", "embed"))
+    x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
     return x if cache is None else (x, cache)
 
   def init_cache(self, batch: int, length: int, encoded=None) -> dict:
@@ -189,7 +189,7 @@ class _Embedder(nnx.Module):
       out = self.tokens.attend(x * self.tied_logits_scale)
     else:
       out = layers.dense(x, self.logits_kernel[...].astype(self.dtype))
-      out = constrain(out, ("batch", "length", "vocab"))
+      out = constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
     return out.astype(jnp.float32)
 
 
@@ -246,7 +246,8 @@ class DecoderLM(nnx.Module):
     """An empty cache for `length` positions: per layer {"self": {"k", "v"}}, and
     "valid" [batch, length], whether a slot holds a non-padding token (padded keys
     are masked, as in __call__)."""
-    valid = constrain(jnp.zeros((batch, length), bool), ("batch", "length"))
+    valid = constrain(jnp.zeros((batch, length), bool),
+                      ("activation_batch", "activation_length"))
     return {"valid": valid,
             "layers": tuple(b.init_cache(batch, length) for b in self.decoder.blocks)}
 

@@ -16,7 +16,7 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
-from bigjax.models import layers
+from bigjax.models import dataclass_from_config, layers
 
 KINDS = ("mlp", "cnn", "linear")
 INITS = ("lecun", "xavier", "he", "zeros")
@@ -39,12 +39,10 @@ class ZooConfig:
 
   @classmethod
   def from_dict(cls, d) -> "ZooConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in dict(d).items() if k in fields}
-    for k in ("hidden_dims", "conv_features"):
-      if k in kwargs:
-        kwargs[k] = tuple(kwargs[k])
-    return cls(**kwargs)
+    """From config.model: every setting given, no unknown ones (a clear error)."""
+    d = dict(d)
+    widths = {k: tuple(d[k]) for k in ("hidden_dims", "conv_features") if k in d}
+    return dataclass_from_config(cls, "model", d, **widths)
 
 
 def _batch_norm(cfg: ZooConfig, features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:

@@ -45,7 +45,7 @@ def make_config(moe: bool, shape):
 
 
 def tokens_per_second(config, steps_to_time: int) -> float:
-  task = steps.make_task(config, sharding.make_mesh(config.mesh))
+  task = steps.make_task(config, sharding.config_mesh(config))
   state = steps.create_state(task, config.seed)
   train_step = steps.make_train_step(task)
   rng = np.random.default_rng(0)
@@ -77,7 +77,7 @@ def main():
     config = make_config(moe, PRESETS[args.preset])
     per_token = flops.training_flops_per_token(steps.model_config(config), config.seq_len)
     params = sum(x.size for x in jax.tree.leaves(steps.make_task(
-        config, sharding.make_mesh(config.mesh)).abstract_state.params))
+        config, sharding.config_mesh(config)).abstract_state.params))
     rates[name] = tokens_per_second(config, args.steps)
     mfu = f"MFU {rates[name] * per_token / jax.device_count() / peak:.1%}" if peak else \
         "MFU n/a (chip not in flops.PEAK_BF16)"

@@ -95,7 +95,7 @@ def main():
   parser.add_argument("--mlp", type=int, default=1024, help="expert hidden size H")
   parser.add_argument("--experts", type=int, default=8)
   parser.add_argument("--group_size", type=int, default=128)
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--expert_shards", type=int, default=0,
                       help="also run the dropless layer expert-parallel on this many devices")
   args = parser.parse_args()

@@ -63,7 +63,7 @@ class BigjaxSide:
   name = "bigjax"
 
   def __init__(self, config, init_seed=None):
-    self.task = steps.make_task(config, sharding.make_mesh(config.mesh))
+    self.task = steps.make_task(config, sharding.config_mesh(config))
     self.train_step = steps.make_train_step(self.task)
     self.eval_step = steps.make_eval_step(self.task)
     self.init_seed = config.seed if init_seed is None else init_seed
