@@ -426,7 +426,8 @@ def test_remat_matches_plain_forward():
   tokens = jnp.asarray(np.random.default_rng(11).integers(1, 40, (2, 8)), jnp.int32)
   key = jax.random.PRNGKey(3)  # dropout on: both must draw the same masks
   outs = []
-  for remat in (False, True):
-    model = transformer.build(transformer.TransformerConfig(**base, remat=remat), nnx.Rngs(0))
+  for policy in ("none", "full"):
+    model = transformer.build(transformer.TransformerConfig(**base, remat_policy=policy),
+                              nnx.Rngs(0))
     outs.append(np.asarray(model(tokens, rng=key)))
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
