@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from bigjax import checkpoint_integrity as integrity, optim
+from bigjax import checkpoint_integrity as integrity, layer_layout, optim
 from bigjax.checkpoint_errors import (CheckpointDamagedError, CheckpointMismatchError,
                                       CheckpointSaveError, OrbaxErrorCatcher, mib, one_line,
                                       quiet_abandoned_writes)
@@ -76,6 +76,9 @@ def describe_mismatch(saved: dict, wanted: dict, limit: int = 4) -> list[str]:
        lambda n: f"{n}: shape {saved[n]} in the checkpoint, {wanted[n]} in this run"),
   )
   out = []
+  hint = layer_layout.layout_hint(saved, wanted)
+  if hint:
+    out.append(hint)
   for found, describe in kinds:
     out += [describe(n) for n in found[:limit]]
     if len(found) > limit:

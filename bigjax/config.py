@@ -206,7 +206,28 @@ def _validate_transformer(config):
       _fail("data.mask_rate", f"{rate} is outside (0, 1).", "Use e.g. 0.15 (BERT's).")
   if m.moe_every:
     _validate_moe(config)
+  _validate_scan_layers(config)
   _name(config, "data.text_key")
+
+
+def _validate_scan_layers(config):
+  from bigjax.models import transformer
+
+  m = config.model
+  policy = _get(config, "model.remat_policy")
+  if policy not in transformer.REMAT_POLICIES:
+    _fail("model.remat_policy", f"unknown policy {policy!r}.",
+          f"Choose one of {transformer.REMAT_POLICIES}.")
+  if not isinstance(_get(config, "model.scan_layers"), bool):
+    _fail("model.scan_layers", f"must be True or False, got {m.scan_layers!r}.",
+          "Set it to True to scan the blocks, False to unroll them.")
+  unit = m.get("moe_every", 0) or 1
+  for field in ("num_layers", "num_decoder_layers"):
+    layers = m.get(field, 0)
+    if m.scan_layers and layers % unit:
+      _fail(f"model.{field}", f"{layers} blocks do not split into scanned units of "
+            f"model.moe_every={unit} blocks (one MoE block each).",
+            "Use a multiple of moe_every, or set model.scan_layers=False.")
 
 
 def _validate_zoo(config):

@@ -202,9 +202,19 @@ def _reorder_cache(cache, origin):
 
   def one(path, x):
     names = {getattr(p, "key", None) for p in path}
-    return x if names & {"cross", "enc_valid"} else jnp.take(x, rows, axis=0)
+    return x if names & {"cross", "enc_valid"} else jnp.take(x, rows, axis=_batch_axis(path))
 
   return jax.tree_util.tree_map_with_path(one, cache)
+
+
+def _batch_axis(path) -> int:
+  """A scanned stack's cache has a leading layers axis, then the batch."""
+  return 1 if any(getattr(p, "key", None) == "scanned" for p in path) else 0
+
+
+def _repeat_rows(cache, times: int):
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.repeat(x, times, axis=_batch_axis(path)), cache)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "beam_size", "max_new_tokens",
@@ -216,7 +226,7 @@ def _beam_loop(graphdef, state, prompts, lengths, length_penalty, *, beam_size,
   with _mesh_rules(mesh, rules):
     logits, cache, start = prefill(graphdef, state, prompts, lengths, cache_len)
     b, v = logits.shape
-    cache = jax.tree.map(lambda x: jnp.repeat(x, k_beams, axis=0), cache)
+    cache = _repeat_rows(cache, k_beams)
     start = jnp.repeat(start, k_beams)
     logits = jnp.broadcast_to(logits[:, None], (b, k_beams, v))
     max_brevity = _brevity(steps, length_penalty)

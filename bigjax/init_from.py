@@ -12,6 +12,11 @@ behind, so the new run may use another optimizer, schedule and learning rate
 Any other shape difference is an error naming the parameter. The source is
 opened read-only: nothing in its workdir is touched, even while it still runs.
 
+Parameters are matched block by block (`bigjax.layer_layout`), so a run with
+model.scan_layers on can start from a run with it off and the other way round:
+stacked parameters are split into blocks or blocks stacked as needed; `skip`
+and the summary use per-block names ('decoder/blocks/3/attn/query') either way.
+
 BatchNorm running averages (model_state) come along where the source has them
 at the same path and shape: they belong to the parameters they normalise for.
 Only a run's first start reads the source: a resumed run restores its own
@@ -22,7 +27,9 @@ import re
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bigjax import checkpoint, optim, steps
+import jax.numpy as jnp
+
+from bigjax import checkpoint, layer_layout, optim, steps
 from bigjax.config import ConfigError
 
 RESIZABLE_AXES = ("vocab", "classes")
@@ -82,25 +89,44 @@ def load(config, task: steps.Task, state: steps.TrainState):
     wanted = {optim.path_name(p): (leaf, s) for (p, leaf), s in zip(
         jax.tree_util.tree_flatten_with_path(task.abstract_state.params)[0],
         jax.tree.leaves(task.state_shardings.params))}
-    plan = {name: _plan(name, want, source.get(name), task.param_axes.get(name), skip)
-            for name, (want, _) in wanted.items()}
-    if not any(p in ("copy", "overlap") for p in plan.values()):
+    where = layer_layout.per_block({n: tuple(a.shape) for n, a in source.items()})
+    sizes = layer_layout.unit_sizes(wanted)
+    rows, plan = {}, {}  # Per parameter: its blocks [(block name, row)], their plans.
+    for name, (want, _) in wanted.items():
+      names = layer_layout.block_names(name, want.shape[0] if want.shape else 0, sizes)
+      rows[name] = [(name, None)] if names is None else list(zip(names, range(len(names))))
+      axes = task.param_axes.get(name)
+      row_axes = axes if names is None or not axes else axes[1:]
+      plan[name] = []
+      for block, row in rows[name]:
+        src = where.get(block)
+        have = None if src is None else jax.ShapeDtypeStruct(
+            layer_layout.row_shape(source[src[0]].shape, src[1]), source[src[0]].dtype)
+        plan[name].append(_plan(block, jax.ShapeDtypeStruct(
+            layer_layout.row_shape(want.shape, row), want.dtype), have, row_axes, skip))
+    by_block = {block: p for name in plan for (block, _), p in zip(rows[name], plan[name])}
+    if not any(p in ("copy", "overlap") for p in by_block.values()):
       _fail(f"the checkpoint in {cfg.workdir} shares no parameter with this model (its "
             f"parameters look like {sorted(source)[:3]}, this model's like "
             f"{sorted(wanted)[:3]}).", "Start from a run of the same model family.")
-    # Copies land on this run's shardings; resized ones come whole (source
-    # shape, replicated) and are cut into place below.
+    # A parameter stored under the same name and shape is restored straight onto
+    # this run's sharding; every other one the new parameter reads from (split,
+    # stacked or resized) comes whole, replicated, and is assembled below.
     replicated = NamedSharding(task.mesh, PartitionSpec())
+    direct = {name for name, (want, _) in wanted.items()
+              if plan[name] == ["copy"] * len(plan[name]) and name in source
+              and tuple(source[name].shape) == tuple(want.shape)}
     targets = {}
-    for name, kind in plan.items():
+    for name in direct:
       want, sharding = wanted[name]
-      if kind == "copy":
-        targets["params/" + name] = jax.ShapeDtypeStruct(want.shape, want.dtype,
-                                                         sharding=sharding)
-      elif kind == "overlap":
-        have = source[name]
-        targets["params/" + name] = jax.ShapeDtypeStruct(have.shape, have.dtype,
-                                                         sharding=replicated)
+      targets["params/" + name] = jax.ShapeDtypeStruct(want.shape, want.dtype,
+                                                       sharding=sharding)
+    for name in set(wanted) - direct:
+      for (block, _), p in zip(rows[name], plan[name]):
+        if p != "fresh":
+          have = source[where[block][0]]
+          targets["params/" + where[block][0]] = jax.ShapeDtypeStruct(
+              have.shape, have.dtype, sharding=replicated)
     saved_stats = {optim.path_name(p): leaf for p, leaf in
                    jax.tree_util.tree_flatten_with_path(tree.get("model_state", {}))[0]}
     for (path, want), sharding in zip(
@@ -108,7 +134,7 @@ def load(config, task: steps.Task, state: steps.TrainState):
         jax.tree.leaves(task.state_shardings.model_state)):
       name = optim.path_name(path)
       have = saved_stats.get(name)
-      if have is not None and tuple(have.shape) == want.shape and plan.get(
+      if have is not None and tuple(have.shape) == want.shape and by_block.get(
           name.rsplit("/", 1)[0] + "/scale") != "fresh":
         targets["model_state/" + name] = jax.ShapeDtypeStruct(want.shape, want.dtype,
                                                               sharding=sharding)
@@ -116,16 +142,28 @@ def load(config, task: steps.Task, state: steps.TrainState):
   finally:
     reader.close()
 
+  loaded_params = {name[len("params/"):]: a for name, a in loaded.items()
+                   if name.startswith("params/")}
+
   def merge(path, fresh):
     name = optim.path_name(path)
-    if plan[name] == "copy":
-      return loaded["params/" + name]
-    if plan[name] == "overlap":
-      return _overlap(fresh, loaded["params/" + name], wanted[name][1])
-    return fresh
+    if name in direct:
+      return loaded_params[name]
+    if all(p == "fresh" for p in plan[name]):
+      return fresh
+    pieces = []
+    for (block, row), p in zip(rows[name], plan[name]):
+      part = fresh if row is None else fresh[row]
+      if p == "copy":
+        part = layer_layout.row_of(loaded_params, where[block]).astype(fresh.dtype)
+      elif p == "overlap":
+        part = _overlap(part, layer_layout.row_of(loaded_params, where[block]), replicated)
+      pieces.append(part)
+    whole = pieces[0] if rows[name][0][1] is None else jnp.stack(pieces)
+    return jax.device_put(whole, wanted[name][1])
 
   def listed(kind: str, what: str) -> str:
-    names = sorted(n for n, p in plan.items() if p == kind)
+    names = sorted(n for n, p in by_block.items() if p == kind)
     return f"{len(names)} {what}" + (f" ({', '.join(names[:6])})" if kind != "copy" and names
                                      else "")
 

@@ -11,13 +11,19 @@ config.optim.
 `optim.freeze` is a regular expression over parameter paths ("decoder/blocks/0/
 attn/query/kernel"): matching parameters are frozen through an optax mask. They
 get no update, no optimizer state, no weight decay, and do not count in the
-clipping norm.
+clipping norm. With model.scan_layers the regex is matched against each block's
+own path ("decoder/blocks/3/...", see `bigjax.layer_layout`), so it freezes the
+same blocks in either layout: a stacked parameter some of whose blocks match has
+those rows' gradients and updates zeroed (their optimizer state stays zero).
 """
 import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from bigjax import layer_layout
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "adafactor", "lion")
 SCHEDULES = ("cosine", "rsqrt", "linear", "constant")
@@ -45,8 +51,10 @@ def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
 
 
 def _decay_mask(params):
-  """Weight decay on matrices only: norms' scales and biases are left alone."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Weight decay on matrices only: norms' scales and biases are left alone (a
+  stacked parameter's leading layers axis does not count)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim - layer_layout.is_stacked(path_name(path)) >= 2, params)
 
 
 def path_name(path) -> str:
@@ -63,10 +71,33 @@ def path_name(path) -> str:
 
 
 def frozen_mask(params, freeze: str):
-  """A tree of bools, True where the parameter's path matches `freeze`."""
+  """Per parameter, True where its path matches `freeze`; for a stacked parameter
+  a bool per row, matched against each block's path."""
   pattern = re.compile(freeze) if freeze else None
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: bool(pattern and pattern.search(path_name(path))), params)
+  names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  sizes = layer_layout.unit_sizes(names)
+
+  def one(path, p):
+    if pattern is None:
+      return False
+    return layer_layout.regex_rows(pattern, path_name(path), np.shape(p), sizes)
+
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def _zero_frozen_rows(freeze: str) -> optax.GradientTransformation:
+  """Zeroes the rows of stacked parameters whose blocks `freeze` matches (whole
+  parameters are frozen by the multi_transform in make_optimizer)."""
+
+  def update(updates, state, params=None):
+    del params
+    def one(u, rows):
+      if isinstance(rows, np.ndarray) and rows.any() and not rows.all():
+        return u * jnp.asarray(~rows, u.dtype).reshape((-1,) + (1,) * (u.ndim - 1))
+      return u
+    return jax.tree.map(one, updates, frozen_mask(updates, freeze)), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def check_freeze(optim_cfg, params):
@@ -78,7 +109,7 @@ def check_freeze(optim_cfg, params):
     re.compile(freeze)
   except re.error as e:
     raise ValueError(f"optim.freeze={freeze!r} is not a regular expression ({e}).") from None
-  mask = jax.tree.leaves(frozen_mask(params, freeze))
+  mask = np.concatenate([np.ravel(m) for m in jax.tree.leaves(frozen_mask(params, freeze))])
   names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   if not any(mask):
     raise ValueError(f"optim.freeze={freeze!r} matches no parameter. Parameter paths look "
@@ -119,8 +150,10 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
   if freeze:
     tx = optax.multi_transform(
         {"train": tx, "frozen": optax.set_to_zero()},
-        lambda params: jax.tree.map(lambda f: "frozen" if f else "train",
+        lambda params: jax.tree.map(lambda f: "frozen" if np.all(f) else "train",
                                     frozen_mask(params, freeze)))
+    # Partly frozen stacked parameters: out of the clipping norm before, no update after.
+    tx = optax.chain(_zero_frozen_rows(freeze), tx, _zero_frozen_rows(freeze))
   if nan_policy(optim_cfg) == "skip":
     # Never gives up: every non-finite update is skipped (the int32 counter
     # saturates at its maximum, which `>` never exceeds).

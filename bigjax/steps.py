@@ -155,11 +155,16 @@ def moe_metrics(intermediates) -> dict:
   """Router metrics captured from each MoE layer, keyed 'moe/<layer path>/<name>'."""
   out = {}
   for path, var in nnx.to_flat_state(intermediates):
-    if path[-1] != "router_metrics":
+    if path[-1] == "router_metrics":  # Sown by the MoE layer of decoder/blocks/1/ffn.
+      by_layer = {"/".join(str(p) for p in path[:-2]): var.get_value()[-1]}
+    elif path[-1] == "scanned_router_metrics":  # By a scanned stack, for its blocks.
+      stack = "/".join(str(p) for p in path[:-1])
+      by_layer = {f"{stack}/{block}": m for block, m in var.get_value()[-1].items()}
+    else:
       continue
-    layer = "/".join(str(p) for p in path[:-2])  # e.g. decoder/blocks/1
-    for name, v in var.get_value()[-1].items():
-      out[f"moe/{layer}/{name}"] = v
+    for layer, metrics in by_layer.items():
+      for name, v in metrics.items():
+        out[f"moe/{layer}/{name}"] = v
   return out
 
 

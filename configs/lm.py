@@ -74,7 +74,14 @@ def get_config(arg=None):
   config.model.use_bias = False  # Biases in attention and dense MLPs (GPT-2, BERT).
   config.model.dtype = "bfloat16"  # compute dtype; params stay in param_dtype.
   config.model.param_dtype = "float32"
-  config.model.remat = False
+  # What each block keeps for the backward pass (see README, Design): none |
+  # full | dots_saveable | dots_with_no_batch_dims_saveable |
+  # offload_dot_with_no_batch_dims.
+  config.model.remat_policy = "none"
+  # The blocks as one lax.scan over parameters stacked along a `layers` axis:
+  # compile time and program size stay flat with depth. The demo and runlocal
+  # variants keep it off (and either setting works for any config).
+  config.model.scan_layers = True
   config.model.moe_every = 0  # Dense; configs/lm_moe.py sets 2 (GShard style).
   config.model.moe = common.moe_config()
 
@@ -95,7 +102,7 @@ def get_config(arg=None):
     config.checkpoint_every = 250
     config.sample_tokens = 100
     config.model.update(num_layers=4, emb_dim=256, num_heads=4, mlp_dim=1024,
-                        max_len=128, dtype="float32", position="rotary")
+                        max_len=128, dtype="float32", position="rotary", scan_layers=False)
     config.optim.update(lr=3e-3, warmup_steps=50)
   if arg.runlocal:  # Tiny: CPU tests, Colab smoke runs. Seconds.
     config.total_steps = 20
@@ -106,6 +113,6 @@ def get_config(arg=None):
     config.eval_batches = 2
     config.checkpoint_every = 10
     config.model.update(num_layers=2, emb_dim=64, num_heads=4, mlp_dim=128,
-                        max_len=32, dtype="float32")
+                        max_len=32, dtype="float32", scan_layers=False)
     config.optim.update(lr=3e-3, warmup_steps=5)
   return config

@@ -451,8 +451,9 @@ def test_remat_matches_plain_forward_and_gradients():
   weights = jnp.asarray(np.random.default_rng(12).normal(size=(2, 8, 40)), jnp.float32)
   key = jax.random.PRNGKey(3)  # dropout on: both must draw the same masks
   outs, grads = [], []
-  for remat in (False, True):
-    model = transformer.build(transformer.TransformerConfig(**base, remat=remat), nnx.Rngs(0))
+  for policy in ("none", "full"):
+    model = transformer.build(transformer.TransformerConfig(**base, remat_policy=policy),
+                              nnx.Rngs(0))
     outs.append(np.asarray(model(tokens, rng=key)))
     g = nnx.grad(lambda m: jnp.sum(m(tokens, rng=key) * weights))(model)
     grads.append(jax.device_get(nnx.to_pure_dict(g)))

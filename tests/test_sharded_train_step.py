@@ -5,7 +5,7 @@ import optax
 import pytest
 from flax import nnx
 
-from bigjax import optim, sharding, steps
+from bigjax import layer_layout, optim, sharding, steps
 from configs import common, lm
 
 
@@ -60,6 +60,21 @@ def test_sharded_step_matches_one_device(reference, name):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6,
                                err_msg=jax.tree_util.keystr(path))
   assert int(state.step) == 2
+
+
+def test_scanned_sharded_step_matches_one_device_unrolled(reference):
+  config, batches, ref_params, ref_losses = reference
+  config = _config(scan_layers=True)
+  state, losses = _train(config, MESHES["data2_fsdp2_tensor2"], 8, batches)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  query = state.params["decoder"]["scanned"][0]["attn"]["query"]  # (layers, embed, heads, kv)
+  assert query.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  flat = lambda tree: {optim.path_name(p): v for p, v in
+                       jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+  want = flat(ref_params)
+  got = layer_layout.convert(flat(state.params), {n: v.shape for n, v in want.items()})
+  for name, value in want.items():
+    np.testing.assert_allclose(got[name], value, rtol=2e-5, atol=2e-6, err_msg=name)
 
 
 def test_parameters_are_sharded_as_the_rules_say():

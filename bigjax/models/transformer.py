@@ -13,6 +13,7 @@ per-row positions, which are also their cache slots, and returns
 """
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -22,6 +23,31 @@ from bigjax.sharding import constrain
 PAD_ID = 0
 KINDS = ("decoder", "encoder", "encdec")
 POSITIONS = ("learned", "rotary")
+# model.remat_policy: what a block keeps from its forward pass for the backward
+# pass; the rest is recomputed. "none": everything kept (no remat). "full": only
+# the block's inputs (jax.checkpoint_policies.nothing_saveable). "dots_saveable":
+# every matmul output. "dots_with_no_batch_dims_saveable": the projections'
+# outputs but not the attention scores/probabilities (batched dots).
+# "offload_dot_with_no_batch_dims": those projections, moved to host memory
+# between the passes (backends with a pinned_host memory).
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "offload_dot_with_no_batch_dims")
+
+
+def remat_policy(name: str):
+  """(whether to rematerialise, the jax.checkpoint policy) for model.remat_policy."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"model.remat_policy={name!r}; choose one of {REMAT_POLICIES}.")
+  policies = jax.checkpoint_policies
+  if name == "offload_dot_with_no_batch_dims":
+    kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
+    if "pinned_host" not in kinds:
+      raise ValueError(f"model.remat_policy={name!r} offloads to host memory, which the "
+                       f"{jax.default_backend()} backend lacks (it has {sorted(kinds)}); "
+                       "use 'dots_with_no_batch_dims_saveable' instead.")
+    return True, policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+  return name != "none", {"none": None, "full": policies.nothing_saveable}.get(
+      name, getattr(policies, name, None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +76,8 @@ class TransformerConfig:
   use_bias: bool = False  # Biases in attention and dense MLPs (GPT-2); MoE experts have none.
   dtype: str = "float32"
   param_dtype: str = "float32"
-  remat: bool = False
+  remat_policy: str = "none"  # One of REMAT_POLICIES.
+  scan_layers: bool = False  # One lax.scan over the blocks; see Stack.
   moe_every: int = 0  # 0: dense. k: every k-th block's MLP is a MoE layer.
   moe: moe_lib.MoEConfig = moe_lib.MoEConfig()
 
@@ -133,23 +160,56 @@ class Block(nnx.Module):
     return cache
 
 
+def _stack_modules(modules: list) -> nnx.Module:
+  """One module whose parameters are those of `modules` (all alike) stacked along a
+  leading `layers` axis."""
+  graphdef, first = nnx.split(modules[0])
+  states = [first] + [nnx.split(m)[1] for m in modules[1:]]
+  stacked = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+  for _, var in nnx.iter_graph(stacked):
+    if isinstance(var, nnx.Variable) and var.get_metadata("out_sharding", None):
+      var.set_metadata(out_sharding=("layers",) + tuple(var.get_metadata("out_sharding")))
+  return stacked
+
+
 class Stack(nnx.Module):
-  """num_layers blocks and a final norm; optionally rematerialised per block."""
+  """num_layers blocks and a final norm; rematerialised per block (scanned: per
+  unit) by `remat`, a name from REMAT_POLICIES.
+
+  With `scan`, the blocks run as one `jax.lax.scan` over a repeating unit (one
+  block, or `moe_every` blocks when dense and MoE blocks alternate) whose
+  parameters are stacked along a leading `layers` axis: the compiled program
+  holds one unit whatever the depth. Both layouts draw the same initial weights
+  and dropout keys; `bigjax.layer_layout` maps parameter names between them.
+  """
 
   def __init__(self, cfg: layers.LayerConfig, num_layers: int, *, cross_attention: bool,
-               remat: bool, rngs: nnx.Rngs, moe: moe_lib.MoEConfig | None = None,
-               moe_every: int = 0):
+               remat: str, rngs: nnx.Rngs, moe: moe_lib.MoEConfig | None = None,
+               moe_every: int = 0, scan: bool = False):
     # GShard places MoE in every other block: with moe_every=2, blocks 1, 3, ...
-    self.blocks = nnx.List([
-        Block(cfg, cross_attention=cross_attention, rngs=rngs,
-              moe=moe if moe_every and (i + 1) % moe_every == 0 else None)
-        for i in range(num_layers)])
+    blocks = [Block(cfg, cross_attention=cross_attention, rngs=rngs,
+                    moe=moe if moe_every and (i + 1) % moe_every == 0 else None)
+              for i in range(num_layers)]
+    self.unit = moe_every or 1
+    if scan and num_layers % self.unit:
+      raise ValueError(f"model.scan_layers scans units of model.moe_every={moe_every} "
+                       f"blocks, which do not divide {num_layers} layers; make the layer "
+                       "count a multiple of moe_every or set scan_layers=False.")
+    self.num_layers = num_layers
+    self.blocks = nnx.data(None if scan else nnx.List(blocks))
+    self.scanned = nnx.data(_stack_modules(
+        [nnx.List(blocks[u:u + self.unit]) for u in range(0, num_layers, self.unit)])
+        if scan else None)
     self.final_norm = layers.Norm(cfg, rngs=rngs)
-    self.remat = remat
+    self.remat, self.remat_policy = remat_policy(remat)
 
   def __call__(self, x, mask, positions, encoded=None, cross_mask=None, rng=None,
                cache=None):
-    """With `cache` (one entry per block) returns (x, updated cache)."""
+    """With `cache` (from init_cache) returns (x, updated cache)."""
+    if self.scanned is not None:
+      x, cache = self._scan(x, mask, positions, encoded, cross_mask, rng, cache)
+      x = self.final_norm(x)
+      return x if cache is None else (x, cache)
     if cache is not None:  # Decoding: no gradients, so no remat.
       new_cache = []
       for block, c, r in zip(self.blocks, cache, layers.split_rng(rng, len(self.blocks))):
@@ -158,10 +218,62 @@ class Stack(nnx.Module):
       return self.final_norm(x), tuple(new_cache)
     for block, r in zip(self.blocks, layers.split_rng(rng, len(self.blocks))):
       if self.remat:
-        x = nnx.remat(lambda b, *a: b(*a))(block, x, mask, positions, encoded, cross_mask, r)
+        x = nnx.remat(lambda b, *a: b(*a), policy=self.remat_policy)(
+            block, x, mask, positions, encoded, cross_mask, r)
       else:
         x = block(x, mask, positions, encoded, cross_mask, r)
     return self.final_norm(x)
+
+  def _scan(self, x, mask, positions, encoded, cross_mask, rng, cache):
+    """The scanned stack: (x, updated cache or None). Router metrics of MoE blocks
+    are sown once, as 'scanned_router_metrics' {'blocks/<i>': metrics}."""
+    graphdef, params = nnx.split(self.scanned)
+    num_units, k = self.num_layers // self.unit, self.unit
+    keys = None if rng is None else jax.random.split(rng, self.num_layers).reshape(
+        num_units, k, *rng.shape)
+
+    def run_unit(unit, x, unit_keys, unit_cache):
+      new_cache = []
+      for j, block in enumerate(unit):
+        r = None if unit_keys is None else unit_keys[j]
+        if unit_cache is None:
+          x = block(x, mask, positions, encoded, cross_mask, r)
+        else:
+          x, c = block(x, mask, positions, encoded, cross_mask, r, cache=unit_cache[j])
+          new_cache.append(c)
+      return x, (tuple(new_cache) if unit_cache is not None else None)
+
+    def body(x, xs):
+      unit_params, unit_keys, unit_cache = xs
+      unit = nnx.merge(graphdef, unit_params)
+      (x, new_cache), sown = nnx.capture(run_unit, nnx.Intermediate)(
+          unit, x, unit_keys, unit_cache)
+      metrics = {path[0]: var.get_value()[-1] for path, var in nnx.to_flat_state(sown)
+                 if path[-1] == "router_metrics"}
+      return x, (new_cache, metrics)
+
+    if self.remat and cache is None:  # No CSE across scan iterations to guard against.
+      body = jax.checkpoint(body, policy=self.remat_policy, prevent_cse=False)
+    stacked = None if cache is None else cache["scanned"]
+    x, (new_cache, metrics) = jax.lax.scan(body, x, (params, keys, stacked))
+    if metrics:
+      self.sow(nnx.Intermediate, "scanned_router_metrics", capture_noop=True, value={
+          f"blocks/{u * k + j}": jax.tree.map(lambda v: v[u], m)
+          for j, m in metrics.items() for u in range(num_units)})
+    return x, (None if cache is None else {"scanned": new_cache})
+
+  def init_cache(self, batch: int, length: int, encoded=None):
+    """Unscanned: a tuple of per-block caches. Scanned: {"scanned": a tuple of k
+    per-block caches with a leading layers axis (one row per unit)}."""
+    if self.scanned is None:
+      return tuple(b.init_cache(batch, length, encoded) for b in self.blocks)
+    graphdef, params = nnx.split(self.scanned)
+
+    def one(unit_params):
+      return tuple(b.init_cache(batch, length, encoded)
+                   for b in nnx.merge(graphdef, unit_params))
+
+    return {"scanned": jax.lax.map(one, params)}
 
 
 class _Embedder(nnx.Module):
@@ -198,7 +310,9 @@ def default_positions(tokens):
 
 
 def _cache_len(cache) -> int:
-  return cache["layers"][0]["self"]["k"].shape[1]
+  stack = cache["layers"]
+  first = stack["scanned"][0] if isinstance(stack, dict) else stack[0]
+  return first["self"]["k"].shape[-3]  # [(layers,) batch, length, kv_heads, head_dim]
 
 
 def _cached_causal_mask(positions, cache_len: int):
@@ -228,7 +342,7 @@ class DecoderLM(nnx.Module):
     self.embedder = _Embedder(cfg, cfg.layer_config(), rngs=rngs)
     _check_causal_router(cfg)
     self.decoder = Stack(cfg.layer_config(cfg.num_layers), cfg.num_layers,
-                         cross_attention=False, remat=cfg.remat,
+                         cross_attention=False, remat=cfg.remat_policy, scan=cfg.scan_layers,
                          rngs=rngs, moe=cfg.moe, moe_every=cfg.moe_every)
 
   def __call__(self, tokens, positions=None, rng=None):
@@ -249,7 +363,7 @@ class DecoderLM(nnx.Module):
     valid = constrain(jnp.zeros((batch, length), bool),
                       ("activation_batch", "activation_length"))
     return {"valid": valid,
-            "layers": tuple(b.init_cache(batch, length) for b in self.decoder.blocks)}
+            "layers": self.decoder.init_cache(batch, length)}
 
   def extend(self, tokens, positions, cache, logits_at=None):
     """Runs tokens [b, t] at positions [b, t] (their cache slots, < cache length)
@@ -270,7 +384,7 @@ class Encoder(nnx.Module):
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.embedder = _Embedder(cfg, cfg.layer_config(), rngs=rngs)
     self.encoder = Stack(cfg.layer_config(cfg.num_layers), cfg.num_layers,
-                         cross_attention=False, remat=cfg.remat,
+                         cross_attention=False, remat=cfg.remat_policy, scan=cfg.scan_layers,
                          rngs=rngs, moe=cfg.moe, moe_every=cfg.moe_every)
 
   def encode(self, tokens, rng=None):
@@ -295,7 +409,8 @@ class EncoderDecoder(Encoder):
     super().__init__(cfg, rngs=rngs)
     num_decoder_layers = cfg.num_decoder_layers or cfg.num_layers
     self.decoder = Stack(cfg.layer_config(num_decoder_layers, cross_attention=True),
-                         num_decoder_layers, cross_attention=True, remat=cfg.remat,
+                         num_decoder_layers, cross_attention=True, remat=cfg.remat_policy,
+                         scan=cfg.scan_layers,
                          rngs=rngs, moe=cfg.moe, moe_every=cfg.moe_every)
 
   def decode(self, encoded, encoder_tokens, decoder_tokens, positions=None, rng=None):
@@ -329,8 +444,7 @@ class EncoderDecoder(Encoder):
     [batch, enc_len] masks padded encoder tokens."""
     batch = encoded.shape[0]
     return {"enc_valid": encoder_tokens != PAD_ID,
-            "layers": tuple(b.init_cache(batch, length, encoded)
-                            for b in self.decoder.blocks)}
+            "layers": self.decoder.init_cache(batch, length, encoded)}
 
   def extend(self, decoder_tokens, positions, cache, logits_at=None):
     """As DecoderLM.extend, for the decoder (masked by causality alone, as in decode)."""

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import transformers
 
+from bigjax import layer_layout
+
 ARCHS = ("gpt2", "mixtral")
 
 
@@ -51,8 +53,7 @@ def _t(x):
 
 
 def _blocks(params, stack="decoder"):
-  blocks = params[stack]["blocks"]
-  return [blocks[k] for k in sorted(blocks, key=int)] if isinstance(blocks, dict) else blocks
+  return layer_layout.blocks_of(params[stack])
 
 
 def _gpt2_state(params) -> dict:

@@ -1,0 +1,53 @@
+"""model.remat_policy: every policy gives the gradients of no remat, in both layouts."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bigjax import config as config_lib, optim, steps
+from bigjax.config import ConfigError
+from bigjax.models import transformer
+from configs import lm
+
+BASE = dict(vocab_size=40, num_layers=2, emb_dim=32, num_heads=4, mlp_dim=64, max_len=16,
+            init_scale=0.2, dropout_rate=0.1)
+
+
+@functools.lru_cache  # The no-remat reference is computed once per layout.
+def _grads(policy: str, scan: bool):
+  cfg = transformer.TransformerConfig(**BASE, remat_policy=policy, scan_layers=scan)
+  graphdef, params, rest = nnx.split(transformer.build(cfg, nnx.Rngs(0)), nnx.Param, ...)
+  rng = np.random.default_rng(11)
+  batch = {"inputs": jnp.asarray(rng.integers(1, 40, (2, 8)), jnp.int32),
+           "targets": jnp.asarray(rng.integers(1, 40, (2, 8)), jnp.int32),
+           "weights": jnp.ones((2, 8))}
+
+  def loss(p):  # Dropout on: remat must replay the same masks.
+    return steps.loss_sums(nnx.merge(graphdef, p, rest), batch,
+                           jax.random.PRNGKey(3))["loss_sum"]
+
+  grads = jax.jit(jax.grad(loss))(nnx.to_pure_dict(params))
+  return {optim.path_name(p): np.asarray(g)
+          for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("policy", [p for p in transformer.REMAT_POLICIES if p != "none"])
+def test_every_policy_gives_the_gradients_of_no_remat(policy, scan):
+  want, got = _grads("none", scan), _grads(policy, scan)
+  assert set(got) == set(want)
+  for name, g in want.items():
+    np.testing.assert_allclose(got[name], g, rtol=1e-5, atol=1e-6 * np.abs(g).max(),
+                               err_msg=name)
+
+
+def test_remat_policy_is_validated():
+  config = lm.get_config("runlocal")
+  config.model.remat_policy = "dots"
+  with pytest.raises(ConfigError, match=r"config.model.remat_policy: unknown policy 'dots'"):
+    config_lib.validate(config, num_devices=1)
+  with pytest.raises(ValueError, match=r"model.remat_policy='dots'; choose one of"):
+    transformer.remat_policy("dots")
