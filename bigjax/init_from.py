@@ -58,7 +58,7 @@ def _overlap(fresh: jax.Array, loaded: jax.Array, sharding) -> jax.Array:
   return jax.jit(put, out_shardings=sharding)(fresh, loaded)
 
 
-def load(config, task: steps.Task, state: steps.TrainState):
+def load(config, setup: steps.TrainSetup, state: steps.TrainState):
   """Returns (state with the source's parameters put in, a one-line summary)."""
   cfg = config.init_from
   skip = re.compile(cfg.skip) if cfg.get("skip") else None
@@ -80,9 +80,9 @@ def load(config, task: steps.Task, state: steps.TrainState):
     source = {optim.path_name(p): leaf for p, leaf in
               jax.tree_util.tree_flatten_with_path(tree["params"])[0]}
     wanted = {optim.path_name(p): (leaf, s) for (p, leaf), s in zip(
-        jax.tree_util.tree_flatten_with_path(task.abstract_state.params)[0],
-        jax.tree.leaves(task.state_shardings.params))}
-    plan = {name: _plan(name, want, source.get(name), task.param_axes.get(name), skip)
+        jax.tree_util.tree_flatten_with_path(setup.abstract_state.params)[0],
+        jax.tree.leaves(setup.state_shardings.params))}
+    plan = {name: _plan(name, want, source.get(name), setup.param_axes.get(name), skip)
             for name, (want, _) in wanted.items()}
     if not any(p in ("copy", "overlap") for p in plan.values()):
       _fail(f"the checkpoint in {cfg.workdir} shares no parameter with this model (its "
@@ -90,7 +90,7 @@ def load(config, task: steps.Task, state: steps.TrainState):
             f"{sorted(wanted)[:3]}).", "Start from a run of the same model family.")
     # Copies land on this run's shardings; resized ones come whole (source
     # shape, replicated) and are cut into place below.
-    replicated = NamedSharding(task.mesh, PartitionSpec())
+    replicated = NamedSharding(setup.mesh, PartitionSpec())
     targets = {}
     for name, kind in plan.items():
       want, sharding = wanted[name]
@@ -104,8 +104,8 @@ def load(config, task: steps.Task, state: steps.TrainState):
     saved_stats = {optim.path_name(p): leaf for p, leaf in
                    jax.tree_util.tree_flatten_with_path(tree.get("model_state", {}))[0]}
     for (path, want), sharding in zip(
-        jax.tree_util.tree_flatten_with_path(task.abstract_state.model_state)[0],
-        jax.tree.leaves(task.state_shardings.model_state)):
+        jax.tree_util.tree_flatten_with_path(setup.abstract_state.model_state)[0],
+        jax.tree.leaves(setup.state_shardings.model_state)):
       name = optim.path_name(path)
       have = saved_stats.get(name)
       if have is not None and tuple(have.shape) == want.shape and plan.get(

@@ -34,8 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bigjax import (checkpoint, config as config_lib, distributed, init_from,
-                    metrics as metrics_lib, optim, sharding, steps, workdir_lock)
-from bigjax.data import examples, pipeline
+                    metrics as metrics_lib, optim, sharding, steps, tasks, workdir_lock)
 
 
 def log(message: str):
@@ -43,35 +42,27 @@ def log(message: str):
     print(message, flush=True)
 
 
-def _global_batch(task: steps.Task, local: dict) -> dict:
+def _global_batch(setup: steps.TrainSetup, local: dict) -> dict:
   """Process-local numpy rows -> one global jax.Array per key, sharded on batch."""
-  return {k: jax.make_array_from_process_local_data(task.batch_sharding(), v)
+  return {k: jax.make_array_from_process_local_data(setup.batch_sharding(), v)
           for k, v in local.items()}
 
 
-def evaluate(task, eval_step, state, batches) -> dict:
+def evaluate(setup, eval_step, state, batches) -> dict:
+  """The task's evaluation summary (eval_loss, eval_accuracy, ...) over `batches`."""
   sums = None
   for local in batches:
-    out = eval_step(state.params, state.model_state, _global_batch(task, local))
+    out = eval_step(state.params, state.model_state, _global_batch(setup, local))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-  sums = jax.device_get(sums)
-  weight = max(float(sums["weight_sum"]), 1.0)
-  out = {"eval_loss": float(sums["loss_sum"]) / weight}
-  if "correct_sum" in sums:
-    out["eval_accuracy"] = float(sums["correct_sum"]) / weight
-  if task.config.task in steps.TOKEN_TASKS:
-    out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
-    # One token per byte (plus one EOS per document): nats/token -> bits/byte
-    # (for mlm: per masked byte).
-    out["eval_bits_per_byte"] = out["eval_loss"] / math.log(2)
-  return out
+  return setup.task.eval_summary(jax.device_get(sums))
 
 
 @dataclasses.dataclass
 class RunResult:
   state: steps.TrainState
-  task: steps.Task
+  setup: steps.TrainSetup
   eval_metrics: dict  # The last evaluation (empty if none ran).
+  data_stats: dict = dataclasses.field(default_factory=dict)  # tasks.TaskData.stats
   preempted: bool = False
   already_finished: bool = False  # A rerun of a run already at config.total_steps.
 
@@ -114,33 +105,11 @@ def _check_finite(fetched: list, first_step: int, latest_checkpoint):
           "such updates.")
 
 
-def _load_data(config, shard: dict):
-  """(train batches, eval batches, one example's feature shape or None); data
-  problems become DataErrors, raised before anything is compiled."""
-  d = config.data
-  train_name = f"Split {d.train_split!r} of {d.dataset!r}"
-  eval_name = f"Split {d.eval_split!r} of {d.dataset!r}"
+def _load_data(config) -> tasks.TaskData:
+  """The task's data, this process's rows; data problems become DataErrors,
+  raised before anything is compiled."""
   try:
-    if config.task in steps.TOKEN_TASKS:
-      train_tokens = pipeline.token_array(d.dataset, d.train_split, d.data_dir, d.text_key)
-      eval_tokens = pipeline.token_array(d.dataset, d.eval_split, d.data_dir, d.text_key)
-      kwargs = dict(global_batch_size=config.batch_size, seq_len=config.seq_len,
-                    task=config.task, mask_rate=d.get("mask_rate", 0.15), **shard)
-      train_data = pipeline.LMBatches(train_tokens, seed=config.seed, name=train_name,
-                                      **kwargs)
-      eval_data = list(pipeline.eval_batches(eval_tokens, num_batches=config.eval_batches,
-                                             name=eval_name, **kwargs))
-      return train_data, eval_data, None
-    x_train, y_train, x_eval, y_eval = examples.load_train_eval(
-        d.dataset, d.train_split, d.eval_split, data_dir=d.data_dir,
-        feature_key=d.feature_key, label_key=d.label_key,
-        feature_columns=d.get("feature_columns", ()),
-        standardize_features=d.get("standardize", False))
-    train_data = examples.ExampleBatches(x_train, y_train, global_batch_size=config.batch_size,
-                                         seed=config.seed, name=train_name, **shard)
-    eval_data = examples.eval_batches(x_eval, y_eval, global_batch_size=config.batch_size,
-                                      **shard)
-    return train_data, eval_data, tuple(x_train.shape[1:])
+    return tasks.get(config.task).load_data(config, jax.process_index(), jax.process_count())
   except (ValueError, FileNotFoundError) as e:
     raise config_lib.DataError(f"config.data: {e}") from e
 
@@ -199,9 +168,9 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
   # --------------------------------------------------------------------------
   # Data: step-indexed batches, this process's rows only.
   # --------------------------------------------------------------------------
-  shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_data, eval_data, example_shape = _load_data(config, shard)
-  task = steps.make_task(config, mesh, example_shape)
+  data = _load_data(config)
+  train_data, eval_data = data.train, data.eval
+  setup = steps.make_setup(config, mesh, data.example_shape)
 
   # --------------------------------------------------------------------------
   # State: resume from the latest finished checkpoint, else initialise sharded.
@@ -213,7 +182,7 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
     log(f"Removed an unfinished checkpoint (its save was interrupted): {name}")
   fine_tuning = bool(config.get("init_from") and config.init_from.get("workdir"))
   try:  # A damaged step is reported, set aside, and the one before it restored.
-    restored = ckpt.restore_latest_intact(task.abstract_state, task.state_shardings, log)
+    restored = ckpt.restore_latest_intact(setup.abstract_state, setup.state_shardings, log)
   except checkpoint.CheckpointMismatchError as e:
     ckpt.close()
     raise checkpoint.CheckpointMismatchError(
@@ -225,13 +194,13 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
     state, start = restored
     log(f"Resumed from the checkpoint at step {start}.")
   else:
-    state, start = steps.create_state(task, config.seed), 0
+    state, start = steps.create_state(setup, config.seed), 0
     if fine_tuning:
-      state, summary = init_from.load(config, task, state)
+      state, summary = init_from.load(config, setup, state)
       log(summary)
   if start >= config.total_steps:
     ckpt.close()
-    return _nothing_to_train(config, workdir, state, task, start)
+    return _nothing_to_train(config, workdir, state, setup, start)
   # Recorded once the state fits: a mismatched rerun leaves the old config.json.
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -239,17 +208,15 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
   # A fresh start drops every row (-1), a resume the rows past its checkpoint.
   for message in metrics_lib.rewind_jsonl(workdir, start or -1).messages(start):
     log(message)
-  train_step, eval_step = steps.make_train_step(task), steps.make_eval_step(task)
+  train_step, eval_step = steps.make_train_step(setup), steps.make_eval_step(setup)
   writer = metrics_lib.MetricWriter(workdir)
-  # Throughput in tokens for token tasks, in examples for the others.
-  unit = "tokens" if config.task in steps.TOKEN_TASKS else "examples"
-  items_per_step = config.batch_size * (config.seq_len if unit == "tokens" else 1)
+  items_per_step, unit = setup.task.throughput(config)
   progress = metrics_lib.Progress(config.total_steps, start, items_per_step, unit)
   rate_key = f"{unit}_per_s"
   last_eval: dict = {}
   if start == 0 and fine_tuning:
     # A fine-tuning run's baseline: the loaded parameters on this run's eval data.
-    last_eval = evaluate(task, eval_step, state, eval_data)
+    last_eval = evaluate(setup, eval_step, state, eval_data)
     writer.write(0, last_eval)
     log("eval of the loaded parameters (step 0): " +
         ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
@@ -265,7 +232,7 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
     pending = []
     for step in range(start, config.total_steps):
       ckpt.raise_if_save_failed()  # A background save that failed stops the run here.
-      batch = _global_batch(task, train_data.batch(step))
+      batch = _global_batch(setup, train_data.batch(step))
       state, step_metrics = train_step(state, batch)
       pending.append(step_metrics)
       done = step + 1
@@ -281,7 +248,7 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
         fetched = jax.device_get(pending)
         pending = []
         scalars = {k: _mean_finite([m[k] for m in fetched]) for k in fetched[0]}
-        scalars["learning_rate"] = float(steps.learning_rate(task, done - 1))
+        scalars["learning_rate"] = float(steps.learning_rate(setup, done - 1))
         skipped = optim.skipped_updates(state.opt_state)
         if skipped is not None:
           scalars["skipped_updates"] = skipped = int(jax.device_get(skipped))
@@ -293,7 +260,7 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
         writer.write(done, scalars)
 
       if done % config.eval_every == 0 or done == config.total_steps:
-        last_eval = evaluate(task, eval_step, state, eval_data)
+        last_eval = evaluate(setup, eval_step, state, eval_data)
         writer.write(done, last_eval)
         log(f"eval at step {done}: " + ", ".join(f"{k}={v:.4f}"
                                                  for k, v in last_eval.items()))
@@ -319,10 +286,10 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
     progress.close()
     ckpt.close()
     writer.close()
-  return RunResult(state, task, last_eval, preempted)
+  return RunResult(state, setup, last_eval, data.stats, preempted)
 
 
-def _nothing_to_train(config, workdir: str, state, task, start: int) -> RunResult:
+def _nothing_to_train(config, workdir: str, state, setup, start: int) -> RunResult:
   """A rerun of a finished run, or one asking for fewer steps than the run has:
   says so and leaves the run's record (config.json, metrics.jsonl) as it is."""
   if start > config.total_steps:
@@ -333,7 +300,7 @@ def _nothing_to_train(config, workdir: str, state, task, start: int) -> RunResul
   log(f"Nothing to train: the run in {workdir} already finished (its latest checkpoint is "
       f"at step {start} = config.total_steps). Pass a larger --config.total_steps to train "
       "further.")
-  return RunResult(state, task, {}, already_finished=True)
+  return RunResult(state, setup, {}, already_finished=True)
 
 
 def _mean_finite(values) -> float:

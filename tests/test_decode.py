@@ -235,19 +235,19 @@ def test_sharded_decoding_equals_one_device():
   config = lm.get_config("runlocal")
   config.model.init_scale = 0.5  # logits far from ties
   mesh = sharding.make_mesh(dict(data=2, tensor=2, fsdp=2))
-  task = steps.make_task(config, mesh)
-  state = steps.create_state(task, seed=0)
+  setup = steps.make_setup(config, mesh)
+  state = steps.create_state(setup, seed=0)
   emb = state.params["embedder"]["tokens"]["embedding"]
   assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
-  model = task.model(state.params)
-  local = task.model(jax.device_get(state.params))
+  model = setup.model(state.params)
+  local = setup.model(jax.device_get(state.params))
   rng = np.random.default_rng(7)
   prompts = [list(map(int, rng.integers(3, 259, n))) for n in (4, 11, 7)]  # 3 rows: padded
   kw = dict(max_new_tokens=12, max_len=config.model.max_len, eos_id=None)
   want = decode.generate(local, prompts, **kw)
-  assert decode.generate(model, prompts, mesh=task.mesh, rules=task.rules, **kw) == want
+  assert decode.generate(model, prompts, mesh=setup.mesh, rules=setup.rules, **kw) == want
   beam_kw = dict(kw, beam_size=2, length_penalty=0.6)
-  assert (decode.generate(model, prompts, mesh=task.mesh, rules=task.rules, **beam_kw) ==
+  assert (decode.generate(model, prompts, mesh=setup.mesh, rules=setup.rules, **beam_kw) ==
           decode.generate(local, prompts, **beam_kw))
 
 

@@ -21,9 +21,9 @@ def _batch(seed=0, batch=8, length=32):
 
 def _train(config, mesh_cfg, num_devices, batches):
   mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:num_devices])
-  task = steps.make_task(config, mesh)
-  state = steps.create_state(task, seed=0)
-  step = steps.make_train_step(task)
+  setup = steps.make_setup(config, mesh)
+  state = steps.create_state(setup, seed=0)
+  step = steps.make_train_step(setup)
   losses = []
   for b in batches:
     state, metrics = step(state, b)
@@ -63,8 +63,8 @@ def test_sharded_step_matches_one_device(reference, name):
 def test_parameters_are_sharded_as_the_rules_say():
   config = _config()
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
-  task = steps.make_task(config, mesh)
-  state = steps.create_state(task, seed=0)
+  setup = steps.make_setup(config, mesh)
+  state = steps.create_state(setup, seed=0)
   p = state.params
   expect = {
       ("embedder", "tokens", "embedding"): ("tensor", "fsdp"),  # (vocab, embed)
