@@ -113,6 +113,16 @@ def _validate_moe(config):
       _fail(f"model.moe.{field}", f"must be >= 0, got {e[field]}.", "Use 0 to disable it.")
 
 
+def _validate_profile_steps(config):
+  window = _get(config, "profile_steps")
+  if window is None or (isinstance(window, (tuple, list)) and not window):
+    return  # No profile.
+  if not (isinstance(window, (tuple, list)) and len(window) == 2 and
+          all(_is_int(s) for s in window) and 0 <= window[0] < window[1]):
+    _fail("profile_steps", f"must be two step numbers (start, stop) with 0 <= start < stop, "
+          f"got {window!r}.", "Use e.g. (10, 13) to trace steps 10, 11 and 12, or () for none.")
+
+
 def _validate_task(config):
   """The task (bigjax/tasks.py) and a model kind it trains; returns the task."""
   from bigjax import tasks
@@ -229,6 +239,7 @@ def validate(config, *, num_devices: int, process_count: int = 1, workdir: str |
     _fail("seed", f"must be an integer, got {config.seed!r}.", "Use e.g. 0.")
   if "sample_tokens" in config:
     _non_negative(config, "sample_tokens")
+  _validate_profile_steps(config)
   task = _validate_task(config)
   transformer = config.model.kind not in _zoo_kinds()
   if transformer:

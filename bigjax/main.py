@@ -120,7 +120,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
   del argv
-  from bigjax import checkpoint, config as config_lib, train, workdir_lock
+  from bigjax import checkpoint, config as config_lib, loop, train, workdir_lock
 
   # Library chatter (orbax logs every save at INFO) stays out of the way;
   # bigjax prints what a researcher needs on process 0.
@@ -134,7 +134,7 @@ def main(argv):
     sys.exit(f"Error: {e}")
   except config_lib.ConfigError as e:  # Bad input: the message says what to fix.
     sys.exit(f"Invalid config: {e}")
-  except train.NonFiniteError as e:  # nan_policy="halt"
+  except loop.NonFiniteError as e:  # nan_policy="halt"
     sys.exit(f"Halted: {e}")
   if not (result.preempted or result.already_finished):
     summarize(result, config, workdir)

@@ -222,8 +222,10 @@ class MaskedLM(TokenTask):
 
   def validate(self, config):
     super().validate(config)
-    if "mask_rate" not in config.data or not 0 < config.data.mask_rate < 1:
-      _fail("data.mask_rate", f"{config.data.get('mask_rate')} is outside (0, 1).",
+    if "mask_rate" not in config.data:
+      _fail("data.mask_rate", "is missing.", "Set it, e.g. 0.15 (BERT's; see configs/bert.py).")
+    if not 0 < config.data.mask_rate < 1:
+      _fail("data.mask_rate", f"{config.data.mask_rate} is outside (0, 1).",
             "Use e.g. 0.15 (BERT's).")
 
   def chunk_examples(self, config):

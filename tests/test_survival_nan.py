@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigjax import config as config_lib, optim, steps, train
+from bigjax import config as config_lib, loop, optim, steps, train
 from bigjax.data import pipeline
 from configs import lm
 
@@ -112,7 +112,7 @@ def test_halt_policy_stops_before_saving_a_nonfinite_state(tmp_path, data_dir, m
   _inject_nan_at(monkeypatch, 4, record)  # Update number 5.
   config = _config(data_dir, "halt", total_steps=8, log_every=4, eval_every=8,
                    checkpoint_every=2)
-  with pytest.raises(train.NonFiniteError) as e:
+  with pytest.raises(loop.NonFiniteError) as e:
     train.run(config, str(tmp_path))
   msg = str(e.value)
   assert "Non-finite training step 5" in msg and "nan_policy='halt'" in msg

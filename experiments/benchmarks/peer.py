@@ -49,7 +49,7 @@ import hf_models  # noqa: E402  (the bench extra: torch, transformers)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bigjax import flops, optim, sharding, steps, tasks, train  # noqa: E402
+from bigjax import flops, loop, optim, sharding, steps, tasks  # noqa: E402
 from bigjax.data import pipeline  # noqa: E402
 from configs import gpt2  # noqa: E402
 
@@ -73,14 +73,14 @@ class BigjaxSide:
     self.state = steps.create_state(self.setup, self.setup.config.seed)
 
   def step(self, batch):
-    self.state, metrics = self.train_step(self.state, train._global_batch(self.setup, batch))
+    self.state, metrics = self.train_step(self.state, loop.global_batch(self.setup, batch))
     return metrics
 
   def sync(self, metrics):
     return float(jax.device_get(metrics["loss"]))
 
   def eval_loss(self, batches) -> float:
-    return train.evaluate(self.setup, self.eval_step, self.state, batches)["eval_loss"]
+    return loop.evaluate(self.setup, self.eval_step, self.state, batches)["eval_loss"]
 
 
 def equivalence(arch: str, config, batch):
