@@ -168,7 +168,7 @@ class LogMetrics(Hook):
     loop.check_finite()
     fetched, loop.pending = jax.device_get(loop.pending), []
     scalars = {k: _mean_finite([m[k] for m in fetched]) for k in fetched[0]}
-    scalars["learning_rate"] = float(steps.learning_rate(loop.setup, loop.done - 1))
+    scalars["learning_rate"] = float(optim.applied_learning_rate(loop.state.opt_state))
     skipped = optim.skipped_updates(loop.state.opt_state)
     if skipped is not None:
       scalars["skipped_updates"] = skipped = int(jax.device_get(skipped))

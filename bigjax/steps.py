@@ -230,6 +230,10 @@ def make_train_step(setup: TrainSetup) -> Callable:
     denom = jnp.maximum(sums["weight_sum"], 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+    guard = optim.guard_state(opt_state)
+    if guard is not None:  # An update the guard skipped keeps the BatchNorm statistics too.
+      model_state = jax.tree.map(lambda new, old: jnp.where(guard.last_finite, new, old),
+                                 model_state, state.model_state)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": sums["loss_sum"] / denom,
                "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
@@ -264,8 +268,3 @@ def make_eval_step(setup: TrainSetup) -> Callable:
   return jax.jit(traced, in_shardings=(setup.state_shardings.params,
                                        setup.state_shardings.model_state,
                                        setup.batch_sharding()))
-
-
-def learning_rate(setup: TrainSetup, step: int) -> float:
-  """The schedule's value at `step`, for logging."""
-  return optim.schedule(setup.config.optim, setup.config.total_steps)(step)
