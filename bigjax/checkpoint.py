@@ -30,8 +30,8 @@ from jax.experimental import multihost_utils
 
 from bigjax import checkpoint_integrity as integrity, layer_layout, optim
 from bigjax.checkpoint_errors import (CheckpointDamagedError, CheckpointMismatchError,
-                                      CheckpointSaveError, OrbaxErrorCatcher, mib, one_line,
-                                      quiet_abandoned_writes)
+                                      CheckpointSaveError, OrbaxErrorCatcher, config_diff, mib,
+                                      one_line, quiet_abandoned_writes)
 from bigjax.config import ConfigError
 from bigjax.steps import TrainState
 

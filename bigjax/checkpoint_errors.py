@@ -7,6 +7,7 @@ coroutines that print more when they find the event loop closed or are
 collected at exit: over a thousand lines for one full disk. bigjax keeps the
 first exception for its own report and drops that noise (and nothing else).
 """
+import json
 import logging
 import os
 import sys
@@ -16,6 +17,35 @@ from bigjax.config import ConfigError
 
 class CheckpointMismatchError(ConfigError):
   """The checkpoint's arrays do not fit this run's state (another model)."""
+
+
+def config_diff(workdir: str, config) -> str:
+  """What a CheckpointMismatchError adds: the model and optimizer fields of
+  `config` that differ from the run's WORKDIR/config.json, as '\nConfig fields
+  that differ ...: model.emb_dim: 64 in config.json, 128 now; ...', or ''."""
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      old = json.load(f)
+  except (OSError, ValueError):
+    return ""
+  new = json.loads(config.to_json_best_effort())
+  diffs = []
+
+  def walk(a, b, prefix):
+    for k in sorted(set(a) | set(b)):
+      x, y = a.get(k), b.get(k)
+      if isinstance(x, dict) and isinstance(y, dict):
+        walk(x, y, f"{prefix}{k}.")
+      elif x != y:
+        diffs.append(f"{prefix}{k}: {x!r} in config.json, {y!r} now")
+
+  walk(old.get("model", {}), new.get("model", {}), "model.")
+  walk({"optim.name": old.get("optim", {}).get("name"),
+        "optim.nan_policy": old.get("optim", {}).get("nan_policy")},
+       {"optim.name": new["optim"].get("name"),
+        "optim.nan_policy": new["optim"].get("nan_policy")}, "")
+  return ("\nConfig fields that differ from the run's config.json: " + "; ".join(diffs)
+          if diffs else "")
 
 
 class CheckpointDamagedError(RuntimeError):

@@ -16,10 +16,6 @@ from bigjax import sharding
 REQUIRED_TOP_LEVEL = ("seed", "task", "total_steps", "log_every", "eval_every",
                       "checkpoint_every", "batch_size", "model", "optim", "mesh", "data",
                       "init_from", "mesh_axes", "sharding_rules")
-# Which model kinds each config.task trains (the loss is steps.TASK_LOSSES).
-TASK_KINDS = {"lm": ("decoder",), "reverse": ("encdec",), "mlm": ("encoder",),
-              "classify": ("mlp", "cnn", "linear"), "binary": ("mlp", "cnn", "linear"),
-              "regress": ("mlp", "cnn", "linear")}
 
 
 class ConfigError(ValueError):
@@ -142,20 +138,36 @@ def _validate_moe(config):
       _fail(f"model.moe.{field}", f"must be >= 0, got {e[field]}.", "Use 0 to disable it.")
 
 
+def _validate_profile_steps(config):
+  window = _get(config, "profile_steps")
+  if window is None or (isinstance(window, (tuple, list)) and not window):
+    return  # No profile.
+  if not (isinstance(window, (tuple, list)) and len(window) == 2 and
+          all(_is_int(s) for s in window) and 0 <= window[0] < window[1]):
+    _fail("profile_steps", f"must be two step numbers (start, stop) with 0 <= start < stop, "
+          f"got {window!r}.", "Use e.g. (10, 13) to trace steps 10, 11 and 12, or () for none.")
+
+
 def _validate_task(config):
-  task, kind = _get(config, "task"), _get(config, "model.kind")
-  if task not in TASK_KINDS:
-    _fail("task", f"unknown task {task!r}.", f"Choose one of {tuple(TASK_KINDS)}.")
-  all_kinds = sorted({k for kinds in TASK_KINDS.values() for k in kinds})
+  """The task (bigjax/tasks.py) and a model kind it trains; returns the task."""
+  from bigjax import tasks
+
+  task, kind = tasks.get(_get(config, "task")), _get(config, "model.kind")
+  all_kinds = sorted({k for t in tasks.REGISTRY.values() for k in t.model_kinds})
   if kind not in all_kinds:
     _fail("model.kind", f"unknown kind {kind!r}.", f"Choose one of {all_kinds}.")
-  if kind not in TASK_KINDS[task]:
-    _fail("model.kind", f"{kind!r} does not train on task={task!r}.",
-          f"Use model.kind in {TASK_KINDS[task]}, or another config.task.")
+  if kind not in task.model_kinds:
+    _fail("model.kind", f"{kind!r} does not train on task={task.name!r}.",
+          f"Use model.kind in {task.model_kinds}, or another config.task.")
+  return task
+
+
+def _zoo_kinds() -> tuple:
+  from bigjax.models import zoo
+  return zoo.KINDS
 
 
 def _validate_transformer(config):
-  from bigjax.data import tokenizer
   from bigjax.models import layers, transformer
 
   _positive(config, "seq_len")
@@ -195,15 +207,6 @@ def _validate_transformer(config):
   if m.position == "learned" and config.seq_len > m.max_len:
     _fail("seq_len", f"{config.seq_len} is longer than the position table "
           f"model.max_len={m.max_len}.", "Raise model.max_len or lower seq_len.")
-  need = tokenizer.MLM_VOCAB_SIZE if config.task == "mlm" else tokenizer.VOCAB_SIZE
-  if m.vocab_size < need:
-    _fail("model.vocab_size", f"{m.vocab_size} is smaller than the {need} ids task="
-          f"{config.task!r} uses (the byte tokenizer's, plus [MASK] for mlm).",
-          f"Use at least {need}.")
-  rate = _get(config, "data.mask_rate")
-  if config.task == "mlm":
-    if not 0 < rate < 1:
-      _fail("data.mask_rate", f"{rate} is outside (0, 1).", "Use e.g. 0.15 (BERT's).")
   if m.moe_every:
     _validate_moe(config)
   _validate_scan_layers(config)
@@ -221,9 +224,9 @@ def _validate_scan_layers(config):
   if not isinstance(_get(config, "model.scan_layers"), bool):
     _fail("model.scan_layers", f"must be True or False, got {m.scan_layers!r}.",
           "Set it to True to scan the blocks, False to unroll them.")
-  unit = m.get("moe_every", 0) or 1
+  unit = m.moe_every or 1
   for field in ("num_layers", "num_decoder_layers"):
-    layers = m.get(field, 0)
+    layers = m[field]
     if m.scan_layers and layers % unit:
       _fail(f"model.{field}", f"{layers} blocks do not split into scanned units of "
             f"model.moe_every={unit} blocks (one MoE block each).",
@@ -248,9 +251,6 @@ def _validate_zoo(config):
     _fail("model.init", f"unknown value {m.init!r}.", f"Choose one of {zoo.INITS}.")
   if not 0.0 <= m.dropout_rate < 1.0:
     _fail("model.dropout_rate", f"{m.dropout_rate} is outside [0, 1).", "Use e.g. 0.1.")
-  if config.task in ("binary", "regress") and m.num_outputs != 1:
-    _fail("model.num_outputs", f"task={config.task!r} predicts one value per example, "
-          f"got num_outputs={m.num_outputs}.", "Set model.num_outputs=1.")
   if m.kind == "linear" and (m.hidden_dims or m.batch_norm):
     _fail("model.hidden_dims", "a linear model has no hidden layers or BatchNorm.",
           "Set hidden_dims=() and batch_norm=False, or use model.kind='mlp'.")
@@ -287,12 +287,14 @@ def validate(config, *, num_devices: int, process_count: int = 1, workdir: str |
     _fail("seed", f"must be an integer, got {config.seed!r}.", "Use e.g. 0.")
   if "sample_tokens" in config:
     _non_negative(config, "sample_tokens")
-  _validate_task(config)
-  token_task = config.task in ("lm", "reverse", "mlm")
-  if token_task:
+  _validate_profile_steps(config)
+  task = _validate_task(config)
+  transformer = config.model.kind not in _zoo_kinds()
+  if transformer:
     _validate_transformer(config)
   else:
     _validate_zoo(config)
+  task.validate(config)
 
   o = config.optim
   if o.name not in optim.OPTIMIZERS:
@@ -354,7 +356,7 @@ def validate(config, *, num_devices: int, process_count: int = 1, workdir: str |
     _fail("batch_size", f"{config.batch_size} does not split over {process_count} processes.",
           f"Use a multiple of {process_count}.")
   m = config.model
-  if token_task:
+  if transformer:
     _validate_transformer_mesh(m, sizes)
   else:
     for field in ("hidden_dims", "conv_features"):

@@ -71,18 +71,19 @@ def _mesh(config):
 
 
 def load_model(workdir: str):
-  """(config, task, model) with the latest checkpoint's parameters."""
-  from bigjax import checkpoint, steps
+  """(config, setup, model) with the latest checkpoint's parameters."""
+  from bigjax import checkpoint, steps, tasks
 
   config = load_config(workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(ckpt_dir):
     raise GenerateError(f"No checkpoints in {workdir} ({ckpt_dir} does not exist): train "
                         "first, or wait for the run's first save.")
-  if config.task not in ("lm", "reverse"):
+  generating = [name for name, task in tasks.REGISTRY.items() if task.generates]
+  if config.task not in generating:
     raise GenerateError(f"{workdir} trained task={config.task!r}; generation needs a language "
-                        "model (task 'lm', or 'reverse' for an encoder-decoder).")
-  task = steps.make_task(config, _mesh(config))
+                        f"model or an encoder-decoder (a task in {generating}).")
+  setup = steps.make_setup(config, _mesh(config))
   # Read-only: a training run may still be writing (its unfinished save is not
   # listed), and the optimizer state is never read.
   reader = checkpoint.CheckpointReader(workdir)
@@ -92,10 +93,10 @@ def load_model(workdir: str):
                           "the run's first save.")
     # A damaged step is skipped (with a note) for the one before it.
     params, _, _ = reader.restore_latest_intact_params(
-        task.abstract_state, task.state_shardings, lambda note: print(note, file=sys.stderr))
+        setup.abstract_state, setup.state_shardings, lambda note: print(note, file=sys.stderr))
   finally:
     reader.close()
-  return config, task, task.model(params)
+  return config, setup, setup.model(params)
 
 
 def _check_finite(**settings):
@@ -114,7 +115,7 @@ def run(workdir: str, prompt: str, *, max_new_tokens: int, temperature: float = 
   from bigjax.data import tokenizer
 
   _check_finite(temperature=temperature, top_p=top_p, length_penalty=length_penalty)
-  config, task, model = load_model(workdir)
+  config, setup, model = load_model(workdir)
   ids = list(tokenizer.encode(prompt))
   if not ids:
     raise GenerateError("--prompt is empty; give at least one character.")
@@ -122,7 +123,7 @@ def run(workdir: str, prompt: str, *, max_new_tokens: int, temperature: float = 
                         max_len=int(config.model.max_len), temperature=temperature,
                         top_k=top_k, top_p=top_p, beam_size=beam_size,
                         length_penalty=length_penalty, eos_id=tokenizer.EOS_ID, seed=seed,
-                        mesh=task.mesh, rules=task.rules)[0]
+                        mesh=setup.mesh, rules=setup.rules)[0]
   return tokenizer.decode(out)
 
 

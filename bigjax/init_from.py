@@ -65,7 +65,7 @@ def _overlap(fresh: jax.Array, loaded: jax.Array, sharding) -> jax.Array:
   return jax.jit(put, out_shardings=sharding)(fresh, loaded)
 
 
-def load(config, task: steps.Task, state: steps.TrainState):
+def load(config, setup: steps.TrainSetup, state: steps.TrainState):
   """Returns (state with the source's parameters put in, a one-line summary)."""
   cfg = config.init_from
   skip = re.compile(cfg.skip) if cfg.skip else None
@@ -87,15 +87,15 @@ def load(config, task: steps.Task, state: steps.TrainState):
     source = {optim.path_name(p): leaf for p, leaf in
               jax.tree_util.tree_flatten_with_path(tree["params"])[0]}
     wanted = {optim.path_name(p): (leaf, s) for (p, leaf), s in zip(
-        jax.tree_util.tree_flatten_with_path(task.abstract_state.params)[0],
-        jax.tree.leaves(task.state_shardings.params))}
+        jax.tree_util.tree_flatten_with_path(setup.abstract_state.params)[0],
+        jax.tree.leaves(setup.state_shardings.params))}
     where = layer_layout.per_block({n: tuple(a.shape) for n, a in source.items()})
     sizes = layer_layout.unit_sizes(wanted)
     rows, plan = {}, {}  # Per parameter: its blocks [(block name, row)], their plans.
     for name, (want, _) in wanted.items():
       names = layer_layout.block_names(name, want.shape[0] if want.shape else 0, sizes)
       rows[name] = [(name, None)] if names is None else list(zip(names, range(len(names))))
-      axes = task.param_axes.get(name)
+      axes = setup.param_axes.get(name)
       row_axes = axes if names is None or not axes else axes[1:]
       plan[name] = []
       for block, row in rows[name]:
@@ -112,7 +112,7 @@ def load(config, task: steps.Task, state: steps.TrainState):
     # A parameter stored under the same name and shape is restored straight onto
     # this run's sharding; every other one the new parameter reads from (split,
     # stacked or resized) comes whole, replicated, and is assembled below.
-    replicated = NamedSharding(task.mesh, PartitionSpec())
+    replicated = NamedSharding(setup.mesh, PartitionSpec())
     direct = {name for name, (want, _) in wanted.items()
               if plan[name] == ["copy"] * len(plan[name]) and name in source
               and tuple(source[name].shape) == tuple(want.shape)}
@@ -130,8 +130,8 @@ def load(config, task: steps.Task, state: steps.TrainState):
     saved_stats = {optim.path_name(p): leaf for p, leaf in
                    jax.tree_util.tree_flatten_with_path(tree.get("model_state", {}))[0]}
     for (path, want), sharding in zip(
-        jax.tree_util.tree_flatten_with_path(task.abstract_state.model_state)[0],
-        jax.tree.leaves(task.state_shardings.model_state)):
+        jax.tree_util.tree_flatten_with_path(setup.abstract_state.model_state)[0],
+        jax.tree.leaves(setup.state_shardings.model_state)):
       name = optim.path_name(path)
       have = saved_stats.get(name)
       if have is not None and tuple(have.shape) == want.shape and by_block.get(

@@ -44,38 +44,20 @@ def _print_router_metrics(workdir: str):
 
 
 def summarize(result, config, workdir: str):
-  """Prints what a researcher checks first: bits/byte vs unigram entropy and a
-  sample for language models, the final evaluation for the others."""
+  """Prints what a researcher checks first: the loss curve, the task's report
+  (bits/byte vs unigram entropy and a sample for language models, the final
+  evaluation for the others) and the MoE router metrics."""
   import jax
-  from bigjax import decode, report
-  from bigjax.data import pipeline, tokenizer
+  from bigjax import report
 
   if jax.process_index() != 0:
     return
   png = report.plot_loss_curve(workdir)
   print(f"Loss curve: {png}")
-  if config.task not in ("lm", "reverse", "mlm"):  # Examples: the eval metrics say it all.
-    print("Final evaluation: " + ", ".join(f"{k}={v:.4f}"
-                                           for k, v in result.eval_metrics.items()))
-    return
-  d = config.data
-  entropy = pipeline.unigram_entropy_bits(
-      pipeline.token_array(d.dataset, d.train_split, d.data_dir, d.text_key))
-  bpb = result.eval_metrics.get("eval_bits_per_byte")
-  if bpb is not None:
-    what = "bits per masked byte" if config.task == "mlm" else "bits per byte"
-    print(f"Validation {what}: {bpb:.3f} (unigram entropy of the corpus: "
-          f"{entropy:.3f} bits/byte)")
+  for line in result.setup.task.report(config, result.eval_metrics, result.data_stats,
+                                       result.setup, result.state):
+    print(line)
   _print_router_metrics(workdir)
-  # Sampling runs sharded computations that every process would have to join;
-  # multi-process runs sample afterwards with `python -m bigjax.generate`.
-  if config.sample_tokens and config.model.kind == "decoder" and jax.process_count() == 1:
-    prompt = "def "
-    model = result.task.model(result.state.params)
-    out = decode.sample(model, [list(tokenizer.encode(prompt))],
-                        max_new_tokens=config.sample_tokens, max_len=config.model.max_len,
-                        temperature=0.7, seed=config.seed)[0]
-    print("Sample:\n" + prompt + tokenizer.decode(out))
 
 
 def _config_arg(argv: list[str]) -> str:
@@ -138,7 +120,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
   del argv
-  from bigjax import checkpoint, config as config_lib, train, workdir_lock
+  from bigjax import checkpoint, config as config_lib, loop, train, workdir_lock
 
   # Library chatter (orbax logs every save at INFO) stays out of the way;
   # bigjax prints what a researcher needs on process 0.
@@ -152,7 +134,7 @@ def main(argv):
     sys.exit(f"Error: {e}")
   except config_lib.ConfigError as e:  # Bad input: the message says what to fix.
     sys.exit(f"Invalid config: {e}")
-  except train.NonFiniteError as e:  # nan_policy="halt"
+  except loop.NonFiniteError as e:  # nan_policy="halt"
     sys.exit(f"Halted: {e}")
   if not (result.preempted or result.already_finished):
     summarize(result, config, workdir)

@@ -3,8 +3,9 @@ config.optim.
 
 `optim.nan_policy` decides what a step with a NaN/Inf gradient does:
   "skip": the update is dropped (parameters and the inner optimizer state,
-          including its step count, are left exactly as they were) and counted
-          in the optimizer state, which the loop logs as `skipped_updates`;
+          including Adam's bias-correction count, are left exactly as they
+          were; the train step keeps BatchNorm statistics too) and counted in
+          the optimizer state, which the loop logs as `skipped_updates`;
   "halt": the update is applied, and the loop stops the run with an error at
           the next logging (or checkpoint) step, before anything non-finite is saved.
 
@@ -15,6 +16,11 @@ clipping norm. With model.scan_layers the regex is matched against each block's
 own path ("decoder/blocks/3/...", see `bigjax.layer_layout`), so it freezes the
 same blocks in either layout: a stacked parameter some of whose blocks match has
 those rows' gradients and updates zeroed (their optimizer state stays zero).
+
+The learning-rate schedule counts train steps, skipped ones included: it is
+injected (optax.inject_hyperparams) outside the non-finite guard, so the rate
+applied at step n is schedule(n) whatever was skipped before, and the state
+records it (`applied_learning_rate`).
 """
 import re
 
@@ -120,7 +126,16 @@ def check_freeze(optim_cfg, params):
 
 
 def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
-  lr = schedule(optim_cfg, total_steps)
+  _guarded(optim_cfg, optim_cfg.lr)  # A bad name or policy raises here, not at init.
+  # float32 whatever the parameters' dtype: a bfloat16 rate would be rounded.
+  inject = optax.inject_hyperparams(lambda learning_rate: _guarded(optim_cfg, learning_rate),
+                                    hyperparam_dtype=jnp.float32)
+  return inject(learning_rate=schedule(optim_cfg, total_steps))
+
+
+def _guarded(optim_cfg, lr) -> optax.GradientTransformation:
+  """The optimizer at learning rate `lr`, with clipping, freezing and the
+  non-finite guard."""
   name, wd = optim_cfg.name, optim_cfg.weight_decay
   if name == "sgd":
     opt = optax.sgd(lr)
@@ -186,9 +201,19 @@ def state_shardings(tx, abstract_opt_state, abstract_params, param_shardings, re
       is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
 
+def guard_state(opt_state) -> optax.ApplyIfFiniteState | None:
+  """The non-finite guard's state (nan_policy "skip"), else None."""
+  inner = opt_state.inner_state
+  return inner if isinstance(inner, optax.ApplyIfFiniteState) else None
+
+
 def skipped_updates(opt_state):
   """Updates skipped so far for non-finite gradients (an int32 array), or None
   when the optimizer does not skip (nan_policy "halt")."""
-  if isinstance(opt_state, optax.ApplyIfFiniteState):
-    return opt_state.total_notfinite
-  return None
+  guard = guard_state(opt_state)
+  return None if guard is None else guard.total_notfinite
+
+
+def applied_learning_rate(opt_state):
+  """The learning rate of the last update (a float32 array): schedule(step)."""
+  return opt_state.hyperparams["learning_rate"]

@@ -2,7 +2,8 @@
 
 The state is plain pytrees (nested dicts of arrays) so that optax, orbax and
 partial restores see ordinary trees; the model graph (nnx.GraphDef) is static.
-One set of steps serves every model kind: `config.task` picks the loss.
+One set of steps serves every model kind: the run's task (bigjax/tasks.py)
+feeds the batch to the model and gives the loss.
 """
 import dataclasses
 from typing import Any, Callable
@@ -14,14 +15,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from bigjax import optim, sharding
+from bigjax import optim, sharding, tasks
 from bigjax.models import transformer, zoo
-
-# config.task -> loss. Token tasks (lm, reverse, mlm) and `classify` take softmax
-# cross-entropy over integer targets; `binary` one sigmoid logit; `regress` MSE.
-TASK_LOSSES = {"lm": "softmax", "reverse": "softmax", "mlm": "softmax",
-               "classify": "softmax", "binary": "sigmoid", "regress": "mse"}
-TOKEN_TASKS = ("lm", "reverse", "mlm")
 
 
 @flax.struct.dataclass
@@ -36,9 +31,11 @@ class TrainState:
 
 
 @dataclasses.dataclass
-class Task:
-  """Everything the steps need about one model: built once per run."""
+class TrainSetup:
+  """What the steps need for one run, built once: the config, its task, the
+  mesh and rules, the model graph, the optimizer and the state's shardings."""
   config: Any
+  task: tasks.Task
   mesh: Mesh
   rules: list
   graphdef: nnx.GraphDef
@@ -57,13 +54,8 @@ class Task:
     return nnx.merge(self.graphdef, params, model_state, self.rest)
 
   @property
-  def loss(self) -> str:
-    return TASK_LOSSES[self.config.task]
-
-  @property
   def loss_chunk_len(self) -> int:
-    """config.loss_chunk_len for token tasks (the only ones with that key), else 0."""
-    return self.config.loss_chunk_len if self.config.task in TOKEN_TASKS else 0
+    return self.task.loss_chunk_len(self.config)
 
   def batch_sharding(self) -> NamedSharding:
     """Rows split over the data-parallel axes; a prefix spec, so any rank >= 1."""
@@ -83,7 +75,7 @@ def build_model(config, rngs: nnx.Rngs, example_shape: tuple | None = None) -> n
   return transformer.build(model_config(config), rngs)
 
 
-def make_task(config, mesh: Mesh, example_shape: tuple | None = None) -> Task:
+def make_setup(config, mesh: Mesh, example_shape: tuple | None = None) -> TrainSetup:
   """`example_shape`: one example's feature shape (zoo models on example data)."""
   rules = [tuple(r) for r in config.sharding_rules]
   build = lambda rngs: build_model(config, rngs, example_shape)
@@ -109,46 +101,20 @@ def make_task(config, mesh: Mesh, example_shape: tuple | None = None) -> Task:
       model_state=nnx.to_pure_dict(sharding.state_shardings(abs_stats, mesh, rules)))
   param_axes = {"/".join(map(str, path)): sharding.logical_axes_of(v)
                 for path, v in nnx.to_flat_state(abs_params)}
-  return Task(config, mesh, rules, graphdef, rest, tx, shardings, abstract, init, param_axes)
+  return TrainSetup(config, tasks.get(config.task), mesh, rules, graphdef, rest, tx,
+                    shardings, abstract, init, param_axes)
 
 
-def create_state(task: Task, seed: int) -> TrainState:
+def create_state(setup: TrainSetup, seed: int) -> TrainState:
   """Initialises the state inside jit, so each device only ever holds its shards."""
-  with sharding.use_mesh_rules(task.mesh, task.rules):
-    init = jax.jit(task.init_fn, out_shardings=task.state_shardings)
+  with sharding.use_mesh_rules(setup.mesh, setup.rules):
+    init = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)
     return init(jax.random.PRNGKey(seed))
 
 
 # --------------------------------------------------------------------------
 # Loss
 # --------------------------------------------------------------------------
-
-
-def forward(model, batch, rng, logits: bool = True):
-  """Logits for a batch, whatever the model kind; with logits=False the final
-  hidden states that the output projection (`model.embedder.logits`) reads."""
-  fn = model if logits else model.features
-  if "encoder_inputs" in batch:
-    return fn(batch["encoder_inputs"], batch["decoder_inputs"], rng=rng)
-  return fn(batch["inputs"], rng=rng)
-
-
-def chunked_softmax_ce(project, features, targets, chunk_len: int):
-  """pointwise_loss("softmax", project(features), targets), `chunk_len` positions
-  at a time: the [batch, length, vocab] logits never exist at once, and the
-  backward pass recomputes each chunk's logits (jax.checkpoint) instead of
-  keeping them. Chunks run along the length, so the batch keeps its sharding."""
-  b, t, e = features.shape
-  chunks = lambda x: x.reshape(b, t // chunk_len, chunk_len, *x.shape[2:]).swapaxes(0, 1)
-  whole = lambda x: x.swapaxes(0, 1).reshape(b, t)
-
-  @jax.checkpoint
-  def one(args):
-    f, y = args
-    return pointwise_loss("softmax", project(f), y)
-
-  ce, correct = jax.lax.map(one, (chunks(features), chunks(targets)))
-  return whole(ce), whole(correct)
 
 
 def moe_metrics(intermediates) -> dict:
@@ -168,32 +134,14 @@ def moe_metrics(intermediates) -> dict:
   return out
 
 
-def pointwise_loss(loss: str, outputs, targets):
-  """(loss, correct-or-None) per target: softmax cross-entropy over integer
-  targets, sigmoid cross-entropy of one logit against 0/1, or squared error."""
-  if loss == "softmax":
-    ce = optax.softmax_cross_entropy_with_integer_labels(outputs, targets)
-    return ce, jnp.argmax(outputs, -1) == targets
-  value, targets = outputs[..., 0], targets.astype(jnp.float32)
-  if loss == "sigmoid":
-    return optax.sigmoid_binary_cross_entropy(value, targets), (value > 0) == (targets > 0.5)
-  return jnp.square(value - targets), None
-
-
-def loss_sums(model, batch, rng, router_weights=(0.0, 0.0), loss="softmax",
+def loss_sums(task: tasks.Task, model, batch, rng, router_weights=(0.0, 0.0),
               loss_chunk_len: int = 0):
-  """Summed loss, weight (token or example) count and correct predictions
-  (float32; no correct_sum for regression), and for MoE models the router
-  losses (already weighted, in per-token units). `loss_chunk_len` > 0: the
-  output projection and softmax loss in chunks of that many positions."""
-  capture = nnx.capture(forward, nnx.Intermediate)
-  if loss_chunk_len:
-    features, intermediates = capture(model, batch, rng, logits=False)
-    values, correct = chunked_softmax_ce(model.embedder.logits, features, batch["targets"],
-                                         loss_chunk_len)
-  else:
-    outputs, intermediates = capture(model, batch, rng)
-    values, correct = pointwise_loss(loss, outputs, batch["targets"])
+  """The task's summed loss, weight (token or example) count and correct
+  predictions (float32; no correct_sum for regression), and for MoE models the
+  router losses (already weighted, in per-token units). `loss_chunk_len` > 0:
+  the output projection and softmax loss in chunks of that many positions."""
+  capture = nnx.capture(task.per_target_loss, nnx.Intermediate)
+  (values, correct), intermediates = capture(model, batch, rng, loss_chunk_len)
   weights = batch["weights"].astype(jnp.float32)
   sums = {"loss_sum": jnp.sum(values * weights), "weight_sum": jnp.sum(weights)}
   if correct is not None:
@@ -223,21 +171,21 @@ def _microbatches(batch, n: int):
 # --------------------------------------------------------------------------
 
 
-def router_weights(task: Task) -> tuple[float, float]:
-  if task.config.model.kind in zoo.KINDS:
+def router_weights(setup: TrainSetup) -> tuple[float, float]:
+  if setup.config.model.kind in zoo.KINDS:
     return 0.0, 0.0
-  moe = model_config(task.config).moe
+  moe = model_config(setup.config).moe
   return moe.aux_loss_weight, moe.z_loss_weight
 
 
-def make_train_step(task: Task) -> Callable:
-  accum = task.config.grad_accum_steps
-  weights = router_weights(task)
+def make_train_step(setup: TrainSetup) -> Callable:
+  accum = setup.config.grad_accum_steps
+  weights = router_weights(setup)
 
   def sums_and_grads(params, model_state, batch, rng):
     def loss(p):
-      model = task.model(p, model_state)
-      sums = loss_sums(model, batch, rng, weights, task.loss, task.loss_chunk_len)
+      model = setup.model(p, model_state)
+      sums = loss_sums(setup.task, model, batch, rng, weights, setup.loss_chunk_len)
       new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
       return sums["loss_sum"] + sums.get("router_loss_sum", 0.0), (sums, new_model_state)
     grads, (sums, model_state) = jax.grad(loss, has_aux=True)(params)
@@ -266,7 +214,11 @@ def make_train_step(task: Task) -> Callable:
     # so accumulation over microbatches equals one big batch exactly.
     denom = jnp.maximum(sums["weight_sum"], 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    updates, opt_state = task.tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+    guard = optim.guard_state(opt_state)
+    if guard is not None:  # An update the guard skipped keeps the BatchNorm statistics too.
+      model_state = jax.tree.map(lambda new, old: jnp.where(guard.last_finite, new, old),
+                                 model_state, state.model_state)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": sums["loss_sum"] / denom,
                "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
@@ -283,26 +235,21 @@ def make_train_step(task: Task) -> Callable:
                          model_state=model_state), metrics
 
   def traced(state, batch):
-    with sharding.use_mesh_rules(task.mesh, task.rules):
+    with sharding.use_mesh_rules(setup.mesh, setup.rules):
       return step_fn(state, batch)
 
-  return jax.jit(traced, in_shardings=(task.state_shardings, task.batch_sharding()),
-                 out_shardings=(task.state_shardings, None), donate_argnums=(0,))
+  return jax.jit(traced, in_shardings=(setup.state_shardings, setup.batch_sharding()),
+                 out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
 
 
-def make_eval_step(task: Task) -> Callable:
+def make_eval_step(setup: TrainSetup) -> Callable:
   """(params, model_state, batch) -> summed loss, weights and correct predictions."""
   def traced(params, model_state, batch):
-    with sharding.use_mesh_rules(task.mesh, task.rules):
-      sums = loss_sums(task.model(params, model_state), batch, None, loss=task.loss,
-                       loss_chunk_len=task.loss_chunk_len)
+    with sharding.use_mesh_rules(setup.mesh, setup.rules):
+      sums = loss_sums(setup.task, setup.model(params, model_state), batch, None,
+                       loss_chunk_len=setup.loss_chunk_len)
       return {k: v for k, v in sums.items() if k in ("loss_sum", "weight_sum", "correct_sum")}
 
-  return jax.jit(traced, in_shardings=(task.state_shardings.params,
-                                       task.state_shardings.model_state,
-                                       task.batch_sharding()))
-
-
-def learning_rate(task: Task, step: int) -> float:
-  """The schedule's value at `step`, for logging."""
-  return optim.schedule(task.config.optim, task.config.total_steps)(step)
+  return jax.jit(traced, in_shardings=(setup.state_shardings.params,
+                                       setup.state_shardings.model_state,
+                                       setup.batch_sharding()))

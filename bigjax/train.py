@@ -1,8 +1,12 @@
-"""The training loop: one readable function, split by banner comments.
+"""A training run: set-up, then the loop (bigjax/loop.py) with its usual hooks.
 
-Data flows config -> mesh -> model/state -> jitted step -> checkpoint. The
-batch at step k is a pure function of (seed, k, process), and step RNG is
-fold_in(rng, step), so a resumed run needs nothing but the checkpointed state.
+Data flows config -> mesh -> task data -> model/state (steps.py) -> loop ->
+checkpoint. `prepare` does the set-up (validated config, data, state resumed or
+initialised) and `run` adds the hooks (metrics, eval, checkpoints and
+preemption, profile) and the loop; sweeps, notebooks and tests can call the
+same pieces. The batch at step k is a pure function of (seed, k, process), and
+step RNG is fold_in(rng, step), so a resumed run needs nothing but the
+checkpointed state.
 
 What a run survives (each tested in tests/test_survival_*.py):
 - SIGKILL / crash: rerunning resumes from the latest finished checkpoint and
@@ -23,19 +27,14 @@ What a run survives (each tested in tests/test_survival_*.py):
 - A second run on the same workdir: refused (WorkdirBusyError naming the holder).
 """
 import dataclasses
-import json
-import math
 import os
 import signal
 import threading
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from bigjax import (checkpoint, config as config_lib, distributed, init_from,
-                    metrics as metrics_lib, optim, sharding, steps, workdir_lock)
-from bigjax.data import examples, pipeline
+from bigjax import (checkpoint, config as config_lib, distributed, init_from, loop as loop_lib,
+                    optim, sharding, steps, tasks, workdir_lock)
 
 
 def log(message: str):
@@ -43,41 +42,14 @@ def log(message: str):
     print(message, flush=True)
 
 
-def _global_batch(task: steps.Task, local: dict) -> dict:
-  """Process-local numpy rows -> one global jax.Array per key, sharded on batch."""
-  return {k: jax.make_array_from_process_local_data(task.batch_sharding(), v)
-          for k, v in local.items()}
-
-
-def evaluate(task, eval_step, state, batches) -> dict:
-  sums = None
-  for local in batches:
-    out = eval_step(state.params, state.model_state, _global_batch(task, local))
-    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-  sums = jax.device_get(sums)
-  weight = max(float(sums["weight_sum"]), 1.0)
-  out = {"eval_loss": float(sums["loss_sum"]) / weight}
-  if "correct_sum" in sums:
-    out["eval_accuracy"] = float(sums["correct_sum"]) / weight
-  if task.config.task in steps.TOKEN_TASKS:
-    out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
-    # One token per byte (plus one EOS per document): nats/token -> bits/byte
-    # (for mlm: per masked byte).
-    out["eval_bits_per_byte"] = out["eval_loss"] / math.log(2)
-  return out
-
-
 @dataclasses.dataclass
 class RunResult:
   state: steps.TrainState
-  task: steps.Task
+  setup: steps.TrainSetup
   eval_metrics: dict  # The last evaluation (empty if none ran).
+  data_stats: dict = dataclasses.field(default_factory=dict)  # tasks.TaskData.stats
   preempted: bool = False
   already_finished: bool = False  # A rerun of a run already at config.total_steps.
-
-
-class NonFiniteError(FloatingPointError):
-  """A NaN/Inf loss or gradient under optim.nan_policy='halt'."""
 
 
 class _SigtermFlag:
@@ -99,84 +71,9 @@ class _SigtermFlag:
       self._previous = None
 
 
-def _check_finite(fetched: list, first_step: int, latest_checkpoint):
-  """Raises NonFiniteError naming the first step whose loss or gradient norm is
-  not finite (optim.nan_policy='halt')."""
-  for i, m in enumerate(fetched):
-    loss, gnorm = float(m["loss"]), float(m["grad_norm"])
-    if not (math.isfinite(loss) and math.isfinite(gnorm)):
-      where = (f"the latest checkpoint, step {latest_checkpoint}, predates it, and rerunning "
-               "resumes there" if latest_checkpoint is not None else "no checkpoint was saved")
-      raise NonFiniteError(
-          f"Non-finite training step {first_step + i} (loss={loss}, grad_norm={gnorm}) with "
-          f"config.optim.nan_policy='halt': the run stops ({where}). Lower optim.lr, set "
-          "optim.clip_norm, check the data, or set config.optim.nan_policy='skip' to drop "
-          "such updates.")
-
-
-def _load_data(config, shard: dict):
-  """(train batches, eval batches, one example's feature shape or None); data
-  problems become DataErrors, raised before anything is compiled."""
-  d = config.data
-  train_name = f"Split {d.train_split!r} of {d.dataset!r}"
-  eval_name = f"Split {d.eval_split!r} of {d.dataset!r}"
-  try:
-    if config.task in steps.TOKEN_TASKS:
-      train_tokens = pipeline.token_array(d.dataset, d.train_split, d.data_dir, d.text_key)
-      eval_tokens = pipeline.token_array(d.dataset, d.eval_split, d.data_dir, d.text_key)
-      kwargs = dict(global_batch_size=config.batch_size, seq_len=config.seq_len,
-                    task=config.task, mask_rate=d.mask_rate, **shard)
-      train_data = pipeline.LMBatches(train_tokens, seed=config.seed, name=train_name,
-                                      **kwargs)
-      eval_data = list(pipeline.eval_batches(eval_tokens, num_batches=config.eval_batches,
-                                             name=eval_name, **kwargs))
-      return train_data, eval_data, None
-    x_train, y_train, x_eval, y_eval = examples.load_train_eval(
-        d.dataset, d.train_split, d.eval_split, data_dir=d.data_dir,
-        feature_key=d.feature_key, label_key=d.label_key,
-        feature_columns=d.feature_columns,
-        standardize_features=d.standardize)
-    train_data = examples.ExampleBatches(x_train, y_train, global_batch_size=config.batch_size,
-                                         seed=config.seed, name=train_name, **shard)
-    eval_data = examples.eval_batches(x_eval, y_eval, global_batch_size=config.batch_size,
-                                      **shard)
-    return train_data, eval_data, tuple(x_train.shape[1:])
-  except (ValueError, FileNotFoundError) as e:
-    raise config_lib.DataError(f"config.data: {e}") from e
-
-
-def _model_config_diff(workdir: str, config) -> str:
-  """' (model.emb_dim: 64 in WORKDIR/config.json, 128 now; ...)' or ''."""
-  try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      old = json.load(f)
-  except (OSError, ValueError):
-    return ""
-  new = json.loads(config.to_json_best_effort())
-  diffs = []
-
-  def walk(a, b, prefix):
-    for k in sorted(set(a) | set(b)):
-      x, y = a.get(k), b.get(k)
-      if isinstance(x, dict) and isinstance(y, dict):
-        walk(x, y, f"{prefix}{k}.")
-      elif x != y:
-        diffs.append(f"{prefix}{k}: {x!r} in config.json, {y!r} now")
-
-  walk(old.get("model", {}), new.get("model", {}), "model.")
-  walk({"optim.name": old.get("optim", {}).get("name"),
-        "optim.nan_policy": old.get("optim", {}).get("nan_policy")},
-       {"optim.name": new["optim"].get("name"),
-        "optim.nan_policy": new["optim"].get("nan_policy")}, "")
-  return ("\nConfig fields that differ from the run's config.json: " + "; ".join(diffs)
-          if diffs else "")
-
-
 def run(config, workdir: str) -> RunResult:
   """Trains (or resumes) the run in `workdir` up to config.total_steps."""
-  # --------------------------------------------------------------------------
-  # Setup: join the other processes (if any), validate before compiling anything.
-  # --------------------------------------------------------------------------
+  # Join the other processes (if any), validate before compiling anything.
   distributed.initialize_from_env()
   config_lib.validate(config, num_devices=jax.device_count(),
                       process_count=jax.process_count(), workdir=workdir)
@@ -190,22 +87,27 @@ def run(config, workdir: str) -> RunResult:
     lock.release()
 
 
-def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
+@dataclasses.dataclass
+class Prepared:
+  """A run ready to train: its data, setup, checkpointer and the state at `start`."""
+  data: tasks.TaskData
+  setup: steps.TrainSetup
+  ckpt: checkpoint.Checkpointer
+  state: steps.TrainState
+  start: int
+  fine_tuning: bool
+
+
+def prepare(config, workdir: str) -> Prepared:
+  """Set-up for a validated config: mesh, the task's data (step-indexed, this
+  process's rows), model and optimizer, and the state: resumed from the latest
+  intact checkpoint, else initialised sharded (and loaded for fine-tuning)."""
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.config_mesh(config)
   log(f"Mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
       f"{jax.process_count()} process(es).")
-
-  # --------------------------------------------------------------------------
-  # Data: step-indexed batches, this process's rows only.
-  # --------------------------------------------------------------------------
-  shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_data, eval_data, example_shape = _load_data(config, shard)
-  task = steps.make_task(config, mesh, example_shape)
-
-  # --------------------------------------------------------------------------
-  # State: resume from the latest finished checkpoint, else initialise sharded.
-  # --------------------------------------------------------------------------
+  data = _load_data(config)
+  setup = steps.make_setup(config, mesh, data.example_shape)
   ckpt = checkpoint.Checkpointer(workdir, save_every=config.checkpoint_every,
                                  keep=config.keep_checkpoints,
                                  async_save=config.async_checkpoint)
@@ -213,11 +115,11 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
     log(f"Removed an unfinished checkpoint (its save was interrupted): {name}")
   fine_tuning = bool(config.init_from.workdir)
   try:  # A damaged step is reported, set aside, and the one before it restored.
-    restored = ckpt.restore_latest_intact(task.abstract_state, task.state_shardings, log)
+    restored = ckpt.restore_latest_intact(setup.abstract_state, setup.state_shardings, log)
   except checkpoint.CheckpointMismatchError as e:
     ckpt.close()
     raise checkpoint.CheckpointMismatchError(
-        str(e) + _model_config_diff(workdir, config)) from None
+        str(e) + checkpoint.config_diff(workdir, config)) from None
   except checkpoint.CheckpointDamagedError:
     ckpt.close()
     raise
@@ -225,104 +127,55 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
     state, start = restored
     log(f"Resumed from the checkpoint at step {start}.")
   else:
-    state, start = steps.create_state(task, config.seed), 0
+    state, start = steps.create_state(setup, config.seed), 0
     if fine_tuning:
-      state, summary = init_from.load(config, task, state)
+      state, summary = init_from.load(config, setup, state)
       log(summary)
-  if start >= config.total_steps:
-    ckpt.close()
-    return _nothing_to_train(config, workdir, state, task, start)
+  return Prepared(data, setup, ckpt, state, start, fine_tuning)
+
+
+def usual_hooks(config, workdir: str, prepared: Prepared,
+                sigterm_raised=lambda: False) -> list[loop_lib.Hook]:
+  """Metrics (first: it opens the metrics file), checkpoints with preemption,
+  eval, and the profile window."""
+  # Saves before evaluating: under nan_policy='halt' a non-finite step stops the
+  # run at a checkpoint step before anything of it is saved or evaluated.
+  hooks = [loop_lib.LogMetrics(workdir),
+           loop_lib.SaveCheckpoints(prepared.ckpt, sigterm_raised),
+           loop_lib.Evaluate(prepared.data.eval, baseline=prepared.fine_tuning)]
+  if config.profile_steps:
+    hooks.append(loop_lib.Profile(workdir, *config.profile_steps))
+  return hooks
+
+
+def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
+  p = prepare(config, workdir)
+  if p.start >= config.total_steps:
+    p.ckpt.close()
+    return _nothing_to_train(config, workdir, p.state, p.setup, p.start)
   # Recorded once the state fits: a mismatched rerun leaves the old config.json.
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  # A fresh start drops every row (-1), a resume the rows past its checkpoint.
-  for message in metrics_lib.rewind_jsonl(workdir, start or -1).messages(start):
-    log(message)
-  train_step, eval_step = steps.make_train_step(task), steps.make_eval_step(task)
-  writer = metrics_lib.MetricWriter(workdir)
-  # Throughput in tokens for token tasks, in examples for the others.
-  unit = "tokens" if config.task in steps.TOKEN_TASKS else "examples"
-  items_per_step = config.batch_size * (config.seq_len if unit == "tokens" else 1)
-  progress = metrics_lib.Progress(config.total_steps, start, items_per_step, unit)
-  rate_key = f"{unit}_per_s"
-  last_eval: dict = {}
-  if start == 0 and fine_tuning:
-    # A fine-tuning run's baseline: the loaded parameters on this run's eval data.
-    last_eval = evaluate(task, eval_step, state, eval_data)
-    writer.write(0, last_eval)
-    log("eval of the loaded parameters (step 0): " +
-        ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
-    progress.reset_clock()
-  preempted = False
-  halt_on_nan = optim.nan_policy(config.optim) == "halt"
-  skipped_logged = None
-
-  # --------------------------------------------------------------------------
-  # Loop. The host waits on the device only when it logs, evaluates or saves.
-  # --------------------------------------------------------------------------
+  loop = loop_lib.Loop(p.setup, p.state, p.start, log,
+                       halt_on_nan=optim.nan_policy(config.optim) == "halt")
   try:
-    pending = []
-    for step in range(start, config.total_steps):
-      ckpt.raise_if_save_failed()  # A background save that failed stops the run here.
-      batch = _global_batch(task, train_data.batch(step))
-      state, step_metrics = train_step(state, batch)
-      pending.append(step_metrics)
-      done = step + 1
-      log_now = done % config.log_every == 0 or done == config.total_steps
-      stop = sigterm.raised or ckpt.reached_preemption(done)
-      save_now = done % config.checkpoint_every == 0 or done == config.total_steps or stop
-
-      if halt_on_nan and (log_now or save_now):
-        # Checked before a save too, so that no non-finite state is checkpointed.
-        _check_finite(jax.device_get(pending), done - len(pending) + 1, ckpt.latest_step())
-
-      if log_now:
-        fetched = jax.device_get(pending)
-        pending = []
-        scalars = {k: _mean_finite([m[k] for m in fetched]) for k in fetched[0]}
-        scalars["learning_rate"] = float(steps.learning_rate(task, done - 1))
-        skipped = optim.skipped_updates(state.opt_state)
-        if skipped is not None:
-          scalars["skipped_updates"] = skipped = int(jax.device_get(skipped))
-          if skipped_logged is not None and skipped > skipped_logged:
-            log(f"step {done}: skipped {skipped - skipped_logged} update(s) with non-finite "
-                f"gradients ({skipped} in total).")
-          skipped_logged = skipped
-        scalars[rate_key] = progress.update(done, {"loss": scalars["loss"]})
-        writer.write(done, scalars)
-
-      if done % config.eval_every == 0 or done == config.total_steps:
-        last_eval = evaluate(task, eval_step, state, eval_data)
-        writer.write(done, last_eval)
-        log(f"eval at step {done}: " + ", ".join(f"{k}={v:.4f}"
-                                                 for k, v in last_eval.items()))
-        progress.reset_clock()
-
-      if save_now:
-        # A state whose loss is not finite may be broken: its saves must not
-        # rotate out the newest good checkpoint (one host sync per save).
-        good = math.isfinite(float(step_metrics["loss"]))
-        ckpt.save(done, state, force=True, good=good)
-      if stop:
-        ckpt.wait_and_check()
-        print(f"Preempted: checkpoint saved at step {done}; rerun the same command to "
-              "resume.", flush=True)
-        preempted = True
-        break
-    ckpt.wait_and_check()  # The last save, too, must have landed.
-
-  # --------------------------------------------------------------------------
-  # Finish: every save completes before the process may exit (also on errors).
-  # --------------------------------------------------------------------------
-  finally:
-    progress.close()
-    ckpt.close()
-    writer.close()
-  return RunResult(state, task, last_eval, preempted)
+    loop_lib.run_loop(loop, p.data.train, usual_hooks(config, workdir, p, lambda: sigterm.raised))
+  finally:  # Every save completes before the process may exit (also on errors).
+    p.ckpt.close()
+  return RunResult(loop.state, p.setup, loop.last_eval, p.data.stats, loop.preempted)
 
 
-def _nothing_to_train(config, workdir: str, state, task, start: int) -> RunResult:
+def _load_data(config) -> tasks.TaskData:
+  """The task's data, this process's rows; data problems become DataErrors,
+  raised before anything is compiled."""
+  try:
+    return tasks.get(config.task).load_data(config, jax.process_index(), jax.process_count())
+  except (ValueError, FileNotFoundError) as e:
+    raise config_lib.DataError(f"config.data: {e}") from e
+
+
+def _nothing_to_train(config, workdir: str, state, setup, start: int) -> RunResult:
   """A rerun of a finished run, or one asking for fewer steps than the run has:
   says so and leaves the run's record (config.json, metrics.jsonl) as it is."""
   if start > config.total_steps:
@@ -333,12 +186,4 @@ def _nothing_to_train(config, workdir: str, state, task, start: int) -> RunResul
   log(f"Nothing to train: the run in {workdir} already finished (its latest checkpoint is "
       f"at step {start} = config.total_steps). Pass a larger --config.total_steps to train "
       "further.")
-  return RunResult(state, task, {}, already_finished=True)
-
-
-def _mean_finite(values) -> float:
-  """Mean over the finite values (skipped NaN steps don't poison the logged
-  window); NaN if there are none."""
-  arr = np.asarray(values, np.float64)
-  finite = arr[np.isfinite(arr)]
-  return float(finite.mean()) if finite.size else float("nan")
+  return RunResult(state, setup, {}, already_finished=True)

@@ -147,6 +147,7 @@ def example_config(dataset: str, task: str, **data_overrides):
   config.checkpoint_every = 500
   config.keep_checkpoints = 2
   config.async_checkpoint = True
+  config.profile_steps = ()  # (start, stop): trace those steps into WORKDIR/profile.
   config.data = ml_collections.ConfigDict(dict(
       dataset=dataset,  # A prepared tfds dataset; sklearn_toy/* is built locally.
       data_dir="",  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets.

@@ -16,15 +16,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_save_restore_gives_identical_state(tmp_path):
   config = lm.get_config("runlocal")
-  task = steps.make_task(config, sharding.make_mesh(dict(fsdp=4, tensor=2)))
-  state = steps.create_state(task, seed=3)
+  setup = steps.make_setup(config, sharding.make_mesh(dict(fsdp=4, tensor=2)))
+  state = steps.create_state(setup, seed=3)
   toks = np.random.default_rng(0).integers(3, 259, (8, 33)).astype(np.int32)
   batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": np.ones((8, 32), np.float32)}
-  state, _ = steps.make_train_step(task)(state, batch)  # Non-trivial Adam moments.
+  state, _ = steps.make_train_step(setup)(state, batch)  # Non-trivial Adam moments.
   ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=2)
   ckpt.save(1, state)
   ckpt.wait()
-  restored = ckpt.restore(task.abstract_state, task.state_shardings)
+  restored = ckpt.restore(setup.abstract_state, setup.state_shardings)
   ckpt.close()
   want, got = jax.device_get(state), jax.device_get(restored)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):

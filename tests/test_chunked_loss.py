@@ -10,9 +10,9 @@ from bigjax import sharding, steps
 from configs import lm, t5
 
 
-def _task(config):
+def _setup(config):
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  return steps.make_task(config, mesh)
+  return steps.make_setup(config, mesh)
 
 
 def _batch(config, rng):
@@ -28,13 +28,13 @@ def _batch(config, rng):
 
 def _loss_and_grads(config, chunk, batch):
   config.loss_chunk_len = chunk
-  task = _task(config)
-  state = steps.create_state(task, 0)
+  setup = _setup(config)
+  state = steps.create_state(setup, 0)
   model_state = state.model_state
 
   def loss(params):
-    sums = steps.loss_sums(task.model(params, model_state), batch, None,
-                           loss_chunk_len=task.loss_chunk_len)
+    sums = steps.loss_sums(setup.task, setup.model(params, model_state), batch, None,
+                           loss_chunk_len=setup.loss_chunk_len)
     return sums["loss_sum"] / sums["weight_sum"], sums["correct_sum"]
 
   (value, correct), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state.params)
@@ -64,9 +64,9 @@ def test_chunks_keep_the_logits_out_of_memory():
   temp = {}
   for chunk in (0, 32):
     config.loss_chunk_len = chunk
-    task = _task(config)
-    state = jax.eval_shape(lambda: steps.create_state(task, 0))
-    compiled = steps.make_train_step(task).lower(state, batch).compile()
+    setup = _setup(config)
+    state = jax.eval_shape(lambda: steps.create_state(setup, 0))
+    compiled = steps.make_train_step(setup).lower(state, batch).compile()
     temp[chunk] = compiled.memory_analysis().temp_size_in_bytes
   logits_bytes = 8 * 256 * 32_768 * 4
   # Whole: the logits and their gradient (or softmax) live at once; chunked: an

@@ -324,16 +324,16 @@ def test_checkpoint_of_a_different_model_names_the_mismatch(tmp_path):
   mesh = sharding.make_mesh({}, devices=jax.devices()[:1])
   small = lm.get_config("runlocal")
   small.model.update(emb_dim=32, num_layers=1)
-  task_small = steps.make_task(small, mesh)
+  setup_small = steps.make_setup(small, mesh)
   # Arrays of the right structure and shapes; no compile needed to write them.
-  state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), task_small.abstract_state)
+  state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), setup_small.abstract_state)
   ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=1)
   ckpt.save(1, state)
   ckpt.close()
-  task = steps.make_task(lm.get_config("runlocal"), mesh)
+  setup = steps.make_setup(lm.get_config("runlocal"), mesh)
   ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=1)
   with pytest.raises(checkpoint.CheckpointMismatchError) as e:
-    ckpt.restore(task.abstract_state, task.state_shardings)
+    ckpt.restore(setup.abstract_state, setup.state_shardings)
   ckpt.close()
   msg = str(e.value)
   assert "checkpoint at step 1" in msg and "different model" in msg

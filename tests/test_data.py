@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from bigjax import tasks
 from bigjax.data import corpora, pipeline, tokenizer
 
 
@@ -24,8 +25,13 @@ def tokens(data_dir):
   return pipeline.token_array("stdlib_py", "validation", data_dir)
 
 
-def _lm(tokens, **kw):
-  args = dict(global_batch_size=8, seq_len=32, seed=0)
+# What each token task makes of a chunk (bigjax/tasks.py).
+EXAMPLES = {"lm": tasks.next_token_examples(), "reverse": tasks.reversed_examples(),
+            "mlm": tasks.masked_examples(0.15)}
+
+
+def _lm(tokens, task="lm", **kw):
+  args = dict(global_batch_size=8, seq_len=32, seed=0, examples=EXAMPLES[task])
   return pipeline.LMBatches(tokens, **{**args, **kw})
 
 
@@ -164,7 +170,7 @@ def test_token_array_cache(data_dir, tokens):
   assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16
   files = os.listdir(os.path.join(data_dir, "bigjax_tokens"))
   assert [f for f in files if f.startswith("stdlib_py-validation")] and not [
-      f for f in files if not f.endswith(".npy")]  # No temp files left.
+      f for f in files if not f.endswith((".npy", ".npy.stats.json"))]  # No temp files left.
   again = pipeline.token_array("stdlib_py", "validation", data_dir)
   np.testing.assert_array_equal(again, tokens)
   # The same as tokenising the texts by hand.
@@ -172,6 +178,14 @@ def test_token_array_cache(data_dir, tokens):
   ref = np.concatenate([np.r_[tokenizer.encode(src[i]["text"]), tokenizer.EOS_ID]
                         for i in range(len(src))])
   np.testing.assert_array_equal(tokens, ref)
+
+
+def test_token_stats_are_computed_once_with_the_cache(data_dir, tokens, monkeypatch):
+  stats = pipeline.token_stats("stdlib_py", "validation", data_dir)
+  assert stats["unigram_entropy_bits"] == pytest.approx(pipeline.unigram_entropy_bits(tokens))
+  # Read back from the cache's side file: no second pass over the tokens.
+  monkeypatch.setattr(pipeline, "unigram_entropy_bits", lambda t: pytest.fail("recomputed"))
+  assert pipeline.token_stats("stdlib_py", "validation", data_dir) == stats
 
 
 def test_unigram_entropy():
@@ -252,7 +266,7 @@ def test_reverse_task(tokens):
 
 
 def test_eval_batches(tokens):
-  kw = dict(global_batch_size=8, seq_len=32, task="lm")
+  kw = dict(global_batch_size=8, seq_len=32, examples=EXAMPLES["lm"])
   ev = pipeline.eval_batches(tokens, num_batches=3, **kw)
   assert len(ev) == 3
   _assert_batches_equal(ev[2], _lm(tokens, shuffle=False).batch(2))
@@ -276,11 +290,9 @@ def test_errors(tokens):
     _lm(tokens, global_batch_size=6, process_count=4)
   with pytest.raises(ValueError, match="config.seq_len"):
     _lm(tokens, seq_len=0)
-  with pytest.raises(ValueError, match="Unknown task"):
-    _lm(tokens, task="classify")
   with pytest.raises(ValueError, match="has 100 tokens"):
     pipeline.eval_batches(tokens[:100], global_batch_size=8, seq_len=32,
-                          num_batches=2)
+                          num_batches=2, examples=EXAMPLES["lm"])
 
 
 # Masked LM.
@@ -294,8 +306,8 @@ def _mlm_tokens(n=20000, seed=0):
   return toks.astype(np.uint16)
 
 
-def _mlm(tokens, **kw):
-  return _lm(tokens, **{"task": "mlm", "seq_len": 64, **kw})
+def _mlm(tokens, mask_rate=0.15, **kw):
+  return _lm(tokens, **{"examples": tasks.masked_examples(mask_rate), "seq_len": 64, **kw})
 
 
 def test_mlm_batch_layout():
@@ -366,7 +378,7 @@ def test_mlm_deterministic_and_remasked_each_epoch():
 
 def test_mlm_eval_batches_fixed():
   toks = _mlm_tokens()
-  kw = dict(global_batch_size=8, seq_len=64, num_batches=3, task="mlm")
+  kw = dict(global_batch_size=8, seq_len=64, num_batches=3, examples=EXAMPLES["mlm"])
   ev = pipeline.eval_batches(toks, **kw)
   assert len(ev) == 3
   for x, y in zip(ev, pipeline.eval_batches(toks, **kw)):
@@ -381,10 +393,5 @@ def test_mlm_eval_batches_fixed():
 
 @pytest.mark.parametrize("rate", [0, 1, -0.1, 1.5, float("nan")])
 def test_mlm_bad_mask_rate(rate):
-  toks = _mlm_tokens()
   with pytest.raises(ValueError, match=r"config\.data\.mask_rate"):
-    _mlm(toks, mask_rate=rate)
-  with pytest.raises(ValueError, match=r"config\.data\.mask_rate"):
-    pipeline.eval_batches(toks, global_batch_size=8, seq_len=64, num_batches=1,
-                          task="mlm", mask_rate=rate)
-  _lm(toks, mask_rate=rate)  # Other tasks ignore it.
+    tasks.masked_examples(rate)

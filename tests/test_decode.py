@@ -15,11 +15,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-from bigjax import decode, sharding, steps
+from bigjax import checkpoint, decode, sharding, steps
+from bigjax.data import tokenizer
 from bigjax.models import moe as moe_lib
 from bigjax.models import transformer
 from configs import lm
@@ -235,19 +237,19 @@ def test_sharded_decoding_equals_one_device():
   config = lm.get_config("runlocal")
   config.model.init_scale = 0.5  # logits far from ties
   mesh = sharding.make_mesh(dict(data=2, tensor=2, fsdp=2))
-  task = steps.make_task(config, mesh)
-  state = steps.create_state(task, seed=0)
+  setup = steps.make_setup(config, mesh)
+  state = steps.create_state(setup, seed=0)
   emb = state.params["embedder"]["tokens"]["embedding"]
   assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
-  model = task.model(state.params)
-  local = task.model(jax.device_get(state.params))
+  model = setup.model(state.params)
+  local = setup.model(jax.device_get(state.params))
   rng = np.random.default_rng(7)
   prompts = [list(map(int, rng.integers(3, 259, n))) for n in (4, 11, 7)]  # 3 rows: padded
   kw = dict(max_new_tokens=12, max_len=config.model.max_len, eos_id=None)
   want = decode.generate(local, prompts, **kw)
-  assert decode.generate(model, prompts, mesh=task.mesh, rules=task.rules, **kw) == want
+  assert decode.generate(model, prompts, mesh=setup.mesh, rules=setup.rules, **kw) == want
   beam_kw = dict(kw, beam_size=2, length_penalty=0.6)
-  assert (decode.generate(model, prompts, mesh=task.mesh, rules=task.rules, **beam_kw) ==
+  assert (decode.generate(model, prompts, mesh=setup.mesh, rules=setup.rules, **beam_kw) ==
           decode.generate(local, prompts, **beam_kw))
 
 
@@ -320,10 +322,31 @@ def test_generate_cli_end_to_end(tmp_path):
   # read nor touched: generation reads the checkpoints read-only.
   in_flight = os.path.join(workdir, "checkpoints", "4.orbax-checkpoint-tmp-123")
   os.makedirs(in_flight)
-  for devices, flags in ((1, ["--temperature=1.0", "--top_k=50", "--top_p=0.95", "--seed=1"]),
-                         (8, ["--beam_size=3", "--length_penalty=0.6"])):
-    r = _generate_cli(f"--workdir={workdir}", "--prompt=def ", "--max_new_tokens=8", *flags,
-                      devices=devices)
+  settings = ((1, dict(temperature=1.0, top_k=50, top_p=0.95, seed=1)),
+              (8, dict(beam_size=3, length_penalty=0.6)))
+  for devices, kw in settings:
+    r = _generate_cli(f"--workdir={workdir}", "--prompt=def ", "--max_new_tokens=8",
+                      *[f"--{k}={v}" for k, v in kw.items()], devices=devices)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.endswith("\n") and "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr
+    # What it printed is the checkpoint decoded here, in memory, on one device
+    # (text mode reads any "\r" as a newline: the same for both).
+    want = _decode_in_memory(workdir, "def ", max_new_tokens=8, **kw)
+    assert want and r.stdout == want.replace("\r\n", "\n").replace("\r", "\n") + "\n"
   assert os.path.isdir(in_flight)
+
+
+def _decode_in_memory(workdir: str, prompt: str, **kw) -> str:
+  """The latest checkpoint of `workdir` restored in this process and decoded."""
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  setup = steps.make_setup(config, sharding.make_mesh(dict(data=1), jax.devices()[:1]))
+  reader = checkpoint.CheckpointReader(workdir)
+  try:
+    params, _, _ = reader.restore_latest_intact_params(setup.abstract_state,
+                                                       setup.state_shardings, print)
+  finally:
+    reader.close()
+  out = decode.generate(setup.model(params), [list(tokenizer.encode(prompt))],
+                        max_len=config.model.max_len, eos_id=tokenizer.EOS_ID, **kw)[0]
+  return tokenizer.decode(out)

@@ -56,9 +56,9 @@ def source(tmp_path_factory):
 
 def _fresh_and_loaded(config):
   mesh = sharding.make_mesh(config.mesh)
-  task = steps.make_task(config, mesh)
-  fresh = steps.create_state(task, config.seed)
-  loaded, summary = init_from.load(config, task, steps.create_state(task, config.seed))
+  setup = steps.make_setup(config, mesh)
+  fresh = steps.create_state(setup, config.seed)
+  loaded, summary = init_from.load(config, setup, steps.create_state(setup, config.seed))
   return _flat(fresh.params), _flat(loaded.params), summary
 
 
@@ -147,7 +147,7 @@ def test_finetuning_on_held_out_files_beats_training_from_scratch(source):
   # Then generate from the fine-tuned run's workdir: the CLI's path (config.json
   # and a read-only restore) gives what the in-memory model gives.
   text = generate.run(str(source["base"] / "tuned"), "def ", max_new_tokens=12)
-  ids = decode.generate(tuned.task.model(tuned.state.params), [list(tokenizer.encode("def "))],
+  ids = decode.generate(tuned.setup.model(tuned.state.params), [list(tokenizer.encode("def "))],
                         max_new_tokens=12, max_len=32, eos_id=tokenizer.EOS_ID)[0]
   assert text == tokenizer.decode(ids) and text
 
@@ -161,9 +161,9 @@ def test_incompatible_sources_fail_naming_the_parameter(source):
   # A model of another family shares no parameter path with the source.
   config = mlp.get_config("variant=deep")
   config.init_from.workdir = source["workdir"]
-  task = steps.make_task(config, sharding.make_mesh(config.mesh), example_shape=(8, 8, 1))
+  setup = steps.make_setup(config, sharding.make_mesh(config.mesh), example_shape=(8, 8, 1))
   with pytest.raises(config_lib.ConfigError, match="shares no parameter"):
-    init_from.load(config, task, steps.create_state(task, 0))
+    init_from.load(config, setup, steps.create_state(setup, 0))
 
 
 def test_bad_init_from_settings_are_config_errors(source, tmp_path):
@@ -200,9 +200,9 @@ def test_new_classification_head_and_batchnorm_statistics(tmp_path):
   config = mlp.get_config("variant=deep,runlocal")
   config.model.num_outputs = 12
   config.init_from.workdir = str(tmp_path / "source")
-  task = steps.make_task(config, sharding.make_mesh(config.mesh), example_shape=(8, 8, 1))
-  fresh = steps.create_state(task, 0)
-  loaded, summary = init_from.load(config, task, steps.create_state(task, 0))
+  setup = steps.make_setup(config, sharding.make_mesh(config.mesh), example_shape=(8, 8, 1))
+  fresh = steps.create_state(setup, 0)
+  loaded, summary = init_from.load(config, setup, steps.create_state(setup, 0))
   params, stats = _flat(loaded.params), _flat(loaded.model_state)
   head_kernel, head_bias = "head/dense/kernel", "head/dense/bias"
   assert params[head_kernel].shape == (128, 12)

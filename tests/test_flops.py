@@ -16,12 +16,12 @@ def test_training_flops_match_xla_count():
   config.update(batch_size=8, seq_len=128)
   config.model.update(num_layers=2, emb_dim=256, num_heads=4, mlp_dim=1024, max_len=128)
   config.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
-  task = steps.make_task(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+  setup = steps.make_setup(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
   tokens = config.batch_size * config.seq_len
   batch = {k: jnp.ones((config.batch_size, config.seq_len), dt) for k, dt in
            (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))}
-  state = jax.eval_shape(lambda: steps.create_state(task, 0))
-  counted = steps.make_train_step(task).lower(state, batch).compile().cost_analysis()["flops"]
+  state = jax.eval_shape(lambda: steps.create_state(setup, 0))
+  counted = steps.make_train_step(setup).lower(state, batch).compile().cost_analysis()["flops"]
   cfg = steps.model_config(config)
   ours = flops.training_flops_per_token(cfg, config.seq_len) * tokens
   masked_half = 6 * cfg.num_layers * config.seq_len * cfg.emb_dim * tokens

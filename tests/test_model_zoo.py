@@ -9,7 +9,7 @@ import pytest
 import sklearn.datasets
 import tensorflow_datasets as tfds
 
-from bigjax import metrics, sharding, steps, train
+from bigjax import metrics, sharding, steps, tasks, train
 from bigjax.data import examples, pipeline, tokenizer
 from configs import cnn, linear_regression, mlp, t5
 
@@ -76,9 +76,9 @@ def test_batchnorm_statistics_train_resume_and_serve_eval(data_dir, tmp_path):
 
   # Evaluation normalises with the running averages: a row's output does not
   # depend on which other rows share its batch.
-  task = straight.task
+  setup = straight.setup
   x, _ = examples.load_split("sklearn_toy/digits", "test", data_dir)
-  model = task.model(jax.device_get(straight.state.params), stats)
+  model = setup.model(jax.device_get(straight.state.params), stats)
   together = np.asarray(model(x[:16]))
   alone = np.concatenate([np.asarray(model(x[i:i + 1])) for i in range(16)])
   np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
@@ -94,8 +94,8 @@ def test_sharded_batchnorm_training_equals_one_device(data_dir):
   states = []
   for mesh_cfg, devices in ((dict(data=4, tensor=2), jax.devices()),
                             (dict(data=1), jax.devices()[:1])):
-    task = steps.make_task(config, sharding.make_mesh(mesh_cfg, devices), x.shape[1:])
-    state, train_step = steps.create_state(task, 0), steps.make_train_step(task)
+    setup = steps.make_setup(config, sharding.make_mesh(mesh_cfg, devices), x.shape[1:])
+    state, train_step = steps.create_state(setup, 0), steps.make_train_step(setup)
     for step in range(5):
       state, _ = train_step(state, data.batch(step))
     states.append(jax.device_get((state.params, state.model_state)))
@@ -111,7 +111,7 @@ def test_cnn_trains_on_mnist_where_prepared(tmp_path):
   with tfds.testing.mock_data(num_examples=64):
     result = train.run(config, str(tmp_path))
   assert np.isfinite(result.eval_metrics["eval_loss"])
-  assert result.task.abstract_state.params["mlp"]["hidden"][0]["dense"]["kernel"].shape == (
+  assert result.setup.abstract_state.params["mlp"]["hidden"][0]["dense"]["kernel"].shape == (
       7 * 7 * 64, 128)  # 28x28 pooled twice, 64 channels.
 
 
@@ -135,14 +135,15 @@ def test_bert_style_encoder_reads_the_right_context_to_fill_masks():
   config.optim.warmup_steps = 50
   letters = np.random.default_rng(0).integers(0, 16, 32_000)
   tokens = np.repeat(tokenizer.encode(b"abcdefghijklmnop")[letters], 2).astype(np.uint16)
-  task = steps.make_task(config, sharding.make_mesh(config.mesh))
-  state = steps.create_state(task, 0)
-  train_step, eval_step = steps.make_train_step(task), steps.make_eval_step(task)
-  data = pipeline.LMBatches(tokens, global_batch_size=32, seq_len=32, seed=0, task="mlm")
+  setup = steps.make_setup(config, sharding.make_mesh(config.mesh))
+  state = steps.create_state(setup, 0)
+  train_step, eval_step = steps.make_train_step(setup), steps.make_eval_step(setup)
+  masks = tasks.masked_examples(config.data.mask_rate)
+  data = pipeline.LMBatches(tokens, global_batch_size=32, seq_len=32, seed=0, examples=masks)
   for step in range(config.total_steps):
     state, _ = train_step(state, data.batch(step))
   masked = pipeline.eval_batches(tokens, global_batch_size=32, seq_len=32, num_batches=8,
-                                 task="mlm")
+                                 examples=masks)
   for batch in masked:
     batch["weights"][:, 1::2] = 0  # Grade first copies only.
   sums = [jax.device_get(eval_step(state.params, state.model_state, b)) for b in masked]

@@ -286,7 +286,7 @@ def _train_step(mesh_cfg, num_devices):
                           block_size=8)
   config.optim.update(name="sgd", lr=1.0, warmup_steps=0, clip_norm=0.0)
   mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:num_devices])
-  task = steps.make_task(config, mesh)
+  task = steps.make_setup(config, mesh)
   state = steps.create_state(task, seed=0)
   before = jax.device_get(state.params)
   toks = np.random.default_rng(0).integers(3, 259, (8, 33)).astype(np.int32)

@@ -348,28 +348,28 @@ def _batch():
 def _setup(mesh_cfg, num_devices, config=None):
   """Task, state and the gradients/sums of the training loss under the step's key."""
   mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:num_devices])
-  task = steps.make_task(config or _config(), mesh)
-  state = steps.create_state(task, seed=SEED)
-  batch = jax.device_put(_batch(), {k: task.batch_sharding() for k in _batch()})
-  weights = steps.router_weights(task)
+  setup = steps.make_setup(config or _config(), mesh)
+  state = steps.create_state(setup, seed=SEED)
+  batch = jax.device_put(_batch(), {k: setup.batch_sharding() for k in _batch()})
+  weights = steps.router_weights(setup)
   rng = jax.random.fold_in(state.rng, state.step)  # the train step's key for step 0
 
   @jax.jit
   def grads_and_sums(params, batch):
     def loss(p):
-      with sharding.use_mesh_rules(task.mesh, task.rules):
-        sums = steps.loss_sums(task.model(p), batch, rng, weights)
+      with sharding.use_mesh_rules(setup.mesh, setup.rules):
+        sums = steps.loss_sums(setup.task, setup.model(p), batch, rng, weights)
       return sums["loss_sum"] + sums["router_loss_sum"], sums
     return jax.grad(loss, has_aux=True)(params)
 
   grads, sums = grads_and_sums(state.params, batch)
-  return dict(task=task, state=state, batch=batch, grads=jax.device_get(grads),
+  return dict(setup=setup, state=state, batch=batch, grads=jax.device_get(grads),
               sums=jax.device_get(sums), params=jax.device_get(state.params))
 
 
 @pytest.fixture(scope="module")
 def setups():
-  """Builds each mesh's task, state and gradients once, on first use."""
+  """Builds each mesh's setup, state and gradients once, on first use."""
   cache = {}
 
   def get(name):
@@ -409,7 +409,7 @@ def test_sharded_loss_metrics_and_gradients_match_one_device(setups, name):
 @pytest.mark.parametrize("name", sorted(MESHES))
 def test_expert_weights_are_split_over_the_expert_axis(setups, name):
   got = setups(name)
-  mesh = got["task"].mesh
+  mesh = got["setup"].mesh
   ffn = got["state"].params["decoder"]["blocks"][1]["ffn"]
   num_experts = _config().model.moe.num_experts
   for key in ("wi", "wo"):
@@ -453,9 +453,9 @@ def test_expert_parallel_forward_moves_tokens_by_one_all_to_all_each_way(setups)
 
 def test_train_step_on_expert_mesh_matches_one_device(setups):
   got, want = setups("expert8"), setups("one")
-  task = got["task"]
-  state = steps.create_state(task, seed=SEED)  # a fresh copy: the step donates it
-  new_state, metrics = steps.make_train_step(task)(state, got["batch"])
+  setup = got["setup"]
+  state = steps.create_state(setup, seed=SEED)  # a fresh copy: the step donates it
+  new_state, metrics = steps.make_train_step(setup)(state, got["batch"])
   metrics = jax.device_get(metrics)
   assert int(new_state.step) == 1
   sums = want["sums"]

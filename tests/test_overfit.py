@@ -25,6 +25,7 @@ def _config(kind: str):
   config.model.update(kind=kind, vocab_size=VOCAB, num_layers=2, emb_dim=64, num_heads=4,
                       mlp_dim=128, max_len=SEQ + 1, dtype="float32", dropout_rate=0.0)
   config.optim.update(name="adamw", lr=5e-3, warmup_steps=10, weight_decay=0.0)
+  config.task = "reverse" if kind == "encdec" else "lm"  # The task feeds the model its batch.
   return config
 
 
@@ -50,9 +51,9 @@ def _batch(kind: str) -> dict:
 def test_overfits_one_batch(kind):
   config = _config(kind)
   mesh = sharding.make_mesh(dict(data=1), jax.devices()[:1])
-  task = steps.make_task(config, mesh)
-  state = steps.create_state(task, seed=0)
-  train_step = steps.make_train_step(task)
+  setup = steps.make_setup(config, mesh)
+  state = steps.create_state(setup, seed=0)
+  train_step = steps.make_train_step(setup)
   batch = _batch(kind)
 
   losses, accuracies = [], []
@@ -71,7 +72,7 @@ def test_overfits_one_batch(kind):
   assert min(losses[: STEPS // 4]) > losses[-1]
 
   # The eval step agrees with the training metrics on the memorised batch.
-  sums = steps.make_eval_step(task)(state.params, state.model_state, batch)
+  sums = steps.make_eval_step(setup)(state.params, state.model_state, batch)
   weight_sum = float(sums["weight_sum"])
   assert weight_sum == batch["weights"].sum()
   assert float(sums["loss_sum"]) / weight_sum < 0.05

@@ -155,7 +155,7 @@ def _config(**model):
 
 
 def _task_state(config):
-  task = steps.make_task(config, sharding.make_mesh(config.mesh))
+  task = steps.make_setup(config, sharding.make_mesh(config.mesh))
   return task, steps.create_state(task, config.seed)
 
 

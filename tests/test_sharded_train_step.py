@@ -23,9 +23,9 @@ def _batch(seed=0, batch=8, length=32):
 
 def _train(config, mesh_cfg, num_devices, batches):
   mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:num_devices])
-  task = steps.make_task(config, mesh)
-  state = steps.create_state(task, seed=0)
-  step = steps.make_train_step(task)
+  setup = steps.make_setup(config, mesh)
+  state = steps.create_state(setup, seed=0)
+  step = steps.make_train_step(setup)
   losses = []
   for b in batches:
     state, metrics = step(state, b)
@@ -80,8 +80,8 @@ def test_scanned_sharded_step_matches_one_device_unrolled(reference):
 def test_parameters_are_sharded_as_the_rules_say():
   config = _config()
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
-  task = steps.make_task(config, mesh)
-  state = steps.create_state(task, seed=0)
+  setup = steps.make_setup(config, mesh)
+  state = steps.create_state(setup, seed=0)
   p = state.params
   expect = {
       ("embedder", "tokens", "embedding"): ("tensor", "fsdp"),  # (vocab, embed)
@@ -119,7 +119,7 @@ def test_gradient_accumulation_equals_one_big_batch():
   batch["weights"][5] = 0.0
 
   def one_step(mesh_cfg, num_devices):
-    task = steps.make_task(config, sharding.make_mesh(mesh_cfg, jax.devices()[:num_devices]))
+    task = steps.make_setup(config, sharding.make_mesh(mesh_cfg, jax.devices()[:num_devices]))
     state = steps.create_state(task, seed=0)
     before = jax.device_get(state.params)
     state, metrics = steps.make_train_step(task)(state, batch)
@@ -190,7 +190,7 @@ def test_activations_keep_their_sharding_when_the_batch_rule_changes():
   default = [tuple(r) for r in config.sharding_rules]
   config.sharding_rules = [["activation_batch", "data"]] + [
       r for r in config.sharding_rules if r[0] != "activation_batch"]
-  task = steps.make_task(config, sharding.make_mesh(dict(data=2, fsdp=4), axes=common.MESH_AXES))
+  task = steps.make_setup(config, sharding.make_mesh(dict(data=2, fsdp=4), axes=common.MESH_AXES))
   model = steps.build_model(config, nnx.Rngs(0))
   tokens = np.ones((8, config.seq_len), np.int32)
   with sharding.use_mesh_rules(task.mesh, task.rules):
@@ -215,7 +215,7 @@ def test_optimizer_moments_are_sharded_as_the_parameters(freeze):
   config = lm.get_config("runlocal")
   config.optim.update(name="adamw", freeze=freeze)
   mesh = sharding.make_mesh(dict(fsdp=4, tensor=2), axes=common.MESH_AXES)
-  task = steps.make_task(config, mesh)
+  task = steps.make_setup(config, mesh)
   params = task.state_shardings.params
   assert any(s.spec != jax.P() for s in jax.tree.leaves(params))  # Something is sharded.
   moments = [m for key in ("mu", "nu") for _, m in

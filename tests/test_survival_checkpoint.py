@@ -91,11 +91,11 @@ def _batches(n):
   return out
 
 
-def _train(task, state, batches):
-  train_step = steps.make_train_step(task)
+def _train(setup, state, batches):
+  train_step = steps.make_train_step(setup)
   losses = []
   for b in batches:
-    b = {k: jax.device_put(v, task.batch_sharding()) for k, v in b.items()}
+    b = {k: jax.device_put(v, setup.batch_sharding()) for k, v in b.items()}
     state, m = train_step(state, b)
     losses.append(float(m["loss"]))  # Blocks each step (simulated devices).
   return state, losses
@@ -105,26 +105,26 @@ def _train(task, state, batches):
 def test_restore_fsdp8_onto_4_2_1_devices_and_data2_tensor2(tmp_path):
   config = lm.get_config("runlocal")
   batches = _batches(5)
-  task8 = steps.make_task(config, sharding.make_mesh(dict(data=1, fsdp=8)))
-  state, _ = _train(task8, steps.create_state(task8, seed=0), batches[:2])
+  setup8 = steps.make_setup(config, sharding.make_mesh(dict(data=1, fsdp=8)))
+  state, _ = _train(setup8, steps.create_state(setup8, seed=0), batches[:2])
   saved = jax.device_get(state)
   ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=2)
   ckpt.save(2, state)
   ckpt.wait()
-  _, want = _train(task8, state, batches[2:])
+  _, want = _train(setup8, state, batches[2:])
 
   for n, mesh_cfg in ((4, dict(data=1, fsdp=4)), (2, dict(data=1, fsdp=2)), (1, {}),
                       (4, dict(data=2, tensor=2))):
     mesh = sharding.make_mesh(mesh_cfg, devices=jax.devices()[:n])
-    task = steps.make_task(config, mesh)
-    restored = ckpt.restore(task.abstract_state, task.state_shardings, 2)
-    for leaf, sh in zip(jax.tree.leaves(restored), jax.tree.leaves(task.state_shardings)):
+    setup = steps.make_setup(config, mesh)
+    restored = ckpt.restore(setup.abstract_state, setup.state_shardings, 2)
+    for leaf, sh in zip(jax.tree.leaves(restored), jax.tree.leaves(setup.state_shardings)):
       assert leaf.sharding == sh and len(leaf.sharding.device_set) == n
     got_state = jax.device_get(restored)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(saved),
                             jax.tree.leaves(got_state)):
       np.testing.assert_array_equal(a, b, err_msg=f"{mesh_cfg}: {jax.tree_util.keystr(path)}")
-    _, got = _train(task, restored, batches[2:])
+    _, got = _train(setup, restored, batches[2:])
     # Same state and batches; only the reduction order differs between meshes.
     np.testing.assert_allclose(got, want, rtol=2e-6, err_msg=str(mesh_cfg))
   ckpt.close()

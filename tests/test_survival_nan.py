@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigjax import config as config_lib, optim, steps, train
+from bigjax import config as config_lib, loop, optim, sharding, steps, train
 from bigjax.data import pipeline
-from configs import lm
+from configs import lm, mlp
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_apply_if_finite_wrapper_unit():
   bad = {"w": jnp.full((3, 2), jnp.inf), "b": jnp.ones(2)}
   updates, s1 = tx.update(bad, s0, params)
   assert all((u == 0).all() for u in jax.tree.leaves(updates))
-  _assert_trees_equal(s0.inner_state, s1.inner_state)
+  _assert_trees_equal(optim.guard_state(s0).inner_state, optim.guard_state(s1).inner_state)
   assert int(optim.skipped_updates(s1)) == 1
   cfg.nan_policy = "ignore"
   with pytest.raises(ValueError, match="nan_policy"):
@@ -94,10 +94,11 @@ def test_skip_policy_drops_the_update_and_counts_it(tmp_path, data_dir, monkeypa
   before, after = record["before"], record["after"]
   assert np.isnan(record["metrics"]["loss"]) and np.isnan(record["metrics"]["grad_norm"])
   _assert_trees_equal(before.params, after.params)  # Parameters untouched...
-  _assert_trees_equal(before.opt_state.inner_state, after.opt_state.inner_state)  # ...moments,
+  _assert_trees_equal(optim.guard_state(before.opt_state).inner_state,  # ...moments,
+                      optim.guard_state(after.opt_state).inner_state)
   assert int(after.step) == int(before.step) + 1  # while the data/RNG step moves on.
-  assert int(before.opt_state.total_notfinite) == 0
-  assert int(after.opt_state.total_notfinite) == 1
+  assert int(optim.skipped_updates(before.opt_state)) == 0
+  assert int(optim.skipped_updates(after.opt_state)) == 1
   # The run went on and finished with finite parameters.
   assert int(result.state.step) == 6
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(result.state.params))
@@ -112,7 +113,7 @@ def test_halt_policy_stops_before_saving_a_nonfinite_state(tmp_path, data_dir, m
   _inject_nan_at(monkeypatch, 4, record)  # Update number 5.
   config = _config(data_dir, "halt", total_steps=8, log_every=4, eval_every=8,
                    checkpoint_every=2)
-  with pytest.raises(train.NonFiniteError) as e:
+  with pytest.raises(loop.NonFiniteError) as e:
     train.run(config, str(tmp_path))
   msg = str(e.value)
   assert "Non-finite training step 5" in msg and "nan_policy='halt'" in msg
@@ -128,3 +129,55 @@ def test_validate_rejects_unknown_policy():
   config.optim.nan_policy = "ignore"
   with pytest.raises(config_lib.ConfigError, match=r"config.optim.nan_policy.*skip"):
     config_lib.validate(config, num_devices=8)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_skipped_steps_do_not_delay_the_schedule(name):
+  cfg = lm.get_config("runlocal").optim
+  cfg.update(name=name, nan_policy="skip", schedule="linear", lr=1.0, warmup_steps=4,
+             end_lr_factor=0.1, weight_decay=0.0, clip_norm=0.0)
+  total, skipped = 10, {1, 2, 5}
+  schedule = optim.schedule(cfg, total)
+  tx = optim.make_optimizer(cfg, total_steps=total)
+  params = {"w": jnp.ones(3)}
+  state = tx.init(params)
+  for n in range(9):
+    g = jnp.nan if n in skipped else 0.5
+    updates, state = tx.update({"w": jnp.full(3, g)}, state, params)
+    lr = float(schedule(n))  # The schedule itself at train step n, skips or not.
+    if n not in skipped:
+      # What was applied: -lr * g for SGD; for Adam a constant gradient's
+      # bias-corrected moments give -lr * g / (|g| + eps).
+      want = -lr * 0.5 if name == "sgd" else -lr * 0.5 / (0.5 + cfg.eps)
+      np.testing.assert_allclose(np.asarray(updates["w"]), want, rtol=1e-5, err_msg=str(n))
+  assert int(optim.skipped_updates(state)) == len(skipped)
+  # What the loop logs as learning_rate: the last update's, schedule(8).
+  assert float(optim.applied_learning_rate(state)) == pytest.approx(float(schedule(8)))
+
+
+def test_a_skipped_step_keeps_the_batchnorm_statistics():
+  config = mlp.get_config("variant=deep,runlocal")
+  config.optim.nan_policy = "skip"
+  mesh = sharding.make_mesh(dict(data=1), jax.devices()[:1])
+  setup = steps.make_setup(config, mesh, example_shape=(64,))
+  train_step = steps.make_train_step(setup)
+  rng = np.random.default_rng(0)
+
+  def batch():
+    return {"inputs": rng.normal(size=(64, 64)).astype(np.float32),
+            "targets": rng.integers(0, 10, 64).astype(np.int32),
+            "weights": np.ones(64, np.float32)}
+
+  state, _ = train_step(steps.create_state(setup, 0), batch())  # Statistics move off init.
+  before = jax.device_get(state)
+  bad = batch()
+  bad["inputs"][3, 5] = np.nan  # NaN batch statistics, NaN gradients: skipped.
+  state, metrics = train_step(state, bad)
+  after = jax.device_get(state)
+  assert np.isnan(metrics["loss"]) and int(optim.skipped_updates(after.opt_state)) == 1
+  _assert_trees_equal(before.model_state, after.model_state)
+  _assert_trees_equal(before.params, after.params)
+  state, _ = train_step(state, batch())  # A finite step updates them again.
+  moved = jax.device_get(state.model_state)["hidden"][0]["norm"]["mean"]
+  assert np.isfinite(moved).all() and not np.array_equal(
+      moved, before.model_state["hidden"][0]["norm"]["mean"])

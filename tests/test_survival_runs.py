@@ -306,9 +306,9 @@ def test_restore_and_config_loading_never_unpickle(env, reference, monkeypatch):
   assert tokens.dtype == np.uint16
   # Weights: the whole train state, restored onto this process's 8 devices.
   config = _in_process_config(env)
-  task = steps.make_task(config, sharding.make_mesh(config.mesh))
+  setup = steps.make_setup(config, sharding.make_mesh(config.mesh))
   ckpt = checkpoint.Checkpointer(reference, save_every=4, keep=20)
-  state = ckpt.restore(task.abstract_state, task.state_shardings)
+  state = ckpt.restore(setup.abstract_state, setup.state_shardings)
   ckpt.close()
   assert int(state.step) == TOTAL
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))

@@ -9,22 +9,34 @@ only onto the same process and worker counts).
 Chunks: chunk i is tokens[i*seq_len : i*seq_len + seq_len + 1] (stride seq_len,
 one token of overlap), so every token but the first is a target exactly once
 per epoch. Documents are joined with EOS and chunks cross document boundaries.
-Tasks "reverse" and "mlm" use only the chunk's first seq_len tokens.
+What a chunk becomes (next-token targets, a reversed copy, masked bytes) is the
+task's `ChunkExamples` (bigjax/tasks.py); this module knows tokens, not tasks.
 
-Task "mlm" (BERT's masked LM) draws its masks from a generator that grain seeds
-with (seed, index in the repeated stream), so masks are step-indexed too.
+Examples drawn at random (a masked LM's masks) take a generator that grain
+seeds with (seed, index in the repeated stream), so they are step-indexed too.
 """
+import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import tempfile
+from typing import Callable
 
 import grain
 import numpy as np
 
 from bigjax.data import corpora, tokenizer
 
-TASKS = ("lm", "reverse", "mlm")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkExamples:
+  """How one chunk (int32 [seq_len + 1] token ids) becomes one example: a dict
+  of numpy arrays with at least "targets" and "weights". `make(chunk, rng)`
+  gets a numpy Generator when `random` (else None)."""
+  make: Callable[[np.ndarray, np.random.Generator | None], dict]
+  random: bool = False
 _READ_BLOCK = 4096  # Examples read per __getitems__ call while tokenising.
 
 
@@ -83,6 +95,20 @@ def token_array(dataset: str, split: str, data_dir: str | None = None,
 
   Cached at <data_dir>/bigjax_tokens/<dataset>-<split>-<fingerprint>.npy.
   """
+  return np.load(_token_cache(dataset, split, data_dir, text_key), mmap_mode="r")
+
+
+def token_stats(dataset: str, split: str, data_dir: str | None = None,
+                text_key: str = "text") -> dict:
+  """Statistics of a split's tokens ({"unigram_entropy_bits": ...}), computed
+  once with its token cache and kept next to it (<cache>.stats.json): reading
+  them back costs no pass over the corpus."""
+  with open(_token_cache(dataset, split, data_dir, text_key) + ".stats.json") as f:
+    return json.load(f)
+
+
+def _token_cache(dataset: str, split: str, data_dir: str | None, text_key: str) -> str:
+  """The path of the split's token cache (and its statistics), written if missing."""
   data_dir = corpora.default_data_dir(data_dir)
   source = corpora.prepared_source(dataset, split, data_dir)
   if len(source) == 0:
@@ -98,7 +124,18 @@ def token_array(dataset: str, split: str, data_dir: str | None = None,
                                  f"{_fingerprint(source, text_key)}.npy")
   if not os.path.exists(path):  # Racing writers each write the same bytes.
     _write_tokens(source, text_key, path)
-  return np.load(path, mmap_mode="r")
+  if not os.path.exists(path + ".stats.json"):  # Also for caches older than the file.
+    _write_atomically(path + ".stats.json", json.dumps(
+        {"unigram_entropy_bits": unigram_entropy_bits(np.load(path, mmap_mode="r"))}))
+  return path
+
+
+def _write_atomically(path: str, text: str) -> None:
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+  with os.fdopen(fd, "w") as f:
+    f.write(text)
+  os.chmod(tmp, 0o644)
+  os.replace(tmp, path)
 
 
 def unigram_entropy_bits(tokens) -> float:
@@ -125,15 +162,8 @@ def check_batch_split(global_batch_size: int, process_index: int, process_count:
 
 
 def _num_chunks(tokens, global_batch_size, seq_len, process_index,
-                process_count, task, name, mask_rate) -> int:
+                process_count, name) -> int:
   """Validates the arguments; returns how many chunks the tokens hold."""
-  if task not in TASKS:
-    raise ValueError(f"Unknown task {task!r}; known: {TASKS}.")
-  # Only "mlm" reads it, so other tasks may leave any value there.
-  if task == "mlm" and not 0 < mask_rate < 1:
-    raise ValueError(f"config.data.mask_rate={mask_rate} must be in (0, 1) for "
-                     "task 'mlm': set it to the fraction of tokens to predict "
-                     "(BERT: 0.15).")
   if seq_len <= 0:
     raise ValueError(f"config.seq_len must be positive, got {seq_len}.")
   check_batch_split(global_batch_size, process_index, process_count)
@@ -149,50 +179,15 @@ def _num_chunks(tokens, global_batch_size, seq_len, process_index,
   return (n - 1) // seq_len
 
 
-def _read_fn(tokens, seq_len: int, task: str):
-  def read(i):
-    chunk = np.asarray(tokens[i * seq_len:(i + 1) * seq_len + 1], np.int32)
-    ones = np.ones(seq_len, np.float32)
-    if task == "lm":
-      return {"inputs": chunk[:-1], "targets": chunk[1:], "weights": ones}
-    src = chunk[:seq_len]  # "reverse": output the input backwards.
-    rev = src[::-1].copy()
-    dec = np.concatenate([[tokenizer.BOS_ID], rev[:-1]]).astype(np.int32)
-    return {"encoder_inputs": src, "decoder_inputs": dec, "targets": rev,
-            "weights": ones}
-  return read
-
-
-def _mlm_example(src, mask_rate: float, rng: np.random.Generator) -> dict:
-  """BERT's recipe on one chunk `src` (int32 ids): each byte position is chosen
-  with probability mask_rate; a chosen one becomes MASK_ID (80%), a uniformly
-  random byte (10%) or stays (10%), so the model cannot tell from the input
-  which unmasked tokens it is graded on. Specials (EOS, ...) are never
-  chosen."""
-  eligible = (src >= tokenizer.OFFSET) & (src < tokenizer.VOCAB_SIZE)
-  draw, kind = rng.random((2, src.size))
-  chosen = eligible & (draw < mask_rate)
-  if not chosen.any() and eligible.any():
-    # An empty row would waste its compute; pick one position instead. (A row
-    # of only specials has none to pick and keeps all-zero weights.)
-    chosen[rng.choice(np.flatnonzero(eligible))] = True
-  inputs = src.copy()
-  inputs[chosen & (kind < 0.8)] = tokenizer.MASK_ID
-  rand = chosen & (kind >= 0.8) & (kind < 0.9)
-  inputs[rand] = rng.integers(tokenizer.OFFSET, tokenizer.VOCAB_SIZE, rand.sum())
-  return {"inputs": inputs, "targets": src, "weights": chosen.astype(np.float32)}
-
-
-def _examples(ds, tokens, seq_len: int, task: str, mask_rate: float, seed: int):
+def _examples(ds, tokens, seq_len: int, examples: ChunkExamples, seed: int):
   """Maps a dataset of chunk indices to examples."""
-  if task != "mlm":
-    return ds.map(_read_fn(tokens, seq_len, task))
-  read = lambda i: np.asarray(tokens[i * seq_len:(i + 1) * seq_len], np.int32)
+  read = lambda i: np.asarray(tokens[i * seq_len:(i + 1) * seq_len + 1], np.int32)
+  if not examples.random:
+    return ds.map(lambda i: examples.make(read(i), None))
   # grain seeds the generator from (seed, index in `ds`), not the chunk id: a
-  # resumed run redraws the same masks, and a chunk's next epoch (a later
+  # resumed run redraws the same examples, and a chunk's next epoch (a later
   # index) gets fresh ones.
-  return ds.random_map(lambda i, rng: _mlm_example(read(i), mask_rate, rng),
-                       seed=seed % 2**32)
+  return ds.random_map(lambda i, rng: examples.make(read(i), rng), seed=seed % 2**32)
 
 
 def per_process(ds, global_batch_size, process_index, process_count):
@@ -206,28 +201,21 @@ def per_process(ds, global_batch_size, process_index, process_count):
 class LMBatches:
   """Training batches of one process, indexed by global step.
 
-  `batch(step)` is a dict of numpy arrays, each [batch_size // P, seq_len]:
-  task "lm": inputs, targets (inputs shifted by one), weights;
-  task "reverse": encoder_inputs, decoder_inputs ([BOS] + targets[:-1]),
-  targets (encoder_inputs reversed), weights;
-  task "mlm": inputs (the chunk with about mask_rate of its bytes masked),
-  targets (the chunk), weights (1.0 where chosen; at least one per row with a byte in it).
-  Each epoch is reshuffled (grain mixes the epoch into the seed) and remasked;
-  batches run across epoch boundaries. `name` describes the tokens in error
-  messages. `mask_rate` is config.data.mask_rate, read by "mlm" only.
+  `batch(step)` is a dict of numpy arrays, [batch_size // P, ...] each: the
+  rows `examples` makes of the step's chunks. Each epoch is reshuffled (grain
+  mixes the epoch into the seed) and random examples are redrawn; batches run
+  across epoch boundaries. `name` describes the tokens in error messages.
   """
 
   def __init__(self, tokens, *, global_batch_size: int, seq_len: int, seed: int,
-               process_index: int = 0, process_count: int = 1,
-               shuffle: bool = True, task: str = "lm",
-               name: str = "The token array", mask_rate: float = 0.15):
+               examples: ChunkExamples, process_index: int = 0, process_count: int = 1,
+               shuffle: bool = True, name: str = "The token array"):
     self.num_chunks = _num_chunks(tokens, global_batch_size, seq_len,
-                                  process_index, process_count, task, name,
-                                  mask_rate)
+                                  process_index, process_count, name)
     ds = grain.MapDataset.range(self.num_chunks)
     if shuffle:
       ds = ds.shuffle(seed=seed % 2**32)  # grain takes seeds in [0, 2**32).
-    ds = _examples(ds.repeat(None), tokens, seq_len, task, mask_rate, seed)
+    ds = _examples(ds.repeat(None), tokens, seq_len, examples, seed)
     self._ds = per_process(ds, global_batch_size, process_index, process_count)
     self.local_batch_size = global_batch_size // process_count
     self.steps_per_epoch = self.num_chunks / global_batch_size
@@ -242,19 +230,15 @@ class LMBatches:
         grain.ReadOptions(num_threads=0)))
 
 
-def eval_batches(tokens, *, global_batch_size: int, seq_len: int,
-                 num_batches: int, process_index: int = 0,
-                 process_count: int = 1, task: str = "lm",
-                 name: str = "The token array",
-                 mask_rate: float = 0.15) -> list[dict]:
+def eval_batches(tokens, *, global_batch_size: int, seq_len: int, num_batches: int,
+                 examples: ChunkExamples, process_index: int = 0, process_count: int = 1,
+                 name: str = "The token array") -> list[dict]:
   """The first `num_batches` global batches of the unshuffled chunks (this
-  process's part of each), the same every call ("mlm" masks with a fixed
-  seed, so eval losses stay comparable). A split too short for that many gives
-  as many full batches as it holds; one that holds none raises."""
-  n = _num_chunks(tokens, global_batch_size, seq_len, process_index,
-                  process_count, task, name, mask_rate)
-  ds = _examples(grain.MapDataset.range(n), tokens, seq_len, task, mask_rate,
-                 seed=0)
+  process's part of each), the same every call (random examples draw with a
+  fixed seed, so eval losses stay comparable). A split too short for that many
+  gives as many full batches as it holds; one that holds none raises."""
+  n = _num_chunks(tokens, global_batch_size, seq_len, process_index, process_count, name)
+  ds = _examples(grain.MapDataset.range(n), tokens, seq_len, examples, seed=0)
   ds = per_process(ds, global_batch_size, process_index, process_count)
   # Whole global batches only: every process must get the same count, or the
   # processes' eval loops would disagree and hang in a collective.

@@ -45,14 +45,14 @@ def make_config(moe: bool, shape):
 
 
 def tokens_per_second(config, steps_to_time: int) -> float:
-  task = steps.make_task(config, sharding.config_mesh(config))
-  state = steps.create_state(task, config.seed)
-  train_step = steps.make_train_step(task)
+  setup = steps.make_setup(config, sharding.config_mesh(config))
+  state = steps.create_state(setup, config.seed)
+  train_step = steps.make_train_step(setup)
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, 259, (config.batch_size, config.seq_len + 1)).astype(np.int32)
   batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
                           "weights": np.ones(tokens[:, 1:].shape, np.float32)},
-                         task.batch_sharding())
+                         setup.batch_sharding())
   times = []
   for i in range(steps_to_time + 2):  # Two warm-up steps (compile, allocate).
     start = time.perf_counter()
@@ -76,7 +76,7 @@ def main():
   for name, moe in (("dense", False), ("moe 8x top-2", True)):
     config = make_config(moe, PRESETS[args.preset])
     per_token = flops.training_flops_per_token(steps.model_config(config), config.seq_len)
-    params = sum(x.size for x in jax.tree.leaves(steps.make_task(
+    params = sum(x.size for x in jax.tree.leaves(steps.make_setup(
         config, sharding.config_mesh(config)).abstract_state.params))
     rates[name] = tokens_per_second(config, args.steps)
     mfu = f"MFU {rates[name] * per_token / jax.device_count() / peak:.1%}" if peak else \

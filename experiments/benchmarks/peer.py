@@ -49,7 +49,7 @@ import hf_models  # noqa: E402  (the bench extra: torch, transformers)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bigjax import flops, optim, sharding, steps, train  # noqa: E402
+from bigjax import flops, loop, optim, sharding, steps, tasks  # noqa: E402
 from bigjax.data import pipeline  # noqa: E402
 from configs import gpt2  # noqa: E402
 
@@ -63,30 +63,30 @@ class BigjaxSide:
   name = "bigjax"
 
   def __init__(self, config, init_seed=None):
-    self.task = steps.make_task(config, sharding.config_mesh(config))
-    self.train_step = steps.make_train_step(self.task)
-    self.eval_step = steps.make_eval_step(self.task)
+    self.setup = steps.make_setup(config, sharding.config_mesh(config))
+    self.train_step = steps.make_train_step(self.setup)
+    self.eval_step = steps.make_eval_step(self.setup)
     self.init_seed = config.seed if init_seed is None else init_seed
     self.reset()
 
   def reset(self):
     """A fresh initialisation (the compiled steps are kept)."""
-    self.state = steps.create_state(self.task, self.init_seed)
+    self.state = steps.create_state(self.setup, self.init_seed)
 
   def step(self, batch):
-    self.state, metrics = self.train_step(self.state, train._global_batch(self.task, batch))
+    self.state, metrics = self.train_step(self.state, loop.global_batch(self.setup, batch))
     return metrics
 
   def sync(self, metrics):
     return float(jax.device_get(metrics["loss"]))
 
   def eval_loss(self, batches) -> float:
-    return train.evaluate(self.task, self.eval_step, self.state, batches)["eval_loss"]
+    return loop.evaluate(self.setup, self.eval_step, self.state, batches)["eval_loss"]
 
 
 def equivalence(arch: str, config, batch):
   bj = BigjaxSide(config)
-  ours = np.asarray(bj.task.model(bj.state.params)(jnp.asarray(batch["inputs"])))
+  ours = np.asarray(bj.setup.model(bj.state.params)(jnp.asarray(batch["inputs"])))
   hf = hf_models.load(arch, jax.device_get(bj.state.params), hf_models.build(arch, config))
   with torch.no_grad():
     theirs = hf.eval()(input_ids=torch.from_numpy(np.asarray(batch["inputs"], np.int64)))
@@ -156,7 +156,8 @@ class TorchSide:
 def load_batches(config):
   train_tokens = pipeline.token_array("stdlib_py", "train")
   eval_tokens = pipeline.token_array("stdlib_py", "validation")
-  kw = dict(global_batch_size=config.batch_size, seq_len=config.seq_len)
+  kw = dict(global_batch_size=config.batch_size, seq_len=config.seq_len,
+            examples=tasks.next_token_examples())
   return (pipeline.LMBatches(train_tokens, seed=config.seed, **kw),
           pipeline.eval_batches(eval_tokens, num_batches=config.eval_batches, **kw))
 

@@ -1,0 +1,287 @@
+"""The training loop and what it does between steps (hooks).
+
+`run_loop` runs the jitted step from `loop.done` to config.total_steps on
+prefetched batches and calls each hook around every step. What happens at a
+log step, an eval step, a checkpoint step, on preemption or in a profiled
+window is one hook each, below; train.run assembles the usual ones, and a
+sweep, notebook or test can drive the same loop with its own list.
+
+The host waits on the device only when a hook fetches a value (logging,
+evaluating, saving); batch reading and its host-to-device copy run ahead on a
+background thread (grain's thread prefetch), step-indexed as ever.
+"""
+import dataclasses
+import math
+import os
+from typing import Any, Callable
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bigjax import checkpoint, metrics as metrics_lib, optim, steps
+
+PREFETCH_BATCHES = 2  # Global batches read (and copied to the devices) ahead.
+
+
+class NonFiniteError(FloatingPointError):
+  """A NaN/Inf loss or gradient under optim.nan_policy='halt'."""
+
+
+@dataclasses.dataclass
+class Loop:
+  """What the hooks see and change: the state after `done` steps, the step
+  metrics not yet fetched, the last evaluation, and whether to stop."""
+  setup: steps.TrainSetup
+  state: steps.TrainState
+  done: int  # Steps finished: the next step to run.
+  log: Callable[[str], None] = print
+  writer: metrics_lib.MetricWriter | None = None  # Opened by LogMetrics.
+  progress: metrics_lib.Progress | None = None  # Likewise.
+  halt_on_nan: bool = False
+  latest_checkpoint: Callable[[], int | None] = lambda: None
+  pending: list = dataclasses.field(default_factory=list)
+  last_metrics: dict = dataclasses.field(default_factory=dict)  # Of step `done` (on device).
+  last_eval: dict = dataclasses.field(default_factory=dict)
+  stop: bool = False
+  preempted: bool = False
+
+  @property
+  def config(self):
+    return self.setup.config
+
+  def is_last(self) -> bool:
+    return self.done == self.config.total_steps
+
+  def every(self, n: int) -> bool:
+    return self.done % n == 0 or self.is_last()
+
+  def check_finite(self):
+    """optim.nan_policy='halt': NonFiniteError naming the first step whose
+    loss or gradient norm in `pending` is not finite."""
+    if not self.halt_on_nan:
+      return
+    first = self.done - len(self.pending) + 1
+    for i, m in enumerate(jax.device_get(self.pending)):
+      loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+      if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        latest = self.latest_checkpoint()
+        where = (f"the latest checkpoint, step {latest}, predates it, and rerunning resumes "
+                 "there" if latest is not None else "no checkpoint was saved")
+        raise NonFiniteError(
+            f"Non-finite training step {first + i} (loss={loss}, grad_norm={gnorm}) with "
+            f"config.optim.nan_policy='halt': the run stops ({where}). Lower optim.lr, set "
+            "optim.clip_norm, check the data, or set config.optim.nan_policy='skip' to drop "
+            "such updates.")
+
+
+class Hook:
+  """Override what you need. `after_step` runs in list order; `close` always
+  runs (also on errors), `finish` only when the loop ended without one."""
+
+  def start(self, loop: Loop): ...
+  def before_step(self, loop: Loop, step: int): ...
+  def after_step(self, loop: Loop): ...
+  def finish(self, loop: Loop): ...
+  def close(self, loop: Loop): ...
+
+
+def prefetched(setup: steps.TrainSetup, data: Any, start: int, stop: int):
+  """Global batches start..stop-1 of `data` (.batch(step) -> this process's
+  numpy rows), read and put on the devices PREFETCH_BATCHES ahead by a
+  background thread. Closing the iterator stops the thread."""
+  ds = grain.MapDataset.range(start, stop).map(data.batch)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0)).map(
+      lambda local: global_batch(setup, local))
+  return iter(grain.experimental.ThreadPrefetchIterDataset(
+      ds, prefetch_buffer_size=PREFETCH_BATCHES))
+
+
+def global_batch(setup: steps.TrainSetup, local: dict) -> dict:
+  """Process-local numpy rows -> one global jax.Array per key, sharded on batch."""
+  return {k: jax.make_array_from_process_local_data(setup.batch_sharding(), v)
+          for k, v in local.items()}
+
+
+def run_loop(loop: Loop, train_data, hooks: list[Hook]) -> Loop:
+  """Trains from loop.done to config.total_steps (or until a hook stops it)."""
+  train_step = steps.make_train_step(loop.setup)
+  batches = prefetched(loop.setup, train_data, loop.done, loop.config.total_steps)
+  try:
+    for hook in hooks:
+      hook.start(loop)
+    for step in range(loop.done, loop.config.total_steps):
+      for hook in hooks:
+        hook.before_step(loop, step)
+      loop.state, step_metrics = train_step(loop.state, next(batches))
+      loop.pending.append(step_metrics)
+      loop.last_metrics = step_metrics
+      loop.done = step + 1
+      for hook in hooks:
+        hook.after_step(loop)
+      if loop.stop:
+        break
+    for hook in hooks:
+      hook.finish(loop)
+  finally:
+    batches.close()
+    for hook in hooks:
+      hook.close(loop)
+  return loop
+
+
+# --------------------------------------------------------------------------
+# The usual hooks, in the order train.run lists them.
+# --------------------------------------------------------------------------
+
+
+class LogMetrics(Hook):
+  """Owns metrics.jsonl / TensorBoard and the progress bar: at the start the
+  file is rewound to the resumed step and opened (after the rewind, which
+  replaces the file); every config.log_every steps the window's mean metrics,
+  the learning rate and the count of skipped updates are written. Hooks that
+  write (Evaluate) come after it in the list."""
+
+  def __init__(self, workdir: str):
+    self.workdir, self.skipped_logged = workdir, None
+
+  def start(self, loop):
+    # A fresh start drops every row (-1), a resume the rows past its checkpoint.
+    for message in metrics_lib.rewind_jsonl(self.workdir, loop.done or -1).messages(
+        loop.done):
+      loop.log(message)
+    items_per_step, unit = loop.setup.task.throughput(loop.config)
+    loop.writer = metrics_lib.MetricWriter(self.workdir)
+    loop.progress = metrics_lib.Progress(loop.config.total_steps, loop.done, items_per_step,
+                                         unit)
+
+  def close(self, loop):
+    if loop.progress is not None:
+      loop.progress.close()
+    if loop.writer is not None:
+      loop.writer.close()
+
+  def after_step(self, loop):
+    if not loop.every(loop.config.log_every):
+      return
+    loop.check_finite()
+    fetched, loop.pending = jax.device_get(loop.pending), []
+    scalars = {k: _mean_finite([m[k] for m in fetched]) for k in fetched[0]}
+    scalars["learning_rate"] = float(optim.applied_learning_rate(loop.state.opt_state))
+    skipped = optim.skipped_updates(loop.state.opt_state)
+    if skipped is not None:
+      scalars["skipped_updates"] = skipped = int(jax.device_get(skipped))
+      if self.skipped_logged is not None and skipped > self.skipped_logged:
+        loop.log(f"step {loop.done}: skipped {skipped - self.skipped_logged} update(s) with "
+                 f"non-finite gradients ({skipped} in total).")
+      self.skipped_logged = skipped
+    _, unit = loop.setup.task.throughput(loop.config)
+    scalars[f"{unit}_per_s"] = loop.progress.update(loop.done, {"loss": scalars["loss"]})
+    loop.writer.write(loop.done, scalars)
+
+
+def evaluate(setup: steps.TrainSetup, eval_step, state, batches) -> dict:
+  """The task's evaluation summary (eval_loss, eval_accuracy, ...) over `batches`."""
+  sums = None
+  for local in batches:
+    out = eval_step(state.params, state.model_state, global_batch(setup, local))
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  return setup.task.eval_summary(jax.device_get(sums))
+
+
+class Evaluate(Hook):
+  """Every config.eval_every steps (and at the end): the task's summary of the
+  eval batches. `baseline`: also before the first step (fine-tuning)."""
+
+  def __init__(self, eval_batches: list, baseline: bool = False):
+    self.batches, self.baseline, self.eval_step = eval_batches, baseline, None
+
+  def _run(self, loop, what: str):
+    self.eval_step = self.eval_step or steps.make_eval_step(loop.setup)
+    loop.last_eval = evaluate(loop.setup, self.eval_step, loop.state, self.batches)
+    loop.log(f"{what}: " + ", ".join(f"{k}={v:.4f}" for k, v in loop.last_eval.items()))
+    if loop.writer is not None:
+      loop.writer.write(loop.done, loop.last_eval)
+      loop.progress.reset_clock()  # Throughput counts training time only.
+
+  def start(self, loop):
+    if self.baseline and loop.done == 0:
+      self._run(loop, "eval of the loaded parameters (step 0)")
+
+  def after_step(self, loop):
+    if loop.every(loop.config.eval_every):
+      self._run(loop, f"eval at step {loop.done}")
+
+
+class SaveCheckpoints(Hook):
+  """Every config.checkpoint_every steps, at the end, and on preemption (a
+  SIGTERM, or JAX's preemption sync under jax.distributed): a save; the loop
+  stops after a preemption save has landed. A background save that failed
+  stops the run at the next step."""
+
+  def __init__(self, ckpt: checkpoint.Checkpointer, sigterm_raised: Callable[[], bool]):
+    self.ckpt, self.sigterm_raised = ckpt, sigterm_raised
+
+  def start(self, loop):
+    loop.latest_checkpoint = self.ckpt.latest_step
+
+  def before_step(self, loop, step):
+    self.ckpt.raise_if_save_failed()
+
+  def after_step(self, loop):
+    stop = self.sigterm_raised() or self.ckpt.reached_preemption(loop.done)
+    if not (stop or loop.every(loop.config.checkpoint_every)):
+      return
+    loop.check_finite()  # No non-finite state is checkpointed under 'halt'.
+    # A state whose loss is not finite may be broken: its saves must not rotate
+    # out the newest good checkpoint (one host sync per save).
+    good = math.isfinite(float(loop.last_metrics["loss"]))
+    self.ckpt.save(loop.done, loop.state, force=True, good=good)
+    if stop:
+      self.ckpt.wait_and_check()
+      print(f"Preempted: checkpoint saved at step {loop.done}; rerun the same command to "
+            "resume.", flush=True)
+      loop.stop = loop.preempted = True
+
+  def finish(self, loop):
+    self.ckpt.wait_and_check()  # The last save, too, must have landed.
+
+
+class Profile(Hook):
+  """config.profile_steps = (start, stop): a jax.profiler trace of steps
+  start..stop-1 into WORKDIR/profile: *.xplane.pb (TensorBoard's profile
+  plugin, XProf) and perfetto_trace.json.gz (ui.perfetto.dev)."""
+
+  def __init__(self, workdir: str, start: int, stop: int):
+    self.dir, self.start_step, self.stop_step = os.path.join(workdir, "profile"), start, stop
+    self.tracing = False
+
+  def before_step(self, loop, step):
+    if step == self.start_step:
+      # The xplane.pb for TensorBoard / XProf, and a Perfetto-ready copy.
+      jax.profiler.start_trace(self.dir, create_perfetto_trace=True)
+      self.tracing = True
+
+  def after_step(self, loop):
+    if self.tracing and loop.done == self.stop_step:
+      self._stop(loop)
+
+  def _stop(self, loop):
+    jax.block_until_ready(loop.state)  # The traced steps' device work, whole.
+    jax.profiler.stop_trace()
+    self.tracing = False
+    loop.log(f"Profile of steps {self.start_step}..{self.stop_step - 1} written to "
+             f"{self.dir}.")
+
+  def close(self, loop):
+    if self.tracing:  # The run ended (or failed) inside the window.
+      self._stop(loop)
+
+
+def _mean_finite(values) -> float:
+  """Mean over the finite values (skipped NaN steps don't poison the logged
+  window); NaN if there are none."""
+  arr = np.asarray(values, np.float64)
+  finite = arr[np.isfinite(arr)]
+  return float(finite.mean()) if finite.size else float("nan")

@@ -1,0 +1,40 @@
+"""config.profile_steps: a jax.profiler trace of a window of steps in WORKDIR/profile."""
+import glob
+import os
+
+import pytest
+
+from bigjax import config as config_lib, train
+from configs import mlp
+
+
+def _config(tmp_path, window):
+  config = mlp.get_config("variant=binary,runlocal")
+  config.data.data_dir = str(tmp_path / "data")
+  config.update(total_steps=4, log_every=4, eval_every=4, checkpoint_every=4,
+                profile_steps=window)
+  return config
+
+
+def test_a_profiled_run_writes_a_trace(tmp_path):
+  workdir = tmp_path / "run"
+  result = train.run(_config(tmp_path, (1, 3)), str(workdir))
+  assert int(result.state.step) == 4
+  traces = glob.glob(os.path.join(workdir, "profile", "**", "*.xplane.pb"), recursive=True)
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0, traces
+  assert glob.glob(os.path.join(workdir, "profile", "**", "perfetto_trace.json.gz"),
+                   recursive=True)
+
+
+def test_no_window_writes_no_trace(tmp_path):
+  workdir = tmp_path / "run"
+  train.run(_config(tmp_path, ()), str(workdir))
+  assert not os.path.exists(workdir / "profile")
+
+
+@pytest.mark.parametrize("window", [(3, 3), (4, 2), (-1, 2), (1,), (1, 2, 3), (1.0, 2)])
+def test_bad_windows_are_refused(tmp_path, window):
+  config = _config(tmp_path, ())
+  config.profile_steps = window
+  with pytest.raises(config_lib.ConfigError, match=r"config\.profile_steps: .*start < stop"):
+    config_lib.validate(config, num_devices=8)
