@@ -33,6 +33,20 @@ def _delete(key):
   return make
 
 
+def _retyped(module, arg, key, value):
+  """A maker of `module.get_config(arg)` whose (dotted) key holds a value of another
+  type, past ConfigDict's type check (as a hand-edited config.json would)."""
+  def make():
+    c = _without(module, arg, key)()
+    *parents, leaf = key.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+    return c
+  return make
+
+
 def _without(module, arg, key):
   """A maker of `module.get_config(arg)` without the (dotted) key."""
   def make():
@@ -172,7 +186,7 @@ CASES = [
     (_with(model__dropout=0.1), "model.dropout"),
     (_moe(**{"model.moe.topk": 2}), "model.moe.topk"),
     (_zoo(model__hidden=(8,)), "model.hidden"),
-    (_without(lm, "runlocal", "model.remat"), "model.remat"),
+    (_without(lm, "runlocal", "model.remat_policy"), "model.remat_policy"),
     (_without(lm_moe, "runlocal", "model.moe.block_size"), "model.moe.block_size"),
     (_without(mlp, "variant=deep", "model.batch_norm"), "model.batch_norm"),
     (_without(bert, "runlocal", "data.mask_rate"), "data.mask_rate"),
@@ -209,6 +223,11 @@ CASES = [
     (_with(init_from__workdir=None), "init_from.workdir"),
     (_with(data__data_dir=None), "data.data_dir"),
     (_with(loss_chunk_len=5), "loss_chunk_len"),  # 5 does not divide seq_len 32
+    (_with(profile_steps=(5, 3)), "profile_steps"),  # start must come before stop
+    (_with(model__num_layers=3, model__moe_every=2, model__scan_layers=True),
+     "model.num_layers"),  # 3 blocks do not split into scanned pairs
+    (_moe(**{"model.moe.dropless_exchange": "fast"}), "model.moe.dropless_exchange"),
+    (_retyped(lm, "runlocal", "model.scan_layers", "yes"), "model.scan_layers"),
     (_with(init_from__skip="(unclosed"), "init_from.skip"),
     (_with(optim__freeze="[bad"), "optim.freeze"),
 ]
