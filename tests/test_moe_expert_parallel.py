@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from bigjax import config as config_lib, sharding, steps
 from bigjax.models import expert_parallel, layers, moe as moe_lib
@@ -72,7 +72,9 @@ def _fwd_bwd(layer, mesh=None):
 def _run(layer, x, mesh=None):
   fn, params = _fwd_bwd(layer, mesh)
   if mesh is not None:
-    x = jax.device_put(x, NamedSharding(mesh, PartitionSpec(("data", "expert", "fsdp"))))
+    spec = sharding.logical_to_spec(("activation_batch",), common.default_rules(),
+                                    mesh.axis_names)
+    x = jax.device_put(x, NamedSharding(mesh, spec))
   return jax.device_get(fn(params, x))
 
 
@@ -140,12 +142,13 @@ def _collectives(hlo: str):
 def test_compiled_program_exchanges_tokens_with_all_to_all(mesh_name):
   mesh = _mesh(mesh_name)
   n = mesh.shape["expert"]
-  local_tokens = BATCH * LENGTH // (n * mesh.shape["data"])
+  local_tokens = BATCH * LENGTH // (n * mesh.shape.get("data", 1))
   cap = local_tokens * min(K, E // n)  # rows per slot of the padded exchange
   layer = _layer()
   fn, params = _fwd_bwd(layer, mesh)
   x = jax.ShapeDtypeStruct((BATCH, LENGTH, EMB), jnp.float32, sharding=NamedSharding(
-      mesh, PartitionSpec(("data", "expert", "fsdp"))))
+      mesh, sharding.logical_to_spec(("activation_batch",), common.default_rules(),
+                                     mesh.axis_names)))
 
   def token_all_to_alls(hlo):
     ops = _collectives(hlo)
@@ -238,7 +241,8 @@ def test_exchange_setting():
 def test_tokens_must_be_split_over_the_expert_axis():
   layer = _layer()
   mesh = _mesh("expert8")
-  rules = [r for r in common.default_rules() if r[0] != "batch"] + [["batch", "data"]]
+  rules = ([r for r in common.default_rules() if r[0] != "activation_batch"]
+           + [["activation_batch", "data"]])
   graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
 
   def forward(p, x):

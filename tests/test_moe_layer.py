@@ -436,17 +436,14 @@ def _collectives_moving_tokens(hlo: str, kind: str, emb_dim: int) -> list[str]:
   return found
 
 
-@pytest.mark.xfail(strict=True, reason="GSPMD all-gathers the groups' tokens to every "
-                   "expert shard and all-reduces the outputs instead of exchanging the "
-                   "dispatched tensor by all-to-all")
 def test_expert_parallel_forward_moves_tokens_by_one_all_to_all_each_way(setups):
   # The README's claim: the dispatched tensor goes to the experts by one all-to-all
   # and comes back by one; the tokens are never gathered whole on every device.
-  task = setups("expert8")["task"]
+  setup = setups("expert8")["setup"]
   state = setups("expert8")["state"]
-  hlo = steps.make_eval_step(task).lower(state.params, state.model_state,
-                                          setups("expert8")["batch"]).compile().as_text()
-  emb = task.config.model.emb_dim
+  hlo = steps.make_eval_step(setup).lower(state.params, state.model_state,
+                                           setups("expert8")["batch"]).compile().as_text()
+  emb = setup.config.model.emb_dim
   assert not _collectives_moving_tokens(hlo, "all-gather", emb)
   assert len(_collectives_moving_tokens(hlo, "all-to-all", emb)) == 2
 

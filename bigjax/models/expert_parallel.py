@@ -68,9 +68,13 @@ def _entry(axes: tuple):
   return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def layout(token_shape, token_names, expert_weight_names, setting: str) -> Layout | None:
+def layout(token_shape, token_names, expert_weight_names, setting: str, *,
+           tokens_must_split: bool = True) -> Layout | None:
   """The expert-parallel layout under the mesh and rules in force, or None when no
   mesh is in force or the experts are not split (the one-device path then runs).
+  With tokens_must_split=False, also None (rather than an error) when the tokens
+  are not split over the expert axes or their second dimension is split at all:
+  the capacity path then leaves the exchange to GSPMD.
 
   token_shape, token_names: shape and logical names of x [B, L, M];
   expert_weight_names: those of wi
@@ -82,12 +86,15 @@ def layout(token_shape, token_names, expert_weight_names, setting: str) -> Layou
     return None
   mesh, rules = active
   split = lambda axes: tuple(a for a in axes if mesh.shape[a] > 1)
-  weight_spec = sharding.logical_to_spec(expert_weight_names, rules)
+  weight_spec = sharding.logical_to_spec(expert_weight_names, rules, mesh.axis_names)
   expert_axes = split(_axes(weight_spec[0]))
   if not expert_axes:
     return None
-  token_spec = sharding.logical_to_spec(tuple(token_names[:-1]) + (None,), rules)
+  token_spec = sharding.logical_to_spec(tuple(token_names[:-1]) + (None,), rules,
+                                        mesh.axis_names)
   token_axes = {a for entry in token_spec for a in _axes(entry)}
+  if not tokens_must_split and (not set(expert_axes) <= token_axes or _axes(token_spec[1])):
+    return None
   if not set(expert_axes) <= token_axes:
     raise ValueError(
         f"config.sharding_rules: the experts are split over {expert_axes} but the tokens "
@@ -214,3 +221,31 @@ def dropless(x, experts, gates, weights: dict, ffn: Callable, *, num_experts: in
 
   return jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, weight_specs),
                        out_specs=tokens)(x, experts, gates, weights)
+
+
+def capacity(xe, weights: dict, ffn: Callable, *, layout: Layout):
+  """GShard's exchange for capacity routing. xe [E, G, C, M]: every expert's
+  capacity slots of each group, the groups split over the token shards. One
+  all-to-all over the expert axes gives each shard its E/n experts' slots of the
+  groups of its n peers, [E/n, n*G_local, C, M]; `ffn(xe, weights)` runs them; the
+  reverse all-to-all returns [E, G_local, C, M]. Capacity makes the buffers fixed
+  in size, so nothing is padded beyond what routing already did."""
+  mesh, axes = layout.mesh, layout.expert_axes
+  n = math.prod(mesh.shape[a] for a in axes)
+  if xe.shape[0] % n:
+    raise ValueError(f"model.moe.num_experts={xe.shape[0]} does not split over the "
+                     f"{n} expert shards of mesh axes {axes}.")
+  groups = PartitionSpec(None, layout.token_spec[0], None, None)
+  expert_dim, hidden = _entry(axes), _entry(layout.hidden_axes)
+  weight_specs = {name: (PartitionSpec(expert_dim, hidden, None) if name == "wo"
+                         else PartitionSpec(expert_dim, None, hidden)) for name in weights}
+
+  def local(xe, weights):
+    xe = jax.lax.all_to_all(xe, axes, 0, 1, tiled=True)  # groups -> experts
+    ye = ffn(xe, weights)
+    if layout.hidden_axes:
+      ye = jax.lax.psum(ye, layout.hidden_axes)
+    return jax.lax.all_to_all(ye, axes, 1, 0, tiled=True)  # experts -> groups
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(groups, weight_specs),
+                       out_specs=groups)(xe, weights)

@@ -5,9 +5,10 @@ of S tokens, routed with dense dispatch/combine tensors, and exchanged with the
 experts by einsums
     dispatch  GSEC,GSM->EGCM    experts  EGCM,EMH->EGCH, EGCH,EHM->EGCM
     combine   GSEC,GECM->GSM
-The dispatched tensor is constrained to be expert-sharded ('activation_exp' ->
-mesh axis `expert`) while tokens are group-sharded ('activation_batch'), so GSPMD
-moves it with one all-to-all each way. Router metrics are sown as nnx.Intermediate('router_metrics').
+With the experts split over the `expert` mesh axis, the dispatched tensor goes to
+them by one all-to-all each way inside a shard_map (`expert_parallel.capacity`;
+dropless: `expert_parallel.dropless`). Router metrics are sown as
+nnx.Intermediate('router_metrics').
 
 Evaluation mode is `rng is None` (as for dropout): eval capacity factor, no
 random routing, no jitter.
@@ -23,6 +24,9 @@ from bigjax.models import dataclass_from_config, expert_parallel, layers, routin
 from bigjax.sharding import constrain
 
 DROPLESS_IMPLS = ("ragged_dot", "sorted_blocks")
+# Tokens in groups [G, S, M], and dispatched to experts [E, G, C, M].
+GROUP_NAMES = ("activation_batch", "activation_length", "activation_embed")
+DISPATCHED_NAMES = ("activation_exp", "activation_batch", None, "activation_embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,20 +91,22 @@ class MoEFeedForward(nnx.Module):
       x = x * jax.random.uniform(rng, x.shape, jnp.float32, 1.0 - eps, 1.0 + eps)
     return jnp.einsum("...m,me->...e", x, self.router[...].astype(jnp.float32))
 
-  def _expert_ffn(self, xe):
+  def _expert_ffn(self, xe, weights, hidden_names=None):
     """The experts' FFN on dispatched tokens xe [E, G, C, M], one matmul per expert
     over its [G*C, M] rows: a single row dimension, for the reason layers.dense
-    gives (plain matmuls in the backward pass too). G stays major: same shardings."""
+    gives (plain matmuls in the backward pass too). G stays major: same shardings.
+    `hidden_names` constrains the hidden activations (none inside a shard_map)."""
     e, g, c, m = xe.shape
     rows = xe.reshape(e, g * c, m)
-    weights, act = self._expert_weights(), layers.ACTIVATIONS[self.cfg.mlp_activation]
+    act = layers.ACTIVATIONS[self.cfg.mlp_activation]
     h = jnp.einsum("enm,emh->enh", rows, weights["wi"])
     if "wi_gate" in weights:
       h = act(jnp.einsum("enm,emh->enh", rows, weights["wi_gate"])) * h
     else:
       h = act(h)
-    h = constrain(h.reshape(e, g, c, -1), ("activation_exp", "activation_batch", None, "activation_mlp"))
-    out = jnp.einsum("enh,ehm->enm", h.reshape(e, g * c, -1), weights["wo"])
+    if hidden_names is not None:
+      h = constrain(h.reshape(e, g, c, -1), hidden_names).reshape(e, g * c, -1)
+    out = jnp.einsum("enh,ehm->enm", h, weights["wo"])
     return out.reshape(e, g, c, m)
 
   def _report(self, aux, z, routed, kept, load, probs):
@@ -118,8 +124,7 @@ class MoEFeedForward(nnx.Module):
     if self.moe.router == "dropless":
       return self._dropless(x, r_jitter)
     s = self.moe.group_size if length % self.moe.group_size == 0 else length
-    xg = constrain(x.reshape(b * length // s, s, m),
-                   ("activation_batch", "activation_length", "activation_embed"))
+    xg = constrain(x.reshape(b * length // s, s, m), GROUP_NAMES)
     logits = self.router_logits(xg, r_jitter)
     factor = self.moe.capacity_factor if rng is not None else self.moe.eval_capacity_factor
     cap = routing.capacity(s, self.moe.num_experts, self.moe.k, factor)
@@ -132,11 +137,18 @@ class MoEFeedForward(nnx.Module):
     self._report(r.aux_loss, r.z_loss, r.routed, r.kept, r.load, jax.nn.softmax(logits))
     dt = self.cfg.dtype
     xe = jnp.einsum("gsec,gsm->egcm", r.dispatch.astype(dt), xg)
-    # all-to-all: groups -> experts
-    xe = constrain(xe, ("activation_exp", "activation_batch", None, "activation_embed"))
-    ye = self._expert_ffn(xe)
-    ye = constrain(ye, ("activation_exp", "activation_batch", None, "activation_embed"))
-    y = jnp.einsum("gsec,egcm->gsm", r.combine.astype(dt), ye)  # all-to-all back
+    parallel = expert_parallel.layout(
+        xg.shape, GROUP_NAMES, sharding.logical_axes_of(self.wi), self.moe.dropless_exchange,
+        tokens_must_split=False)
+    if parallel is not None:  # One all-to-all each way: groups -> experts -> groups.
+      ye = expert_parallel.capacity(xe, self._expert_weights(), self._expert_ffn,
+                                    layout=parallel)
+    else:
+      xe = constrain(xe, DISPATCHED_NAMES)
+      ye = self._expert_ffn(xe, self._expert_weights(),
+                            ("activation_exp", "activation_batch", None, "activation_mlp"))
+      ye = constrain(ye, DISPATCHED_NAMES)
+    y = jnp.einsum("gsec,egcm->gsm", r.combine.astype(dt), ye)
     y = constrain(y, ("activation_batch", "activation_length", "activation_embed"))
     return y.reshape(b, length, m)
 
@@ -146,7 +158,7 @@ class MoEFeedForward(nnx.Module):
     b, length, m = x.shape
     e, k = self.moe.num_experts, self.moe.k
     xt = x.reshape(b * length, m)
-    parallel = expert_parallel.layout(x.shape, ("activation_batch", "activation_length", "activation_embed"),
+    parallel = expert_parallel.layout(x.shape, GROUP_NAMES,
                                       sharding.logical_axes_of(self.wi),
                                       self.moe.dropless_exchange)
     logits = self.router_logits(xt, rng)
