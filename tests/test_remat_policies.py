@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bigjax import config as config_lib, optim, steps
+from bigjax import config as config_lib, optim, steps, tasks
 from bigjax.config import ConfigError
 from bigjax.models import transformer
 from configs import lm
@@ -26,7 +26,7 @@ def _grads(policy: str, scan: bool):
            "weights": jnp.ones((2, 8))}
 
   def loss(p):  # Dropout on: remat must replay the same masks.
-    return steps.loss_sums(nnx.merge(graphdef, p, rest), batch,
+    return steps.loss_sums(tasks.get("lm"), nnx.merge(graphdef, p, rest), batch,
                            jax.random.PRNGKey(3))["loss_sum"]
 
   grads = jax.jit(jax.grad(loss))(nnx.to_pure_dict(params))

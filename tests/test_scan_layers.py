@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bigjax import checkpoint, decode, init_from, layer_layout, optim, sharding, steps
+from bigjax import (checkpoint, decode, init_from, layer_layout, optim, sharding, steps,
+                    tasks)
 from bigjax.config import ConfigError
 from bigjax.models import moe as moe_lib
 from bigjax.models import transformer
@@ -67,9 +68,10 @@ def _batch(kind, seed=0):
 
 def _loss_and_grads(model, batch):
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  task = tasks.get("reverse" if "encoder_inputs" in batch else "lm")
 
   def loss(p):
-    sums = steps.loss_sums(nnx.merge(graphdef, p, rest), batch, jax.random.PRNGKey(5),
+    sums = steps.loss_sums(task, nnx.merge(graphdef, p, rest), batch, jax.random.PRNGKey(5),
                            (0.01, 0.001))
     return sums["loss_sum"] + sums.get("router_loss_sum", 0.0), sums.get("moe", {})
 
