@@ -5,7 +5,7 @@ XLA's compiled memory per remat policy.
   python experiments/benchmarks/depth.py --depths=4,16,48 --emb=768 --mlp=3072 \
       --heads=12 --seq=1024 --batch=8 --memory_depth=12
   python experiments/benchmarks/depth.py --depths=2,4 --emb=32 --mlp=64 --seq=16 \
-      --batch=2 --memory_depth=2          # a smoke run, seconds
+      --batch=2 --memory_depth=2 --configs=  # a smoke run, seconds
 
 What is compiled is the gradient of the training loss (forward + backward) of
 the configs/lm.py decoder at the given width, from abstract parameters (nothing
@@ -15,17 +15,27 @@ whatever the depth. Memory is XLA's accounting of the compiled program
 (compiled.memory_analysis(): temporaries, the activations kept for the backward
 pass among them), exact and independent of the allocator; the remat policies
 trade it against recomputation.
+
+Last, the whole train step (gradient, clipping, AdamW, metrics) of each
+full-size config named by --configs, scanned and unrolled, at its own depth,
+batch and length, on a one-device mesh, from abstract state.
 """
 import argparse
+import importlib
+import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bigjax import steps
-from bigjax.models import transformer
-from configs import lm
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)  # configs/ sits beside bigjax/, outside the package.
+
+from bigjax import sharding, steps, tasks  # noqa: E402
+from bigjax.models import transformer  # noqa: E402
+from configs import lm  # noqa: E402
 
 
 def _model_config(args, depth: int, scan: bool, policy: str) -> transformer.TransformerConfig:
@@ -44,11 +54,27 @@ def compile_grad(cfg: transformer.TransformerConfig, batch: int, seq: int):
           "weights": jax.ShapeDtypeStruct((batch, seq), jnp.float32)}
 
   def loss(p, batch):
-    return steps.loss_sums(nnx.merge(graphdef, p, rest), batch, None)["loss_sum"]
+    model = nnx.merge(graphdef, p, rest)
+    return steps.loss_sums(tasks.get("lm"), model, batch, None)["loss_sum"]
 
   start = time.perf_counter()
   compiled = jax.jit(jax.grad(loss)).lower(nnx.to_pure_dict(params), data).compile()
   return compiled, time.perf_counter() - start
+
+
+def compile_train_step(config) -> float:
+  """Seconds to lower and compile config's train step from abstract state."""
+  setup = steps.make_setup(config, sharding.make_mesh(dict(data=1), jax.devices()[:1]))
+  start = time.perf_counter()
+  state = jax.eval_shape(lambda: steps.create_state(setup, config.seed))
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       state, setup.state_shardings)
+  shape = (config.batch_size, config.model.max_len)
+  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=setup.batch_sharding())
+           for k, dtype in (("inputs", jnp.int32), ("targets", jnp.int32),
+                            ("weights", jnp.float32))}
+  steps.make_train_step(setup).lower(state, batch).compile()
+  return time.perf_counter() - start
 
 
 def program_size(compiled) -> tuple[int, int]:
@@ -73,6 +99,8 @@ def main():
   parser.add_argument("--memory_depth", type=int, default=12,
                       help="Layers of the model whose memory is shown per remat policy.")
   parser.add_argument("--policies", default=",".join(transformer.REMAT_POLICIES))
+  parser.add_argument("--configs", default="lm,lm_moe",
+                      help="configs/NAME.py whose full-size train step is compiled; empty: none.")
   args = parser.parse_args()
   print(f"{jax.devices()[0].device_kind}; emb={args.emb} heads={args.heads} mlp={args.mlp} "
         f"seq={args.seq} batch={args.batch} {args.dtype}; gradient of the loss")
@@ -100,6 +128,19 @@ def main():
     host = getattr(mem, "host_temp_size_in_bytes", 0)
     print(f"{policy:>32} {mib(mem.temp_size_in_bytes):>12} {mib(total):>10} {mib(host):>8}",
           flush=True)
+
+  if args.configs:
+    print(f"\n{'config':>24} {'layers':>6} {'batch x len':>12} {'scanned s':>10} "
+          f"{'unrolled s':>11}")
+  for name in filter(None, args.configs.split(",")):
+    seconds = {}
+    for scan in (True, False):
+      config = importlib.import_module(f"configs.{name}").get_config()
+      config.model.scan_layers = scan
+      seconds[scan] = compile_train_step(config)
+    print(f"{f'configs/{name}.py':>24} {config.model.num_layers:>6} "
+          f"{f'{config.batch_size} x {config.model.max_len}':>12} {seconds[True]:>10.1f} "
+          f"{seconds[False]:>11.1f}", flush=True)
 
 
 if __name__ == "__main__":

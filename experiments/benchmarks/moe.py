@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
 
 from bigjax import sharding  # noqa: E402
 from bigjax.models import expert_parallel, layers, moe  # noqa: E402
@@ -68,7 +68,9 @@ def prepare(module, x, mesh=None):
   """A warmed-up zero-argument runner and the program's memory in bytes (per device)."""
   fn, params = _fwd_bwd(module, mesh)
   if mesh is not None:
-    x = jax.device_put(x, NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES)))
+    spec = sharding.logical_to_spec(("activation_batch",), common.default_rules(),
+                                    mesh.axis_names)
+    x = jax.device_put(x, NamedSharding(mesh, spec))
   rng = jax.random.PRNGKey(0)
   compiled = fn.lower(params, x, rng).compile()
   mem = compiled.memory_analysis()

@@ -1,0 +1,36 @@
+"""The benchmark scripts still run against the library (smoke sizes, seconds each).
+
+Nothing else imports them, so an API change would otherwise leave a README
+command broken until someone re-records its figures. peer.py needs the bench
+extra and has its own tests (test_peer_parity, test_hf_equivalence).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = {
+    "depth": (["--depths=2,4", "--emb=32", "--mlp=64", "--seq=16", "--batch=2",
+               "--memory_depth=2", "--policies=none,full", "--configs="],
+              ["scanned", "unrolled", "full"]),
+    "moe": (["--tokens=64", "--emb=16", "--mlp=32", "--experts=4", "--group_size=16",
+             "--repeats=1", "--expert_shards=2"],
+            ["dropless ragged_dot, 2 expert shards (padded)", "einsum top-2, cf 1.25"]),
+    "decode": (["--new_tokens=4", "--emb=32", "--layers=1", "--repeats=1"], ["tokens/s"]),
+    "gpu": (["--preset=tiny", "--steps=2"], ["MFU"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(SMOKE))
+def test_benchmark_runs_at_smoke_size(script):
+  args, expected = SMOKE[script]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env.pop("PYTHONPATH", None)  # The scripts find the repository themselves.
+  done = subprocess.run([sys.executable, f"experiments/benchmarks/{script}.py", *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  for text in expected:
+    assert text in done.stdout, done.stdout
