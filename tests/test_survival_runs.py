@@ -61,8 +61,10 @@ def _start(env, workdir, *extra, launcher_args=None, devices=None, log_name="log
            checkpoint_every=4):
   os.makedirs(workdir, exist_ok=True)
   e = dict(env["env"])
-  if devices:
-    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  if devices:  # The suite's other XLA flags (tests/conftest.py) stay.
+    e["XLA_FLAGS"] = " ".join([f for f in os.environ["XLA_FLAGS"].split()
+                               if not f.startswith("--xla_force_host_platform_device_count")]
+                              + [f"--xla_force_host_platform_device_count={devices}"])
   if launcher_args is None:
     cmd = [sys.executable, "-m", "bigjax.main",
            *_flags(env, workdir, *extra, checkpoint_every=checkpoint_every)]
