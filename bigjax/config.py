@@ -214,13 +214,13 @@ def _validate_transformer(config):
 
 
 def _validate_scan_layers(config):
-  from bigjax.models import transformer
+  from bigjax.models import stack
 
   m = config.model
   policy = _get(config, "model.remat_policy")
-  if policy not in transformer.REMAT_POLICIES:
+  if policy not in stack.REMAT_POLICIES:
     _fail("model.remat_policy", f"unknown policy {policy!r}.",
-          f"Choose one of {transformer.REMAT_POLICIES}.")
+          f"Choose one of {stack.REMAT_POLICIES}.")
   if not isinstance(_get(config, "model.scan_layers"), bool):
     _fail("model.scan_layers", f"must be True or False, got {m.scan_layers!r}.",
           "Set it to True to scan the blocks, False to unroll them.")

@@ -9,7 +9,7 @@ from flax import nnx
 
 from bigjax import config as config_lib, optim, steps, tasks
 from bigjax.config import ConfigError
-from bigjax.models import transformer
+from bigjax.models import stack, transformer
 from configs import lm
 
 BASE = dict(vocab_size=40, num_layers=2, emb_dim=32, num_heads=4, mlp_dim=64, max_len=16,
@@ -35,7 +35,7 @@ def _grads(policy: str, scan: bool):
 
 
 @pytest.mark.parametrize("scan", [False, True])
-@pytest.mark.parametrize("policy", [p for p in transformer.REMAT_POLICIES if p != "none"])
+@pytest.mark.parametrize("policy", [p for p in stack.REMAT_POLICIES if p != "none"])
 def test_every_policy_gives_the_gradients_of_no_remat(policy, scan):
   want, got = _grads("none", scan), _grads(policy, scan)
   assert set(got) == set(want)
@@ -50,4 +50,4 @@ def test_remat_policy_is_validated():
   with pytest.raises(ConfigError, match=r"config.model.remat_policy: unknown policy 'dots'"):
     config_lib.validate(config, num_devices=1)
   with pytest.raises(ValueError, match=r"model.remat_policy='dots'; choose one of"):
-    transformer.remat_policy("dots")
+    stack.remat_policy("dots")

@@ -1,6 +1,6 @@
-"""Transformer stacks: a decoder-only LM, an encoder, and a T5-style encoder-decoder.
+"""Transformer models: a decoder-only LM, an encoder, and a T5-style encoder-decoder.
 
-All share pre-norm residual blocks built from `layers`. Token id 0 is padding:
+All share the pre-norm residual blocks of `stack`. Token id 0 is padding:
 padded keys are masked out of attention. Logits are returned in float32.
 
 Decoding with a key/value cache (see `bigjax.decode`): `DecoderLM.init_cache` /
@@ -18,38 +18,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigjax.models import dataclass_from_config, layers, moe as moe_lib
+from bigjax.models.stack import Stack
 from bigjax.sharding import constrain
 
 PAD_ID = 0
 KINDS = ("decoder", "encoder", "encdec")
 POSITIONS = ("learned", "rotary")
-# model.remat_policy: what a block keeps from its forward pass for the backward
-# pass; the rest is recomputed. "none": everything kept (no remat). "full": only
-# the block's inputs (jax.checkpoint_policies.nothing_saveable). "dots_saveable":
-# every matmul output. "dots_with_no_batch_dims_saveable": the projections'
-# outputs but not the attention scores/probabilities (batched dots).
-# "offload_dot_with_no_batch_dims": those projections, moved to host memory
-# between the passes (backends with a pinned_host memory).
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                  "offload_dot_with_no_batch_dims")
-
-
-def remat_policy(name: str):
-  """(whether to rematerialise, the jax.checkpoint policy) for model.remat_policy."""
-  if name not in REMAT_POLICIES:
-    raise ValueError(f"model.remat_policy={name!r}; choose one of {REMAT_POLICIES}.")
-  policies = jax.checkpoint_policies
-  if name == "offload_dot_with_no_batch_dims":
-    kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
-    if "pinned_host" not in kinds:
-      raise ValueError(f"model.remat_policy={name!r} offloads to host memory, which the "
-                       f"{jax.default_backend()} backend lacks (it has {sorted(kinds)}); "
-                       "use 'dots_with_no_batch_dims_saveable' instead.")
-    return True, policies.offload_dot_with_no_batch_dims("device", "pinned_host")
-  return name != "none", {"none": None, "full": policies.nothing_saveable}.get(
-      name, getattr(policies, name, None))
-
-
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   kind: str = "decoder"
@@ -76,7 +50,7 @@ class TransformerConfig:
   use_bias: bool = False  # Biases in attention and dense MLPs (GPT-2); MoE experts have none.
   dtype: str = "float32"
   param_dtype: str = "float32"
-  remat_policy: str = "none"  # One of REMAT_POLICIES.
+  remat_policy: str = "none"  # One of stack.REMAT_POLICIES.
   scan_layers: bool = False  # One lax.scan over the blocks; see Stack.
   moe_every: int = 0  # 0: dense. k: every k-th block's MLP is a MoE layer.
   moe: moe_lib.MoEConfig = moe_lib.MoEConfig()
@@ -108,172 +82,6 @@ class TransformerConfig:
   def _residual_init_scale(self, num_layers: int, cross_attention: bool) -> float:
     branches = num_layers * (3 if cross_attention else 2)
     return branches ** -0.5 if self.scale_residual_init and branches else 1.0
-
-
-class Block(nnx.Module):
-  """Pre-norm residual block: self-attention, optional cross-attention, feed-forward."""
-
-  def __init__(self, cfg: layers.LayerConfig, *, cross_attention: bool, rngs: nnx.Rngs,
-               moe: moe_lib.MoEConfig | None = None):
-    self.dropout_rate = cfg.dropout_rate
-    rotary = cfg.position == "rotary"
-    self.attn_norm = layers.Norm(cfg, rngs=rngs)
-    self.attn = layers.Attention(cfg, rotary_positions=rotary, rngs=rngs)
-    self.cross_norm = nnx.data(layers.Norm(cfg, rngs=rngs) if cross_attention else None)
-    self.cross = nnx.data(layers.Attention(cfg, rotary_positions=False, rngs=rngs)
-                          if cross_attention else None)
-    self.ffn_norm = layers.Norm(cfg, rngs=rngs)
-    self.ffn = (moe_lib.MoEFeedForward(cfg, moe, rngs=rngs) if moe is not None
-                else layers.MLP(cfg, rngs=rngs))
-
-  def __call__(self, x, mask, positions, encoded=None, cross_mask=None, rng=None,
-               cache=None):
-    """With `cache` ({"self": {"k", "v"}} and, with cross-attention, "cross": the
-    encoded input's keys/values) returns (x, updated cache); see Attention."""
-    r = layers.split_rng(rng, 6)
-    h = self.attn_norm(x)
-    if cache is None:
-      h = self.attn(h, h, mask, positions, positions, rng=r[0])
-    else:
-      h, self_cache = self.attn(h, h, mask, positions, positions, rng=r[0],
-                                cache=cache["self"])
-      cache = {**cache, "self": self_cache}
-    x = x + layers.dropout(h, self.dropout_rate, r[1])
-    if self.cross is not None:
-      h = self.cross_norm(x)
-      if cache is None:
-        h = self.cross(h, encoded, cross_mask, rng=r[2])
-      else:
-        h = self.cross.attend(self.cross.project_query(h), cache["cross"]["k"],
-                              cache["cross"]["v"], cross_mask, rng=r[2])
-      x = x + layers.dropout(h, self.dropout_rate, r[3])
-    h = self.ffn(self.ffn_norm(x), rng=r[4])
-    x = x + layers.dropout(h, self.dropout_rate, r[5])
-    x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
-    return x if cache is None else (x, cache)
-
-  def init_cache(self, batch: int, length: int, encoded=None) -> dict:
-    cache = {"self": self.attn.init_cache(batch, length)}
-    if self.cross is not None:
-      k, v = self.cross.project_kv(encoded)
-      cache["cross"] = {"k": k, "v": v}
-    return cache
-
-
-def _stack_modules(modules: list) -> nnx.Module:
-  """One module whose parameters are those of `modules` (all alike) stacked along a
-  leading `layers` axis."""
-  graphdef, first = nnx.split(modules[0])
-  states = [first] + [nnx.split(m)[1] for m in modules[1:]]
-  stacked = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
-  for _, var in nnx.iter_graph(stacked):
-    if isinstance(var, nnx.Variable) and var.get_metadata("out_sharding", None):
-      var.set_metadata(out_sharding=("layers",) + tuple(var.get_metadata("out_sharding")))
-  return stacked
-
-
-class Stack(nnx.Module):
-  """num_layers blocks and a final norm; rematerialised per block (scanned: per
-  unit) by `remat`, a name from REMAT_POLICIES.
-
-  With `scan`, the blocks run as one `jax.lax.scan` over a repeating unit (one
-  block, or `moe_every` blocks when dense and MoE blocks alternate) whose
-  parameters are stacked along a leading `layers` axis: the compiled program
-  holds one unit whatever the depth. Both layouts draw the same initial weights
-  and dropout keys; `bigjax.layer_layout` maps parameter names between them.
-  """
-
-  def __init__(self, cfg: layers.LayerConfig, num_layers: int, *, cross_attention: bool,
-               remat: str, rngs: nnx.Rngs, moe: moe_lib.MoEConfig | None = None,
-               moe_every: int = 0, scan: bool = False):
-    # GShard places MoE in every other block: with moe_every=2, blocks 1, 3, ...
-    blocks = [Block(cfg, cross_attention=cross_attention, rngs=rngs,
-                    moe=moe if moe_every and (i + 1) % moe_every == 0 else None)
-              for i in range(num_layers)]
-    self.unit = moe_every or 1
-    if scan and num_layers % self.unit:
-      raise ValueError(f"model.scan_layers scans units of model.moe_every={moe_every} "
-                       f"blocks, which do not divide {num_layers} layers; make the layer "
-                       "count a multiple of moe_every or set scan_layers=False.")
-    self.num_layers = num_layers
-    self.blocks = nnx.data(None if scan else nnx.List(blocks))
-    self.scanned = nnx.data(_stack_modules(
-        [nnx.List(blocks[u:u + self.unit]) for u in range(0, num_layers, self.unit)])
-        if scan else None)
-    self.final_norm = layers.Norm(cfg, rngs=rngs)
-    self.remat, self.remat_policy = remat_policy(remat)
-
-  def __call__(self, x, mask, positions, encoded=None, cross_mask=None, rng=None,
-               cache=None):
-    """With `cache` (from init_cache) returns (x, updated cache)."""
-    if self.scanned is not None:
-      x, cache = self._scan(x, mask, positions, encoded, cross_mask, rng, cache)
-      x = self.final_norm(x)
-      return x if cache is None else (x, cache)
-    if cache is not None:  # Decoding: no gradients, so no remat.
-      new_cache = []
-      for block, c, r in zip(self.blocks, cache, layers.split_rng(rng, len(self.blocks))):
-        x, c = block(x, mask, positions, encoded, cross_mask, r, cache=c)
-        new_cache.append(c)
-      return self.final_norm(x), tuple(new_cache)
-    for block, r in zip(self.blocks, layers.split_rng(rng, len(self.blocks))):
-      if self.remat:
-        x = nnx.remat(lambda b, *a: b(*a), policy=self.remat_policy)(
-            block, x, mask, positions, encoded, cross_mask, r)
-      else:
-        x = block(x, mask, positions, encoded, cross_mask, r)
-    return self.final_norm(x)
-
-  def _scan(self, x, mask, positions, encoded, cross_mask, rng, cache):
-    """The scanned stack: (x, updated cache or None). Router metrics of MoE blocks
-    are sown once, as 'scanned_router_metrics' {'blocks/<i>': metrics}."""
-    graphdef, params = nnx.split(self.scanned)
-    num_units, k = self.num_layers // self.unit, self.unit
-    keys = None if rng is None else jax.random.split(rng, self.num_layers).reshape(
-        num_units, k, *rng.shape)
-
-    def run_unit(unit, x, unit_keys, unit_cache):
-      new_cache = []
-      for j, block in enumerate(unit):
-        r = None if unit_keys is None else unit_keys[j]
-        if unit_cache is None:
-          x = block(x, mask, positions, encoded, cross_mask, r)
-        else:
-          x, c = block(x, mask, positions, encoded, cross_mask, r, cache=unit_cache[j])
-          new_cache.append(c)
-      return x, (tuple(new_cache) if unit_cache is not None else None)
-
-    def body(x, xs):
-      unit_params, unit_keys, unit_cache = xs
-      unit = nnx.merge(graphdef, unit_params)
-      (x, new_cache), sown = nnx.capture(run_unit, nnx.Intermediate)(
-          unit, x, unit_keys, unit_cache)
-      metrics = {path[0]: var.get_value()[-1] for path, var in nnx.to_flat_state(sown)
-                 if path[-1] == "router_metrics"}
-      return x, (new_cache, metrics)
-
-    if self.remat and cache is None:  # No CSE across scan iterations to guard against.
-      body = jax.checkpoint(body, policy=self.remat_policy, prevent_cse=False)
-    stacked = None if cache is None else cache["scanned"]
-    x, (new_cache, metrics) = jax.lax.scan(body, x, (params, keys, stacked))
-    if metrics:
-      self.sow(nnx.Intermediate, "scanned_router_metrics", capture_noop=True, value={
-          f"blocks/{u * k + j}": jax.tree.map(lambda v: v[u], m)
-          for j, m in metrics.items() for u in range(num_units)})
-    return x, (None if cache is None else {"scanned": new_cache})
-
-  def init_cache(self, batch: int, length: int, encoded=None):
-    """Unscanned: a tuple of per-block caches. Scanned: {"scanned": a tuple of k
-    per-block caches with a leading layers axis (one row per unit)}."""
-    if self.scanned is None:
-      return tuple(b.init_cache(batch, length, encoded) for b in self.blocks)
-    graphdef, params = nnx.split(self.scanned)
-
-    def one(unit_params):
-      return tuple(b.init_cache(batch, length, encoded)
-                   for b in nnx.merge(graphdef, unit_params))
-
-    return {"scanned": jax.lax.map(one, params)}
 
 
 class _Embedder(nnx.Module):

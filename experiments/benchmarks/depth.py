@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)  # configs/ sits beside bigjax/, outside the package.
 
 from bigjax import sharding, steps, tasks  # noqa: E402
-from bigjax.models import transformer  # noqa: E402
+from bigjax.models import stack, transformer  # noqa: E402
 from configs import lm  # noqa: E402
 
 
@@ -98,7 +98,7 @@ def main():
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--memory_depth", type=int, default=12,
                       help="Layers of the model whose memory is shown per remat policy.")
-  parser.add_argument("--policies", default=",".join(transformer.REMAT_POLICIES))
+  parser.add_argument("--policies", default=",".join(stack.REMAT_POLICIES))
   parser.add_argument("--configs", default="lm,lm_moe",
                       help="configs/NAME.py whose full-size train step is compiled; empty: none.")
   args = parser.parse_args()
