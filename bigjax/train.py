@@ -25,6 +25,8 @@ What a run survives (each tested in tests/test_survival_*.py):
   next step, in one line naming the last good checkpoint.
 - Bad config, data or checkpoint: a ConfigError naming the field, before compiling.
 - A second run on the same workdir: refused (WorkdirBusyError naming the holder).
+  On gs:// the workdir is held by a lease object; a run whose lease another run
+  took over (it had expired) stops before its next step.
 """
 import dataclasses
 import os
@@ -81,7 +83,7 @@ def run(config, workdir: str) -> RunResult:
   lock = workdir_lock.hold(workdir, log)
   sigterm = _SigtermFlag()  # From here on a SIGTERM means "save and stop".
   try:
-    return _run(config, workdir, sigterm)
+    return _run(config, workdir, sigterm, lock)
   finally:
     sigterm.restore()
     lock.release()
@@ -148,7 +150,8 @@ def usual_hooks(config, workdir: str, prepared: Prepared,
   return hooks
 
 
-def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
+def _run(config, workdir: str, sigterm: _SigtermFlag,
+         lock: workdir_lock.WorkdirLock) -> RunResult:
   p = prepare(config, workdir)
   if p.start >= config.total_steps:
     p.ckpt.close()
@@ -160,7 +163,8 @@ def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
   loop = loop_lib.Loop(p.setup, p.state, p.start, log,
                        halt_on_nan=optim.nan_policy(config.optim) == "halt")
   try:
-    loop_lib.run_loop(loop, p.data.train, usual_hooks(config, workdir, p, lambda: sigterm.raised))
+    hooks = [loop_lib.HoldWorkdir(lock), *usual_hooks(config, workdir, p, lambda: sigterm.raised)]
+    loop_lib.run_loop(loop, p.data.train, hooks)
   finally:  # Every save completes before the process may exit (also on errors).
     p.ckpt.close()
   return RunResult(loop.state, p.setup, loop.last_eval, p.data.stats, loop.preempted)
