@@ -137,7 +137,7 @@ class BucketLease(WorkdirLock):
       return None, None
     try:
       holder = json.loads(blob.download_as_bytes(if_generation_match=blob.generation))
-      float(holder["expires"])
+      holder["expires"] = float(holder["expires"])
     except (self._errors.PreconditionFailed, self._errors.NotFound):
       return self._read()  # Rewritten or released while we read it: look again.
     except (ValueError, TypeError, KeyError):

@@ -29,11 +29,11 @@ What a run survives (each tested in tests/test_survival_*.py):
   took over (it had expired) stops before its next step.
 """
 import dataclasses
-import os
 import signal
 import threading
 
 import jax
+from etils import epath
 
 from bigjax import (checkpoint, config as config_lib, distributed, init_from, loop as loop_lib,
                     optim, sharding, steps, tasks, workdir_lock)
@@ -104,7 +104,7 @@ def prepare(config, workdir: str) -> Prepared:
   """Set-up for a validated config: mesh, the task's data (step-indexed, this
   process's rows), model and optimizer, and the state: resumed from the latest
   intact checkpoint, else initialised sharded (and loaded for fine-tuning)."""
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # A no-op in a bucket.
   mesh = sharding.config_mesh(config)
   log(f"Mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
       f"{jax.process_count()} process(es).")
@@ -158,8 +158,7 @@ def _run(config, workdir: str, sigterm: _SigtermFlag,
     return _nothing_to_train(config, workdir, p.state, p.setup, p.start)
   # Recorded once the state fits: a mismatched rerun leaves the old config.json.
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
   loop = loop_lib.Loop(p.setup, p.state, p.start, log,
                        halt_on_nan=optim.nan_policy(config.optim) == "halt")
   try:

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from bigjax import workdir_lock
+from bigjax import loop, workdir_lock
 
 FAR = 3600.0  # No renewal by the thread within a test, unless a test asks for one.
 
@@ -156,6 +156,8 @@ def test_a_lease_taken_from_its_holder_fails_its_renewal_in_one_line(workdir):
   assert message.startswith(f"--workdir={workdir} was taken over by another run (pid")
   with pytest.raises(bucket_lease.WorkdirLeaseLostError):
     holder.renew()  # Stays lost: no write over the new holder's lease.
+  with pytest.raises(bucket_lease.WorkdirLeaseLostError):  # The run stops before a step.
+    loop.HoldWorkdir(holder).before_step(None, 7)
   holder.release()  # Leaves the new holder's lease alone.
   assert _record(workdir)["token"] == taker._token
   taker.release()
@@ -168,3 +170,16 @@ def test_a_missing_bucket_is_a_one_line_config_error(gcs_bucket):
                      r"\(NotFound: the bucket does not exist") as e:
     workdir_lock.hold(workdir, print)
   assert "\n" not in str(e.value)
+
+
+def test_an_unreadable_lease_holds_until_a_lease_after_its_last_write(workdir):
+  bucket, _, prefix = workdir[len("gs://"):].partition("/")
+  from google.cloud import storage
+  storage.Client().bucket(bucket).blob(f"{prefix}/{workdir_lock.LOCK_NAME}").upload_from_string(
+      b"\xff not json")
+  with pytest.raises(workdir_lock.WorkdirBusyError, match="unreadable run.lock"):
+    _lease(workdir).acquire()
+  taker = _lease(workdir, lease_seconds=-60.0)  # As if written over a minute ago.
+  assert "its lease expired at" in taker.acquire()
+  assert _record(workdir)["token"] == taker._token
+  taker.release()
