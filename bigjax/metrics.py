@@ -3,8 +3,13 @@
 Only process 0 writes. metrics.jsonl has one JSON object per logged step
 (always `step`, plus every scalar logged for it) and is the interface that
 experiments read; TensorBoard event files go to WORKDIR/tensorboard.
+
+A bucket object cannot be appended to, so on gs:// workdirs metrics.jsonl is
+rewritten whole at each logged step (a row is ~200 bytes: 10k rows rewrite
+~2 MB); a local file is appended line by line.
 """
 import dataclasses
+import io
 import json
 import math
 import os
@@ -14,6 +19,58 @@ import time
 import jax
 import numpy as np
 import tqdm
+from etils import epath
+
+
+def is_remote(path: str) -> bool:
+  """A bucket path (gs://...), written through etils.epath rather than the OS."""
+  return "://" in str(path)
+
+
+class _RewrittenJsonl:
+  """A bucket's metrics.jsonl: its lines, the file written whole after each."""
+
+  def __init__(self, path: epath.Path):
+    self._path = path
+    self._text = path.read_text() if path.exists() else ""
+
+  def write(self, line: str):
+    self._text += line
+    self._path.write_text(self._text)
+
+  def close(self):
+    pass
+
+
+class _BucketEventFile:
+  """A TensorBoard event file in a bucket, uploaded whole at each flush. It
+  replaces tensorboardX's own gs:// writer, which uploads again when collected;
+  tensorboardX keeps every writer until exit (an atexit hook), so that upload
+  came at interpreter exit, retried for minutes if the bucket was unreachable."""
+
+  def __init__(self, path: str):
+    self._path, self._buffer, self._closed = epath.Path(path), io.BytesIO(), False
+
+  def write(self, data: bytes):
+    self._buffer.write(data)
+
+  def flush(self):
+    if not self._closed:
+      self._path.write_bytes(self._buffer.getvalue())
+
+  def close(self):
+    self.flush()
+    self._closed = True
+
+
+class _BucketEventFiles:
+  """tensorboardX's writer factory interface, for gs:// paths."""
+
+  def open(self, path: str) -> _BucketEventFile:
+    return _BucketEventFile(path)
+
+  def directory_check(self, path: str):
+    pass  # A bucket has no directories to make.
 
 
 def _scalar(v):
@@ -26,10 +83,14 @@ class MetricWriter:
   def __init__(self, workdir: str, *, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = None
-    if self.enabled:
+    if self.enabled and is_remote(workdir):
+      self._jsonl = _RewrittenJsonl(epath.Path(workdir) / "metrics.jsonl")
+    elif self.enabled:
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
-      from tensorboardX import SummaryWriter  # Pure Python; no TensorFlow needed.
+    if self.enabled:
+      from tensorboardX import SummaryWriter, record_writer  # Pure Python; no TensorFlow.
+      record_writer.register_writer_factory("gs", _BucketEventFiles())
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: dict):
@@ -84,12 +145,12 @@ def rewind_jsonl(workdir: str, step: int) -> Rewind:
   -1 for a fresh start) and every line that is not a complete row, so that the
   file keeps one row per logged step once the lost steps run again. Read as
   bytes: one damaged byte must not stop every rerun."""
-  path = os.path.join(workdir, "metrics.jsonl")
+  path = epath.Path(workdir) / "metrics.jsonl"
   report = Rewind()
-  if jax.process_index() != 0 or not os.path.exists(path):
+  if jax.process_index() != 0 or not path.exists():
     return report
   keep = []
-  with open(path, "rb") as f:
+  with path.open("rb") as f:
     for number, raw in enumerate(f, start=1):
       row_step = _row_step(raw)
       if row_step is not None and row_step <= step:
@@ -99,15 +160,17 @@ def rewind_jsonl(workdir: str, step: int) -> Rewind:
       elif raw.strip():
         report.unreadable += 1
         report.first_unreadable_line = report.first_unreadable_line or number
-  if report.past_rows or report.unreadable:
-    with open(path + ".tmp", "wb") as f:
+  if (report.past_rows or report.unreadable) and is_remote(workdir):
+    path.write_bytes(b"".join(keep))  # An object is replaced whole, atomically.
+  elif report.past_rows or report.unreadable:
+    with open(f"{path}.tmp", "wb") as f:
       f.writelines(keep)
-    os.replace(path + ".tmp", path)
+    os.replace(f"{path}.tmp", path)
   return report
 
 
 def read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
+  with epath.Path(path).open() as f:
     return [json.loads(line) for line in f if line.strip()]
 
 

@@ -1,5 +1,8 @@
 """What a finished run shows a person: a loss-curve PNG and a text summary."""
+import io
 import os
+
+from etils import epath
 
 from bigjax import metrics as metrics_lib
 
@@ -23,8 +26,10 @@ def plot_loss_curve(workdir: str) -> str:
   ax.set_title(os.path.basename(os.path.normpath(workdir)))
   ax.grid(alpha=0.3)
   ax.legend()
-  path = os.path.join(workdir, "loss_curve.png")
+  path = epath.Path(workdir) / "loss_curve.png"
   fig.tight_layout()
-  fig.savefig(path)
+  png = io.BytesIO()  # matplotlib writes local files only; epath also buckets.
+  fig.savefig(png, format="png")
   plt.close(fig)
-  return path
+  path.write_bytes(png.getvalue())
+  return str(path)

@@ -25,13 +25,15 @@ What a run survives (each tested in tests/test_survival_*.py):
   next step, in one line naming the last good checkpoint.
 - Bad config, data or checkpoint: a ConfigError naming the field, before compiling.
 - A second run on the same workdir: refused (WorkdirBusyError naming the holder).
+  On gs:// the workdir is held by a lease object; a run whose lease another run
+  took over (it had expired) stops before its next step.
 """
 import dataclasses
-import os
 import signal
 import threading
 
 import jax
+from etils import epath
 
 from bigjax import (checkpoint, config as config_lib, distributed, init_from, loop as loop_lib,
                     optim, sharding, steps, tasks, workdir_lock)
@@ -81,7 +83,7 @@ def run(config, workdir: str) -> RunResult:
   lock = workdir_lock.hold(workdir, log)
   sigterm = _SigtermFlag()  # From here on a SIGTERM means "save and stop".
   try:
-    return _run(config, workdir, sigterm)
+    return _run(config, workdir, sigterm, lock)
   finally:
     sigterm.restore()
     lock.release()
@@ -102,7 +104,7 @@ def prepare(config, workdir: str) -> Prepared:
   """Set-up for a validated config: mesh, the task's data (step-indexed, this
   process's rows), model and optimizer, and the state: resumed from the latest
   intact checkpoint, else initialised sharded (and loaded for fine-tuning)."""
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # A no-op in a bucket.
   mesh = sharding.config_mesh(config)
   log(f"Mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
       f"{jax.process_count()} process(es).")
@@ -148,19 +150,20 @@ def usual_hooks(config, workdir: str, prepared: Prepared,
   return hooks
 
 
-def _run(config, workdir: str, sigterm: _SigtermFlag) -> RunResult:
+def _run(config, workdir: str, sigterm: _SigtermFlag,
+         lock: workdir_lock.WorkdirLock) -> RunResult:
   p = prepare(config, workdir)
   if p.start >= config.total_steps:
     p.ckpt.close()
     return _nothing_to_train(config, workdir, p.state, p.setup, p.start)
   # Recorded once the state fits: a mismatched rerun leaves the old config.json.
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
   loop = loop_lib.Loop(p.setup, p.state, p.start, log,
                        halt_on_nan=optim.nan_policy(config.optim) == "halt")
   try:
-    loop_lib.run_loop(loop, p.data.train, usual_hooks(config, workdir, p, lambda: sigterm.raised))
+    hooks = [loop_lib.HoldWorkdir(lock), *usual_hooks(config, workdir, p, lambda: sigterm.raised)]
+    loop_lib.run_loop(loop, p.data.train, hooks)
   finally:  # Every save completes before the process may exit (also on errors).
     p.ckpt.close()
   return RunResult(loop.state, p.setup, loop.last_eval, p.data.stats, loop.preempted)

@@ -9,8 +9,8 @@ run holds its workdir for as long as it trains:
   holder's process ends, however it ends, so a killed run never blocks the next.
   If the lock is still held although the recorded process is gone (a child it
   forked inherited the lock), the holder is stale and is taken over.
-- bucket paths (gs://...): not locked yet; a lease object written with a
-  generation precondition would be a `WorkdirLock` with the same two methods.
+- bucket paths (gs://...): a lease object, WORKDIR/run.lock, created and
+  renewed under generation preconditions (bigjax/bucket_lease.py).
 
 Only process 0 of a multi-process run takes the lock; `hold` tells every process
 the outcome, so that all of them stop when the workdir is busy.
@@ -25,6 +25,8 @@ import sys
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+from bigjax.config import ConfigError
 
 LOCK_NAME = "run.lock"
 
@@ -41,18 +43,22 @@ class WorkdirLock:
     note to print (e.g. that a stale holder was taken over), or None."""
     raise NotImplementedError
 
+  def check(self):
+    """Raises WorkdirBusyError if another run has taken the workdir since
+    `acquire` (a lease can be lost; an OS lock cannot)."""
+
   def release(self):
     raise NotImplementedError
 
 
 class UnlockedWorkdir(WorkdirLock):
-  """Bucket workdirs: no lock yet, so the user is told once."""
+  """Remote storage other than GCS: no lock, so the user is told once."""
 
   def __init__(self, workdir: str):
     self.workdir = workdir
 
   def acquire(self) -> str | None:
-    return (f"Note: {self.workdir} is not locked (bucket workdirs have no lock yet); make "
+    return (f"Note: {self.workdir} is not locked (only local and gs:// workdirs are); make "
             "sure only one run uses it.")
 
   def release(self):
@@ -69,7 +75,17 @@ def _process_start(pid: int) -> str | None:
     return None
 
 
-def _alive(holder: dict) -> bool:
+def this_process() -> dict:
+  """The record naming a holder: who it is, and how to tell it from a later
+  process that reuses its pid."""
+  pid = os.getpid()
+  return {"pid": pid, "host": socket.gethostname(), "process_start": _process_start(pid),
+          "started": datetime.datetime.now(datetime.timezone.utc).strftime(
+              "%Y-%m-%d %H:%M:%S UTC"),
+          "command": " ".join([os.path.basename(sys.executable), *sys.argv])[:300]}
+
+
+def alive(holder: dict) -> bool:
   """Whether the recorded holder still runs (unknowable on another host: yes)."""
   if holder.get("host") != socket.gethostname():
     return True
@@ -86,7 +102,7 @@ def _alive(holder: dict) -> bool:
   return started is None or _process_start(pid) in (None, started)
 
 
-def _describe(holder: dict) -> str:
+def describe(holder: dict) -> str:
   if not holder:
     return "a process that left no record"
   return (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
@@ -106,17 +122,17 @@ class LocalWorkdirLock(WorkdirLock):
     fd, previous = self._lock(self.path)
     note = None
     if fd is None:
-      if _alive(previous):
+      if alive(previous):
         raise WorkdirBusyError(
-            f"--workdir={self.workdir} is in use by another run: {_describe(previous)}. "
+            f"--workdir={self.workdir} is in use by another run: {describe(previous)}. "
             f"Wait for it to finish or stop it (kill {previous.get('pid')}), or use another "
             "--workdir.")
       fd, previous = self._take_over(previous)
-      note = (f"Took over {self.workdir} from a stale run ({_describe(previous)}: its "
+      note = (f"Took over {self.workdir} from a stale run ({describe(previous)}: its "
               "process is gone).")
     elif previous:
       note = (f"Note: the previous run in {self.workdir} ended without releasing it "
-              f"({_describe(previous)}).")
+              f"({describe(previous)}).")
     self._fd = fd
     self._record()
     return note
@@ -147,7 +163,7 @@ class LocalWorkdirLock(WorkdirLock):
         return fd, holder
       if holder != stale:  # Someone else took over first and holds it now.
         raise WorkdirBusyError(f"--workdir={self.workdir} is in use by another run: "
-                               f"{_describe(holder)}. Use another --workdir.")
+                               f"{describe(holder)}. Use another --workdir.")
       fresh = self.path + f".{os.getpid()}"
       fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -158,13 +174,8 @@ class LocalWorkdirLock(WorkdirLock):
 
   def _record(self):
     """Writes who holds the lock, for the message a second run prints."""
-    pid = os.getpid()
-    holder = {"pid": pid, "host": socket.gethostname(), "process_start": _process_start(pid),
-              "started": datetime.datetime.now(datetime.timezone.utc).strftime(
-                  "%Y-%m-%d %H:%M:%S UTC"),
-              "command": " ".join([os.path.basename(sys.executable), *sys.argv])[:300]}
     os.ftruncate(self._fd, 0)
-    os.pwrite(self._fd, json.dumps(holder).encode(), 0)
+    os.pwrite(self._fd, json.dumps(this_process()).encode(), 0)
     os.fsync(self._fd)
 
   def release(self):
@@ -193,6 +204,10 @@ def _same_file(fd: int, path: str) -> bool:
 
 
 def for_workdir(workdir: str) -> WorkdirLock:
+  """The lock for the workdir's storage, chosen by its scheme."""
+  if workdir.startswith("gs://"):
+    from bigjax import bucket_lease  # Needs the `gcs` extra, so only for gs:// paths.
+    return bucket_lease.BucketLease(workdir)
   return UnlockedWorkdir(workdir) if "://" in workdir else LocalWorkdirLock(workdir)
 
 
@@ -206,7 +221,7 @@ def hold(workdir: str, log) -> WorkdirLock:
       note = lock.acquire()
       if note:
         log(note)
-    except WorkdirBusyError as e:
+    except (WorkdirBusyError, ConfigError) as e:  # ConfigError: an unwritable bucket.
       refusal = e
   if jax.process_count() > 1:
     busy = multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))

