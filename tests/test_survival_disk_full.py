@@ -28,6 +28,9 @@ _LIMITED = textwrap.dedent("""
 
     def save(self, step, *args, **kwargs):
       if step >= from_step:
+        # The limit is per process: let the step-10 save finish writing first
+        # (under load it may still be in flight), so only the step-20 save fails.
+        self.wait_and_check()
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # Else the kernel kills us.
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
       return real_save(self, step, *args, **kwargs)
