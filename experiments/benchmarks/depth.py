@@ -41,7 +41,8 @@ from configs import lm  # noqa: E402
 def _model_config(args, depth: int, scan: bool, policy: str) -> transformer.TransformerConfig:
   model = lm.get_config().model
   model.update(num_layers=depth, emb_dim=args.emb, num_heads=args.heads, mlp_dim=args.mlp,
-               max_len=args.seq, scan_layers=scan, remat_policy=policy, dtype=args.dtype)
+               max_len=args.seq, scan_layers=scan, remat_policy=policy, dtype=args.dtype,
+               dropout_rate=args.dropout)
   return transformer.TransformerConfig.from_dict(model)
 
 
@@ -55,7 +56,9 @@ def compile_grad(cfg: transformer.TransformerConfig, batch: int, seq: int):
 
   def loss(p, batch):
     model = nnx.merge(graphdef, p, rest)
-    return steps.loss_sums(tasks.get("lm"), model, batch, None)["loss_sum"]
+    # With dropout, a key: the masks' random bits are compiled too.
+    rng = jax.random.PRNGKey(0) if cfg.dropout_rate else None
+    return steps.loss_sums(tasks.get("lm"), model, batch, rng)["loss_sum"]
 
   start = time.perf_counter()
   compiled = jax.jit(jax.grad(loss)).lower(nnx.to_pure_dict(params), data).compile()
@@ -96,14 +99,16 @@ def main():
   parser.add_argument("--seq", type=int, default=256)
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--dropout", type=float, default=0.0, help="model.dropout_rate")
   parser.add_argument("--memory_depth", type=int, default=12,
                       help="Layers of the model whose memory is shown per remat policy.")
   parser.add_argument("--policies", default=",".join(stack.REMAT_POLICIES))
-  parser.add_argument("--configs", default="lm,lm_moe",
+  parser.add_argument("--configs", default="lm,lm_moe,gpt2",
                       help="configs/NAME.py whose full-size train step is compiled; empty: none.")
   args = parser.parse_args()
   print(f"{jax.devices()[0].device_kind}; emb={args.emb} heads={args.heads} mlp={args.mlp} "
-        f"seq={args.seq} batch={args.batch} {args.dtype}; gradient of the loss")
+        f"seq={args.seq} batch={args.batch} {args.dtype} dropout={args.dropout}; "
+        "gradient of the loss")
 
   print(f"\n{'layers':>6} {'layout':>8} {'compile s':>10} {'HLO instr':>10} {'HLO chars':>11}")
   for depth in map(int, args.depths.split(",")):
