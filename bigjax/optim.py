@@ -56,11 +56,16 @@ def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([warm, decay], [warmup])
 
 
-def _decay_mask(params):
-  """Weight decay on matrices only: norms' scales and biases are left alone (a
-  stacked parameter's leading layers axis does not count)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, p: p.ndim - layer_layout.is_stacked(path_name(path)) >= 2, params)
+def decay_mask(params):
+  """Weight decay on weight matrices only (GPT-2's and nanoGPT's convention):
+  norms' scales and biases are left alone. By rank, with two exceptions: a
+  stacked parameter's leading layers axis does not count, and attention's
+  per-head biases ([heads, head_dim]) are biases although they have two axes."""
+  def decays(path, p):
+    name = path_name(path)
+    return (p.ndim - layer_layout.is_stacked(name) >= 2
+            and not name.rsplit("/", 1)[-1].endswith("bias"))
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def path_name(path) -> str:
@@ -147,12 +152,12 @@ def _guarded(optim_cfg, lr) -> optax.GradientTransformation:
     opt = optax.adam(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps)
   elif name == "adamw":
     opt = optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                      weight_decay=wd, mask=_decay_mask)
+                      weight_decay=wd, mask=decay_mask)
   elif name == "adafactor":
-    opt = optax.adafactor(lr, weight_decay_rate=wd or None, weight_decay_mask=_decay_mask)
+    opt = optax.adafactor(lr, weight_decay_rate=wd or None, weight_decay_mask=decay_mask)
   elif name == "lion":
     opt = optax.lion(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, weight_decay=wd,
-                     mask=_decay_mask)
+                     mask=decay_mask)
   else:
     raise ValueError(f"optim.name={name!r}; choose one of {OPTIMIZERS}.")
   clips = []

@@ -63,3 +63,34 @@ def test_clipping_by_value_and_global_norm():
     updates, _ = tx.update(grads, tx.init(grads), grads)
     for k in grads:  # sgd with lr 1: update = -clipped gradient.
       np.testing.assert_allclose(-np.asarray(updates[k]), want[k], rtol=1e-6)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_weight_decay_reaches_weight_matrices_only(scan):
+  """GPT-2's convention (nanoGPT, and the PyTorch peer's parameter groups): decay
+  every kernel and embedding, no bias (attention's per-head [heads, head_dim]
+  ones included) and no norm parameter. With zero gradients, AdamW's update is
+  then -lr * wd * p for exactly those."""
+  from flax import nnx
+
+  from bigjax import steps
+  from configs import gpt2
+  config = gpt2.get_config("runlocal")
+  config.model.update(num_layers=2, scan_layers=scan)
+  params = nnx.to_pure_dict(nnx.state(steps.build_model(config, nnx.Rngs(0)), nnx.Param))
+  flat = {optim.path_name(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  leaf = lambda name: name.rsplit("/", 1)[-1]
+  matrices = {"query", "key", "value", "out", "wi", "wo", "embedding"}
+  assert {leaf(n) for n in flat} == matrices | {
+      "query_bias", "key_bias", "value_bias", "out_bias", "wi_bias", "wo_bias", "scale", "bias"}
+  assert any(v.ndim - scan == 2 for n, v in flat.items() if leaf(n) == "query_bias")
+  lr, wd = 0.1, 0.5
+  tx = optim.make_optimizer(_optim_config(name="adamw", lr=lr, weight_decay=wd), 10)
+  params = jax.tree.map(lambda v: v + 1.0, params)  # Biases and all non-zero.
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    name = optim.path_name(path)
+    p = np.asarray(flat[name]) + 1.0
+    want = -lr * wd * p if leaf(name) in matrices else np.zeros_like(p)
+    np.testing.assert_allclose(np.asarray(u), want, rtol=1e-6, err_msg=name)
