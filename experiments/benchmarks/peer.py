@@ -228,6 +228,13 @@ def matmul_roofline(n=2048, repeats=5) -> float:
   return 2 * n ** 3 / best
 
 
+def torch_matmul_roofline(n=2048, repeats=5) -> float:
+  """The same measurement with torch's f32 matmul, for comparison."""
+  a = torch.randn(n, n)
+  torch.mm(a, a)
+  return 2 * n ** 3 / min(_timed(lambda: torch.mm(a, a)) for _ in range(repeats))
+
+
 def _timed(fn) -> float:
   start = time.perf_counter()
   fn()
@@ -270,7 +277,8 @@ def speed(args, arch: str):
   print(f"Speed ({arch}): {args.speed_shape} (layers, width, heads, mlp, context, batch), "
         f"f32{', 8 experts of mlp/2, top-2, in every block' if arch == 'mixtral' else ''}; "
         f"median of {args.rounds} alternated rounds of {args.steps_per_round} steps; "
-        f"XLA f32 matmul roofline {peak / 1e9:.0f} GFLOP/s")
+        f"XLA f32 matmul roofline {peak / 1e9:.0f} GFLOP/s (torch's: "
+        f"{torch_matmul_roofline() / 1e9:.0f})")
   rate = {}
   for name, ts in times.items():
     rate[name] = tokens / statistics.median(ts)
