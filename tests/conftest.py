@@ -25,6 +25,17 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def corpus_data_dir(tmp_path_factory):
+  """A data dir with the embedded corpus's token arrays prepared once, for tests
+  that run configs/lm.py:runlocal (the runs only read it)."""
+  from bigjax.data import pipeline
+  d = str(tmp_path_factory.mktemp("corpus"))
+  for split in ("train", "validation"):
+    pipeline.token_array("stdlib_py", split, d)
+  return d
+
+
+@pytest.fixture(scope="session")
 def gcs_bucket():
   """gs://BUCKET on a local GCS emulator, for the whole session; see
   tests/gcs_emulator.py. Skipped only where the emulator is not installed."""

@@ -13,21 +13,12 @@ import pytest
 from etils import epath
 
 from bigjax import generate, train, workdir_lock
-from bigjax.data import pipeline
 from configs import lm
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("bucket_data"))
-  for split in ("train", "validation"):
-    pipeline.token_array("stdlib_py", split, d)
-  return d
-
-
-def _config(data_dir, total_steps):
+def _config(corpus_data_dir, total_steps):
   config = lm.get_config("runlocal")
-  config.data.data_dir = data_dir
+  config.data.data_dir = corpus_data_dir
   config.total_steps = total_steps
   config.checkpoint_every = 2
   config.log_every = 1
@@ -59,16 +50,16 @@ def _rows(workdir):
 
 
 @pytest.mark.slow
-def test_bucket_run_resumes_and_equals_a_local_run(gcs_bucket, data_dir, tmp_path):
+def test_bucket_run_resumes_and_equals_a_local_run(gcs_bucket, corpus_data_dir, tmp_path):
   local = str(tmp_path / "local")
-  want = train.run(_config(data_dir, 4), local)
+  want = train.run(_config(corpus_data_dir, 4), local)
 
   bucket = f"{gcs_bucket}/run-{uuid.uuid4().hex[:8]}"
-  first = train.run(_config(data_dir, 2), bucket)
+  first = train.run(_config(corpus_data_dir, 2), bucket)
   assert int(jax.device_get(first.state.step)) == 2
   steps = sorted(p.name for p in (epath.Path(bucket) / "checkpoints").iterdir())
   assert steps == ["2"]
-  got = train.run(_config(data_dir, 4), bucket)  # Resumes from step 2 in the bucket.
+  got = train.run(_config(corpus_data_dir, 4), bucket)  # Resumes from step 2 in the bucket.
 
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(want.state)),
                           jax.tree.leaves(jax.device_get(got.state))):
@@ -105,7 +96,7 @@ def test_bucket_run_resumes_and_equals_a_local_run(gcs_bucket, data_dir, tmp_pat
   try:
     with pytest.raises(workdir_lock.WorkdirBusyError,
                        match=f"is in use by another run: pid {os.getpid()}"):
-      train.run(_config(data_dir, 6), bucket)
+      train.run(_config(corpus_data_dir, 6), bucket)
   finally:
     holder.release()
   assert (epath.Path(bucket) / "metrics.jsonl").read_bytes() == before

@@ -12,21 +12,12 @@ import numpy as np
 import pytest
 
 from bigjax import config as config_lib, loop, optim, sharding, steps, train
-from bigjax.data import pipeline
 from configs import lm, mlp
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("nan_data"))
-  for split in ("train", "validation"):
-    pipeline.token_array("stdlib_py", split, d)
-  return d
-
-
-def _config(data_dir, policy, **top):
+def _config(corpus_data_dir, policy, **top):
   config = lm.get_config("runlocal")
-  config.data.data_dir = data_dir
+  config.data.data_dir = corpus_data_dir
   config.optim.nan_policy = policy
   config.update(top)
   return config
@@ -85,10 +76,10 @@ def test_apply_if_finite_wrapper_unit():
 
 
 @pytest.mark.slow
-def test_skip_policy_drops_the_update_and_counts_it(tmp_path, data_dir, monkeypatch):
+def test_skip_policy_drops_the_update_and_counts_it(tmp_path, corpus_data_dir, monkeypatch):
   record = {}
   _inject_nan_at(monkeypatch, 2, record)  # The third update.
-  config = _config(data_dir, "skip", total_steps=6, log_every=2, eval_every=6,
+  config = _config(corpus_data_dir, "skip", total_steps=6, log_every=2, eval_every=6,
                    checkpoint_every=6)
   result = train.run(config, str(tmp_path))
   before, after = record["before"], record["after"]
@@ -108,10 +99,10 @@ def test_skip_policy_drops_the_update_and_counts_it(tmp_path, data_dir, monkeypa
 
 
 @pytest.mark.slow
-def test_halt_policy_stops_before_saving_a_nonfinite_state(tmp_path, data_dir, monkeypatch):
+def test_halt_policy_stops_before_saving_a_nonfinite_state(tmp_path, corpus_data_dir, monkeypatch):
   record = {}
   _inject_nan_at(monkeypatch, 4, record)  # Update number 5.
-  config = _config(data_dir, "halt", total_steps=8, log_every=4, eval_every=8,
+  config = _config(corpus_data_dir, "halt", total_steps=8, log_every=4, eval_every=8,
                    checkpoint_every=2)
   with pytest.raises(loop.NonFiniteError) as e:
     train.run(config, str(tmp_path))

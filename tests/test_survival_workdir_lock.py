@@ -11,7 +11,6 @@ import time
 import pytest
 
 from bigjax import workdir_lock
-from bigjax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,19 +50,11 @@ def _main(workdir, *flags):
                           text=True)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("lock_data"))
-  for split in ("train", "validation"):
-    pipeline.token_array("stdlib_py", split, d)
-  return d
-
-
-def test_second_run_is_refused_naming_the_holder_and_touches_nothing(tmp_path, data_dir):
+def test_second_run_is_refused_naming_the_holder_and_touches_nothing(tmp_path, corpus_data_dir):
   workdir = str(tmp_path / "run")
   holder, pid = _hold(workdir)
   try:
-    proc = _main(workdir, f"--config.data.data_dir={data_dir}")
+    proc = _main(workdir, f"--config.data.data_dir={corpus_data_dir}")
     out, err = proc.communicate(timeout=300)
   finally:
     _stop(holder)
@@ -106,9 +97,9 @@ def test_stale_holder_whose_lock_lives_on_in_a_child_is_taken_over(tmp_path):
 
 
 @pytest.mark.slow
-def test_same_command_twice_half_a_second_apart(tmp_path, data_dir):
+def test_same_command_twice_half_a_second_apart(tmp_path, corpus_data_dir):
   workdir = str(tmp_path / "run")
-  flags = [f"--config.data.data_dir={data_dir}", "--config.log_every=1"]
+  flags = [f"--config.data.data_dir={corpus_data_dir}", "--config.log_every=1"]
   first = _main(workdir, *flags)
   time.sleep(0.5)
   second = _main(workdir, *flags)
