@@ -10,7 +10,9 @@ first exception for its own report and drops that noise (and nothing else).
 import json
 import logging
 import os
+import re
 import sys
+import warnings
 
 from etils import epath
 
@@ -104,6 +106,8 @@ def quiet_abandoned_writes():
 
   hook.bigjax_quiet = True
   sys.unraisablehook = hook
+  warnings.filterwarnings(  # Printed at exit for each write never started.
+      "ignore", message="coroutine 'async_serialize_from_host", category=RuntimeWarning)
   logging.getLogger("asyncio").addFilter(
       lambda record: not _orbax_task_never_retrieved(record))
 
@@ -119,6 +123,8 @@ def one_line(error: BaseException, limit: int = 300) -> str:
   while error.__cause__ is not None:
     error = error.__cause__
   text = " ".join(str(error).split()) or type(error).__name__
+  # tensorstore appends the whole spec as JSON (~700 chars) after the reason.
+  text = re.sub(r" ?\[tensorstore_spec='[^']*'\]", "", text)
   if len(text) <= limit:
     return text
   # The reason ("File too large", "No space left on device") comes last.

@@ -80,3 +80,31 @@ def test_failed_background_save_is_one_line_at_the_next_step_and_rerun_resumes(t
   assert again.returncode == 0, again.stderr[-3000:]
   assert "Resumed from the checkpoint at step 10." in again.stdout
   assert _logged_steps(workdir) == list(range(1, 41))
+
+
+def test_one_line_keeps_the_reason_of_a_real_tensorstore_write_error(tmp_path):
+  """tensorstore appends its whole spec after the reason; opening a zarr array
+  in an OCDBT database past the file-size limit gives the error the step-20
+  save above can end with."""
+  probe = textwrap.dedent("""
+      import resource, signal, sys
+      import tensorstore as ts
+      from bigjax.checkpoint_errors import one_line
+      signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+      resource.setrlimit(resource.RLIMIT_FSIZE, (100, resource.RLIM_INFINITY))
+      spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "path": "step/",
+              "base": "file://" + sys.argv[1]}}
+      try:
+        ts.open(spec, create=True, dtype=ts.float32, shape=[400]).result()
+        text = "opened"
+      except ValueError as e:
+        text = str(e) + "\\n" + one_line(e, 200)
+      resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+      print(text)
+  """)
+  # A long path, as pytest's are on CI, pushes the reason further out.
+  out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / ("d" * 80)) + "/"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  raw, short = out.stdout.strip().split("\n")
+  assert "File too large" in raw and "tensorstore_spec" in raw, raw  # The real error.
+  assert "File too large" in short and len(short) <= 205, short
