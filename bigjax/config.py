@@ -180,6 +180,8 @@ def _validate_transformer(config):
   _positive(config, "model.vocab_size", "model.num_layers", "model.emb_dim",
             "model.num_heads", "model.mlp_dim", "model.max_len")
   _non_negative(config, "model.num_kv_heads", "model.head_dim", "model.num_decoder_layers")
+  if not m.norm_eps > 0:
+    _fail("model.norm_eps", f"must be > 0, got {m.norm_eps}.", "Use e.g. 1e-6.")
   if m.init == "normal" and not m.init_scale > 0:
     _fail("model.init_scale", f"must be > 0 for init='normal', got {m.init_scale}.",
           "Use e.g. 0.02.")

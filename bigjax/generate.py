@@ -52,9 +52,13 @@ def load_config(workdir: str):
     raise GenerateError(f"{path} not found: {workdir} is not a training run's directory "
                         "(training writes config.json there once it starts).")
   try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    values = json.loads(path.read_text())
   except (OSError, ValueError) as e:
     raise GenerateError(f"Cannot read {path}: {e}") from None
+  model = values.get("model")
+  if isinstance(model, dict) and "norm" in model and "norm_eps" not in model:
+    model["norm_eps"] = 1e-6  # Runs written before the setting existed used 1e-6.
+  return ml_collections.ConfigDict(values)
 
 
 def _mesh(config):

@@ -24,8 +24,8 @@ from configs import common, lm
 def get_config(arg=None):
   arg = common.parse_arg(arg, finetune=False, runlocal=False, demo=False, baby=False)
   config = lm.get_config(",".join(k for k in ("runlocal", "demo") if arg[k]))
-  config.model.update(position="learned", norm="layernorm", mlp_activation="gelu",
-                      gated_mlp=False, tie_embeddings=True, use_bias=True, dropout_rate=0.1)
+  config.model.update(position="learned", norm="layernorm", norm_eps=1e-5,
+                      mlp_activation="gelu", gated_mlp=False, tie_embeddings=True, use_bias=True, dropout_rate=0.1)
   if arg.runlocal or arg.demo:
     config.model.dropout_rate = 0.0  # Minutes of training on a large corpus: no overfitting.
   if arg.baby:

@@ -62,6 +62,7 @@ def get_config(arg=None):
   config.model.mlp_activation = "gelu"  # gelu | relu | silu
   config.model.gated_mlp = False  # True: GLU-style (e.g. SwiGLU with silu).
   config.model.norm = "layernorm"  # layernorm | rmsnorm
+  config.model.norm_eps = 1e-6  # Added to the variance; GPT-2 uses 1e-5.
   config.model.position = "learned"  # learned | rotary
   config.model.max_len = 1024
   config.model.dropout_rate = 0.0

@@ -322,6 +322,7 @@ def test_generate_cli_end_to_end(tmp_path):
   # read nor touched: generation reads the checkpoints read-only.
   in_flight = os.path.join(workdir, "checkpoints", "4.orbax-checkpoint-tmp-123")
   os.makedirs(in_flight)
+  printed = {}
   settings = ((1, dict(temperature=1.0, top_k=50, top_p=0.95, seed=1)),
               (8, dict(beam_size=3, length_penalty=0.6)))
   for devices, kw in settings:
@@ -329,11 +330,23 @@ def test_generate_cli_end_to_end(tmp_path):
                       *[f"--{k}={v}" for k, v in kw.items()], devices=devices)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
+    printed[devices] = r.stdout
     # What it printed is the checkpoint decoded here, in memory, on one device
     # (text mode reads any "\r" as a newline: the same for both).
     want = _decode_in_memory(workdir, "def ", max_new_tokens=8, **kw)
     assert want and r.stdout == want.replace("\r\n", "\n").replace("\r", "\n") + "\n"
   assert os.path.isdir(in_flight)
+  # A run recorded before model.norm_eps existed (it used 1e-6, lm.py's value)
+  # still generates, the same text.
+  path = os.path.join(workdir, "config.json")
+  with open(path) as f:
+    old = json.load(f)
+  assert old["model"].pop("norm_eps") == 1e-6
+  with open(path, "w") as f:
+    json.dump(old, f)
+  again = _generate_cli(f"--workdir={workdir}", "--prompt=def ", "--max_new_tokens=8",
+                        *[f"--{k}={v}" for k, v in settings[0][1].items()])
+  assert again.returncode == 0 and again.stdout == printed[1], again.stderr[-3000:]
 
 
 def _decode_in_memory(workdir: str, prompt: str, **kw) -> str:

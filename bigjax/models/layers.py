@@ -28,6 +28,7 @@ class LayerConfig:
   mlp_activation: str = "gelu"
   gated_mlp: bool = False
   norm: str = "layernorm"
+  norm_eps: float = 1e-6  # Added to the variance (GPT-2: 1e-5; T5: 1e-6).
   position: str = "learned"  # learned | rotary
   dropout_rate: float = 0.0
   init: str = "normal"
@@ -139,7 +140,7 @@ class Norm(nnx.Module):
   def __init__(self, cfg: LayerConfig, *, rngs: nnx.Rngs):
     if cfg.norm not in NORMS:
       raise ValueError(f"model.norm={cfg.norm!r}; choose one of {NORMS}.")
-    self.kind, self.dtype = cfg.norm, cfg.dtype
+    self.kind, self.eps, self.dtype = cfg.norm, cfg.norm_eps, cfg.dtype
     self.scale = nnx.Param(jnp.ones((cfg.emb_dim,), cfg.param_dtype), out_sharding=("embed",))
     self.bias = nnx.data(
         nnx.Param(jnp.zeros((cfg.emb_dim,), cfg.param_dtype), out_sharding=("embed",))
@@ -149,7 +150,7 @@ class Norm(nnx.Module):
     x32 = x.astype(jnp.float32)
     if self.kind == "layernorm":
       x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + 1e-6)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
     y = y * self.scale[...]
     if self.bias is not None:
       y = y + self.bias[...]

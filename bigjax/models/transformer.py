@@ -38,6 +38,7 @@ class TransformerConfig:
   mlp_activation: str = "gelu"
   gated_mlp: bool = False
   norm: str = "layernorm"
+  norm_eps: float = 1e-6
   position: str = "learned"
   max_len: int = 128
   dropout_rate: float = 0.0
@@ -73,7 +74,8 @@ class TransformerConfig:
         num_kv_heads=self.num_kv_heads or self.num_heads,
         head_dim=self.head_dim or self.emb_dim // self.num_heads,
         mlp_dim=self.mlp_dim, mlp_activation=self.mlp_activation, gated_mlp=self.gated_mlp,
-        norm=self.norm, position=self.position, dropout_rate=self.dropout_rate,
+        norm=self.norm, norm_eps=self.norm_eps, position=self.position,
+        dropout_rate=self.dropout_rate,
         init=self.init, init_scale=self.init_scale, embed_init=self.embed_init,
         residual_init_scale=self._residual_init_scale(num_layers, cross_attention),
         use_bias=self.use_bias, dtype=jnp.dtype(self.dtype),

@@ -28,9 +28,8 @@ def mixtral_like(config):
   return config
 
 
-def build(arch: str, config, norm_eps: float = 1e-6):
-  """An HF model of config.model's shape; `norm_eps` matches bigjax's 1e-6 (GPT-2
-  itself uses 1e-5)."""
+def build(arch: str, config):
+  """An HF model of config.model's shape (its norm epsilon too)."""
   m = config.model
   if arch == "gpt2":
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(
@@ -38,13 +37,13 @@ def build(arch: str, config, norm_eps: float = 1e-6):
         n_layer=m.num_layers, n_head=m.num_heads, n_inner=m.mlp_dim,
         activation_function="gelu_new",  # tanh GELU, as jax.nn.gelu's default
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
-        layer_norm_epsilon=norm_eps))
+        layer_norm_epsilon=m.norm_eps))
   return transformers.MixtralForCausalLM(transformers.MixtralConfig(
       vocab_size=m.vocab_size, hidden_size=m.emb_dim, intermediate_size=m.mlp_dim,
       num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
       num_key_value_heads=m.num_kv_heads or m.num_heads, max_position_embeddings=m.max_len,
       num_local_experts=m.moe.num_experts, num_experts_per_tok=m.moe.top_k,
-      rms_norm_eps=norm_eps, tie_word_embeddings=False, hidden_act="silu",
+      rms_norm_eps=m.norm_eps, tie_word_embeddings=False, hidden_act="silu",
       rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}))
 
 

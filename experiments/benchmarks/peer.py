@@ -15,7 +15,9 @@ framework from its own initialisation on the same batches of the embedded corpus
 (weight decay on matrices only), clipping and tied embeddings, evaluated on the
 same validation windows. Prints validation bits per byte of each at equal steps,
 and at equal wall time: at the faster side's total training time, each side's
-last evaluation reached by then (evaluation time excluded).
+last evaluation reached by then (evaluation time excluded). Then the peer once
+more from bigjax's seed-0 initial weights: the training alone compared, without
+the two frameworks' random streams (their curves should agree to float noise).
 
 Speed: a GPT-2-style decoder at --speed_shape (default 6 layers, width 512, 8
 heads, MLP 2048, context 256, batch 8, f32, no dropout), bigjax's own jitted
@@ -96,20 +98,25 @@ def equivalence(arch: str, config, batch):
 
 
 class TorchSide:
-  """The HF model of `arch` with the config's shape and bigjax's optimizer settings
-  (HF's own initialisation; its layer-norm epsilon, 1e-5 for GPT-2)."""
+  """The HF model of `arch` with the config's shape and bigjax's optimizer settings,
+  from HF's own initialisation."""
   name = "pytorch"
 
-  def __init__(self, config, init_seed=None, arch="gpt2"):
-    self.config, self.arch = config, arch
+  def __init__(self, config, init_seed=None, arch="gpt2", weights=None):
+    """`weights`: bigjax parameters to start from instead of HF's initialisation."""
+    self.config, self.arch, self.weights = config, arch, weights
     self.init_seed = config.seed if init_seed is None else init_seed
+    if weights is not None:
+      self.name = "pytorch from bigjax's initial weights"
     self.reset()
 
   def reset(self):
     config = self.config
     o = config.optim
     torch.manual_seed(self.init_seed)
-    self.model = hf_models.build(self.arch, config, norm_eps=1e-5)
+    self.model = hf_models.build(self.arch, config)
+    if self.weights is not None:
+      self.model = hf_models.load(self.arch, self.weights, self.model)
     self.model.train()
     params = [p for p in self.model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
@@ -174,7 +181,7 @@ def train_curve(side, config, data, evals, eval_every):
       side.sync(metrics)
       seconds += time.perf_counter() - start
       curve.append((step + 1, seconds, side.eval_loss(evals) / math.log(2)))
-      print(f"  {side.name:8s} step {step + 1:5d}  {seconds:7.1f} s  "
+      print(f"  {side.name} step {step + 1:5d}  {seconds:7.1f} s  "
             f"val {curve[-1][2]:.4f} bits/byte", flush=True)
     else:
       seconds += time.perf_counter() - start
@@ -200,6 +207,16 @@ def quality(args):
       print(f" initialisation seed {seed}:", flush=True)
       runs[side.name].append(train_curve(side(config, seed), config, data, evals,
                                          args.eval_every))
+  # The training alone: the peer from bigjax's seed-0 weights, so that the only
+  # difference left is the framework (each side's random stream is not).
+  print(" seed 0, pytorch from bigjax's initial weights:", flush=True)
+  weights = jax.device_get(BigjaxSide(config, 0).state.params)
+  same = train_curve(TorchSide(config, 0, weights=weights), config, data, evals,
+                     args.eval_every)
+  gap = max(abs(a[2] - b[2]) for a, b in zip(runs["bigjax"][0], same))
+  print(f"the same initial weights: bigjax {runs['bigjax'][0][-1][2]:.4f}, pytorch "
+        f"{same[-1][2]:.4f} bits/byte at step {config.total_steps}; largest difference "
+        f"along the curve {gap:.4f}")
   (_, tj, bj), (_, tt, bt) = runs["bigjax"][0][-1], runs["pytorch"][0][-1]
   wall = min(tj, tt)
   (sj, _, wj), (st, _, wt) = at_time(runs["bigjax"][0], wall), at_time(runs["pytorch"][0], wall)
