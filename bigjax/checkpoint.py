@@ -147,6 +147,7 @@ class Checkpointer:
     self._good = {step: integrity.is_good(self.directory / str(step))
                   for step in self.all_steps()}
     self._unconfirmed: int | None = None  # A save not yet seen finished.
+    self._abandoned: epath.Path | None = None  # A failed save's directory.
     self._state_bytes = 0
     self._errors = OrbaxErrorCatcher()
     logging.getLogger("absl").addFilter(self._errors)
@@ -256,6 +257,7 @@ class Checkpointer:
     unfinished = self.directory / f"{step}{TMP_MARKER}"
     if jax.process_index() == 0:
       unfinished.rmtree(missing_ok=True)
+    self._abandoned = unfinished  # Writes still in flight may recreate it: see close.
     self.manager.reload()
     self._good.pop(step, None)
     finished = [s for s in self.all_steps() if s != step]
@@ -382,6 +384,9 @@ class Checkpointer:
     self._wait()
     self.manager.close()
     logging.getLogger("absl").removeFilter(self._errors)
+    if self._abandoned is not None and jax.process_index() == 0:
+      # A failed save's other writes end by manager.close; what they wrote goes too.
+      self._abandoned.rmtree(missing_ok=True)
 
 
 @contextlib.contextmanager
