@@ -124,6 +124,41 @@ def test_attention_matches_numpy(num_kv_heads, rotary_positions):
   assert np.abs(unmasked - want).max() > 1e-2
 
 
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+def test_causal_blocks_match_numpy_and_the_unblocked_gradients(num_kv_heads):
+  """A causal self-attention scores its queries in CAUSAL_BLOCKS row blocks, each
+  over the keys up to its own end; with padded keys too, the output equals numpy's
+  full-mask attention, and the gradients those of the unblocked computation."""
+  cfg = _cfg(num_kv_heads=num_kv_heads)
+  causal = layers.Attention(cfg, rotary_positions=True, causal=True, rngs=nnx.Rngs(0))
+  plain = layers.Attention(cfg, rotary_positions=True, rngs=nnx.Rngs(0))
+  b, t = 2, 4 * layers.CAUSAL_BLOCKS
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(b, t, 32)).astype(np.float32)
+  pos = np.stack([np.arange(t), np.arange(t) + 3]).astype(np.int32)
+  mask = np.asarray(layers.causal_mask(jnp.asarray(pos), jnp.asarray(pos)))
+  mask = mask & (np.arange(t) % 5 != 2)[None, None, None, :]  # Some padded keys.
+  mask[..., 0] = True
+  args = (jnp.asarray(x), jnp.asarray(x), jnp.asarray(mask), jnp.asarray(pos), jnp.asarray(pos))
+  got = causal(*args)
+  want = np_attention(x, x, mask, _np(causal.query), _np(causal.key), _np(causal.value),
+                      _np(causal.out), pos, pos)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+  weights = rng.normal(size=(b, t, 32)).astype(np.float32)
+  def loss(module, x):
+    return jnp.sum(module(x, x, *args[2:]) * weights)
+  g_causal = nnx.grad(loss, argnums=(0, 1))(causal, args[0])
+  g_plain = nnx.grad(loss, argnums=(0, 1))(plain, args[0])
+  for a, c in zip(jax.tree.leaves(g_causal), jax.tree.leaves(g_plain)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-4, atol=1e-5)
+  # The blocks are in play: two einsums (scores, values) per block, against two.
+  def dots(module):
+    jaxpr = jax.make_jaxpr(lambda *a: module(*a))(*args)
+    return str(jaxpr).count("dot_general")
+  assert dots(causal) - dots(plain) == 2 * (layers.CAUSAL_BLOCKS - 1)
+
+
 def test_attention_biases_match_numpy():
   cfg = _cfg(num_kv_heads=2, use_bias=True)
   attn = layers.Attention(cfg, rotary_positions=False, rngs=nnx.Rngs(0))

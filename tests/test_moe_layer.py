@@ -221,7 +221,8 @@ def test_block_passes_dropped_tokens_through_the_residual():
   lcfg = _layer_cfg()
   moe_cfg = moe_lib.MoEConfig(num_experts=E, group_size=GROUP, capacity_factor=0.01,
                               eval_capacity_factor=0.01)
-  block = stack.Block(lcfg, cross_attention=False, rngs=nnx.Rngs(0), moe=moe_cfg)
+  block = stack.Block(lcfg, cross_attention=False, causal=False, rngs=nnx.Rngs(0),
+                      moe=moe_cfg)
   block.ffn.router[...] = jnp.zeros_like(block.ffn.router[...])
   x = _x(6)
   positions = transformer.default_positions(x[..., 0])

@@ -41,12 +41,12 @@ def remat_policy(name: str):
 class Block(nnx.Module):
   """Pre-norm residual block: self-attention, optional cross-attention, feed-forward."""
 
-  def __init__(self, cfg: layers.LayerConfig, *, cross_attention: bool, rngs: nnx.Rngs,
-               moe: moe_lib.MoEConfig | None = None):
+  def __init__(self, cfg: layers.LayerConfig, *, cross_attention: bool, causal: bool,
+               rngs: nnx.Rngs, moe: moe_lib.MoEConfig | None = None):
     self.dropout_rate = cfg.dropout_rate
     rotary = cfg.position == "rotary"
     self.attn_norm = layers.Norm(cfg, rngs=rngs)
-    self.attn = layers.Attention(cfg, rotary_positions=rotary, rngs=rngs)
+    self.attn = layers.Attention(cfg, rotary_positions=rotary, causal=causal, rngs=rngs)
     self.cross_norm = nnx.data(layers.Norm(cfg, rngs=rngs) if cross_attention else None)
     self.cross = nnx.data(layers.Attention(cfg, rotary_positions=False, rngs=rngs)
                           if cross_attention else None)
@@ -112,10 +112,10 @@ class Stack(nnx.Module):
   """
 
   def __init__(self, cfg: layers.LayerConfig, num_layers: int, *, cross_attention: bool,
-               remat: str, rngs: nnx.Rngs, moe: moe_lib.MoEConfig | None = None,
-               moe_every: int = 0, scan: bool = False):
+               causal: bool, remat: str, rngs: nnx.Rngs,
+               moe: moe_lib.MoEConfig | None = None, moe_every: int = 0, scan: bool = False):
     # GShard places MoE in every other block: with moe_every=2, blocks 1, 3, ...
-    blocks = [Block(cfg, cross_attention=cross_attention, rngs=rngs,
+    blocks = [Block(cfg, cross_attention=cross_attention, causal=causal, rngs=rngs,
                     moe=moe if moe_every and (i + 1) % moe_every == 0 else None)
               for i in range(num_layers)]
     self.unit = moe_every or 1

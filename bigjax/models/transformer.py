@@ -152,8 +152,8 @@ class DecoderLM(nnx.Module):
     self.embedder = _Embedder(cfg, cfg.layer_config(), rngs=rngs)
     _check_causal_router(cfg)
     self.decoder = Stack(cfg.layer_config(cfg.num_layers), cfg.num_layers,
-                         cross_attention=False, remat=cfg.remat_policy, scan=cfg.scan_layers,
-                         rngs=rngs, moe=cfg.moe, moe_every=cfg.moe_every)
+                         cross_attention=False, causal=True, remat=cfg.remat_policy,
+                         scan=cfg.scan_layers, rngs=rngs, moe=cfg.moe, moe_every=cfg.moe_every)
 
   def __call__(self, tokens, positions=None, rng=None):
     return self.embedder.logits(self.features(tokens, positions, rng))
@@ -194,7 +194,8 @@ class Encoder(nnx.Module):
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.embedder = _Embedder(cfg, cfg.layer_config(), rngs=rngs)
     self.encoder = Stack(cfg.layer_config(cfg.num_layers), cfg.num_layers,
-                         cross_attention=False, remat=cfg.remat_policy, scan=cfg.scan_layers,
+                         cross_attention=False, causal=False, remat=cfg.remat_policy,
+                         scan=cfg.scan_layers,
                          rngs=rngs, moe=cfg.moe, moe_every=cfg.moe_every)
 
   def encode(self, tokens, rng=None):
@@ -219,7 +220,8 @@ class EncoderDecoder(Encoder):
     super().__init__(cfg, rngs=rngs)
     num_decoder_layers = cfg.num_decoder_layers or cfg.num_layers
     self.decoder = Stack(cfg.layer_config(num_decoder_layers, cross_attention=True),
-                         num_decoder_layers, cross_attention=True, remat=cfg.remat_policy,
+                         num_decoder_layers, cross_attention=True, causal=True,
+                         remat=cfg.remat_policy,
                          scan=cfg.scan_layers,
                          rngs=rngs, moe=cfg.moe, moe_every=cfg.moe_every)
 
