@@ -29,6 +29,8 @@ router with its CPU path, sorted_blocks; HF runs its per-expert loop).
 Prints both tokens/s, their ratio, and both MFUs against the XLA f32 matmul
 roofline measured here (model FLOPs per token from bigjax/flops.py: MaxText's
 convention, 6 x matmul parameters incl. the unembedding + causal attention).
+Last, the speed shape's matmuls alone (projections and MLP products, forward
+and backward) in each framework: the share of the ratio that the GEMMs decide.
 """
 import argparse
 import math
@@ -252,6 +254,49 @@ def torch_matmul_roofline(n=2048, repeats=5) -> float:
   return 2 * n ** 3 / min(_timed(lambda: torch.mm(a, a)) for _ in range(repeats))
 
 
+def matmul_graph(args):
+  """The speed shape's matmuls alone, in each framework: per layer the four
+  attention projections and the two MLP products over [batch*context, width],
+  with residual adds and GELU between them, forward and backward (no attention
+  scores, norms, loss or optimizer). Its GFLOP/s ratio is the part of the step
+  ratio that the two frameworks' GEMMs decide."""
+  layers_, e, _, m, seq, batch = (int(x) for x in args.speed_shape.split(","))
+  n = seq * batch
+  flops_ = 3 * 2 * n * (4 * e * e + 2 * e * m) * layers_  # Forward + 2x backward.
+  shapes = [(e, e)] * 4 + [(e, m), (m, e)]
+  rng = np.random.default_rng(0)
+  weights = [[(rng.normal(size=s) * 0.02).astype(np.float32) for s in shapes]
+             for _ in range(layers_)]
+  x = rng.normal(size=(n, e)).astype(np.float32)
+
+  def graph(ws, x, gelu):
+    for q, k, v, o, wi, wo in ws:
+      x = x + gelu(x @ q + x @ k + x @ v) @ o
+      x = x + gelu(x @ wi) @ wo
+    return (x * x).mean()
+
+  xla = jax.jit(jax.grad(lambda ws, x: graph(ws, x, jax.nn.gelu)))
+  jw, jx = jax.tree.map(jnp.asarray, weights), jnp.asarray(x)
+  tw = [[torch.tensor(w, requires_grad=True) for w in ws] for ws in weights]
+  tx = torch.tensor(x)
+  tgelu = lambda z: torch.nn.functional.gelu(z, approximate="tanh")  # noqa: E731
+  runs = {"bigjax (XLA)": lambda: jax.block_until_ready(xla(jw, jx)),
+          "pytorch": lambda: graph(tw, tx, tgelu).backward()}
+  times = {name: [] for name in runs}
+  for run in runs.values():
+    run()
+  for _ in range(args.rounds):
+    for name, run in runs.items():
+      times[name].append(_timed(run))
+  rate = {name: flops_ / statistics.median(ts) for name, ts in times.items()}
+  print(f"The step's matmuls alone ({layers_} layers of 4 projections {e}x{e} and MLP "
+        f"{e}x{m}x{e} over {n} rows, forward+backward, median of {args.rounds} "
+        "alternated runs):")
+  for name, r in rate.items():
+    print(f"  {name:13s} {r / 1e9:6.1f} GFLOP/s")
+  print(f"  bigjax / pytorch: {rate['bigjax (XLA)'] / rate['pytorch']:.2f}x")
+
+
 def _timed(fn) -> float:
   start = time.perf_counter()
   fn()
@@ -321,6 +366,7 @@ def main():
   if args.part in ("speed", "both"):
     for arch in args.archs.split(","):
       speed(args, arch)
+    matmul_graph(args)
   if args.part in ("quality", "both"):
     quality(args)
 
