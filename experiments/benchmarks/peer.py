@@ -30,7 +30,8 @@ Prints both tokens/s, their ratio, and both MFUs against the XLA f32 matmul
 roofline measured here (model FLOPs per token from bigjax/flops.py: MaxText's
 convention, 6 x matmul parameters incl. the unembedding + causal attention).
 Last, the speed shape's matmuls alone (projections and MLP products, forward
-and backward) in each framework: the share of the ratio that the GEMMs decide.
+and backward) in each framework, and each side's GPT-2 step split into those
+matmuls and the rest: how much of the ratio the GEMMs decide.
 """
 import argparse
 import math
@@ -254,12 +255,13 @@ def torch_matmul_roofline(n=2048, repeats=5) -> float:
   return 2 * n ** 3 / min(_timed(lambda: torch.mm(a, a)) for _ in range(repeats))
 
 
-def matmul_graph(args):
+def matmul_graph(args, step_seconds=None):
   """The speed shape's matmuls alone, in each framework: per layer the four
   attention projections and the two MLP products over [batch*context, width],
   with residual adds and GELU between them, forward and backward (no attention
   scores, norms, loss or optimizer). Its GFLOP/s ratio is the part of the step
-  ratio that the two frameworks' GEMMs decide."""
+  ratio that the two frameworks' GEMMs decide; with `step_seconds` ({side: the
+  GPT-2 step's seconds}) each step is split into these matmuls and the rest."""
   layers_, e, _, m, seq, batch = (int(x) for x in args.speed_shape.split(","))
   n = seq * batch
   flops_ = 3 * 2 * n * (4 * e * e + 2 * e * m) * layers_  # Forward + 2x backward.
@@ -295,6 +297,11 @@ def matmul_graph(args):
   for name, r in rate.items():
     print(f"  {name:13s} {r / 1e9:6.1f} GFLOP/s")
   print(f"  bigjax / pytorch: {rate['bigjax (XLA)'] / rate['pytorch']:.2f}x")
+  if step_seconds:  # The GPT-2 step's time, split into these matmuls and the rest.
+    for side, name in (("bigjax", "bigjax (XLA)"), ("pytorch", "pytorch")):
+      mm = flops_ / rate[name]
+      print(f"  {side:8s} step {step_seconds[side]:.3f} s = matmuls {mm:.3f} s + the rest "
+            f"(attention, norms, loss, optimizer) {step_seconds[side] - mm:.3f} s")
 
 
 def _timed(fn) -> float:
@@ -346,6 +353,7 @@ def speed(args, arch: str):
     rate[name] = tokens / statistics.median(ts)
     print(f"  {name:8s} {rate[name]:7.0f} tokens/s   MFU {rate[name] * per_token / peak:5.1%}")
   print(f"  bigjax / pytorch: {rate['bigjax'] / rate['pytorch']:.2f}x")
+  return {name: tokens / r for name, r in rate.items()}
 
 
 def main():
@@ -364,9 +372,8 @@ def main():
   print(f"jax {jax.__version__}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} cores")
   if args.part in ("speed", "both"):
-    for arch in args.archs.split(","):
-      speed(args, arch)
-    matmul_graph(args)
+    step_seconds = {arch: speed(args, arch) for arch in args.archs.split(",")}
+    matmul_graph(args, step_seconds.get("gpt2"))
   if args.part in ("quality", "both"):
     quality(args)
 
