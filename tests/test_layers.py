@@ -126,9 +126,8 @@ def test_attention_matches_numpy(num_kv_heads, rotary_positions):
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2])
 def test_causal_blocks_match_numpy_and_the_unblocked_gradients(num_kv_heads):
-  """A causal self-attention scores its queries in CAUSAL_BLOCKS row blocks, each
-  over the keys up to its own end; with padded keys too, the output equals numpy's
-  full-mask attention, and the gradients those of the unblocked computation."""
+  """Causal row blocks (CAUSAL_BLOCKS), padded keys too: the output is numpy's
+  full-mask attention's, the gradients those of the unblocked computation."""
   cfg = _cfg(num_kv_heads=num_kv_heads)
   causal = layers.Attention(cfg, rotary_positions=True, causal=True, rngs=nnx.Rngs(0))
   plain = layers.Attention(cfg, rotary_positions=True, rngs=nnx.Rngs(0))
@@ -144,18 +143,15 @@ def test_causal_blocks_match_numpy_and_the_unblocked_gradients(num_kv_heads):
   want = np_attention(x, x, mask, _np(causal.query), _np(causal.key), _np(causal.value),
                       _np(causal.out), pos, pos)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
-
   weights = rng.normal(size=(b, t, 32)).astype(np.float32)
   def loss(module, x):
     return jnp.sum(module(x, x, *args[2:]) * weights)
-  g_causal = nnx.grad(loss, argnums=(0, 1))(causal, args[0])
-  g_plain = nnx.grad(loss, argnums=(0, 1))(plain, args[0])
-  for a, c in zip(jax.tree.leaves(g_causal), jax.tree.leaves(g_plain)):
+  grads = [nnx.grad(loss, argnums=(0, 1))(m, args[0]) for m in (causal, plain)]
+  for a, c in zip(*map(jax.tree.leaves, grads)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-4, atol=1e-5)
   # The blocks are in play: two einsums (scores, values) per block, against two.
   def dots(module):
-    jaxpr = jax.make_jaxpr(lambda *a: module(*a))(*args)
-    return str(jaxpr).count("dot_general")
+    return str(jax.make_jaxpr(lambda *a: module(*a))(*args)).count("dot_general")
   assert dots(causal) - dots(plain) == 2 * (layers.CAUSAL_BLOCKS - 1)
 
 

@@ -195,8 +195,7 @@ class Encoder(nnx.Module):
     self.embedder = _Embedder(cfg, cfg.layer_config(), rngs=rngs)
     self.encoder = Stack(cfg.layer_config(cfg.num_layers), cfg.num_layers,
                          cross_attention=False, causal=False, remat=cfg.remat_policy,
-                         scan=cfg.scan_layers,
-                         rngs=rngs, moe=cfg.moe, moe_every=cfg.moe_every)
+                         scan=cfg.scan_layers, rngs=rngs, moe=cfg.moe, moe_every=cfg.moe_every)
 
   def encode(self, tokens, rng=None):
     positions = default_positions(tokens)
@@ -221,9 +220,8 @@ class EncoderDecoder(Encoder):
     num_decoder_layers = cfg.num_decoder_layers or cfg.num_layers
     self.decoder = Stack(cfg.layer_config(num_decoder_layers, cross_attention=True),
                          num_decoder_layers, cross_attention=True, causal=True,
-                         remat=cfg.remat_policy,
-                         scan=cfg.scan_layers,
-                         rngs=rngs, moe=cfg.moe, moe_every=cfg.moe_every)
+                         remat=cfg.remat_policy, scan=cfg.scan_layers, rngs=rngs,
+                         moe=cfg.moe, moe_every=cfg.moe_every)
 
   def decode(self, encoded, encoder_tokens, decoder_tokens, positions=None, rng=None):
     return self.embedder.logits(self.decode_features(encoded, encoder_tokens, decoder_tokens,
