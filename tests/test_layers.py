@@ -125,9 +125,12 @@ def test_attention_matches_numpy(num_kv_heads, rotary_positions):
 
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2])
-def test_causal_blocks_match_numpy_and_the_unblocked_gradients(num_kv_heads):
+def test_causal_blocks_match_numpy_and_the_unblocked_gradients(num_kv_heads, monkeypatch):
   """Causal row blocks (CAUSAL_BLOCKS), padded keys too: the output is numpy's
   full-mask attention's, the gradients those of the unblocked computation."""
+  assert [layers.causal_block_count(t) for t in (64, 100, 128, 192, 256, 4096)] == [
+      1, 1, 2, 3, 4, 4]
+  monkeypatch.setattr(layers, "CAUSAL_BLOCK_ROWS", 4)
   cfg = _cfg(num_kv_heads=num_kv_heads)
   causal = layers.Attention(cfg, rotary_positions=True, causal=True, rngs=nnx.Rngs(0))
   plain = layers.Attention(cfg, rotary_positions=True, rngs=nnx.Rngs(0))
