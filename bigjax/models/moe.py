@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigjax import sharding
-from bigjax.models import dataclass_from_config, expert_parallel, layers, routing
+from bigjax.models import dataclass_from_config, expert_parallel, grouped_matmul, layers, routing
 from bigjax.sharding import constrain
 
 DROPLESS_IMPLS = ("ragged_dot", "sorted_blocks")
@@ -200,11 +200,10 @@ class MoEFeedForward(nnx.Module):
     return jax.lax.ragged_dot(h, weights["wo"], sizes)
 
   def _blocked_ffn(self, xs, sizes, weights):
-    """Grouped matmul as batched matmuls over fixed-size blocks, each block holding
-    rows of one expert only (segments padded to a multiple of block_size). Memory
-    and FLOPs grow with the tokens, not with tokens x experts as the CPU emulation
-    of ragged_dot does. Rows past sum(sizes) are padding (computed with the last
-    expert, never read)."""
+    """Grouped FFN with each expert's rows padded to a multiple of block_size and
+    multiplied in chunks of 4 blocks, then single blocks (grouped_matmul): FLOPs and
+    memory grow with the tokens, not with tokens x experts as the CPU emulation of
+    ragged_dot does. Rows past sum(sizes) are padding, never read."""
     rows, m = xs.shape
     e, bs = weights["wi"].shape[0], self.moe.block_size
     padded = (sizes + bs - 1) // bs * bs
@@ -214,18 +213,12 @@ class MoEFeedForward(nnx.Module):
     expert_of_row = jnp.repeat(jnp.arange(e), sizes, total_repeat_length=rows)
     dest = pstart[expert_of_row] + jnp.arange(rows) - start[expert_of_row]
     buf = jnp.zeros((num_blocks * bs, m), xs.dtype).at[dest].set(xs)
-    blocks = buf.reshape(num_blocks, bs, m)
-    block_expert = jnp.searchsorted(jnp.cumsum(padded) // bs, jnp.arange(num_blocks),
-                                    side="right")
-    block_expert = jnp.minimum(block_expert, e - 1)  # trailing empty blocks
+    def matmul(x, w):
+      return grouped_matmul.grouped_matmul(x, w, pstart, padded, (4 * bs, bs))
     act = layers.ACTIVATIONS[self.cfg.mlp_activation]
-    wi = jnp.take(weights["wi"], block_expert, axis=0)
-    h = jnp.einsum("nbm,nmh->nbh", blocks, wi)
+    h = matmul(buf, weights["wi"])
     if "wi_gate" in weights:
-      wg = jnp.take(weights["wi_gate"], block_expert, axis=0)
-      h = act(jnp.einsum("nbm,nmh->nbh", blocks, wg)) * h
+      h = act(matmul(buf, weights["wi_gate"])) * h
     else:
       h = act(h)
-    wo = jnp.take(weights["wo"], block_expert, axis=0)
-    out = jnp.einsum("nbh,nhm->nbm", h, wo).reshape(num_blocks * bs, m)
-    return jnp.take(out, dest, axis=0)
+    return jnp.take(matmul(h, weights["wo"]), dest, axis=0)
