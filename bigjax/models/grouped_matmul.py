@@ -44,6 +44,8 @@ def grouped_matmul(rows, weights, starts, lengths, chunk_sizes):
       jax.lax.pcast(a, tuple(frozenset.union(*axes) - own), to="varying")
       if frozenset.union(*axes) - own else a
       for a, own in zip((rows, weights, starts, lengths), axes))
+  # A chunk longer than all the rows is never needed (nor can it be sliced).
+  chunk_sizes = tuple(c for c in chunk_sizes[:-1] if c <= rows.shape[0]) + chunk_sizes[-1:]
   return _grouped_matmul(rows, weights, starts, lengths, chunk_sizes)
 
 
