@@ -3,8 +3,9 @@
 Expert e's rows are the segment rows[starts[e] : starts[e] + lengths[e]] and are
 multiplied by weights[e]. XLA:CPU emulates jax.lax.ragged_dot with a dense product
 per expert (E times the FLOPs), so here each segment is multiplied chunk by chunk
-in a loop with a dynamic trip count: the FLOPs follow the rows, and no per-row or
-per-block copy of the weights is made. Chunks are as long as the segment allows
+in a loop with a dynamic trip count: the FLOPs follow the rows, and the weights
+are read per chunk rather than gathered into a copy per block (whose gradient
+would be a scatter-add). Chunks are as long as the segment allows
 (`chunk_sizes`, largest first) because short matmuls run slower; the backward
 pass (a custom VJP) walks the same chunks, accumulating each expert's weight
 gradient in float32.
