@@ -40,11 +40,12 @@ def grouped_matmul(rows, weights, starts, lengths, chunk_sizes):
   # Inside a shard_map, rows and weights may vary over different mesh axes, and a
   # loop's carry must keep one type: both are cast to vary over all of them here,
   # where autodiff transposes the casts (summing the weights' gradient).
-  axes = [jax.typeof(a).mat.varying for a in (rows, weights, starts, lengths)]
+  args = (rows, weights, starts, lengths)
+  varying = frozenset.union(*(jax.typeof(a).mat.varying for a in args))
   rows, weights, starts, lengths = (
-      jax.lax.pcast(a, tuple(frozenset.union(*axes) - own), to="varying")
-      if frozenset.union(*axes) - own else a
-      for a, own in zip((rows, weights, starts, lengths), axes))
+      a if jax.typeof(a).mat.varying == varying
+      else jax.lax.pcast(a, tuple(varying - jax.typeof(a).mat.varying), to="varying")
+      for a in args)
   # A chunk longer than all the rows is never needed (nor can it be sliced).
   chunk_sizes = tuple(c for c in chunk_sizes[:-1] if c <= rows.shape[0]) + chunk_sizes[-1:]
   return _grouped_matmul(rows, weights, starts, lengths, chunk_sizes)
