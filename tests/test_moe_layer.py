@@ -126,7 +126,7 @@ def test_dropless_top2_equals_gshard_without_drops(impl, gated):
   np.testing.assert_allclose(apply(top2, x, jax.random.PRNGKey(2))[0], want, rtol=1e-6)
 
 
-@pytest.mark.parametrize("impl", moe_lib.DROPLESS_IMPLS)
+@pytest.mark.parametrize("impl", ["ragged_dot", "sorted_blocks"])
 def test_dropless_top1_equals_switch_without_drops(impl):
   switch = _moe("switch_top1", seed=2, capacity_factor=4.0, eval_capacity_factor=4.0)
   drop = _with_moe(switch, router="dropless", top_k=1, dropless_impl=impl, block_size=4)
@@ -267,6 +267,19 @@ def test_jitter_multiplies_router_input_in_train_mode_only():
   np.testing.assert_allclose(layer.router_logits(x, rng),
                              jnp.einsum("gsm,me->gse", x * noise, w), rtol=1e-5, atol=1e-6)
   assert not np.allclose(layer.router_logits(x, rng), layer.router_logits(x, None))
+
+
+def test_dropless_impl_auto_picks_sorted_blocks_on_cpu_and_ragged_dot_elsewhere():
+  # The mapping, and that the layer really runs what it picks on this (CPU) backend.
+  assert [moe_lib.dropless_impl_for("auto", p) for p in ("cpu", "gpu", "tpu")] == [
+      "sorted_blocks", "ragged_dot", "ragged_dot"]
+  assert moe_lib.dropless_impl_for("ragged_dot", "cpu") == "ragged_dot"
+  layer = _moe(router="dropless", top_k=2, block_size=4)
+  assert layer.moe.dropless_impl == "auto"
+  for impl, has_ragged_dot in (("auto", False), ("ragged_dot", True)):
+    graphdef, state = nnx.split(_with_moe(layer, dropless_impl=impl))
+    jaxpr = str(jax.make_jaxpr(_apply_pure, static_argnums=0)(graphdef, state, _x(), None))
+    assert ("ragged_dot" in jaxpr) == has_ragged_dot, impl
 
 
 @pytest.mark.parametrize("router,impl", [("gshard_top2", None), ("switch_top1", None),

@@ -40,7 +40,8 @@ def grouped_matmul(rows, weights, starts, lengths, chunk_sizes):
   # Inside a shard_map, rows and weights may vary over different mesh axes, and a
   # loop's carry must keep one type: both are cast to vary over all of them here,
   # where autodiff transposes the casts (summing the weights' gradient).
-  args = (rows, weights, starts, lengths)
+  # (As arrays: a numpy weight could not be indexed by the loop's expert index.)
+  args = tuple(map(jnp.asarray, (rows, weights, starts, lengths)))
   varying = frozenset.union(*(jax.typeof(a).mat.varying for a in args))
   rows, weights, starts, lengths = (
       a if jax.typeof(a).mat.varying == varying

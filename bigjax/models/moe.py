@@ -23,10 +23,20 @@ from bigjax import sharding
 from bigjax.models import dataclass_from_config, expert_parallel, grouped_matmul, layers, routing
 from bigjax.sharding import constrain
 
-DROPLESS_IMPLS = ("ragged_dot", "sorted_blocks")
+DROPLESS_IMPLS = ("auto", "ragged_dot", "sorted_blocks")
 # Tokens in groups [G, S, M], and dispatched to experts [E, G, C, M].
 GROUP_NAMES = ("activation_batch", "activation_length", "activation_embed")
 DISPATCHED_NAMES = ("activation_exp", "activation_batch", None, "activation_embed")
+
+
+def dropless_impl_for(setting: str, platform: str) -> str:
+  """The grouped matmul for `model.moe.dropless_impl` on this platform. On CPU, JAX
+  computes jax.lax.ragged_dot densely, every expert over every row (5-6x the time
+  of sorted_blocks in experiments/benchmarks/moe.py); GPU and TPU have grouped
+  matmul kernels for it."""
+  if setting == "auto":
+    return "sorted_blocks" if platform == "cpu" else "ragged_dot"
+  return setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +49,9 @@ class MoEConfig:
   eval_capacity_factor: float = 2.0
   random_routing: bool = True
   jitter_noise: float = 0.0  # Switch: router input scaled by U(1-eps, 1+eps).
-  dropless_impl: str = "ragged_dot"
+  # Grouped expert matmuls: auto (sorted_blocks on CPU, ragged_dot on GPU/TPU),
+  # ragged_dot (jax.lax.ragged_dot) or sorted_blocks (grouped_matmul.py).
+  dropless_impl: str = "auto"
   # Expert-parallel dropless exchange: auto (ragged on GPU/TPU, padded on CPU),
   # ragged (jax.lax.ragged_all_to_all) or padded (all_to_all of worst-case slots).
   dropless_exchange: str = "auto"
@@ -167,7 +179,10 @@ class MoEFeedForward(nnx.Module):
     n = b * length * k  # Nothing is ever dropped.
     self._report(choice.aux_loss, choice.z_loss, jnp.float32(n), jnp.float32(n),
                  choice.load, jax.nn.softmax(logits))
-    ffn = self._ragged_ffn if self.moe.dropless_impl == "ragged_dot" else self._blocked_ffn
+    platform = (parallel.mesh.devices.flat[0].platform if parallel is not None
+                else jax.default_backend())
+    impl = dropless_impl_for(self.moe.dropless_impl, platform)
+    ffn = self._ragged_ffn if impl == "ragged_dot" else self._blocked_ffn
     weights = self._expert_weights()
     if parallel is not None:
       return expert_parallel.dropless(
