@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from bigjax import steps  # noqa: E402
-from bigjax.models import transformer  # noqa: E402
+from bigjax.models import layers, transformer  # noqa: E402
 from configs import gpt2  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments",
@@ -26,9 +26,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "exp
 import hf_models  # noqa: E402
 
 
+LENGTH = 128
+
+
 def _tiny_config(arch):
   config = gpt2.get_config("runlocal")
-  config.model.update(num_layers=2, emb_dim=32, num_heads=4, mlp_dim=64, max_len=16,
+  # 128 tokens: a causal self-attention scored in row blocks (layers.CAUSAL_BLOCKS).
+  config.model.update(num_layers=2, emb_dim=32, num_heads=4, mlp_dim=64, max_len=LENGTH,
                       vocab_size=64, dropout_rate=0.0, dtype="float32")
   if arch == "mixtral":
     config = hf_models.mixtral_like(config)
@@ -52,7 +56,8 @@ def test_same_weights_give_hf_logits(arch):
   config = _tiny_config(arch)
   model, params = _random_params(config)
   nnx.update(model, params)
-  tokens = np.random.default_rng(1).integers(1, 64, (2, 16))
+  tokens = np.random.default_rng(1).integers(1, 64, (2, LENGTH))
+  assert layers.causal_block_count(LENGTH) > 1
   ours = np.asarray(model(jax.numpy.asarray(tokens)))
   hf = hf_models.load(arch, params, hf_models.build(arch, config)).eval()
   with torch.no_grad():
