@@ -13,12 +13,15 @@ background thread (grain's thread prefetch), step-indexed as ever.
 import dataclasses
 import math
 import os
+import shutil
+import tempfile
 from typing import Any, Callable
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from bigjax import checkpoint, metrics as metrics_lib, optim, steps
 
@@ -262,16 +265,23 @@ class SaveCheckpoints(Hook):
 class Profile(Hook):
   """config.profile_steps = (start, stop): a jax.profiler trace of steps
   start..stop-1 into WORKDIR/profile: *.xplane.pb (TensorBoard's profile
-  plugin, XProf) and perfetto_trace.json.gz (ui.perfetto.dev)."""
+  plugin, XProf) and perfetto_trace.json.gz (ui.perfetto.dev). On a bucket
+  workdir the profiler writes to a local directory first (it writes through its
+  own file layer, not the workdir's), copied into the bucket when the window
+  closes."""
 
   def __init__(self, workdir: str, start: int, stop: int):
-    self.dir, self.start_step, self.stop_step = os.path.join(workdir, "profile"), start, stop
+    self.dir = epath.Path(workdir) / "profile"
+    self.start_step, self.stop_step = start, stop
     self.tracing = False
+    self.trace_dir = None  # Where the profiler writes: self.dir, or a local stand-in.
 
   def before_step(self, loop, step):
     if step == self.start_step:
+      self.trace_dir = (self.dir if "://" not in str(self.dir)
+                        else tempfile.mkdtemp(prefix="bigjax_profile_"))
       # The xplane.pb for TensorBoard / XProf, and a Perfetto-ready copy.
-      jax.profiler.start_trace(self.dir, create_perfetto_trace=True)
+      jax.profiler.start_trace(str(self.trace_dir), create_perfetto_trace=True)
       self.tracing = True
 
   def after_step(self, loop):
@@ -282,6 +292,12 @@ class Profile(Hook):
     jax.block_until_ready(loop.state)  # The traced steps' device work, whole.
     jax.profiler.stop_trace()
     self.tracing = False
+    if self.trace_dir != self.dir:
+      for folder, _, names in os.walk(self.trace_dir):
+        target = self.dir / os.path.relpath(folder, self.trace_dir)
+        for name in names:
+          epath.Path(folder, name).copy(target / name, overwrite=True)
+      shutil.rmtree(self.trace_dir)
     loop.log(f"Profile of steps {self.start_step}..{self.stop_step - 1} written to "
              f"{self.dir}.")
 

@@ -1,6 +1,7 @@
 """config.profile_steps: a jax.profiler trace of a window of steps in WORKDIR/profile."""
 import glob
 import os
+import uuid
 
 import pytest
 
@@ -24,6 +25,20 @@ def test_a_profiled_run_writes_a_trace(tmp_path):
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 0, traces
   assert glob.glob(os.path.join(workdir, "profile", "**", "perfetto_trace.json.gz"),
                    recursive=True)
+
+
+def test_a_profiled_run_on_a_bucket_workdir_writes_its_trace_into_the_bucket(
+    gcs_bucket, tmp_path):
+  from etils import epath
+  workdir = f"{gcs_bucket}/profiled-{uuid.uuid4().hex[:8]}"
+  train.run(_config(tmp_path, (1, 3)), workdir)
+  def files_under(path):  # (rglob refuses gs:// paths)
+    return [f for p in path.iterdir() for f in (files_under(p) if p.is_dir() else [p])]
+  files = files_under(epath.Path(workdir) / "profile")
+  names = [p.name for p in files]
+  assert any(n.endswith(".xplane.pb") for n in names), names
+  assert "perfetto_trace.json.gz" in names, names
+  assert all(p.stat().length > 0 for p in files)
 
 
 def test_no_window_writes_no_trace(tmp_path):
