@@ -189,6 +189,7 @@ def _validate_transformer(config):
                          ("norm", layers.NORMS), ("init", layers.INITS),
                          ("embed_init", layers.EMBED_INITS),
                          ("position", transformer.POSITIONS),
+                         ("attention_impl", layers.ATTENTION_IMPLS),
                          ("dtype", ("float32", "bfloat16", "float16")),
                          ("param_dtype", ("float32", "bfloat16"))):
     if m[field] not in allowed:

@@ -41,6 +41,11 @@ class GenerateError(Exception):
   """A problem with the command's input; the message says what to do."""
 
 
+# Transformer settings added after runs were recorded, with the value those runs
+# used, so that their config.json still loads.
+SETTINGS_OLDER_RUNS_USED = {"norm_eps": 1e-6, "attention_impl": "xla"}
+
+
 def load_config(workdir: str):
   import ml_collections
 
@@ -56,8 +61,9 @@ def load_config(workdir: str):
   except (OSError, ValueError) as e:
     raise GenerateError(f"Cannot read {path}: {e}") from None
   model = values.get("model")
-  if isinstance(model, dict) and "norm" in model and "norm_eps" not in model:
-    model["norm_eps"] = 1e-6  # Runs written before the setting existed used 1e-6.
+  if isinstance(model, dict) and "norm" in model:  # A Transformer's settings.
+    for key, value in SETTINGS_OLDER_RUNS_USED.items():
+      model.setdefault(key, value)
   return ml_collections.ConfigDict(values)
 
 

@@ -75,6 +75,9 @@ def get_config(arg=None):
   config.model.scale_residual_init = True
   config.model.tie_embeddings = True
   config.model.use_bias = False  # Biases in attention and dense MLPs (GPT-2, BERT).
+  # auto: cuDNN's fused attention on a GPU (16-bit, no attention dropout), else
+  # bigjax's own | xla: bigjax's own everywhere | cudnn: cuDNN's or an error.
+  config.model.attention_impl = "auto"
   config.model.dtype = "bfloat16"  # compute dtype; params stay in param_dtype.
   config.model.param_dtype = "float32"
   # What each block keeps for the backward pass (see README, Design): none |

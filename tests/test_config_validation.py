@@ -101,6 +101,7 @@ CASES = [
     (_with(model__num_decoder_layers=-1), "model.num_decoder_layers"),
     (_with(model__init_scale=0.0), "model.init_scale"),
     (_with(model__norm_eps=0.0), "model.norm_eps"),
+    (_with(model__attention_impl="flash"), "model.attention_impl"),
     (_with(optim__warmup_steps=-1), "optim.warmup_steps"),
     (_with(optim__lr=0.0), "optim.lr"),
     (_with(optim__lr=-1e-3), "optim.lr"),

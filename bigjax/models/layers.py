@@ -43,6 +43,7 @@ class LayerConfig:
   # Biases on the attention projections and the MLP's matmuls, zero at init (GPT-2,
   # BERT have them; T5, PaLM, Llama do not).
   use_bias: bool = False
+  attention_impl: str = "auto"  # One of ATTENTION_IMPLS; see attention_impl_for.
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -54,6 +55,32 @@ INITS = ("normal", "xavier", "lecun")
 # a unit-variance table needs emb_dim ** -0.5 (T5, PaLM); a table of std 0.02
 # (GPT-2) is used as it is, since its logits already have std 0.02 * sqrt(emb_dim).
 EMBED_INITS = ("normal", "unit")
+# "xla": bigjax's own attention (Attention.attend), on every backend. "cudnn":
+# cuDNN's fused (flash) attention through jax.nn.dot_product_attention, for
+# uncached calls on a GPU. "auto": cudnn where it applies, else xla.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def attention_impl_for(cfg: "LayerConfig", platform: str, dropout: bool) -> str:
+  """'xla' or 'cudnn' for an uncached attention call on `platform`, with or without
+  attention dropout. cuDNN's fused attention needs a GPU, 16-bit inputs and a head
+  dim that is a multiple of 8 up to 128, and has no attention dropout: 'auto'
+  picks it only then, and 'cudnn' outside it is an error naming the setting."""
+  dtype = jnp.dtype(cfg.dtype)
+  fits = {"a GPU": platform == "gpu",
+          "model.dtype bfloat16 or float16": dtype in (jnp.bfloat16, jnp.float16),
+          "head_dim a multiple of 8, at most 128": cfg.head_dim % 8 == 0 and cfg.head_dim <= 128,
+          "no attention dropout (model.dropout_rate=0)": not dropout}
+  if cfg.attention_impl == "cudnn" and not all(fits.values()):
+    missing = [need for need, ok in fits.items() if not ok]
+    raise ValueError(f"model.attention_impl='cudnn' needs {', '.join(missing)} (backend "
+                     f"{platform}, dtype {dtype.name}, head_dim {cfg.head_dim}); use "
+                     "'auto' to fall back to bigjax's own attention.")
+  if cfg.attention_impl == "auto":
+    return "cudnn" if all(fits.values()) else "xla"
+  return cfg.attention_impl
+
+
 # Logical names of the attention activations [batch, length, heads, head_dim]:
 # activation names have rules of their own (bigjax/sharding.py).
 HEAD_ACTIVATIONS = ("activation_batch", "activation_length", "activation_heads",
@@ -266,7 +293,7 @@ class Attention(nnx.Module):
       return self.cached_self_attention(x_q, mask, q_positions, cache, rng)
     q = self.project_query(x_q, q_positions)
     k, v = self.project_kv(x_kv, k_positions)
-    return self.attend(q, k, v, mask, rng, causal_blocks=self.causal)
+    return self.attend(q, k, v, mask, rng, uncached=True)
 
   def project_query(self, x_q, q_positions=None):
     q = add_bias(dense(x_q, self.query[...].astype(self.cfg.dtype)), self.query_bias)
@@ -284,21 +311,29 @@ class Attention(nnx.Module):
       k = rotary(k, k_positions)
     return k, v
 
-  def attend(self, q, k, v, mask, rng=None, causal_blocks=False):
+  def attend(self, q, k, v, mask, rng=None, uncached=False):
     """Projected queries [b, t, h, d] over keys/values [b, s, kv_heads, d] -> [b, t, e].
 
-    With `causal_blocks` (a causal self-attention's mask, t == s), the queries are
-    scored in causal_block_count(t) row blocks, each over the keys up to its last row.
+    `uncached`: whole sequences, not a KV cache. A causal module's queries are
+    then scored in causal_block_count(t) row blocks, each over the keys up to its
+    last row, and attention_impl_for may choose cuDNN's fused attention.
     """
     cfg, dt = self.cfg, self.cfg.dtype
     b, t, h, d = q.shape
     kv, s = cfg.num_kv_heads, k.shape[1]
+    causal = self.causal and uncached and t == s
+    dropout = cfg.dropout_rate > 0 and rng is not None
+    if uncached and attention_impl_for(cfg, jax.default_backend(), dropout) == "cudnn":
+      # The mask is passed as well: it may hide padding besides the future keys.
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                         implementation="cudnn")
+      return self._project_out(out)
     # Heads major ([b, kv, g, t, d], [b, kv, s, d]): each head's scores and values are
     # then plain row-major batched matmuls; over the [b, t, h, d] layout XLA:CPU
     # runs attention's forward and backward passes about 1.3x slower.
     q = (q * d ** -0.5).reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    n = causal_block_count(t) if causal_blocks and t == s else 1
+    n = causal_block_count(t) if causal else 1
     rows, rngs, blocks = t // n, split_rng(rng, n), []
     for i in range(n):
       end = (i + 1) * rows if n > 1 else s  # The keys the block's rows may see.
@@ -306,8 +341,12 @@ class Attention(nnx.Module):
       blocks.append(self._attend_rows(q[:, :, :, block], k[:, :, :end], v[:, :, :end],
                                       mask[:, :, block, :end], rngs[i]))
     out = jnp.concatenate(blocks, axis=3)
-    out = constrain(out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d), HEAD_ACTIVATIONS)
-    y = add_bias(dense(out, self.out[...].astype(dt), contract=2), self.out_bias)
+    return self._project_out(out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d))
+
+  def _project_out(self, out):
+    """The heads' outputs [b, t, h, d] -> [b, t, e]."""
+    out = constrain(out, HEAD_ACTIVATIONS)
+    y = add_bias(dense(out, self.out[...].astype(self.cfg.dtype), contract=2), self.out_bias)
     return constrain(y, ("activation_batch", "activation_length", "activation_embed"))
 
   def _attend_rows(self, q, k, v, mask, rng):

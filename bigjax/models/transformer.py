@@ -49,6 +49,7 @@ class TransformerConfig:
   scale_residual_init: bool = True
   tie_embeddings: bool = True
   use_bias: bool = False  # Biases in attention and dense MLPs (GPT-2); MoE experts have none.
+  attention_impl: str = "auto"  # One of layers.ATTENTION_IMPLS.
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat_policy: str = "none"  # One of stack.REMAT_POLICIES.
@@ -78,7 +79,7 @@ class TransformerConfig:
         dropout_rate=self.dropout_rate,
         init=self.init, init_scale=self.init_scale, embed_init=self.embed_init,
         residual_init_scale=self._residual_init_scale(num_layers, cross_attention),
-        use_bias=self.use_bias, dtype=jnp.dtype(self.dtype),
+        use_bias=self.use_bias, attention_impl=self.attention_impl, dtype=jnp.dtype(self.dtype),
         param_dtype=jnp.dtype(self.param_dtype))
 
   def _residual_init_scale(self, num_layers: int, cross_attention: bool) -> float:

@@ -2,6 +2,7 @@ r"""Training throughput and MFU of a ~1B dense decoder and an 8-expert MoE on on
 
   python experiments/benchmarks/gpu.py                 # one H100/H200: ~5 minutes
   python experiments/benchmarks/gpu.py --preset=tiny   # a CPU smoke run (seconds)
+  python experiments/benchmarks/gpu.py --attention_impl=xla  # without cuDNN's attention
 
 Both models run bigjax's own jitted train step (`python -m bigjax.main`'s) in
 bfloat16 compute with float32 parameters and AdamW. The MoE model has the dense
@@ -24,18 +25,20 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bigjax import flops, sharding, steps  # noqa: E402
+from bigjax.models import layers  # noqa: E402
 from configs import lm, lm_moe  # noqa: E402
 
 # name -> (layers, width, heads, mlp, context, batch)
 PRESETS = {"1b": (20, 2048, 16, 8192, 2048, 8), "tiny": (2, 128, 4, 512, 128, 4)}
 
 
-def make_config(moe: bool, shape):
+def make_config(moe: bool, shape, attention_impl: str = "auto"):
   num_layers, width, heads, mlp, seq, batch = shape
   config = (lm_moe if moe else lm).get_config()
   config.update(batch_size=batch, seq_len=seq, total_steps=1000)
   config.model.update(num_layers=num_layers, emb_dim=width, num_heads=heads, mlp_dim=mlp,
-                      max_len=seq, dtype="bfloat16", dropout_rate=0.0)
+                      max_len=seq, dtype="bfloat16", dropout_rate=0.0,
+                      attention_impl=attention_impl)
   if moe:
     # Every block's MLP becomes top-2 of 8 half-size experts: the dense MLP's FLOPs.
     config.model.update(mlp_dim=mlp // 2, moe_every=1)
@@ -67,14 +70,19 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--preset", choices=sorted(PRESETS), default="1b")
   parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--attention_impl", choices=layers.ATTENTION_IMPLS, default="auto")
   args = parser.parse_args()
   device = jax.devices()[0]
   peak = flops.peak_flops(device.device_kind)
+  attention = layers.attention_impl_for(steps.model_config(make_config(
+      False, PRESETS[args.preset], args.attention_impl)).layer_config(),
+      jax.default_backend(), dropout=False)
   print(f"{device.device_kind} x{jax.device_count()}, jax {jax.__version__}; preset "
-        f"{args.preset} {PRESETS[args.preset]} (layers, width, heads, mlp, context, batch)")
+        f"{args.preset} {PRESETS[args.preset]} (layers, width, heads, mlp, context, batch); "
+        f"attention: {attention}")
   rates = {}
   for name, moe in (("dense", False), ("moe 8x top-2", True)):
-    config = make_config(moe, PRESETS[args.preset])
+    config = make_config(moe, PRESETS[args.preset], args.attention_impl)
     per_token = flops.training_flops_per_token(steps.model_config(config), config.seq_len)
     params = sum(x.size for x in jax.tree.leaves(steps.make_setup(
         config, sharding.config_mesh(config)).abstract_state.params))

@@ -1,0 +1,94 @@
+"""model.attention_impl: when cuDNN's fused attention is chosen, and that the call
+bigjax makes to it (jax.nn.dot_product_attention: layout, scale, mask, grouped
+heads, causal flag) computes bigjax's own attention.
+
+There is no GPU here: the routing test stands in for one (jax.default_backend
+says "gpu") and runs the same call with implementation="xla", JAX's reference
+for what the cuDNN kernel computes.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bigjax.models import layers
+
+
+def _cfg(**kw):
+  args = dict(emb_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48,
+              init_scale=0.3, dtype=jnp.bfloat16)
+  return layers.LayerConfig(**{**args, **kw})
+
+
+@pytest.mark.parametrize("setting,platform,kw,dropout,want", [
+    ("auto", "cpu", {}, False, "xla"),
+    ("auto", "tpu", {}, False, "xla"),
+    ("auto", "gpu", {}, False, "cudnn"),
+    ("auto", "gpu", dict(dtype=jnp.float32), False, "xla"),
+    ("auto", "gpu", dict(head_dim=12), False, "xla"),
+    ("auto", "gpu", dict(head_dim=256), False, "xla"),
+    ("auto", "gpu", {}, True, "xla"),
+    ("xla", "gpu", {}, False, "xla"),
+    ("cudnn", "gpu", dict(dtype=jnp.float16), False, "cudnn"),
+])
+def test_auto_picks_cudnn_only_where_it_applies(setting, platform, kw, dropout, want):
+  cfg = _cfg(attention_impl=setting, **kw)
+  assert layers.attention_impl_for(cfg, platform, dropout) == want
+
+
+@pytest.mark.parametrize("platform,kw,dropout,named", [
+    ("cpu", {}, False, "a GPU"),
+    ("gpu", dict(dtype=jnp.float32), False, "bfloat16 or float16"),
+    ("gpu", {}, True, "dropout_rate=0"),
+])
+def test_explicit_cudnn_where_it_cannot_run_is_an_error_naming_the_setting(
+    platform, kw, dropout, named):
+  with pytest.raises(ValueError, match=r"model\.attention_impl='cudnn' needs .*" + named):
+    layers.attention_impl_for(_cfg(attention_impl="cudnn", **kw), platform, dropout)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_fused_call_computes_bigjax_attention(causal, monkeypatch):
+  calls = []
+  reference = jax.nn.dot_product_attention
+
+  def as_xla(*args, implementation=None, **kw):
+    calls.append((implementation, kw["is_causal"]))
+    return reference(*args, implementation="xla", **kw)
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
+  monkeypatch.setattr(layers, "CAUSAL_BLOCK_ROWS", 4)  # bigjax's own: in row blocks.
+  b, t = 2, 16
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(b, t, 32)), jnp.bfloat16)
+  pos = jnp.asarray(np.stack([np.arange(t), np.arange(t) + 3]), jnp.int32)
+  mask = layers.causal_mask(pos, pos) if causal else jnp.ones((b, 1, t, t), bool)
+  mask = mask & jnp.asarray(np.arange(t) % 5 != 2)[None, None, None, :]  # Padded keys.
+  mask = mask.at[..., 0].set(True)
+  upstream = jnp.asarray(rng.normal(size=(b, t, 32)), jnp.float32)
+
+  def run(impl):
+    cfg = _cfg(attention_impl=impl)
+    attn = layers.Attention(cfg, rotary_positions=True, causal=causal, rngs=nnx.Rngs(0))
+    def loss(module, x):
+      y = module(x, x, mask, pos, pos)
+      return jnp.sum(y.astype(jnp.float32) * upstream), y
+    (_, y), grads = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(attn, x)
+    return y, grads
+
+  (y_fused, g_fused), (y_own, g_own) = run("cudnn"), run("xla")
+  assert calls == [("cudnn", causal)] * len(calls) and calls  # Only the fused run calls it.
+  np.testing.assert_allclose(np.asarray(y_fused, np.float32), np.asarray(y_own, np.float32),
+                             rtol=3e-2, atol=3e-2)
+  for a, c in zip(*map(jax.tree.leaves, (g_fused, g_own))):
+    a, c = np.asarray(a, np.float32), np.asarray(c, np.float32)
+    np.testing.assert_allclose(a, c, rtol=5e-2, atol=5e-2 * np.abs(c).max())
+  # Cached decoding keeps bigjax's own attention.
+  calls.clear()
+  cfg = _cfg(attention_impl="cudnn")
+  attn = layers.Attention(cfg, rotary_positions=True, causal=True, rngs=nnx.Rngs(0))
+  cache = attn.init_cache(b, t)
+  attn(x[:, :1], None, mask[:, :, :1], pos[:, :1], cache=cache)
+  assert not calls
