@@ -25,7 +25,10 @@ train step (the one `python -m bigjax.main` runs) against a PyTorch training
 step of HF's GPT2LMHeadModel, timed alternately in rounds in this one process.
 Then the same for an 8-expert top-2 MoE in every block against HF's Mixtral
 (RMSNorm, rotary, SwiGLU experts of half the MLP width, bigjax's dropless
-router with its CPU path, sorted_blocks; HF runs its per-expert loop).
+router with its CPU path, sorted_blocks; HF runs its experts through the
+implementation transformers picks, printed: `grouped_mm` here, torch's grouped
+matmul), and the MoE layer alone in each (forward and backward), splitting each
+side's MoE step into its MoE layers and the rest.
 Prints both tokens/s, their ratio, and both MFUs against the XLA f32 matmul
 roofline measured here (model FLOPs per token from bigjax/flops.py: MaxText's
 convention, 6 x matmul parameters incl. the unembedding + causal attention).
@@ -304,6 +307,54 @@ def matmul_graph(args, step_seconds=None):
             f"(attention, norms, loss, optimizer) {step_seconds[side] - mm:.3f} s")
 
 
+def moe_layer(args, config, step_seconds):
+  """The Mixtral-style step's MoE layer alone in each framework, forward and
+  backward over one batch of activations: bigjax's MoEFeedForward (the step's
+  settings) against the MoE block of the HF model the step trains (its experts
+  implementation); then each step split into its MoE layers and the rest."""
+  from flax import nnx
+  from bigjax.models import moe as moe_lib
+
+  model_cfg = steps.model_config(config)
+  shape = (config.batch_size, config.seq_len, model_cfg.emb_dim)
+  rng = np.random.default_rng(0)
+  x, upstream = (rng.normal(size=shape).astype(np.float32) for _ in range(2))
+  ours = moe_lib.MoEFeedForward(model_cfg.layer_config(model_cfg.num_layers), model_cfg.moe,
+                                rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(ours)
+  grad = jax.jit(jax.grad(lambda state, x: jnp.sum(nnx.merge(graphdef, state)(x, None) *
+                                                   upstream), argnums=(0, 1)))
+  hf = hf_models.build("mixtral", config)
+  block = hf.model.layers[0].mlp
+  tx = torch.tensor(x, requires_grad=True)
+  tup = torch.tensor(upstream)
+
+  def torch_run():
+    out = block(tx)
+    ((out[0] if isinstance(out, tuple) else out) * tup).sum().backward()
+
+  jx = jnp.asarray(x)
+  runs = {"bigjax": lambda: jax.block_until_ready(grad(state, jx)), "pytorch": torch_run}
+  times = {name: [] for name in runs}
+  for run in runs.values():
+    run()
+  for _ in range(args.rounds):
+    for name, run in runs.items():
+      times[name].append(_timed(run))
+  ms = {name: statistics.median(ts) for name, ts in times.items()}
+  print(f"The MoE layer alone ({shape[0] * shape[1]} tokens of width {shape[2]}, "
+        f"{model_cfg.moe.num_experts} experts of {model_cfg.mlp_dim}, top-{model_cfg.moe.k}; "
+        f"HF experts implementation {hf.config._experts_implementation!r}; forward+backward, "
+        f"median of {args.rounds} alternated runs):")
+  for name, t in ms.items():
+    print(f"  {name:8s} {t * 1e3:6.0f} ms")
+  print(f"  bigjax / pytorch speed: {ms['pytorch'] / ms['bigjax']:.2f}x")
+  for side, t in ms.items():
+    layers_ = model_cfg.num_layers * t
+    print(f"  {side:8s} step {step_seconds[side]:.3f} s = MoE layers {layers_:.3f} s + the rest "
+          f"{step_seconds[side] - layers_:.3f} s")
+
+
 def _timed(fn) -> float:
   start = time.perf_counter()
   fn()
@@ -353,7 +404,10 @@ def speed(args, arch: str):
     rate[name] = tokens / statistics.median(ts)
     print(f"  {name:8s} {rate[name]:7.0f} tokens/s   MFU {rate[name] * per_token / peak:5.1%}")
   print(f"  bigjax / pytorch: {rate['bigjax'] / rate['pytorch']:.2f}x")
-  return {name: tokens / r for name, r in rate.items()}
+  step_seconds = {name: tokens / r for name, r in rate.items()}
+  if arch == "mixtral":
+    moe_layer(args, config, step_seconds)
+  return step_seconds
 
 
 def main():
