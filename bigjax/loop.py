@@ -293,10 +293,15 @@ class Profile(Hook):
     jax.profiler.stop_trace()
     self.tracing = False
     if self.trace_dir != self.dir:
-      for folder, _, names in os.walk(self.trace_dir):
-        target = self.dir / os.path.relpath(folder, self.trace_dir)
-        for name in names:
-          epath.Path(folder, name).copy(target / name, overwrite=True)
+      try:
+        for folder, _, names in os.walk(self.trace_dir):
+          target = self.dir / os.path.relpath(folder, self.trace_dir)
+          for name in names:
+            epath.Path(folder, name).copy(target / name, overwrite=True)
+      except Exception as e:  # noqa: BLE001  A profile never stops (or hides) the run's end.
+        loop.log(f"Profile not copied to {self.dir} ({type(e).__name__}: {e}); it stays in "
+                 f"{self.trace_dir}.")
+        return
       shutil.rmtree(self.trace_dir)
     loop.log(f"Profile of steps {self.start_step}..{self.stop_step - 1} written to "
              f"{self.dir}.")

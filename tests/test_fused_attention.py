@@ -2,10 +2,13 @@
 bigjax makes to it (jax.nn.dot_product_attention: layout, scale, mask, grouped
 heads, causal flag) computes bigjax's own attention.
 
-There is no GPU here: the routing test stands in for one (jax.default_backend
-says "gpu") and runs the same call with implementation="xla", JAX's reference
-for what the cuDNN kernel computes.
+There is no GPU here: the routing test stands in for one (a fake H100 as the
+device judged) and runs the same call with implementation="xla", JAX's reference
+for what the cuDNN kernel computes. What only a GPU can show (the kernel's own
+limits, speed) is gpu.py's to find out.
 """
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,37 +18,52 @@ from flax import nnx
 from bigjax.models import layers
 
 
+def _device(platform="gpu", version="cuda 12.8", capability="9.0"):
+  return types.SimpleNamespace(platform=platform, compute_capability=capability,
+                               client=types.SimpleNamespace(platform_version=version))
+
+
+H100, A100, V100, ROCM, CPU = (_device(), _device(capability="8.0"),
+                               _device(capability="7.0"), _device(version="rocm 6.2"),
+                               _device("cpu", "", ""))
+
+
 def _cfg(**kw):
   args = dict(emb_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48,
               init_scale=0.3, dtype=jnp.bfloat16)
   return layers.LayerConfig(**{**args, **kw})
 
 
-@pytest.mark.parametrize("setting,platform,kw,dropout,want", [
-    ("auto", "cpu", {}, False, "xla"),
-    ("auto", "tpu", {}, False, "xla"),
-    ("auto", "gpu", {}, False, "cudnn"),
-    ("auto", "gpu", dict(dtype=jnp.float32), False, "xla"),
-    ("auto", "gpu", dict(head_dim=12), False, "xla"),
-    ("auto", "gpu", dict(head_dim=256), False, "xla"),
-    ("auto", "gpu", {}, True, "xla"),
-    ("xla", "gpu", {}, False, "xla"),
-    ("cudnn", "gpu", dict(dtype=jnp.float16), False, "cudnn"),
+@pytest.mark.parametrize("setting,device,kw,dropout,lengths,want", [
+    ("auto", CPU, {}, False, (16, 16), "xla"),
+    ("auto", H100, {}, False, (16, 16), "cudnn"),
+    ("auto", A100, {}, False, (16, 16), "cudnn"),
+    ("auto", V100, {}, False, (16, 16), "xla"),
+    ("auto", ROCM, {}, False, (16, 16), "xla"),
+    ("auto", H100, dict(dtype=jnp.float32), False, (16, 16), "xla"),
+    ("auto", H100, dict(head_dim=12), False, (16, 16), "xla"),
+    ("auto", H100, dict(head_dim=256), False, (16, 16), "cudnn"),
+    ("auto", A100, dict(head_dim=256), False, (16, 16), "xla"),
+    ("auto", H100, {}, False, (15, 15), "xla"),
+    ("auto", H100, {}, True, (16, 16), "xla"),
+    ("xla", H100, {}, False, (16, 16), "xla"),
+    ("cudnn", H100, dict(dtype=jnp.float16), False, (16, 16), "cudnn"),
 ])
-def test_auto_picks_cudnn_only_where_it_applies(setting, platform, kw, dropout, want):
+def test_auto_picks_cudnn_only_where_it_applies(setting, device, kw, dropout, lengths, want):
   cfg = _cfg(attention_impl=setting, **kw)
-  assert layers.attention_impl_for(cfg, platform, dropout) == want
+  assert layers.attention_impl_for(cfg, device, dropout, lengths) == want
 
 
-@pytest.mark.parametrize("platform,kw,dropout,named", [
-    ("cpu", {}, False, "a GPU"),
-    ("gpu", dict(dtype=jnp.float32), False, "bfloat16 or float16"),
-    ("gpu", {}, True, "dropout_rate=0"),
+@pytest.mark.parametrize("device,kw,dropout,named", [
+    (CPU, {}, False, "an NVIDIA GPU"),
+    (ROCM, {}, False, "an NVIDIA GPU"),
+    (H100, dict(dtype=jnp.float32), False, "bfloat16 or float16"),
+    (H100, {}, True, "dropout_rate=0"),
 ])
 def test_explicit_cudnn_where_it_cannot_run_is_an_error_naming_the_setting(
-    platform, kw, dropout, named):
+    device, kw, dropout, named):
   with pytest.raises(ValueError, match=r"model\.attention_impl='cudnn' needs .*" + named):
-    layers.attention_impl_for(_cfg(attention_impl="cudnn", **kw), platform, dropout)
+    layers.attention_impl_for(_cfg(attention_impl="cudnn", **kw), device, dropout, (16, 16))
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -57,7 +75,7 @@ def test_the_fused_call_computes_bigjax_attention(causal, monkeypatch):
     calls.append((implementation, kw["is_causal"]))
     return reference(*args, implementation="xla", **kw)
 
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(layers, "default_device", lambda: H100)
   monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
   monkeypatch.setattr(layers, "CAUSAL_BLOCK_ROWS", 4)  # bigjax's own: in row blocks.
   b, t = 2, 16

@@ -61,24 +61,45 @@ EMBED_INITS = ("normal", "unit")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
-def attention_impl_for(cfg: "LayerConfig", platform: str, dropout: bool) -> str:
-  """'xla' or 'cudnn' for an uncached attention call on `platform`, with or without
-  attention dropout. cuDNN's fused attention needs a GPU, 16-bit inputs and a head
-  dim that is a multiple of 8 up to 128, and has no attention dropout: 'auto'
-  picks it only then, and 'cudnn' outside it is an error naming the setting."""
-  dtype = jnp.dtype(cfg.dtype)
-  fits = {"a GPU": platform == "gpu",
+def cuda_capability(device) -> tuple | None:
+  """(major, minor) compute capability of an NVIDIA GPU, None for any other device
+  (CPU, TPU, or a ROCm GPU, which JAX also calls "gpu")."""
+  if device.platform != "gpu" or "cuda" not in device.client.platform_version.lower():
+    return None
+  return tuple(int(x) for x in device.compute_capability.split("."))
+
+
+def attention_impl_for(cfg: "LayerConfig", device, dropout: bool, lengths: tuple) -> str:
+  """'xla' or 'cudnn' for an uncached attention call on `device` over (query, key)
+  `lengths`, with or without attention dropout. cuDNN's flash attention (as JAX
+  0.12 calls it) needs an NVIDIA GPU of compute capability 8.0 or newer, 16-bit
+  inputs, a head dim that is a multiple of 8 up to 128 (256 from compute
+  capability 9.0), even lengths (the mask is passed as a bias), and has no
+  attention dropout: 'auto' picks it only then, and 'cudnn' outside it is an error
+  naming what is missing."""
+  dtype, capability = jnp.dtype(cfg.dtype), cuda_capability(device)
+  max_head_dim = 256 if capability and capability >= (9, 0) else 128
+  fits = {"an NVIDIA GPU of compute capability 8.0 or newer": bool(capability) and
+                                                             capability >= (8, 0),
           "model.dtype bfloat16 or float16": dtype in (jnp.bfloat16, jnp.float16),
-          "head_dim a multiple of 8, at most 128": cfg.head_dim % 8 == 0 and cfg.head_dim <= 128,
+          f"head_dim a multiple of 8, at most {max_head_dim}":
+              cfg.head_dim % 8 == 0 and cfg.head_dim <= max_head_dim,
+          "even query and key lengths": all(n % 2 == 0 for n in lengths),
           "no attention dropout (model.dropout_rate=0)": not dropout}
   if cfg.attention_impl == "cudnn" and not all(fits.values()):
     missing = [need for need, ok in fits.items() if not ok]
-    raise ValueError(f"model.attention_impl='cudnn' needs {', '.join(missing)} (backend "
-                     f"{platform}, dtype {dtype.name}, head_dim {cfg.head_dim}); use "
-                     "'auto' to fall back to bigjax's own attention.")
+    raise ValueError(f"model.attention_impl='cudnn' needs {', '.join(missing)} (device "
+                     f"{device.platform}, dtype {dtype.name}, head_dim {cfg.head_dim}, "
+                     f"lengths {tuple(lengths)}); use 'auto' to fall back to bigjax's own "
+                     "attention.")
   if cfg.attention_impl == "auto":
     return "cudnn" if all(fits.values()) else "xla"
   return cfg.attention_impl
+
+
+def default_device():
+  """The device attention_impl_for judges: the default backend's first."""
+  return jax.devices()[0]
 
 
 # Logical names of the attention activations [batch, length, heads, head_dim]:
@@ -323,7 +344,7 @@ class Attention(nnx.Module):
     kv, s = cfg.num_kv_heads, k.shape[1]
     causal = self.causal and uncached and t == s
     dropout = cfg.dropout_rate > 0 and rng is not None
-    if uncached and attention_impl_for(cfg, jax.default_backend(), dropout) == "cudnn":
+    if uncached and attention_impl_for(cfg, default_device(), dropout, (t, s)) == "cudnn":
       # The mask is passed as well: it may hide padding besides the future keys.
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
                                          implementation="cudnn")

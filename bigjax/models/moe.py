@@ -32,8 +32,8 @@ DISPATCHED_NAMES = ("activation_exp", "activation_batch", None, "activation_embe
 def dropless_impl_for(setting: str, platform: str) -> str:
   """The grouped matmul for `model.moe.dropless_impl` on this platform. On CPU, JAX
   computes jax.lax.ragged_dot densely, every expert over every row (5-6x the time
-  of sorted_blocks in experiments/benchmarks/moe.py); GPU and TPU have grouped
-  matmul kernels for it."""
+  of sorted_blocks in experiments/benchmarks/moe.py). On GPU and TPU it is XLA's
+  grouped-matmul lowering, the accelerator path (not yet measured here)."""
   if setting == "auto":
     return "sorted_blocks" if platform == "cpu" else "ragged_dot"
   return setting

@@ -74,9 +74,10 @@ def main():
   args = parser.parse_args()
   device = jax.devices()[0]
   peak = flops.peak_flops(device.device_kind)
+  seq = PRESETS[args.preset][4]
   attention = layers.attention_impl_for(steps.model_config(make_config(
-      False, PRESETS[args.preset], args.attention_impl)).layer_config(),
-      jax.default_backend(), dropout=False)
+      False, PRESETS[args.preset], args.attention_impl)).layer_config(), device,
+      dropout=False, lengths=(seq, seq))
   print(f"{device.device_kind} x{jax.device_count()}, jax {jax.__version__}; preset "
         f"{args.preset} {PRESETS[args.preset]} (layers, width, heads, mlp, context, batch); "
         f"attention: {attention}")
