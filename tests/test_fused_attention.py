@@ -66,6 +66,40 @@ def test_explicit_cudnn_where_it_cannot_run_is_an_error_naming_the_setting(
     layers.attention_impl_for(_cfg(attention_impl="cudnn", **kw), device, dropout, (16, 16))
 
 
+def _attention_and_grads(impl, causal):
+  """bigjax's Attention (bf16, grouped heads, rotary, padded keys) with
+  model.attention_impl=impl: its output and gradients, jitted."""
+  b, t = 2, 16
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(b, t, 32)), jnp.bfloat16)
+  pos = jnp.asarray(np.stack([np.arange(t), np.arange(t) + 3]), jnp.int32)
+  mask = layers.causal_mask(pos, pos) if causal else jnp.ones((b, 1, t, t), bool)
+  mask = mask & jnp.asarray(np.arange(t) % 5 != 2)[None, None, None, :]  # Padded keys.
+  mask = mask.at[..., 0].set(True)
+  upstream = jnp.asarray(rng.normal(size=(b, t, 32)), jnp.float32)
+  attn = layers.Attention(_cfg(attention_impl=impl), rotary_positions=True, causal=causal,
+                          rngs=nnx.Rngs(0))
+
+  @nnx.jit
+  def run(module, x):
+    def loss(module, x):
+      y = module(x, x, mask, pos, pos)
+      return jnp.sum(y.astype(jnp.float32) * upstream), y
+    return nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(module, x)
+
+  (_, y), grads = run(attn, x)
+  return y, grads
+
+
+def _assert_same(a, b):
+  (y_a, g_a), (y_b, g_b) = a, b
+  np.testing.assert_allclose(np.asarray(y_a, np.float32), np.asarray(y_b, np.float32),
+                             rtol=3e-2, atol=3e-2)
+  for u, v in zip(*map(jax.tree.leaves, (g_a, g_b))):
+    u, v = np.asarray(u, np.float32), np.asarray(v, np.float32)
+    np.testing.assert_allclose(u, v, rtol=5e-2, atol=5e-2 * np.abs(v).max())
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_the_fused_call_computes_bigjax_attention(causal, monkeypatch):
   calls = []
@@ -78,35 +112,25 @@ def test_the_fused_call_computes_bigjax_attention(causal, monkeypatch):
   monkeypatch.setattr(layers, "default_device", lambda: H100)
   monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
   monkeypatch.setattr(layers, "CAUSAL_BLOCK_ROWS", 4)  # bigjax's own: in row blocks.
-  b, t = 2, 16
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(b, t, 32)), jnp.bfloat16)
-  pos = jnp.asarray(np.stack([np.arange(t), np.arange(t) + 3]), jnp.int32)
-  mask = layers.causal_mask(pos, pos) if causal else jnp.ones((b, 1, t, t), bool)
-  mask = mask & jnp.asarray(np.arange(t) % 5 != 2)[None, None, None, :]  # Padded keys.
-  mask = mask.at[..., 0].set(True)
-  upstream = jnp.asarray(rng.normal(size=(b, t, 32)), jnp.float32)
-
-  def run(impl):
-    cfg = _cfg(attention_impl=impl)
-    attn = layers.Attention(cfg, rotary_positions=True, causal=causal, rngs=nnx.Rngs(0))
-    def loss(module, x):
-      y = module(x, x, mask, pos, pos)
-      return jnp.sum(y.astype(jnp.float32) * upstream), y
-    (_, y), grads = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(attn, x)
-    return y, grads
-
-  (y_fused, g_fused), (y_own, g_own) = run("cudnn"), run("xla")
+  fused, own = _attention_and_grads("cudnn", causal), _attention_and_grads("xla", causal)
   assert calls == [("cudnn", causal)] * len(calls) and calls  # Only the fused run calls it.
-  np.testing.assert_allclose(np.asarray(y_fused, np.float32), np.asarray(y_own, np.float32),
-                             rtol=3e-2, atol=3e-2)
-  for a, c in zip(*map(jax.tree.leaves, (g_fused, g_own))):
-    a, c = np.asarray(a, np.float32), np.asarray(c, np.float32)
-    np.testing.assert_allclose(a, c, rtol=5e-2, atol=5e-2 * np.abs(c).max())
+  _assert_same(fused, own)
   # Cached decoding keeps bigjax's own attention.
   calls.clear()
-  cfg = _cfg(attention_impl="cudnn")
-  attn = layers.Attention(cfg, rotary_positions=True, causal=True, rngs=nnx.Rngs(0))
-  cache = attn.init_cache(b, t)
-  attn(x[:, :1], None, mask[:, :, :1], pos[:, :1], cache=cache)
+  attn = layers.Attention(_cfg(attention_impl="cudnn"), rotary_positions=True, causal=True,
+                          rngs=nnx.Rngs(0))
+  x = jnp.zeros((2, 1, 32), jnp.bfloat16)
+  pos = jnp.zeros((2, 1), jnp.int32)
+  attn(x, None, jnp.ones((2, 1, 1, 16), bool), pos, cache=attn.init_cache(2, 16))
   assert not calls
+
+
+_capability = layers.cuda_capability(layers.default_device())
+
+
+@pytest.mark.skipif(_capability is None or _capability < (8, 0),
+                    reason="cuDNN's fused attention needs an NVIDIA GPU (compute capability "
+                           ">= 8.0); on CPU the test above checks the same call")
+@pytest.mark.parametrize("causal", [True, False])
+def test_cudnn_on_a_gpu_computes_bigjax_attention(causal):
+  _assert_same(_attention_and_grads("cudnn", causal), _attention_and_grads("xla", causal))
