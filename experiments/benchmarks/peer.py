@@ -285,15 +285,9 @@ def matmul_graph(args, step_seconds=None):
   tw = [[torch.tensor(w, requires_grad=True) for w in ws] for ws in weights]
   tx = torch.tensor(x)
   tgelu = lambda z: torch.nn.functional.gelu(z, approximate="tanh")  # noqa: E731
-  runs = {"bigjax (XLA)": lambda: jax.block_until_ready(xla(jw, jx)),
-          "pytorch": lambda: graph(tw, tx, tgelu).backward()}
-  times = {name: [] for name in runs}
-  for run in runs.values():
-    run()
-  for _ in range(args.rounds):
-    for name, run in runs.items():
-      times[name].append(_timed(run))
-  rate = {name: flops_ / statistics.median(ts) for name, ts in times.items()}
+  seconds = _median_seconds({"bigjax (XLA)": lambda: jax.block_until_ready(xla(jw, jx)),
+                             "pytorch": lambda: graph(tw, tx, tgelu).backward()}, args.rounds)
+  rate = {name: flops_ / t for name, t in seconds.items()}
   print(f"The step's matmuls alone ({layers_} layers of 4 projections {e}x{e} and MLP "
         f"{e}x{m}x{e} over {n} rows, forward+backward, median of {args.rounds} "
         "alternated runs):")
@@ -334,14 +328,8 @@ def moe_layer(args, config, step_seconds):
     ((out[0] if isinstance(out, tuple) else out) * tup).sum().backward()
 
   jx = jnp.asarray(x)
-  runs = {"bigjax": lambda: jax.block_until_ready(grad(state, jx)), "pytorch": torch_run}
-  times = {name: [] for name in runs}
-  for run in runs.values():
-    run()
-  for _ in range(args.rounds):
-    for name, run in runs.items():
-      times[name].append(_timed(run))
-  ms = {name: statistics.median(ts) for name, ts in times.items()}
+  ms = _median_seconds({"bigjax": lambda: jax.block_until_ready(grad(state, jx)),
+                        "pytorch": torch_run}, args.rounds)
   print(f"The MoE layer alone ({shape[0] * shape[1]} tokens of width {shape[2]}, "
         f"{model_cfg.moe.num_experts} experts of {model_cfg.mlp_dim}, top-{model_cfg.moe.k}; "
         f"HF experts implementation {hf.config._experts_implementation!r}; forward+backward, "
@@ -353,6 +341,18 @@ def moe_layer(args, config, step_seconds):
     layers_ = model_cfg.num_layers * t
     print(f"  {side:8s} step {step_seconds[side]:.3f} s = MoE layers {layers_:.3f} s + the rest "
           f"{step_seconds[side] - layers_:.3f} s")
+
+
+def _median_seconds(runs: dict, rounds: int) -> dict:
+  """{name: median seconds} of each run, after one warm-up call each, the runs
+  alternated for `rounds` rounds."""
+  times = {name: [] for name in runs}
+  for run in runs.values():
+    run()
+  for _ in range(rounds):
+    for name, run in runs.items():
+      times[name].append(_timed(run))
+  return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _timed(fn) -> float:
