@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigjax import sharding
-from bigjax.models import dataclass_from_config, expert_parallel, grouped_matmul, layers, routing
+from bigjax.models import dataclass_from_config, expert_parallel, grouped_ffn, layers, routing
 from bigjax.sharding import constrain
 
 DROPLESS_IMPLS = ("auto", "ragged_dot", "sorted_blocks")
@@ -50,7 +50,7 @@ class MoEConfig:
   random_routing: bool = True
   jitter_noise: float = 0.0  # Switch: router input scaled by U(1-eps, 1+eps).
   # Grouped expert matmuls: auto (sorted_blocks on CPU, ragged_dot on GPU/TPU),
-  # ragged_dot (jax.lax.ragged_dot) or sorted_blocks (grouped_matmul.py).
+  # ragged_dot (jax.lax.ragged_dot) or sorted_blocks (grouped_ffn.py).
   dropless_impl: str = "auto"
   # Expert-parallel dropless exchange: auto (ragged on GPU/TPU, padded on CPU),
   # ragged (jax.lax.ragged_all_to_all) or padded (all_to_all of worst-case slots).
@@ -216,7 +216,7 @@ class MoEFeedForward(nnx.Module):
 
   def _blocked_ffn(self, xs, sizes, weights):
     """Grouped FFN with each expert's rows padded to a multiple of block_size and
-    multiplied in chunks of 4 blocks, then single blocks (grouped_matmul): FLOPs and
+    multiplied in chunks of 4 blocks, then single blocks (grouped_ffn): FLOPs and
     memory grow with the tokens, not with tokens x experts as the CPU emulation of
     ragged_dot does. Rows past sum(sizes) are padding, never read."""
     rows, m = xs.shape
@@ -228,12 +228,6 @@ class MoEFeedForward(nnx.Module):
     expert_of_row = jnp.repeat(jnp.arange(e), sizes, total_repeat_length=rows)
     dest = pstart[expert_of_row] + jnp.arange(rows) - start[expert_of_row]
     buf = jnp.zeros((num_blocks * bs, m), xs.dtype).at[dest].set(xs)
-    def matmul(x, w):
-      return grouped_matmul.grouped_matmul(x, w, pstart, padded, (4 * bs, bs))
     act = layers.ACTIVATIONS[self.cfg.mlp_activation]
-    h = matmul(buf, weights["wi"])
-    if "wi_gate" in weights:
-      h = act(matmul(buf, weights["wi_gate"])) * h
-    else:
-      h = act(h)
-    return jnp.take(matmul(h, weights["wo"]), dest, axis=0)
+    out = grouped_ffn.grouped_ffn(buf, weights, act, pstart, padded, (4 * bs, bs))
+    return jnp.take(out, dest, axis=0)
