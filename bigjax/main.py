@@ -120,7 +120,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
   del argv
-  from bigjax import checkpoint, config as config_lib, loop, train, workdir_lock
+  from bigjax import checkpoint, config as config_lib, host_memory, loop, train, workdir_lock
+
+  host_memory.keep_freed_memory()  # Before JAX starts its CPU client: see host_memory.py.
 
   # Library chatter (orbax logs every save at INFO) stays out of the way;
   # bigjax prints what a researcher needs on process 0.

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from bigjax import decode
+from bigjax import decode, host_memory
 from bigjax.models import transformer
 
 
@@ -43,6 +43,7 @@ def main():
   parser.add_argument("--layers", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant")
   args = parser.parse_args()
+  host_memory.keep_freed_memory()  # Before JAX starts its CPU client: see host_memory.py.
 
   model = _model(args)
   rng = np.random.default_rng(0)

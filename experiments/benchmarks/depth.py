@@ -33,7 +33,7 @@ from flax import nnx
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)  # configs/ sits beside bigjax/, outside the package.
 
-from bigjax import sharding, steps, tasks  # noqa: E402
+from bigjax import host_memory, sharding, steps, tasks  # noqa: E402
 from bigjax.models import stack, transformer  # noqa: E402
 from configs import lm  # noqa: E402
 
@@ -106,6 +106,7 @@ def main():
   parser.add_argument("--configs", default="lm,lm_moe,gpt2",
                       help="configs/NAME.py whose full-size train step is compiled; empty: none.")
   args = parser.parse_args()
+  host_memory.keep_freed_memory()  # Before JAX starts its CPU client: see host_memory.py.
   print(f"{jax.devices()[0].device_kind}; emb={args.emb} heads={args.heads} mlp={args.mlp} "
         f"seq={args.seq} batch={args.batch} {args.dtype} dropout={args.dropout}; "
         "gradient of the loss")

@@ -33,7 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
-from bigjax import sharding  # noqa: E402
+from bigjax import host_memory, sharding  # noqa: E402
 from bigjax.models import expert_parallel, layers, moe  # noqa: E402
 from configs import common  # noqa: E402
 
@@ -101,6 +101,7 @@ def main():
   parser.add_argument("--expert_shards", type=int, default=0,
                       help="also run the dropless layer expert-parallel on this many devices")
   args = parser.parse_args()
+  host_memory.keep_freed_memory()  # Before JAX starts its CPU client: see host_memory.py.
   mesh = None
   if args.expert_shards:
     if len(jax.devices()) < args.expert_shards:

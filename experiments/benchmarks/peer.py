@@ -29,6 +29,8 @@ router with its CPU path, sorted_blocks; HF runs its experts through the
 implementation transformers picks, printed: `grouped_mm` here, torch's grouped
 matmul), and the MoE layer alone in each (forward and backward), splitting each
 side's MoE step into its MoE layers and the rest.
+Like `python -m bigjax.main`, the process keeps the memory it frees for reuse
+(bigjax/host_memory.py), PyTorch's side as well, since they share the process.
 Prints both tokens/s, their ratio, and both MFUs against the XLA f32 matmul
 roofline measured here (model FLOPs per token from bigjax/flops.py: MaxText's
 convention, 6 x matmul parameters incl. the unembedding + causal attention).
@@ -57,7 +59,7 @@ import hf_models  # noqa: E402  (the bench extra: torch, transformers)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bigjax import flops, loop, optim, sharding, steps, tasks  # noqa: E402
+from bigjax import flops, host_memory, loop, optim, sharding, steps, tasks  # noqa: E402
 from bigjax.data import pipeline  # noqa: E402
 from configs import gpt2  # noqa: E402
 
@@ -422,6 +424,7 @@ def main():
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps_per_round", type=int, default=5)
   args = parser.parse_args()
+  host_memory.keep_freed_memory()  # Before JAX starts its CPU client: see host_memory.py.
   torch.set_num_threads(os.cpu_count())
   print(f"jax {jax.__version__}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} cores")
