@@ -13,11 +13,17 @@ memory stays at its peak instead of shrinking between steps.
 
 `keep_freed_memory()` must run before JAX starts its CPU client (a thread's
 arena is fixed at its first allocation): `python -m bigjax.main` and the
-benchmarks call it first thing. Nothing changes where the C library is not glibc.
+benchmarks call it first thing. It changes nothing where JAX will run on an
+accelerator (there the host's threads, input pipeline and checkpoint writes
+keep glibc's defaults) or where malloc is not glibc's.
 """
 import ctypes
 import ctypes.util
+import importlib.metadata
+import importlib.util
 import sys
+
+import jax
 
 # glibc's mallopt parameters (malloc.h) and the values set.
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
@@ -30,14 +36,32 @@ SETTINGS = (
 
 
 def keep_freed_memory() -> bool:
-  """Applies SETTINGS through glibc's mallopt; False (nothing changed) where the
-  C library is not glibc (macOS, musl)."""
-  if not sys.platform.startswith("linux"):
+  """Applies SETTINGS through glibc's mallopt when JAX will run on the CPU; False
+  (nothing changed) otherwise."""
+  libc = glibc()
+  if libc is None or not cpu_only():
     return False
+  return all([libc.mallopt(param, value) == 1 for param, value in SETTINGS])
+
+
+def glibc() -> ctypes.CDLL | None:
+  """The C library when it is glibc and its malloc is the process's (no
+  tcmalloc or jemalloc preloaded in front of it), else None."""
+  if not sys.platform.startswith("linux"):
+    return None
   try:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallopt = libc.mallopt
     libc.gnu_get_libc_version  # Only glibc has it (musl's mallopt does nothing).
   except (OSError, AttributeError):
-    return False
-  return all(mallopt(param, value) == 1 for param, value in SETTINGS)
+    return None
+  address = lambda f: ctypes.cast(f, ctypes.c_void_p).value  # noqa: E731
+  return libc if address(ctypes.CDLL(None).malloc) == address(libc.malloc) else None
+
+
+def cpu_only() -> bool:
+  """Whether JAX will run on the CPU, told without starting it: JAX_PLATFORMS
+  (jax_platforms) names cpu first, or no accelerator plugin is installed."""
+  if jax.config.jax_platforms:
+    return jax.config.jax_platforms.split(",")[0] == "cpu"
+  return not (importlib.metadata.entry_points(group="jax_plugins")
+              or importlib.util.find_spec("jax_plugins") or importlib.util.find_spec("libtpu"))

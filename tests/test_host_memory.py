@@ -9,6 +9,8 @@ import textwrap
 
 import pytest
 
+from bigjax import host_memory
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROBE = textwrap.dedent("""
@@ -28,13 +30,14 @@ PROBE = textwrap.dedent("""
 
 
 def _faults_per_step(mode: str) -> tuple[bool, int]:
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_"))}
+  env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", PROBE, mode], env=env, capture_output=True,
                        text=True, timeout=300, check=True).stdout.split()
   return out[0] == "True", int(out[1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+@pytest.mark.skipif(host_memory.glibc() is None, reason="glibc's allocator")
 def test_kept_memory_spares_each_step_its_page_faults():
   _, default = _faults_per_step("default")
   applied, kept = _faults_per_step("keep")
@@ -42,3 +45,12 @@ def test_kept_memory_spares_each_step_its_page_faults():
   # glibc's default gives the outputs fresh pages each call: ~24,000 of them.
   assert default > 12000, default
   assert kept < default / 20, (kept, default)
+
+
+def test_runs_on_an_accelerator_keep_the_default_allocator():
+  # JAX_PLATFORMS names the platform before JAX starts; no accelerator is needed.
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cuda,cpu")
+  out = subprocess.run([sys.executable, "-c", "from bigjax import host_memory; "
+                        "print(host_memory.keep_freed_memory(), host_memory.cpu_only())"],
+                       env=env, capture_output=True, text=True, timeout=120, check=True)
+  assert out.stdout.split() == ["False", "False"]

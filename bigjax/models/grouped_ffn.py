@@ -53,6 +53,7 @@ def grouped_ffn(rows, weights: dict, activation, starts, lengths, chunk_sizes):
       else jax.lax.pcast(a, tuple(varying - jax.typeof(a).mat.varying), to="varying")
       for a in args)
   # A chunk longer than all the rows is never needed (nor can it be sliced).
+  chunk_sizes = tuple(chunk_sizes)
   chunk_sizes = tuple(c for c in chunk_sizes[:-1] if c <= rows.shape[0]) + chunk_sizes[-1:]
   return _grouped_ffn(rows, tuple(expert_weights), starts, lengths, activation, chunk_sizes)
 
