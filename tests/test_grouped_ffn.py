@@ -52,3 +52,27 @@ def test_grouped_ffn_and_its_gradients_equal_ragged_dot(gated):
   for name in weights:
     np.testing.assert_allclose(gw[name], ww[name], rtol=1e-4, atol=1e-4, err_msg=name)
     assert float(jnp.abs(gw[name][1]).max()) == 0.0 < float(jnp.abs(gw[name][3]).max())
+
+
+def test_bfloat16_rows_with_float32_weights_compute_in_float32():
+  lengths = np.array([8, 4], np.int32)
+  starts = np.array([0, 8], np.int32)
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(12, 6)), jnp.bfloat16)
+  weights = {"wi": jnp.asarray(rng.normal(size=(2, 6, 5)), jnp.float32),
+             "wo": jnp.asarray(rng.normal(size=(2, 5, 6)), jnp.float32)}
+
+  def loss(x, weights):
+    out = grouped_ffn(x, weights, jax.nn.silu, starts, lengths, (4,))
+    return jnp.sum(out.astype(jnp.float32) ** 2), out
+
+  (_, out), (gx, gw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+      x, weights)
+  (_, want), (wx, ww) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+      x.astype(jnp.float32), weights)
+  assert out.dtype == jnp.float32 and gx.dtype == jnp.bfloat16
+  assert gw["wi"].dtype == gw["wo"].dtype == jnp.float32
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)  # The same float32 math.
+  np.testing.assert_allclose(gx.astype(jnp.float32), wx, rtol=1e-2, atol=1e-2)
+  for name in weights:
+    np.testing.assert_allclose(gw[name], ww[name], rtol=1e-4, atol=1e-4, err_msg=name)

@@ -78,8 +78,11 @@ def _ffn_with_residuals(rows, weights, starts, lengths, activation, chunk_sizes)
       pre_gate = jax.lax.dynamic_update_slice_in_dim(pre_gate, pg, row, 0)
     return out, pre, pre_gate
 
-  hidden = jnp.zeros_like(rows, shape=(rows.shape[0], wi.shape[-1]))
-  out = jnp.zeros_like(rows, shape=(rows.shape[0], wo.shape[-1]))
+  # Each buffer in its product's dtype (bfloat16 rows times float32 weights: float32).
+  hidden_dtype = jnp.result_type(rows, wi)
+  hidden = jnp.zeros_like(rows, hidden_dtype, shape=(rows.shape[0], wi.shape[-1]))
+  out = jnp.zeros_like(rows, jnp.result_type(hidden_dtype, wo),
+                       shape=(rows.shape[0], wo.shape[-1]))
   return _for_each_chunk(chunk, (out, hidden, None if wi_gate is None else hidden),
                          starts, lengths, chunk_sizes)
 
@@ -112,6 +115,7 @@ def _backward(activation, chunk_sizes, residuals, grad_out):
       grad_x = grad_x + grad_pg @ wi_gate[e].T
       new.append(outer(x.T, grad_pg))
     grad_weights = tuple(acc.at[e].add(n) for acc, n in zip(grad_weights, new))
+    grad_x = grad_x.astype(rows.dtype)
     return jax.lax.dynamic_update_slice_in_dim(grad_rows, grad_x, row, 0), grad_weights
 
   init = (jnp.zeros_like(rows), tuple(jnp.zeros_like(w, jnp.float32) for w in weights))
