@@ -53,9 +53,14 @@ def grouped_ffn(rows, weights: dict, activation, starts, lengths, chunk_sizes):
       else jax.lax.pcast(a, tuple(varying - jax.typeof(a).mat.varying), to="varying")
       for a in args)
   # A chunk longer than all the rows is never needed (nor can it be sliced).
-  chunk_sizes = tuple(chunk_sizes)
-  chunk_sizes = tuple(c for c in chunk_sizes[:-1] if c <= rows.shape[0]) + chunk_sizes[-1:]
+  *longer, last = chunk_sizes
+  chunk_sizes = tuple(c for c in longer if c <= rows.shape[0]) + (last,)
   return _grouped_ffn(rows, tuple(expert_weights), starts, lengths, activation, chunk_sizes)
+
+
+def _unpack(weights):
+  """(wi, wo, wi_gate), wi_gate None for an FFN without a gate."""
+  return weights + (None,) * (3 - len(weights))
 
 
 def _hidden(activation, pre, pre_gate):
@@ -65,7 +70,7 @@ def _hidden(activation, pre, pre_gate):
 def _ffn_with_residuals(rows, weights, starts, lengths, activation, chunk_sizes):
   """The output, and the pre-activations x @ wi and x @ wi_gate (or None) the
   backward pass needs."""
-  wi, wo, wi_gate = weights + (None,) * (3 - len(weights))
+  wi, wo, wi_gate = _unpack(weights)
 
   def chunk(carry, e, row, size):
     out, pre, pre_gate = carry
@@ -100,7 +105,7 @@ def _forward(rows, weights, starts, lengths, activation, chunk_sizes):
 
 def _backward(activation, chunk_sizes, residuals, grad_out):
   rows, weights, starts, lengths, pre, pre_gate = residuals
-  wi, wo, wi_gate = weights + (None,) * (3 - len(weights))
+  wi, wo, wi_gate = _unpack(weights)
   outer = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
 
   def chunk(carry, e, row, size):
