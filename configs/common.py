@@ -85,7 +85,9 @@ def moe_config(**overrides):
       eval_capacity_factor=2.0,
       random_routing=True,
       jitter_noise=0.0,
-      dropless_impl="auto",  # auto (sorted_blocks on CPU, else ragged_dot) | ragged_dot | sorted_blocks
+      # auto (sorted_blocks on CPU and GPU, ragged_dot on TPU) | ragged_dot | sorted_blocks
+      # | hopper (Pallas kernels on H100/H200)
+      dropless_impl="auto",
       # Expert-parallel dropless exchange (experts split over mesh.expert):
       # auto (ragged on GPU/TPU, padded on CPU) | ragged | padded
       dropless_exchange="auto",

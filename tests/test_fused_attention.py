@@ -5,7 +5,9 @@ heads, causal flag) computes bigjax's own attention.
 There is no GPU here: the routing test stands in for one (a fake H100 as the
 device judged) and runs the same call with implementation="xla", JAX's reference
 for what the cuDNN kernel computes. What only a GPU can show (the kernel's own
-limits, speed) is gpu.py's to find out.
+limits, speed) is gpu.py's to find out. On a GPU, the last test runs the kernel:
+`JAX_PLATFORMS=cuda pytest tests/test_fused_attention.py` (the suite's conftest
+otherwise picks the CPU).
 """
 import types
 

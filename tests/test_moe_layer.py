@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import math
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -269,10 +270,24 @@ def test_jitter_multiplies_router_input_in_train_mode_only():
   assert not np.allclose(layer.router_logits(x, rng), layer.router_logits(x, None))
 
 
-def test_dropless_impl_auto_picks_sorted_blocks_on_cpu_and_ragged_dot_elsewhere():
+def test_dropless_impl_auto_picks_what_the_device_runs_best():
   # The mapping, and that the layer really runs what it picks on this (CPU) backend.
-  assert [moe_lib.dropless_impl_for(s, p) for s, p in (("auto", "cpu"), ("auto", "gpu"), (
-      "auto", "tpu"), ("ragged_dot", "cpu"))] == ["sorted_blocks"] + ["ragged_dot"] * 3
+  cpu, tpu = (types.SimpleNamespace(platform=p) for p in ("cpu", "tpu"))
+  h100, a100 = (types.SimpleNamespace(platform="gpu", compute_capability=c,
+                                      client=types.SimpleNamespace(platform_version="cuda 12"))
+                for c in ("9.0", "8.0"))
+  bf16, dims = jnp.bfloat16, (256, 512)
+  cases = [("auto", cpu, bf16, dims, "sorted_blocks"), ("auto", h100, bf16, dims, "sorted_blocks"),
+           ("auto", a100, bf16, dims, "sorted_blocks"), ("auto", tpu, bf16, dims, "ragged_dot"),
+           ("ragged_dot", cpu, bf16, dims, "ragged_dot"), ("hopper", h100, bf16, dims, "hopper")]
+  for setting, device, dtype, shape, want in cases:
+    assert moe_lib.dropless_impl_for(setting, device, dtype, shape) == want, (setting, device)
+  for device, dtype, shape, named in ((cpu, bf16, dims, "Hopper GPU"),
+                                      (a100, bf16, dims, "Hopper GPU"),
+                                      (h100, jnp.float32, dims, "bfloat16 or float16"),
+                                      (h100, bf16, (256, 200), "multiples of 128")):
+    with pytest.raises(ValueError, match=r"model\.moe\.dropless_impl='hopper' needs .*" + named):
+      moe_lib.dropless_impl_for("hopper", device, dtype, shape)
   layer = _moe(router="dropless", top_k=2, block_size=4)
   assert layer.moe.dropless_impl == "auto"
   for impl, has_ragged_dot in (("auto", False), ("ragged_dot", True)):

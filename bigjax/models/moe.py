@@ -14,29 +14,39 @@ Evaluation mode is `rng is None` (as for dropout): eval capacity factor, no
 random routing, no jitter.
 """
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from bigjax import sharding
-from bigjax.models import dataclass_from_config, expert_parallel, grouped_ffn, layers, routing
+from bigjax.models import (dataclass_from_config, expert_parallel, grouped_ffn,
+                           hopper_ragged_dot, layers, routing)
 from bigjax.sharding import constrain
 
-DROPLESS_IMPLS = ("auto", "ragged_dot", "sorted_blocks")
+DROPLESS_IMPLS = ("auto", "ragged_dot", "sorted_blocks", "hopper")
 # Tokens in groups [G, S, M], and dispatched to experts [E, G, C, M].
 GROUP_NAMES = ("activation_batch", "activation_length", "activation_embed")
 DISPATCHED_NAMES = ("activation_exp", "activation_batch", None, "activation_embed")
 
 
-def dropless_impl_for(setting: str, platform: str) -> str:
-  """The grouped matmul for `model.moe.dropless_impl` on this platform. On CPU, JAX
-  computes jax.lax.ragged_dot densely, every expert over every row (5-6x the time
-  of sorted_blocks in experiments/benchmarks/moe.py). On GPU and TPU it is XLA's
-  grouped-matmul lowering, the accelerator path (not yet measured here)."""
-  if setting == "auto":
-    return "sorted_blocks" if platform == "cpu" else "ragged_dot"
-  return setting
+def dropless_impl_for(setting: str, device, dtype, dims) -> str:
+  """The grouped matmul for `model.moe.dropless_impl` on `device` for `dtype` and
+  feature `dims`. XLA computes jax.lax.ragged_dot on CPU and (JAX 0.11) on GPU as
+  if densely, every expert over every row: on CPU 5-6x the time of sorted_blocks;
+  on an H200 the layer took 7.8x the dense MLP's time and 42 GB against
+  sorted_blocks' 5.4x and 4.7 GB (experiments/benchmarks/moe.py). So auto picks
+  sorted_blocks on CPU and GPU, ragged_dot on TPU. 'hopper' (JAX's Pallas Mosaic
+  GPU kernels, hopper_ragged_dot.py) is opt-in until its speed is measured."""
+  unmet = hopper_ragged_dot.unmet_needs(layers.cuda_capability(device), dtype, dims)
+  if setting == "hopper" and unmet:
+    raise ValueError(f"model.moe.dropless_impl='hopper' needs {', '.join(unmet)} (device "
+                     f"{device.platform}, dtype {jnp.dtype(dtype).name}, dims {dims}); use "
+                     "'auto' to pick what this device runs.")
+  if setting != "auto":
+    return setting
+  return "ragged_dot" if device.platform == "tpu" else "sorted_blocks"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +59,9 @@ class MoEConfig:
   eval_capacity_factor: float = 2.0
   random_routing: bool = True
   jitter_noise: float = 0.0  # Switch: router input scaled by U(1-eps, 1+eps).
-  # Grouped expert matmuls: auto (sorted_blocks on CPU, ragged_dot on GPU/TPU),
-  # ragged_dot (jax.lax.ragged_dot) or sorted_blocks (grouped_ffn.py).
+  # Grouped expert matmuls: auto (sorted_blocks on CPU and GPU, ragged_dot on TPU),
+  # ragged_dot (jax.lax.ragged_dot), sorted_blocks (grouped_ffn.py) or hopper
+  # (Pallas Mosaic GPU kernels on H100/H200, hopper_ragged_dot.py).
   dropless_impl: str = "auto"
   # Expert-parallel dropless exchange: auto (ragged on GPU/TPU, padded on CPU),
   # ragged (jax.lax.ragged_all_to_all) or padded (all_to_all of worst-case slots).
@@ -179,10 +190,13 @@ class MoEFeedForward(nnx.Module):
     n = b * length * k  # Nothing is ever dropped.
     self._report(choice.aux_loss, choice.z_loss, jnp.float32(n), jnp.float32(n),
                  choice.load, jax.nn.softmax(logits))
-    platform = (parallel.mesh.devices.flat[0].platform if parallel is not None
-                else jax.default_backend())
-    impl = dropless_impl_for(self.moe.dropless_impl, platform)
-    ffn = self._ragged_ffn if impl == "ragged_dot" else self._blocked_ffn
+    device = (parallel.mesh.devices.flat[0] if parallel is not None
+              else layers.default_device())
+    impl = dropless_impl_for(self.moe.dropless_impl, device, self.cfg.dtype,
+                             (m, self.wi.shape[-1]))
+    ffn = {"ragged_dot": self._ragged_ffn, "sorted_blocks": self._blocked_ffn,
+           "hopper": functools.partial(self._ragged_ffn,
+                                       ragged_dot=hopper_ragged_dot.ragged_dot)}[impl]
     weights = self._expert_weights()
     if parallel is not None:
       return expert_parallel.dropless(
@@ -203,16 +217,17 @@ class MoEFeedForward(nnx.Module):
     names = ("wi", "wo") + (("wi_gate",) if self.wi_gate is not None else ())
     return {name: getattr(self, name)[...].astype(self.cfg.dtype) for name in names}
 
-  def _ragged_ffn(self, xs, sizes, weights):
-    """Grouped FFN by jax.lax.ragged_dot: rows [sum(sizes) + padding, M], grouped by
-    expert; the rows past sum(sizes) are padding whose outputs are never read."""
+  def _ragged_ffn(self, xs, sizes, weights, ragged_dot=jax.lax.ragged_dot):
+    """Grouped FFN by `ragged_dot` (jax.lax.ragged_dot's contract): rows
+    [sum(sizes) + padding, M], grouped by expert; the rows past sum(sizes) are
+    padding whose outputs are never read."""
     act = layers.ACTIVATIONS[self.cfg.mlp_activation]
-    h = jax.lax.ragged_dot(xs, weights["wi"], sizes)
+    h = ragged_dot(xs, weights["wi"], sizes)
     if "wi_gate" in weights:
-      h = act(jax.lax.ragged_dot(xs, weights["wi_gate"], sizes)) * h
+      h = act(ragged_dot(xs, weights["wi_gate"], sizes)) * h
     else:
       h = act(h)
-    return jax.lax.ragged_dot(h, weights["wo"], sizes)
+    return ragged_dot(h, weights["wo"], sizes)
 
   def _blocked_ffn(self, xs, sizes, weights):
     """Grouped FFN with each expert's rows padded to a multiple of block_size and

@@ -1,16 +1,18 @@
-r"""Training throughput and MFU of a ~1B dense decoder and an 8-expert MoE on one GPU.
+r"""Training throughput and MFU of a ~1B dense decoder and two 8-expert MoEs on one GPU.
 
-  python experiments/benchmarks/gpu.py                 # one H100/H200: ~5 minutes
+  python experiments/benchmarks/gpu.py                 # H200: dense + gshard ~3 min
   python experiments/benchmarks/gpu.py --preset=tiny   # a CPU smoke run (seconds)
-  python experiments/benchmarks/gpu.py --attention_impl=xla  # without cuDNN's attention
+  python experiments/benchmarks/gpu.py --attention_impl=xla --models=dense
+                                                    # without cuDNN's attention
 
-Both models run bigjax's own jitted train step (`python -m bigjax.main`'s) in
-bfloat16 compute with float32 parameters and AdamW. The MoE model has the dense
-model's attention and, in every block, 8 experts (top-2, GShard capacity routing)
-each half the size of the dense MLP, so its active FLOPs per token
-equal the dense model's up to the router: the step-time ratio is the cost of
-routing. MFU = model FLOPs per token (bigjax/flops.py) x tokens/s / the chip's
-dense bf16 peak (flops.PEAK_BF16).
+All models run bigjax's own jitted train step (`python -m bigjax.main`'s) in
+bfloat16 compute with float32 parameters and AdamW. The MoE models have the dense
+model's attention and, in every block, 8 experts each half the size of the dense
+MLP, top-2 routed (GShard capacity routing, or dropless: every token kept, experts
+multiplied by jax.lax.ragged_dot), so its active FLOPs per token equal the dense
+model's up to the router: the step-time ratio is the cost of routing. MFU = model
+FLOPs per token (bigjax/flops.py) x tokens/s / the chip's dense bf16 peak
+(flops.PEAK_BF16).
 """
 import argparse
 import os
@@ -29,20 +31,25 @@ from bigjax.models import layers  # noqa: E402
 from configs import lm, lm_moe  # noqa: E402
 
 # name -> (layers, width, heads, mlp, context, batch)
-PRESETS = {"1b": (20, 2048, 16, 8192, 2048, 8), "tiny": (2, 128, 4, 512, 128, 4)}
+PRESETS = {"1b": (20, 2048, 16, 8192, 2048, 4), "tiny": (2, 128, 4, 512, 128, 4)}
 
 
-def make_config(moe: bool, shape, attention_impl: str = "auto"):
+# name -> MoE router (None: the dense model).
+MODELS = {"dense": None, "gshard": "gshard_top2", "dropless": "dropless"}
+
+
+def make_config(router, shape, attention_impl: str = "auto"):
   num_layers, width, heads, mlp, seq, batch = shape
-  config = (lm_moe if moe else lm).get_config()
+  config = (lm_moe if router else lm).get_config()
   config.update(batch_size=batch, seq_len=seq, total_steps=1000)
   config.model.update(num_layers=num_layers, emb_dim=width, num_heads=heads, mlp_dim=mlp,
                       max_len=seq, dtype="bfloat16", dropout_rate=0.0,
                       attention_impl=attention_impl)
-  if moe:
+  if router:
     # Every block's MLP becomes top-2 of 8 half-size experts: the dense MLP's FLOPs.
+    # Dropless routes every token (dropless_impl=auto: jax.lax.ragged_dot on a GPU).
     config.model.update(mlp_dim=mlp // 2, moe_every=1)
-    config.model.moe.update(num_experts=8, router="gshard_top2", capacity_factor=1.0,
+    config.model.moe.update(num_experts=8, router=router, top_k=2, capacity_factor=1.0,
                             group_size=min(1024, seq))
   return config
 
@@ -71,27 +78,33 @@ def main():
   parser.add_argument("--preset", choices=sorted(PRESETS), default="1b")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--attention_impl", choices=layers.ATTENTION_IMPLS, default="auto")
+  parser.add_argument("--models", default=",".join(MODELS),
+                      help=f"comma-separated, from {sorted(MODELS)}")
   args = parser.parse_args()
+  unknown = set(args.models.split(",")) - set(MODELS)
+  if unknown:
+    parser.error(f"--models: unknown {sorted(unknown)}; choose from {sorted(MODELS)}")
   device = jax.devices()[0]
   peak = flops.peak_flops(device.device_kind)
   seq = PRESETS[args.preset][4]
   attention = layers.attention_impl_for(steps.model_config(make_config(
-      False, PRESETS[args.preset], args.attention_impl)).layer_config(), device,
+      None, PRESETS[args.preset], args.attention_impl)).layer_config(), device,
       dropout=False, lengths=(seq, seq))
   print(f"{device.device_kind} x{jax.device_count()}, jax {jax.__version__}; preset "
         f"{args.preset} {PRESETS[args.preset]} (layers, width, heads, mlp, context, batch); "
         f"attention: {attention}")
   rates = {}
-  for name, moe in (("dense", False), ("moe 8x top-2", True)):
-    config = make_config(moe, PRESETS[args.preset], args.attention_impl)
+  for name in args.models.split(","):
+    config = make_config(MODELS[name], PRESETS[args.preset], args.attention_impl)
     per_token = flops.training_flops_per_token(steps.model_config(config), config.seq_len)
     params = sum(x.size for x in jax.tree.leaves(steps.make_setup(
         config, sharding.config_mesh(config)).abstract_state.params))
     rates[name] = tokens_per_second(config, args.steps)
     mfu = f"MFU {rates[name] * per_token / jax.device_count() / peak:.1%}" if peak else \
         "MFU n/a (chip not in flops.PEAK_BF16)"
-    print(f"  {name:13s} {params / 1e9:5.2f}B params  {rates[name]:9.0f} tokens/s  {mfu}")
-  print(f"  moe step / dense step: {rates['dense'] / rates['moe 8x top-2']:.2f}x")
+    print(f"  {name:9s} {params / 1e9:5.2f}B params  {rates[name]:9.0f} tokens/s  {mfu}")
+  for name in (n for n in rates if n != "dense" and "dense" in rates):
+    print(f"  {name} step / dense step: {rates['dense'] / rates[name]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -38,9 +38,9 @@ from bigjax.models import expert_parallel, layers, moe  # noqa: E402
 from configs import common  # noqa: E402
 
 
-def _layer_config(emb, mlp):
+def _layer_config(emb, mlp, dtype):
   return layers.LayerConfig(emb_dim=emb, num_heads=1, num_kv_heads=1, head_dim=emb,
-                            mlp_dim=mlp, mlp_activation="gelu")
+                            mlp_dim=mlp, mlp_activation="gelu", dtype=dtype)
 
 
 def _fwd_bwd(module, mesh=None):
@@ -98,6 +98,7 @@ def main():
   parser.add_argument("--experts", type=int, default=8)
   parser.add_argument("--group_size", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--dtype", default="float32", help="compute dtype, e.g. bfloat16")
   parser.add_argument("--expert_shards", type=int, default=0,
                       help="also run the dropless layer expert-parallel on this many devices")
   args = parser.parse_args()
@@ -115,11 +116,11 @@ def main():
   k = 2
   rows = []
   print(f"device: {jax.devices()[0].device_kind}  emb={args.emb} H={args.mlp} "
-        f"E={args.experts} top-{k} group={args.group_size}")
+        f"E={args.experts} top-{k} group={args.group_size} dtype={args.dtype}")
   for tokens in map(int, args.tokens.split(",")):
     x = jax.random.normal(jax.random.PRNGKey(1), (tokens // args.group_size,
                                                   args.group_size, args.emb))
-    dense = layers.MLP(_layer_config(args.emb, k * args.mlp), rngs=nnx.Rngs(0))
+    dense = layers.MLP(_layer_config(args.emb, k * args.mlp, args.dtype), rngs=nnx.Rngs(0))
     runners, memory = {}, {}
     runners["dense MLP (hidden 2H)"], memory["dense MLP (hidden 2H)"] = prepare(dense, x)
     variants = [("einsum top-2, cf 1.0", dict(router="gshard_top2", capacity_factor=1.0)),
@@ -128,6 +129,10 @@ def main():
                                                 dropless_impl="sorted_blocks")),
                 ("dropless ragged_dot", dict(router="dropless", top_k=2,
                                              dropless_impl="ragged_dot"))]
+    if not moe.hopper_ragged_dot.unmet_needs(layers.cuda_capability(jax.devices()[0]),
+                                             args.dtype, (args.emb, args.mlp)):
+      variants.append(("dropless hopper", dict(router="dropless", top_k=2,
+                                               dropless_impl="hopper")))
     variants = [(name, kw, None) for name, kw in variants]
     if mesh is not None:
       variants += [(f"dropless {impl}, {args.expert_shards} expert shards ({exchange})",
@@ -135,7 +140,8 @@ def main():
                    for impl in ("sorted_blocks", "ragged_dot")]
     for name, kw, on_mesh in variants:
       cfg = moe.MoEConfig(num_experts=args.experts, group_size=args.group_size, **kw)
-      layer = moe.MoEFeedForward(_layer_config(args.emb, args.mlp), cfg, rngs=nnx.Rngs(0))
+      layer = moe.MoEFeedForward(_layer_config(args.emb, args.mlp, args.dtype), cfg,
+                                 rngs=nnx.Rngs(0))
       runners[name], memory[name] = prepare(layer, x, on_mesh)
     times = time_round_robin(runners, args.repeats)
     base = times["dense MLP (hidden 2H)"]
