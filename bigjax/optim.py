@@ -130,17 +130,79 @@ def check_freeze(optim_cfg, params):
                      "train. Narrow it, e.g. '^embedder/'.")
 
 
-def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
+# The non-finite guard never gives up: every non-finite update is skipped (the
+# int32 counter saturates at its maximum, which `>` never exceeds).
+_NEVER_GIVE_UP = int(jnp.iinfo(jnp.int32).max)
+
+
+def make_optimizer(optim_cfg, total_steps: int,
+                   known_finite: bool = False) -> optax.GradientTransformation:
+  """The optimizer of config.optim. `known_finite`: for gradients already known to
+  be finite (make_apply's common case): the same state, without the guard's check."""
   _guarded(optim_cfg, optim_cfg.lr)  # A bad name or policy raises here, not at init.
   # float32 whatever the parameters' dtype: a bfloat16 rate would be rounded.
-  inject = optax.inject_hyperparams(lambda learning_rate: _guarded(optim_cfg, learning_rate),
-                                    hyperparam_dtype=jnp.float32)
+  inject = optax.inject_hyperparams(
+      lambda learning_rate: _guarded(optim_cfg, learning_rate, known_finite),
+      hyperparam_dtype=jnp.float32)
   return inject(learning_rate=schedule(optim_cfg, total_steps))
 
 
-def _guarded(optim_cfg, lr) -> optax.GradientTransformation:
+def make_apply(optim_cfg, total_steps: int):
+  """apply(grads, opt_state, params) -> (params, opt_state): one optimizer step
+  with its state from make_optimizer's init.
+
+  With nan_policy "skip", optax.apply_if_finite decides inside the optimizer, in a
+  lax.cond whose output updates are then added to the parameters outside it. Here
+  one cond covers the whole step instead: finite gradients run the optimizer
+  without the guard's check (the same state, counters as after a finite step)
+  and add the updates in the same branch, which XLA fuses; other gradients run
+  apply_if_finite itself, which skips them. Same results; over the Mixtral-style
+  benchmark's 82M parameters the step's optimizer took ~74 instead of ~125 ms
+  on CPU (with _clip_by_global_norm)."""
+  guarded = make_optimizer(optim_cfg, total_steps)
+
+  def step(tx):
+    def run(grads, opt_state, params):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+    return run
+
+  if nan_policy(optim_cfg) != "skip":
+    return step(guarded)
+  finite_step = step(make_optimizer(optim_cfg, total_steps, known_finite=True))
+
+  def apply(grads, opt_state, params):
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    return jax.lax.cond(finite, finite_step, step(guarded), grads, opt_state, params)
+  return apply
+
+
+def _known_finite(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """apply_if_finite(inner)'s state and what its update does with finite updates,
+  without checking them or branching."""
+  guard = optax.apply_if_finite(inner, max_consecutive_errors=_NEVER_GIVE_UP)
+
+  def update(updates, state, params=None):
+    updates, inner_state = inner.update(updates, state.inner_state, params)
+    return updates, state._replace(notfinite_count=jnp.zeros_like(state.notfinite_count),
+                                   last_finite=jnp.ones_like(state.last_finite),
+                                   inner_state=inner_state)
+  return optax.GradientTransformation(guard.init, update)
+
+
+def _clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm's clipping (and state), by one scalar factor: XLA
+  fuses a multiplication into the optimizer's element-wise update, where optax's
+  per-element division makes it write the clipped gradients out first."""
+  def update(updates, state, params=None):
+    factor = jnp.minimum(1.0, max_norm / optax.tree.norm(updates))
+    return jax.tree.map(lambda t: t * factor.astype(t.dtype), updates), state
+  return optax.GradientTransformation(optax.init_empty_state, update)
+
+
+def _guarded(optim_cfg, lr, known_finite=False) -> optax.GradientTransformation:
   """The optimizer at learning rate `lr`, with clipping, freezing and the
-  non-finite guard."""
+  non-finite guard (see make_optimizer for `known_finite`)."""
   name, wd = optim_cfg.name, optim_cfg.weight_decay
   if name == "sgd":
     opt = optax.sgd(lr)
@@ -164,7 +226,7 @@ def _guarded(optim_cfg, lr) -> optax.GradientTransformation:
   if optim_cfg.clip_value:
     clips.append(optax.clip(optim_cfg.clip_value))
   if optim_cfg.clip_norm:
-    clips.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
+    clips.append(_clip_by_global_norm(optim_cfg.clip_norm))
   tx = optax.chain(*clips, opt)
   freeze = optim_cfg.freeze
   if freeze:
@@ -175,9 +237,8 @@ def _guarded(optim_cfg, lr) -> optax.GradientTransformation:
     # Partly frozen stacked parameters: out of the clipping norm before, no update after.
     tx = optax.chain(_zero_frozen_rows(freeze), tx, _zero_frozen_rows(freeze))
   if nan_policy(optim_cfg) == "skip":
-    # Never gives up: every non-finite update is skipped (the int32 counter
-    # saturates at its maximum, which `>` never exceeds).
-    tx = optax.apply_if_finite(tx, max_consecutive_errors=int(jnp.iinfo(jnp.int32).max))
+    tx = (_known_finite(tx) if known_finite else
+          optax.apply_if_finite(tx, max_consecutive_errors=_NEVER_GIVE_UP))
   return tx
 
 

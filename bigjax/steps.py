@@ -41,6 +41,7 @@ class TrainSetup:
   graphdef: nnx.GraphDef
   rest: nnx.State  # Static model state (empty for every bigjax model).
   tx: optax.GradientTransformation
+  apply_updates: Callable  # (grads, opt_state, params) -> (params, opt_state): optim.make_apply.
   state_shardings: TrainState
   abstract_state: TrainState
   init_fn: Callable  # rng -> TrainState, traced inside jit by create_state.
@@ -102,7 +103,8 @@ def make_setup(config, mesh: Mesh, example_shape: tuple | None = None) -> TrainS
   param_axes = {"/".join(map(str, path)): sharding.logical_axes_of(v)
                 for path, v in nnx.to_flat_state(abs_params)}
   return TrainSetup(config, tasks.get(config.task), mesh, rules, graphdef, rest, tx,
-                    shardings, abstract, init, param_axes)
+                    optim.make_apply(config.optim, config.total_steps), shardings, abstract,
+                    init, param_axes)
 
 
 def create_state(setup: TrainSetup, seed: int) -> TrainState:
@@ -213,13 +215,12 @@ def make_train_step(setup: TrainSetup) -> Callable:
     # Gradients of the summed loss, normalised once by the global token count,
     # so accumulation over microbatches equals one big batch exactly.
     denom = jnp.maximum(sums["weight_sum"], 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+    grads = jax.tree.map(lambda g: g * (1.0 / denom), grads)  # XLA fuses a product.
+    params, opt_state = setup.apply_updates(grads, state.opt_state, state.params)
     guard = optim.guard_state(opt_state)
     if guard is not None:  # An update the guard skipped keeps the BatchNorm statistics too.
       model_state = jax.tree.map(lambda new, old: jnp.where(guard.last_finite, new, old),
                                  model_state, state.model_state)
-    params = optax.apply_updates(state.params, updates)
     metrics = {"loss": sums["loss_sum"] / denom,
                "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
     if "correct_sum" in sums:

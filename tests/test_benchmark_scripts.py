@@ -20,6 +20,7 @@ SMOKE = {
             ["dropless ragged_dot, 2 expert shards (padded)", "einsum top-2, cf 1.25"]),
     "decode": (["--new_tokens=4", "--emb=32", "--layers=1", "--repeats=1"], ["cache tok/s"]),
     "gpu": (["--preset=tiny", "--steps=2"], ["MFU"]),
+    "optimizer": (["--params_m=1", "--repeats=2"], ["bigjax / optax speed"]),
 }
 
 

@@ -9,6 +9,8 @@ checked on every machine. The tests after it run the real kernels on an H100/H20
 `JAX_PLATFORMS=cuda pytest tests/test_hopper_ragged_dot.py` (the suite's conftest
 otherwise picks the CPU).
 """
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,6 +78,26 @@ def test_wrapper_gradients_equal_ragged_dot_with_stand_in_kernels(monkeypatch):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4, err_msg=name)
   assert not ours[0][sum(SIZES):].any() and not ours[1][sum(SIZES):].any()
   assert not ours[2][1].any()  # The empty group's weights get no gradient.
+
+
+def test_dropless_impl_auto_picks_what_the_device_runs_best():
+  # tests/test_moe_layer.py checks that the layer runs what it picks on the CPU.
+  cpu, tpu = (types.SimpleNamespace(platform=p) for p in ("cpu", "tpu"))
+  h100, a100 = (types.SimpleNamespace(platform="gpu", compute_capability=c,
+                                      client=types.SimpleNamespace(platform_version="cuda 12"))
+                for c in ("9.0", "8.0"))
+  bf16, dims = jnp.bfloat16, (256, 512)
+  cases = [("auto", cpu, bf16, dims, "sorted_blocks"), ("auto", h100, bf16, dims, "sorted_blocks"),
+           ("auto", a100, bf16, dims, "sorted_blocks"), ("auto", tpu, bf16, dims, "ragged_dot"),
+           ("ragged_dot", cpu, bf16, dims, "ragged_dot"), ("hopper", h100, bf16, dims, "hopper")]
+  for setting, device, dtype, shape, want in cases:
+    assert moe.dropless_impl_for(setting, device, dtype, shape) == want, (setting, device)
+  for device, dtype, shape, named in ((cpu, bf16, dims, "Hopper GPU"),
+                                      (a100, bf16, dims, "Hopper GPU"),
+                                      (h100, jnp.float32, dims, "bfloat16 or float16"),
+                                      (h100, bf16, (256, 200), "multiples of 128")):
+    with pytest.raises(ValueError, match=r"model\.moe\.dropless_impl='hopper' needs .*" + named):
+      moe.dropless_impl_for("hopper", device, dtype, shape)
 
 
 _HOPPER = layers.cuda_capability(layers.default_device()) == (9, 0)

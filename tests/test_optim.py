@@ -94,3 +94,38 @@ def test_weight_decay_reaches_weight_matrices_only(scan):
     p = np.asarray(flat[name]) + 1.0
     want = -lr * wd * p if leaf(name) in matrices else np.zeros_like(p)
     np.testing.assert_allclose(np.asarray(u), want, rtol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("policy", ["skip", "halt"])
+def test_apply_equals_optax_reference_step_finite_or_not(policy):
+  # make_apply (one cond around the whole step; clipping by one scalar factor)
+  # against the same recipe built from optax's own clip_by_global_norm, adamw and
+  # apply_if_finite, step by step through finite and non-finite gradients: the same
+  # parameters, moments, schedule count and skip counters.
+  cfg = _optim_config(name="adamw", lr=0.1, clip_norm=1.0, weight_decay=0.1,
+                      schedule="linear", end_lr_factor=0.1, nan_policy=policy)
+  def recipe(learning_rate):
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                                 weight_decay=0.1, mask=optim.decay_mask))
+    return optax.apply_if_finite(tx, 2**31 - 1) if policy == "skip" else tx
+  reference = optax.inject_hyperparams(recipe)(learning_rate=optim.schedule(cfg, 10))
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "b": jnp.zeros(3)}
+  apply = jax.jit(optim.make_apply(cfg, total_steps=10))
+  ours, theirs = (params, optim.make_optimizer(cfg, 10).init(params)), \
+      (params, reference.init(params))
+  for i, scale in enumerate([0.1, 5.0, np.nan, 0.3, np.inf, 2.0]):  # Below / above the clip.
+    grads = {"w": jnp.asarray(rng.normal(size=(4, 3)) * scale, jnp.float32),
+             "b": jnp.asarray(rng.normal(size=3), jnp.float32)}
+    ours = apply(grads, ours[1], ours[0])
+    updates, state = reference.update(grads, theirs[1], theirs[0])
+    theirs = (optax.apply_updates(theirs[0], updates), state)
+    if policy == "halt" and not np.isfinite(scale):
+      break  # "halt" applies the update (the loop stops the run): NaNs on both sides.
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+      np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                                 rtol=1e-5, atol=1e-6, err_msg=f"step {i}")
+  if policy == "skip":
+    assert int(optim.skipped_updates(ours[1])) == 2
+    assert int(ours[1].count) == 6  # The schedule counted the skipped steps.
