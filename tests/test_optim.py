@@ -123,6 +123,7 @@ def test_apply_equals_optax_reference_step_finite_or_not(policy):
     theirs = (optax.apply_updates(theirs[0], updates), state)
     if policy == "halt" and not np.isfinite(scale):
       break  # "halt" applies the update (the loop stops the run): NaNs on both sides.
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)  # Checkpoints resume.
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
       np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
                                  rtol=1e-5, atol=1e-6, err_msg=f"step {i}")

@@ -4,11 +4,13 @@ with its gradient.
 
 Why: XLA:GPU computes jax.lax.ragged_dot (JAX 0.11) as if densely, every expert
 over every row: on an H200 the 8-expert MoE layer at 65k tokens took 7.8x the time
-of the dense MLP of the same active FLOPs and 42 GB (experiments/benchmarks/moe.py).
-These kernels read each expert's rows only. model.moe.dropless_impl='hopper' picks
-them. On an H200 the dropless layer with them matched ragged_dot's output and
-gradients (tests/test_hopper_ragged_dot.py, 512 rows); their speed is not measured
-yet, so 'auto' does not pick them.
+of the dense MLP of the same active FLOPs and 41 GiB (float32,
+experiments/benchmarks/moe.py). These kernels read each expert's rows only.
+model.moe.dropless_impl='hopper' picks them. Checked on an H200 only: the dropless
+layer with them matched ragged_dot's output and gradients at 512 rows; a 300-row
+call failed there (the kernels' bulk copies move whole tiles of rows), hence the
+padding below, which has not yet run on a GPU. Their speed is not measured, so
+'auto' does not pick them.
 
 ragged_dot(rows [R, K], weights [G, K, N], sizes [G]) -> [R, N]: rows are grouped
 by expert, the first sizes[0] use weights[0], and so on; rows past sum(sizes) are
@@ -63,6 +65,11 @@ def ragged_dot(rows, weights, sizes):
   (the kernels take one dtype: rows are cast to it). The kernels' bulk copies move
   whole tiles of rows (300 rows failed on an H200): rows are padded to a multiple
   of TILE, and the padding sliced off."""
+  dims = (weights.shape[1], weights.shape[2])
+  if any(d % TILE for d in dims):  # Per device: expert parallelism may split the hidden dim.
+    raise ValueError(f"model.moe.dropless_impl='hopper': the expert matmul's feature dims "
+                     f"{dims} (per device) must be multiples of {TILE}; choose emb_dim, "
+                     "mlp_dim and the mesh so they are, or use 'auto'.")
   padded = jnp.pad(rows.astype(weights.dtype), ((0, -rows.shape[0] % TILE), (0, 0)))
   return _ragged_dot(padded, weights, sizes)[:rows.shape[0]]
 

@@ -35,10 +35,11 @@ def dropless_impl_for(setting: str, device, dtype, dims) -> str:
   """The grouped matmul for `model.moe.dropless_impl` on `device` for `dtype` and
   feature `dims`. XLA computes jax.lax.ragged_dot on CPU and (JAX 0.11) on GPU as
   if densely, every expert over every row: on CPU 5-6x the time of sorted_blocks;
-  on an H200 the layer took 7.8x the dense MLP's time and 42 GB against
-  sorted_blocks' 5.4x and 4.7 GB (experiments/benchmarks/moe.py). So auto picks
-  sorted_blocks on CPU and GPU, ragged_dot on TPU. 'hopper' (JAX's Pallas Mosaic
-  GPU kernels, hopper_ragged_dot.py) is opt-in until its speed is measured."""
+  on an H200, in float32, the layer took 7.8x the dense MLP's time and 41 GiB
+  against sorted_blocks' 5.4x and 4.6 GiB (experiments/benchmarks/moe.py; bf16 not
+  yet measured). So auto picks sorted_blocks on CPU and GPU, ragged_dot on TPU.
+  'hopper' (JAX's Pallas Mosaic GPU kernels, hopper_ragged_dot.py) is opt-in until
+  its speed is measured."""
   unmet = hopper_ragged_dot.unmet_needs(layers.cuda_capability(device), dtype, dims)
   if setting == "hopper" and unmet:
     raise ValueError(f"model.moe.dropless_impl='hopper' needs {', '.join(unmet)} (device "

@@ -1,6 +1,7 @@
 r"""Training throughput and MFU of a ~1B dense decoder and two 8-expert MoEs on one GPU.
 
   python experiments/benchmarks/gpu.py                 # H200: dense + gshard ~3 min
+  python experiments/benchmarks/gpu.py --models=dropless --dropless_impl=hopper
   python experiments/benchmarks/gpu.py --preset=tiny   # a CPU smoke run (seconds)
   python experiments/benchmarks/gpu.py --attention_impl=xla --models=dense
                                                     # without cuDNN's attention
@@ -8,8 +9,9 @@ r"""Training throughput and MFU of a ~1B dense decoder and two 8-expert MoEs on 
 All models run bigjax's own jitted train step (`python -m bigjax.main`'s) in
 bfloat16 compute with float32 parameters and AdamW. The MoE models have the dense
 model's attention and, in every block, 8 experts each half the size of the dense
-MLP, top-2 routed (GShard capacity routing, or dropless: every token kept, experts
-multiplied by jax.lax.ragged_dot), so its active FLOPs per token equal the dense
+MLP, top-2 routed (GShard capacity routing, or, with --models=...,dropless, every
+token kept: dropless_impl=auto, sorted_blocks on a GPU, or --dropless_impl=hopper),
+so its active FLOPs per token equal the dense
 model's up to the router: the step-time ratio is the cost of routing. MFU = model
 FLOPs per token (bigjax/flops.py) x tokens/s / the chip's dense bf16 peak
 (flops.PEAK_BF16).
@@ -27,7 +29,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bigjax import flops, sharding, steps  # noqa: E402
-from bigjax.models import layers  # noqa: E402
+from bigjax.models import layers, moe  # noqa: E402
 from configs import lm, lm_moe  # noqa: E402
 
 # name -> (layers, width, heads, mlp, context, batch)
@@ -38,7 +40,7 @@ PRESETS = {"1b": (20, 2048, 16, 8192, 2048, 4), "tiny": (2, 128, 4, 512, 128, 4)
 MODELS = {"dense": None, "gshard": "gshard_top2", "dropless": "dropless"}
 
 
-def make_config(router, shape, attention_impl: str = "auto"):
+def make_config(router, shape, attention_impl: str = "auto", dropless_impl: str = "auto"):
   num_layers, width, heads, mlp, seq, batch = shape
   config = (lm_moe if router else lm).get_config()
   config.update(batch_size=batch, seq_len=seq, total_steps=1000)
@@ -47,10 +49,10 @@ def make_config(router, shape, attention_impl: str = "auto"):
                       attention_impl=attention_impl)
   if router:
     # Every block's MLP becomes top-2 of 8 half-size experts: the dense MLP's FLOPs.
-    # Dropless routes every token (dropless_impl=auto: jax.lax.ragged_dot on a GPU).
+    # Dropless routes every token; its grouped matmul is dropless_impl's.
     config.model.update(mlp_dim=mlp // 2, moe_every=1)
     config.model.moe.update(num_experts=8, router=router, top_k=2, capacity_factor=1.0,
-                            group_size=min(1024, seq))
+                            group_size=min(1024, seq), dropless_impl=dropless_impl)
   return config
 
 
@@ -73,13 +75,20 @@ def tokens_per_second(config, steps_to_time: int) -> float:
   return config.batch_size * config.seq_len / statistics.median(times)
 
 
+def _at_least_one(text: str) -> int:
+  if int(text) < 1:
+    raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+  return int(text)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--preset", choices=sorted(PRESETS), default="1b")
-  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--steps", type=_at_least_one, default=10)
   parser.add_argument("--attention_impl", choices=layers.ATTENTION_IMPLS, default="auto")
-  parser.add_argument("--models", default=",".join(MODELS),
+  parser.add_argument("--models", default="dense,gshard",
                       help=f"comma-separated, from {sorted(MODELS)}")
+  parser.add_argument("--dropless_impl", choices=moe.DROPLESS_IMPLS, default="auto")
   args = parser.parse_args()
   unknown = set(args.models.split(",")) - set(MODELS)
   if unknown:
@@ -95,7 +104,8 @@ def main():
         f"attention: {attention}")
   rates = {}
   for name in args.models.split(","):
-    config = make_config(MODELS[name], PRESETS[args.preset], args.attention_impl)
+    config = make_config(MODELS[name], PRESETS[args.preset], args.attention_impl,
+                         args.dropless_impl)
     per_token = flops.training_flops_per_token(steps.model_config(config), config.seq_len)
     params = sum(x.size for x in jax.tree.leaves(steps.make_setup(
         config, sharding.config_mesh(config)).abstract_state.params))

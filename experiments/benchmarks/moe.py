@@ -14,6 +14,9 @@ kept, all in this one process, so that slow drifts of a shared machine hit
 every variant alike and the ratios compare like with like. Memory is XLA's own accounting of the compiled program (temporaries +
 arguments + outputs), which is exact and independent of the allocator.
 
+With --dtype=bfloat16 on an H100/H200 the dropless layer also runs on JAX's Pallas
+Mosaic GPU kernels (dropless_impl=hopper, bigjax/models/hopper_ragged_dot.py).
+
 With --expert_shards=N the dropless layer also runs expert-parallel on a mesh of
 N devices (`expert=N`, E/N experts per device, tokens split N ways; on CPU the
 padded all-to-all exchange, see bigjax/models/expert_parallel.py); its memory is
@@ -98,7 +101,8 @@ def main():
   parser.add_argument("--experts", type=int, default=8)
   parser.add_argument("--group_size", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=7)
-  parser.add_argument("--dtype", default="float32", help="compute dtype, e.g. bfloat16")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                      help="compute dtype; the 'hopper' row needs a 16-bit one")
   parser.add_argument("--expert_shards", type=int, default=0,
                       help="also run the dropless layer expert-parallel on this many devices")
   args = parser.parse_args()

@@ -29,10 +29,17 @@ from bigjax import host_memory, optim  # noqa: E402
 from configs import lm  # noqa: E402
 
 
+def _at_least_one(text: str) -> int:
+  if int(text) < 1:
+    raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+  return int(text)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--params_m", type=float, default=82.0, help="million parameters")
-  parser.add_argument("--repeats", type=int, default=15)
+  parser.add_argument("--params_m", type=float, default=82.0,
+                      help="million parameters, rounded to whole [8, 512, 1024] matrices")
+  parser.add_argument("--repeats", type=_at_least_one, default=15)
   args = parser.parse_args()
   host_memory.keep_freed_memory()  # Before JAX starts its CPU client: see host_memory.py.
   cfg = lm.get_config().optim
