@@ -9,8 +9,9 @@ experiments/benchmarks/moe.py). These kernels read each expert's rows only.
 model.moe.dropless_impl='hopper' picks them. Checked on an H200 only: the dropless
 layer with them matched ragged_dot's output and gradients at 512 rows; a 300-row
 call failed there (the kernels' bulk copies move whole tiles of rows), hence the
-padding below, which has not yet run on a GPU. Their speed is not measured, so
-'auto' does not pick them.
+padding below, which has not yet run on a GPU. Their speed is not measured (in
+experiments/benchmarks/gpu.py's 1B dropless model they did not finish compiling
+and running in the time a run had left), so 'auto' does not pick them.
 
 ragged_dot(rows [R, K], weights [G, K, N], sizes [G]) -> [R, N]: rows are grouped
 by expert, the first sizes[0] use weights[0], and so on; rows past sum(sizes) are
