@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 from bigjax import flops, sharding, steps  # noqa: E402
 from bigjax.models import layers, moe  # noqa: E402
 from configs import lm, lm_moe  # noqa: E402
+import timing  # noqa: E402  (beside this script)
 
 # name -> (layers, width, heads, mlp, context, batch)
 PRESETS = {"1b": (20, 2048, 16, 8192, 2048, 4), "tiny": (2, 128, 4, 512, 128, 4)}
@@ -75,16 +76,10 @@ def tokens_per_second(config, steps_to_time: int) -> float:
   return config.batch_size * config.seq_len / statistics.median(times)
 
 
-def _at_least_one(text: str) -> int:
-  if int(text) < 1:
-    raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
-  return int(text)
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--preset", choices=sorted(PRESETS), default="1b")
-  parser.add_argument("--steps", type=_at_least_one, default=10)
+  parser.add_argument("--steps", type=timing.at_least_one, default=10)
   parser.add_argument("--attention_impl", choices=layers.ATTENTION_IMPLS, default="auto")
   parser.add_argument("--models", default="dense,gshard",
                       help=f"comma-separated, from {sorted(MODELS)}")

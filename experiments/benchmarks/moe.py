@@ -24,9 +24,7 @@ per device. The other rows run on one device.
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -39,6 +37,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from bigjax import host_memory, sharding  # noqa: E402
 from bigjax.models import expert_parallel, layers, moe  # noqa: E402
 from configs import common  # noqa: E402
+import timing  # noqa: E402  (beside this script)
 
 
 def _layer_config(emb, mlp, dtype):
@@ -83,16 +82,6 @@ def prepare(module, x, mesh=None):
   return run, total
 
 
-def time_round_robin(runners: dict, repeats: int) -> dict:
-  times = {name: [] for name in runners}
-  for _ in range(repeats):
-    for name, run in runners.items():
-      t = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - t)
-  return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--tokens", default="2048,8192")
@@ -100,7 +89,7 @@ def main():
   parser.add_argument("--mlp", type=int, default=1024, help="expert hidden size H")
   parser.add_argument("--experts", type=int, default=8)
   parser.add_argument("--group_size", type=int, default=128)
-  parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--repeats", type=timing.at_least_one, default=7)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                       help="compute dtype; the 'hopper' row needs a 16-bit one")
   parser.add_argument("--expert_shards", type=int, default=0,
@@ -147,7 +136,7 @@ def main():
       layer = moe.MoEFeedForward(_layer_config(args.emb, args.mlp, args.dtype), cfg,
                                  rngs=nnx.Rngs(0))
       runners[name], memory[name] = prepare(layer, x, on_mesh)
-    times = time_round_robin(runners, args.repeats)
+    times = timing.median_round_robin(runners, args.repeats)
     base = times["dense MLP (hidden 2H)"]
     rows += [(tokens, name, t, memory[name], t / base) for name, t in times.items()]
 

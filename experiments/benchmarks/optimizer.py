@@ -14,9 +14,7 @@ cond around the whole step and clipping by a scalar factor (bigjax/optim.py).
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -27,19 +25,14 @@ import optax  # noqa: E402
 
 from bigjax import host_memory, optim  # noqa: E402
 from configs import lm  # noqa: E402
-
-
-def _at_least_one(text: str) -> int:
-  if int(text) < 1:
-    raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
-  return int(text)
+import timing  # noqa: E402  (beside this script)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--params_m", type=float, default=82.0,
                       help="million parameters, rounded to whole [8, 512, 1024] matrices")
-  parser.add_argument("--repeats", type=_at_least_one, default=15)
+  parser.add_argument("--repeats", type=timing.at_least_one, default=15)
   args = parser.parse_args()
   host_memory.keep_freed_memory()  # Before JAX starts its CPU client: see host_memory.py.
   cfg = lm.get_config().optim
@@ -74,16 +67,10 @@ def main():
       jax.block_until_ready(state)
     run()
     runs[name] = run
-  times = {name: [] for name in runs}
-  for _ in range(args.repeats):
-    for name, run in runs.items():
-      start = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - start)
+  median = timing.median_round_robin(runs, args.repeats)
   n = sum(x.size for x in jax.tree.leaves(params))
   print(f"Optimizer step over {n / 1e6:.1f}M float32 parameters on "
         f"{jax.devices()[0].device_kind}, median of {args.repeats} round-robin runs:")
-  median = {name: statistics.median(ts) for name, ts in times.items()}
   for name, t in median.items():
     print(f"  {name:24s} {t * 1e3:7.1f} ms")
   print(f"  bigjax / optax speed: {median['optax parts'] / median['bigjax optim.make_apply']:.2f}x")

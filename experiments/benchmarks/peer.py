@@ -56,6 +56,7 @@ except ImportError:
   sys.exit("peer.py needs the benchmark extra: pip install -e '.[bench]'")
 
 import hf_models  # noqa: E402  (the bench extra: torch, transformers)
+import timing  # noqa: E402  (beside this script)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
@@ -348,13 +349,9 @@ def moe_layer(args, config, step_seconds):
 def _median_seconds(runs: dict, rounds: int) -> dict:
   """{name: median seconds} of each run, after one warm-up call each, the runs
   alternated for `rounds` rounds."""
-  times = {name: [] for name in runs}
   for run in runs.values():
     run()
-  for _ in range(rounds):
-    for name, run in runs.items():
-      times[name].append(_timed(run))
-  return {name: statistics.median(ts) for name, ts in times.items()}
+  return timing.median_round_robin(runs, rounds)
 
 
 def _timed(fn) -> float:
