@@ -5,6 +5,9 @@ r"""Training throughput and MFU of a ~1B dense decoder and two 8-expert MoEs on 
   python experiments/benchmarks/gpu.py --preset=tiny   # a CPU smoke run (seconds)
   python experiments/benchmarks/gpu.py --attention_impl=xla --models=dense
                                                     # without cuDNN's attention
+  python experiments/benchmarks/gpu.py --batch=16 \
+      --remat_policy=dots_with_no_batch_dims_saveable  # larger batches, recomputing
+                                                    # attention scores in the backward pass
 
 All models run bigjax's own jitted train step (`python -m bigjax.main`'s) in
 bfloat16 compute with float32 parameters and AdamW. The MoE models have the dense
@@ -29,7 +32,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bigjax import flops, sharding, steps  # noqa: E402
-from bigjax.models import layers, moe  # noqa: E402
+from bigjax.models import layers, moe, stack  # noqa: E402
 from configs import lm, lm_moe  # noqa: E402
 import timing  # noqa: E402  (beside this script)
 
@@ -41,13 +44,14 @@ PRESETS = {"1b": (20, 2048, 16, 8192, 2048, 4), "tiny": (2, 128, 4, 512, 128, 4)
 MODELS = {"dense": None, "gshard": "gshard_top2", "dropless": "dropless"}
 
 
-def make_config(router, shape, attention_impl: str = "auto", dropless_impl: str = "auto"):
+def make_config(router, shape, attention_impl: str = "auto", dropless_impl: str = "auto",
+                remat_policy: str = "none"):
   num_layers, width, heads, mlp, seq, batch = shape
   config = (lm_moe if router else lm).get_config()
   config.update(batch_size=batch, seq_len=seq, total_steps=1000)
   config.model.update(num_layers=num_layers, emb_dim=width, num_heads=heads, mlp_dim=mlp,
                       max_len=seq, dtype="bfloat16", dropout_rate=0.0,
-                      attention_impl=attention_impl)
+                      attention_impl=attention_impl, remat_policy=remat_policy)
   if router:
     # Every block's MLP becomes top-2 of 8 half-size experts: the dense MLP's FLOPs.
     # Dropless routes every token; its grouped matmul is dropless_impl's.
@@ -84,23 +88,28 @@ def main():
   parser.add_argument("--models", default="dense,gshard",
                       help=f"comma-separated, from {sorted(MODELS)}")
   parser.add_argument("--dropless_impl", choices=moe.DROPLESS_IMPLS, default="auto")
+  parser.add_argument("--batch", type=timing.at_least_one, default=None,
+                      help="sequences per step (default: the preset's)")
+  parser.add_argument("--remat_policy", choices=stack.REMAT_POLICIES, default="none",
+                      help="model.remat_policy: what the backward pass recomputes")
   args = parser.parse_args()
   unknown = set(args.models.split(",")) - set(MODELS)
   if unknown:
     parser.error(f"--models: unknown {sorted(unknown)}; choose from {sorted(MODELS)}")
   device = jax.devices()[0]
   peak = flops.peak_flops(device.device_kind)
-  seq = PRESETS[args.preset][4]
+  shape = PRESETS[args.preset][:5] + (args.batch or PRESETS[args.preset][5],)
+  seq = shape[4]
   attention = layers.attention_impl_for(steps.model_config(make_config(
-      None, PRESETS[args.preset], args.attention_impl)).layer_config(), device,
+      None, shape, args.attention_impl)).layer_config(), device,
       dropout=False, lengths=(seq, seq))
   print(f"{device.device_kind} x{jax.device_count()}, jax {jax.__version__}; preset "
-        f"{args.preset} {PRESETS[args.preset]} (layers, width, heads, mlp, context, batch); "
-        f"attention: {attention}")
+        f"{args.preset} {shape} (layers, width, heads, mlp, context, batch); "
+        f"attention: {attention}; remat: {args.remat_policy}")
   rates = {}
   for name in args.models.split(","):
-    config = make_config(MODELS[name], PRESETS[args.preset], args.attention_impl,
-                         args.dropless_impl)
+    config = make_config(MODELS[name], shape, args.attention_impl, args.dropless_impl,
+                         args.remat_policy)
     per_token = flops.training_flops_per_token(steps.model_config(config), config.seq_len)
     params = sum(x.size for x in jax.tree.leaves(steps.make_setup(
         config, sharding.config_mesh(config)).abstract_state.params))
