@@ -78,3 +78,23 @@ def test_biases_change_the_gpt2_function():
       and "norm" not in jax.tree_util.keystr(p) else x, params)
   nnx.update(model, zeroed)
   assert np.abs(np.asarray(model(jax.numpy.asarray(tokens))) - with_bias).max() > 0.1
+
+
+@pytest.mark.slow
+def test_peer_speed_part_runs_at_a_tiny_shape():
+  """peer.py --part=speed, both architectures, end to end (one device, as its
+  README figures ran): CI, without the bench extra, never runs this path."""
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()  # One device,
+                              if not f.startswith("--xla_force_host_platform_device_count"))
+  done = subprocess.run(
+      [sys.executable, "experiments/benchmarks/peer.py", "--part=speed",
+       "--speed_shape=1,64,2,128,32,2", "--rounds=2", "--steps_per_round=1"],
+      cwd=root, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  for text in ("Speed (gpt2)", "Speed (mixtral)", "over the rounds", "MFU",
+               "The MoE layer alone", "The step's matmuls alone"):
+    assert text in done.stdout, done.stdout
+  assert done.stdout.count("bigjax / pytorch") == 4, done.stdout

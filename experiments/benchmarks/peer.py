@@ -32,7 +32,7 @@ side's MoE step into its MoE layers and the rest.
 Like `python -m bigjax.main`, the process keeps the memory it frees for reuse
 (bigjax/host_memory.py), PyTorch's side as well, since they share the process.
 Prints both tokens/s, their ratio, and both MFUs against the XLA f32 matmul
-roofline measured here (model FLOPs per token from bigjax/flops.py: MaxText's
+roofline measured in every round beside the steps (model FLOPs per token from bigjax/flops.py: MaxText's
 convention, 6 x matmul parameters incl. the unembedding + causal attention).
 Last, the speed shape's matmuls alone (projections and MLP products, forward
 and backward) in each framework, and each side's GPT-2 step split into those
@@ -248,10 +248,12 @@ def quality(args):
 def matmul_roofline(n=2048, repeats=5) -> float:
   """XLA's f32 matmul FLOP/s here (best of `repeats`): the practical peak."""
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
+  _square(a).block_until_ready()
+  best = min(_timed(lambda: _square(a).block_until_ready()) for _ in range(repeats))
   return 2 * n ** 3 / best
+
+
+_square = jax.jit(lambda x: x @ x)
 
 
 def torch_matmul_roofline(n=2048, repeats=5) -> float:
@@ -382,7 +384,11 @@ def speed(args, arch: str):
   batches = [data.batch(i) for i in range(args.steps_per_round)]
   for side in sides:  # Compile and warm up.
     side.sync(side.step(batches[0]))
-  times = {side.name: [] for side in sides}
+  # The roofline is measured in every round too, beside the steps: a 2-vCPU VM's
+  # speed drifts over minutes (GPT-2's MFU printed 58.7-67.3% in three runs on one
+  # machine when it was measured once, after the rounds); each round's MFU is its
+  # own steps' FLOP/s over its own roofline.
+  times, peaks = {side.name: [] for side in sides}, []
   for _ in range(args.rounds):
     for side in sides:
       start = time.perf_counter()
@@ -390,18 +396,20 @@ def speed(args, arch: str):
         metrics = side.step(b)
       side.sync(metrics)
       times[side.name].append((time.perf_counter() - start) / len(batches))
-  peak = matmul_roofline()
+    peaks.append(matmul_roofline(repeats=3))
   per_token = flops.training_flops_per_token(steps.model_config(config), config.seq_len)
   tokens = config.batch_size * config.seq_len
   print(f"Speed ({arch}): {args.speed_shape} (layers, width, heads, mlp, context, batch), "
         f"f32{', 8 experts of mlp/2, top-2, in every block' if arch == 'mixtral' else ''}; "
         f"median of {args.rounds} alternated rounds of {args.steps_per_round} steps; "
-        f"XLA f32 matmul roofline {peak / 1e9:.0f} GFLOP/s (torch's: "
-        f"{torch_matmul_roofline() / 1e9:.0f})")
+        f"XLA f32 matmul roofline {min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f} GFLOP/s over "
+        f"the rounds (torch's: {torch_matmul_roofline() / 1e9:.0f}); MFU: the median over "
+        "the rounds of each round's model FLOP/s over its roofline")
   rate = {}
   for name, ts in times.items():
     rate[name] = tokens / statistics.median(ts)
-    print(f"  {name:8s} {rate[name]:7.0f} tokens/s   MFU {rate[name] * per_token / peak:5.1%}")
+    mfu = statistics.median(tokens * per_token / t / peak for t, peak in zip(ts, peaks))
+    print(f"  {name:8s} {rate[name]:7.0f} tokens/s   MFU {mfu:5.1%}")
   print(f"  bigjax / pytorch: {rate['bigjax'] / rate['pytorch']:.2f}x")
   step_seconds = {name: tokens / r for name, r in rate.items()}
   if arch == "mixtral":
