@@ -8,6 +8,7 @@ r"""Training throughput and MFU of a ~1B dense decoder and two 8-expert MoEs on 
   python experiments/benchmarks/gpu.py --batch=16 \
       --remat_policy=dots_with_no_batch_dims_saveable  # larger batches, recomputing
                                                     # attention scores in the backward pass
+  python experiments/benchmarks/gpu.py --unrolled   # blocks not scanned (compiles longer)
 
 All models run bigjax's own jitted train step (`python -m bigjax.main`'s) in
 bfloat16 compute with float32 parameters and AdamW. The MoE models have the dense
@@ -45,13 +46,14 @@ MODELS = {"dense": None, "gshard": "gshard_top2", "dropless": "dropless"}
 
 
 def make_config(router, shape, attention_impl: str = "auto", dropless_impl: str = "auto",
-                remat_policy: str = "none"):
+                remat_policy: str = "none", scan_layers: bool = True):
   num_layers, width, heads, mlp, seq, batch = shape
   config = (lm_moe if router else lm).get_config()
   config.update(batch_size=batch, seq_len=seq, total_steps=1000)
   config.model.update(num_layers=num_layers, emb_dim=width, num_heads=heads, mlp_dim=mlp,
                       max_len=seq, dtype="bfloat16", dropout_rate=0.0,
-                      attention_impl=attention_impl, remat_policy=remat_policy)
+                      attention_impl=attention_impl, remat_policy=remat_policy,
+                      scan_layers=scan_layers)
   if router:
     # Every block's MLP becomes top-2 of 8 half-size experts: the dense MLP's FLOPs.
     # Dropless routes every token; its grouped matmul is dropless_impl's.
@@ -92,6 +94,8 @@ def main():
                       help="sequences per step (default: the preset's)")
   parser.add_argument("--remat_policy", choices=stack.REMAT_POLICIES, default="none",
                       help="model.remat_policy: what the backward pass recomputes")
+  parser.add_argument("--unrolled", action="store_true",
+                      help="model.scan_layers=False: every block compiled on its own")
   args = parser.parse_args()
   unknown = set(args.models.split(",")) - set(MODELS)
   if unknown:
@@ -105,11 +109,12 @@ def main():
       dropout=False, lengths=(seq, seq))
   print(f"{device.device_kind} x{jax.device_count()}, jax {jax.__version__}; preset "
         f"{args.preset} {shape} (layers, width, heads, mlp, context, batch); "
-        f"attention: {attention}; remat: {args.remat_policy}")
+        f"attention: {attention}; remat: {args.remat_policy}; "
+        f"{'unrolled' if args.unrolled else 'scanned'} blocks")
   rates = {}
   for name in args.models.split(","):
     config = make_config(MODELS[name], shape, args.attention_impl, args.dropless_impl,
-                         args.remat_policy)
+                         args.remat_policy, scan_layers=not args.unrolled)
     per_token = flops.training_flops_per_token(steps.model_config(config), config.seq_len)
     params = sum(x.size for x in jax.tree.leaves(steps.make_setup(
         config, sharding.config_mesh(config)).abstract_state.params))
