@@ -7,6 +7,7 @@ benchmark extra (`pip install -e '.[bench]'`: torch, transformers); skipped
 without it. experiments/benchmarks/peer.py prints the same check at full size.
 """
 import os
+import subprocess
 import sys
 
 import jax
@@ -84,10 +85,9 @@ def test_biases_change_the_gpt2_function():
 def test_peer_speed_part_runs_at_a_tiny_shape():
   """peer.py --part=speed, both architectures, end to end (one device, as its
   README figures ran): CI, without the bench extra, never runs this path."""
-  import subprocess
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()  # One device,
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                               if not f.startswith("--xla_force_host_platform_device_count"))
   done = subprocess.run(
       [sys.executable, "experiments/benchmarks/peer.py", "--part=speed",

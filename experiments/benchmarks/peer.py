@@ -32,8 +32,9 @@ side's MoE step into its MoE layers and the rest.
 Like `python -m bigjax.main`, the process keeps the memory it frees for reuse
 (bigjax/host_memory.py), PyTorch's side as well, since they share the process.
 Prints both tokens/s, their ratio, and both MFUs against the XLA f32 matmul
-roofline measured in every round beside the steps (model FLOPs per token from bigjax/flops.py: MaxText's
-convention, 6 x matmul parameters incl. the unembedding + causal attention).
+roofline measured in every round beside the steps (model FLOPs per token from
+bigjax/flops.py: MaxText's convention, 6 x matmul parameters incl. the
+unembedding + causal attention).
 Last, the speed shape's matmuls alone (projections and MLP products, forward
 and backward) in each framework, and each side's GPT-2 step split into those
 matmuls and the rest: how much of the ratio the GEMMs decide.
@@ -245,15 +246,15 @@ def quality(args):
 # --------------------------------------------------------------------------
 
 
+_square = jax.jit(lambda x: x @ x)
+
+
 def matmul_roofline(n=2048, repeats=5) -> float:
   """XLA's f32 matmul FLOP/s here (best of `repeats`): the practical peak."""
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
   _square(a).block_until_ready()
   best = min(_timed(lambda: _square(a).block_until_ready()) for _ in range(repeats))
   return 2 * n ** 3 / best
-
-
-_square = jax.jit(lambda x: x @ x)
 
 
 def torch_matmul_roofline(n=2048, repeats=5) -> float:
