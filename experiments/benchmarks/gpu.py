@@ -16,7 +16,11 @@ model's attention and, in every block, 8 experts each half the size of the dense
 MLP, top-2 routed (GShard capacity routing, or, with --models=...,dropless, every
 token kept: dropless_impl=auto, sorted_blocks on a GPU, or --dropless_impl=hopper),
 so its active FLOPs per token equal the dense
-model's up to the router: the step-time ratio is the cost of routing. MFU = model
+model's up to the router: the step-time ratio is the cost of routing. GShard's
+dispatch and combine einsums cost 2·E·C·M FLOPs per token each, and the capacity C
+grows with the routing group (2·S/E slots per expert at capacity factor 1), so
+--group_size decides most of that cost: 256 tokens by default (the library's), 1024
+in the H200 figures of the README (the einsums then ~25% of the experts' FLOPs). MFU = model
 FLOPs per token (bigjax/flops.py) x tokens/s / the chip's dense bf16 peak
 (flops.PEAK_BF16).
 """
@@ -46,7 +50,7 @@ MODELS = {"dense": None, "gshard": "gshard_top2", "dropless": "dropless"}
 
 
 def make_config(router, shape, attention_impl: str = "auto", dropless_impl: str = "auto",
-                remat_policy: str = "none", scan_layers: bool = True):
+                remat_policy: str = "none", scan_layers: bool = True, group_size: int = 256):
   num_layers, width, heads, mlp, seq, batch = shape
   config = (lm_moe if router else lm).get_config()
   config.update(batch_size=batch, seq_len=seq, total_steps=1000)
@@ -59,7 +63,7 @@ def make_config(router, shape, attention_impl: str = "auto", dropless_impl: str 
     # Dropless routes every token; its grouped matmul is dropless_impl's.
     config.model.update(mlp_dim=mlp // 2, moe_every=1)
     config.model.moe.update(num_experts=8, router=router, top_k=2, capacity_factor=1.0,
-                            group_size=min(1024, seq), dropless_impl=dropless_impl)
+                            group_size=group_size, dropless_impl=dropless_impl)
   return config
 
 
@@ -94,6 +98,9 @@ def main():
                       help="sequences per step (default: the preset's)")
   parser.add_argument("--remat_policy", choices=stack.REMAT_POLICIES, default="none",
                       help="model.remat_policy: what the backward pass recomputes")
+  parser.add_argument("--group_size", type=timing.at_least_one, default=256,
+                      help="GShard routing group (tokens); its dispatch and combine "
+                           "einsums cost in proportion to it (the H200 figures: 1024)")
   parser.add_argument("--unrolled", action="store_true",
                       help="model.scan_layers=False: every block compiled on its own")
   args = parser.parse_args()
@@ -110,11 +117,13 @@ def main():
   print(f"{device.device_kind} x{jax.device_count()}, jax {jax.__version__}; preset "
         f"{args.preset} {shape} (layers, width, heads, mlp, context, batch); "
         f"attention: {attention}; remat: {args.remat_policy}; "
-        f"{'unrolled' if args.unrolled else 'scanned'} blocks")
+        f"{'unrolled' if args.unrolled else 'scanned'} blocks; MoE groups of "
+        f"{args.group_size} tokens")
   rates = {}
   for name in args.models.split(","):
     config = make_config(MODELS[name], shape, args.attention_impl, args.dropless_impl,
-                         args.remat_policy, scan_layers=not args.unrolled)
+                         args.remat_policy, scan_layers=not args.unrolled,
+                         group_size=args.group_size)
     per_token = flops.training_flops_per_token(steps.model_config(config), config.seq_len)
     params = sum(x.size for x in jax.tree.leaves(steps.make_setup(
         config, sharding.config_mesh(config)).abstract_state.params))
