@@ -80,7 +80,9 @@ def moe_config(**overrides):
       num_experts=8,
       router="gshard_top2",  # gshard_top2 | switch_top1 | expert_choice | dropless
       top_k=2,  # dropless only
-      group_size=256,  # tokens per routing group (S); must divide seq_len
+      # Tokens per routing group (S); must divide seq_len. The dispatch and combine
+      # einsums cost in proportion to S (README, Performance: the MoE layer).
+      group_size=256,
       capacity_factor=1.25,
       eval_capacity_factor=2.0,
       random_routing=True,
