@@ -115,6 +115,9 @@ def _validate_moe(config):
   if e.dropless_impl not in moe.DROPLESS_IMPLS:
     _fail("model.moe.dropless_impl", f"unknown implementation {e.dropless_impl!r}.",
           f"Choose one of {moe.DROPLESS_IMPLS}.")
+  if e.capacity_dispatch not in moe.CAPACITY_DISPATCHES:
+    _fail("model.moe.capacity_dispatch", f"unknown dispatch {e.capacity_dispatch!r}.",
+          f"Choose one of {moe.CAPACITY_DISPATCHES} ('auto' picks by backend).")
   if e.dropless_exchange not in expert_parallel.EXCHANGES:
     _fail("model.moe.dropless_exchange", f"unknown exchange {e.dropless_exchange!r}.",
           f"Choose one of {expert_parallel.EXCHANGES} ('auto' picks by backend).")

@@ -87,6 +87,9 @@ def moe_config(**overrides):
       eval_capacity_factor=2.0,
       random_routing=True,
       jitter_noise=0.0,
+      # Capacity routers' token moves: auto (gather on CPU, einsum on GPU and TPU) |
+      # einsum (GShard's dense dispatch/combine) | gather (a gather, a scatter-add)
+      capacity_dispatch="auto",
       # auto (sorted_blocks on CPU and GPU, ragged_dot on TPU) | ragged_dot | sorted_blocks
       # | hopper (Pallas kernels on H100/H200)
       dropless_impl="auto",

@@ -17,11 +17,13 @@ SMOKE = {
               ["scanned", "unrolled", "full"]),
     "moe": (["--tokens=64", "--emb=16", "--mlp=32", "--experts=4", "--group_size=16",
              "--repeats=1", "--expert_shards=2"],
-            ["dropless ragged_dot, 2 expert shards (padded)", "einsum top-2, cf 1.25"]),
+            ["dropless ragged_dot, 2 expert shards (padded)", "einsum top-2, cf 1.25",
+             "gather top-2, cf 1.0"]),
     "decode": (["--new_tokens=4", "--emb=32", "--layers=1", "--repeats=1"], ["cache tok/s"]),
     "gpu": (["--preset=tiny", "--steps=2", "--batch=2", "--remat_policy=full", "--unrolled",
-             "--group_size=64"],
-            ["MFU", "128, 2) (layers", "remat: full; unrolled blocks; MoE groups of 64"]),
+             "--group_size=64", "--capacity_dispatch=gather"],
+            ["MFU", "128, 2) (layers", "remat: full; unrolled blocks; MoE groups of 64 tokens, "
+             "dispatch gather"]),
     "optimizer": (["--params_m=1", "--repeats=2"], ["bigjax / optax speed"]),
 }
 

@@ -122,6 +122,7 @@ CASES = [
     (_with(data__text_key=""), "data.text_key"),
     (_moe(**{"model.moe.router": "hash"}), "model.moe.router"),
     (_moe(**{"model.moe.dropless_impl": "magic"}), "model.moe.dropless_impl"),
+    (_moe(**{"model.moe.capacity_dispatch": "scatter"}), "model.moe.capacity_dispatch"),
     # Shapes that do not fit together.
     (_with(model__num_heads=3), "model.num_heads"),  # 3 heads do not divide emb_dim 64.
     (_with(model__num_kv_heads=3), "model.num_kv_heads"),

@@ -9,6 +9,8 @@ r"""Training throughput and MFU of a ~1B dense decoder and two 8-expert MoEs on 
       --remat_policy=dots_with_no_batch_dims_saveable  # larger batches, recomputing
                                                     # attention scores in the backward pass
   python experiments/benchmarks/gpu.py --unrolled   # blocks not scanned (compiles longer)
+  python experiments/benchmarks/gpu.py --models=gshard --capacity_dispatch=gather
+                                                    # tokens to experts by gather/scatter-add
 
 All models run bigjax's own jitted train step (`python -m bigjax.main`'s) in
 bfloat16 compute with float32 parameters and AdamW. The MoE models have the dense
@@ -20,7 +22,9 @@ model's up to the router: the step-time ratio is the cost of routing. GShard's
 dispatch and combine einsums cost 2·E·C·M FLOPs per token each, and the capacity C
 grows with the routing group (2·S/E slots per expert at capacity factor 1), so
 --group_size decides most of that cost: 256 tokens by default (the library's), 1024
-in the H200 figures of the README (the einsums then ~25% of the experts' FLOPs). MFU = model
+in the H200 figures of the README (the einsums then ~25% of the experts' FLOPs);
+--capacity_dispatch=gather moves the tokens by a gather and a scatter-add instead
+(model.moe.capacity_dispatch). MFU = model
 FLOPs per token (bigjax/flops.py) x tokens/s / the chip's dense bf16 peak
 (flops.PEAK_BF16).
 """
@@ -50,7 +54,8 @@ MODELS = {"dense": None, "gshard": "gshard_top2", "dropless": "dropless"}
 
 
 def make_config(router, shape, attention_impl: str = "auto", dropless_impl: str = "auto",
-                remat_policy: str = "none", scan_layers: bool = True, group_size: int = 256):
+                remat_policy: str = "none", scan_layers: bool = True, group_size: int = 256,
+                capacity_dispatch: str = "auto"):
   num_layers, width, heads, mlp, seq, batch = shape
   config = (lm_moe if router else lm).get_config()
   config.update(batch_size=batch, seq_len=seq, total_steps=1000)
@@ -63,7 +68,8 @@ def make_config(router, shape, attention_impl: str = "auto", dropless_impl: str 
     # Dropless routes every token; its grouped matmul is dropless_impl's.
     config.model.update(mlp_dim=mlp // 2, moe_every=1)
     config.model.moe.update(num_experts=8, router=router, top_k=2, capacity_factor=1.0,
-                            group_size=group_size, dropless_impl=dropless_impl)
+                            group_size=group_size, dropless_impl=dropless_impl,
+                            capacity_dispatch=capacity_dispatch)
   return config
 
 
@@ -101,6 +107,8 @@ def main():
   parser.add_argument("--group_size", type=timing.at_least_one, default=256,
                       help="GShard routing group (tokens); its dispatch and combine "
                            "einsums cost in proportion to it (the H200 figures: 1024)")
+  parser.add_argument("--capacity_dispatch", choices=moe.CAPACITY_DISPATCHES, default="auto",
+                      help="GShard's token moves: einsums (auto on a GPU) or gather")
   parser.add_argument("--unrolled", action="store_true",
                       help="model.scan_layers=False: every block compiled on its own")
   args = parser.parse_args()
@@ -118,12 +126,12 @@ def main():
         f"{args.preset} {shape} (layers, width, heads, mlp, context, batch); "
         f"attention: {attention}; remat: {args.remat_policy}; "
         f"{'unrolled' if args.unrolled else 'scanned'} blocks; MoE groups of "
-        f"{args.group_size} tokens")
+        f"{args.group_size} tokens, dispatch {args.capacity_dispatch}")
   rates = {}
   for name in args.models.split(","):
     config = make_config(MODELS[name], shape, args.attention_impl, args.dropless_impl,
                          args.remat_policy, scan_layers=not args.unrolled,
-                         group_size=args.group_size)
+                         group_size=args.group_size, capacity_dispatch=args.capacity_dispatch)
     per_token = flops.training_flops_per_token(steps.model_config(config), config.seq_len)
     params = sum(x.size for x in jax.tree.leaves(steps.make_setup(
         config, sharding.config_mesh(config)).abstract_state.params))

@@ -8,7 +8,9 @@ r"""MoE layer vs. a dense MLP of the same active FLOPs: time and memory, fwd+bwd
 
 A top-2 MoE layer (E experts of hidden size H) does the work of a dense MLP of
 hidden size 2H per token (plus capacity padding); that dense MLP is the
-baseline. Every configuration of a token count is compiled and warmed up, then
+baseline. The capacity-routed layer moves tokens to its expert slots and back
+by GShard's einsums over the dense routing tensors, or by a gather and a
+scatter-add (model.moe.capacity_dispatch). Every configuration of a token count is compiled and warmed up, then
 they are timed round-robin (one run of each, --repeats times) and the median
 kept, all in this one process, so that slow drifts of a shared machine hit
 every variant alike and the ratios compare like with like. Memory is XLA's own accounting of the compiled program (temporaries +
@@ -116,9 +118,10 @@ def main():
     dense = layers.MLP(_layer_config(args.emb, k * args.mlp, args.dtype), rngs=nnx.Rngs(0))
     runners, memory = {}, {}
     runners["dense MLP (hidden 2H)"], memory["dense MLP (hidden 2H)"] = prepare(dense, x)
-    variants = [("einsum top-2, cf 1.0", dict(router="gshard_top2", capacity_factor=1.0)),
-                ("einsum top-2, cf 1.25", dict(router="gshard_top2", capacity_factor=1.25)),
-                ("dropless sorted_blocks", dict(router="dropless", top_k=2,
+    variants = [(f"{how} top-2, cf {cf}", dict(router="gshard_top2", capacity_factor=cf,
+                                                capacity_dispatch=how))
+                for how in ("einsum", "gather") for cf in (1.0, 1.25)]
+    variants += [("dropless sorted_blocks", dict(router="dropless", top_k=2,
                                                 dropless_impl="sorted_blocks")),
                 ("dropless ragged_dot", dict(router="dropless", top_k=2,
                                              dropless_impl="ragged_dot"))]
