@@ -5,6 +5,8 @@ of S tokens, routed with dense dispatch/combine tensors, and exchanged with the
 experts by einsums
     dispatch  GSEC,GSM->EGCM    experts  EGCM,EMH->EGCH, EGCH,EHM->EGCM
     combine   GSEC,GECM->GSM
+or (model.moe.capacity_dispatch, see capacity_dispatch_for) by a gather of each
+slot's token and a scatter-add back, the same result without the S·E·C·M FLOPs.
 With the experts split over the `expert` mesh axis, the dispatched tensor goes to
 them by one all-to-all each way inside a shard_map (`expert_parallel.capacity`;
 dropless: `expert_parallel.dropless`). Router metrics are sown as
