@@ -90,9 +90,12 @@ def scatter_combine(ye, token, weight, group_size: int):
   """ye [E, G, C, M] -> [G, S, M]: what einsum("gsec,egcm->gsm", combine, ye) gives."""
   e, g, c, m = ye.shape
   weighted = ye.transpose(1, 0, 2, 3) * weight[..., None].astype(ye.dtype)
-  rows = jnp.arange(g)[:, None]
-  return jnp.zeros((g, group_size, m), ye.dtype).at[rows, token.reshape(g, e * c)].add(
-      weighted.reshape(g, e * c, m), mode="promise_in_bounds")
+
+  def one_group(token, weighted):  # Mapped over G: the partitioner sees a batch dim.
+    return jnp.zeros((group_size, m), ye.dtype).at[token].add(weighted,
+                                                              mode="promise_in_bounds")
+
+  return jax.vmap(one_group)(token.reshape(g, e * c), weighted.reshape(g, e * c, m))
 
 
 @dataclasses.dataclass(frozen=True)
