@@ -338,6 +338,8 @@ def test_expert_choice_layer_and_decoder_refusal():
 # --------------------------------------------------------------------------
 
 MESHES = {"expert8": dict(expert=8, data=1), "expert4_data2": dict(expert=4, data=2)}
+# expert4_data2 with GShard's einsums (TPU's default) instead of CPU's gather dispatch.
+EINSUM = "expert4_data2 einsum"
 SEED = 0
 
 
@@ -384,6 +386,8 @@ def setups():
   cache = {}
 
   def get(name):
+    if name == EINSUM and name not in cache:
+      cache[name] = _setup(MESHES["expert4_data2"], 8, _config(capacity_dispatch="einsum"))
     if name not in cache:
       cache[name] = _setup(*((dict(data=1), 1) if name == "one" else (MESHES[name], 8)))
     return cache[name]
@@ -397,7 +401,7 @@ def test_router_metrics_show_drops(setups):
   assert 0.0 < float(moe["moe/decoder/blocks/1/dropped"]) < 1.0
 
 
-@pytest.mark.parametrize("name", sorted(MESHES))
+@pytest.mark.parametrize("name", sorted(MESHES) + [EINSUM])
 def test_sharded_loss_metrics_and_gradients_match_one_device(setups, name):
   got, want = setups(name), setups("one")
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got["params"]),
@@ -447,13 +451,14 @@ def _collectives_moving_tokens(hlo: str, kind: str, emb_dim: int) -> list[str]:
   return found
 
 
-def test_expert_parallel_forward_moves_tokens_by_one_all_to_all_each_way(setups):
+@pytest.mark.parametrize("name", sorted(MESHES))
+def test_expert_parallel_forward_moves_tokens_by_one_all_to_all_each_way(setups, name):
   # The README's claim: the dispatched tensor goes to the experts by one all-to-all
   # and comes back by one; the tokens are never gathered whole on every device.
-  setup = setups("expert8")["setup"]
-  state = setups("expert8")["state"]
+  setup = setups(name)["setup"]
+  state = setups(name)["state"]
   hlo = steps.make_eval_step(setup).lower(state.params, state.model_state,
-                                           setups("expert8")["batch"]).compile().as_text()
+                                           setups(name)["batch"]).compile().as_text()
   emb = setup.config.model.emb_dim
   assert not _collectives_moving_tokens(hlo, "all-gather", emb)
   assert len(_collectives_moving_tokens(hlo, "all-to-all", emb)) == 2
