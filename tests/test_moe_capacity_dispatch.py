@@ -15,10 +15,10 @@ from bigjax.models import layers, moe as moe_lib
 EMB, MLP_DIM, E, GROUP = 16, 32, 4, 8
 
 
-def _pair(router, capacity_factor):
+def _pair(router, capacity_factor, dtype=jnp.float32):
   """The same layer (same parameters) with each dispatch."""
   cfg = layers.LayerConfig(emb_dim=EMB, num_heads=1, num_kv_heads=1, head_dim=EMB,
-                           mlp_dim=MLP_DIM)
+                           mlp_dim=MLP_DIM, dtype=dtype)
   moe_cfg = moe_lib.MoEConfig(num_experts=E, router=router, group_size=GROUP,
                               capacity_factor=capacity_factor,
                               eval_capacity_factor=capacity_factor, capacity_dispatch="einsum")
@@ -80,6 +80,19 @@ def _routing(layer, x):
   else:
     r = routing.expert_choice(logits, cap)
   return r.dispatch, r.combine
+
+
+@pytest.mark.parametrize("router", ["gshard_top2", "expert_choice"])
+def test_in_bfloat16_the_gather_is_as_close_to_float32_as_the_einsums(router):
+  """The scatter-add sums in float32, as the einsum's product does."""
+  want = _pair(router, 1.0)[0]
+  einsum, gather = _pair(router, 1.0, jnp.bfloat16)
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 16, EMB)), jnp.float32)
+  reference = np.asarray(want(x, None))
+  error = {name: float(np.abs(np.asarray(layer(x.astype(jnp.bfloat16), None), np.float32)
+                              - reference).max())
+           for name, layer in (("einsum", einsum), ("gather", gather))}
+  assert 0 < error["gather"] <= 1.25 * error["einsum"], error
 
 
 def test_auto_picks_the_gather_on_cpu_only():

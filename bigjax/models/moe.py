@@ -6,7 +6,8 @@ experts by einsums
     dispatch  GSEC,GSM->EGCM    experts  EGCM,EMH->EGCH, EGCH,EHM->EGCM
     combine   GSEC,GECM->GSM
 or (model.moe.capacity_dispatch, see capacity_dispatch_for) by a gather of each
-slot's token and a scatter-add back, the same result without the S·E·C·M FLOPs.
+slot's token and a scatter-add back (in float32): the same sums, other rounding,
+without the S·E·C·M FLOPs.
 With the experts split over the `expert` mesh axis, the dispatched tensor goes to
 them by one all-to-all each way inside a shard_map (`expert_parallel.capacity`;
 dropless: `expert_parallel.dropless`). Router metrics are sown as
@@ -59,9 +60,9 @@ def capacity_dispatch_for(setting: str, device) -> str:
   2·E·C·M FLOPs per token each way, and C grows with the group size S (at groups of
   1024, ~25% of a top-2 layer's expert FLOPs); TPUs run them as matmuls. A gather of
   each slot's token and a scatter-add back move E·C·M values per group instead. On
-  CPU (experiments/benchmarks/moe.py, 8,192 tokens, AMD EPYC) the layer took 1.77x
-  the dense MLP's time by einsum and 1.11x by gather in groups of 1024, 1.11x and
-  1.03x in groups of 128. So auto: gather on CPU; einsum on TPU and, until the
+  CPU (experiments/benchmarks/moe.py, 8,192 tokens, AMD EPYC) the layer took 1.73x
+  the dense MLP's time by einsum and 1.12x by gather in groups of 1024, 1.14x and
+  1.04x in groups of 128. So auto: gather on CPU; einsum on TPU and, until the
   gather is measured there, on GPU."""
   if setting != "auto":
     return setting
@@ -69,33 +70,37 @@ def capacity_dispatch_for(setting: str, device) -> str:
 
 
 def slot_contents(dispatch, combine):
-  """Each expert slot's token [G, E, C] int32 and its combine weight [G, E, C], read
-  off the dense routing tensors [G, S, E, C] (a slot holds at most one token): a
-  reduction over S, no M. An empty slot reads token 0 with weight 0, so what the
-  experts make of it is never added to anything."""
+  """Each expert slot's token [G, E, C] int32 (0 when empty), whether it holds one
+  [G, E, C] bool, and its combine weight [G, E, C], read off the dense routing
+  tensors [G, S, E, C] (a slot holds at most one token): reductions over S, no M.
+  The index is the product with the positions at full float32 precision (a TPU's
+  default would round positions past 256; on CPU this is ~1.7x faster than argmax)."""
   positions = jnp.arange(dispatch.shape[1], dtype=jnp.float32)
-  token = jnp.einsum("gsec,s->gec", dispatch, positions).astype(jnp.int32)
-  return token, jnp.sum(combine, axis=1)
+  token = jnp.einsum("gsec,s->gec", dispatch, positions, precision=jax.lax.Precision.HIGHEST)
+  return token.astype(jnp.int32), jnp.sum(dispatch, axis=1) > 0, jnp.sum(combine, axis=1)
 
 
-def gather_dispatch(xg, token):
-  """xg [G, S, M] -> [E, G, C, M]: einsum("gsec,gsm->egcm", dispatch, xg) but for
-  the empty slots (token 0's features instead of zeros)."""
+def gather_dispatch(xg, token, occupied):
+  """xg [G, S, M] -> [E, G, C, M]: einsum("gsec,gsm->egcm", dispatch, xg). Empty
+  slots get zeros, as there: the experts (no biases) then give exact zeros for them."""
   g, e, c = token.shape
   xe = jnp.take_along_axis(xg, token.reshape(g, e * c, 1), axis=1, mode="promise_in_bounds")
+  xe = jnp.where(occupied.reshape(g, e * c, 1), xe, 0)
   return xe.reshape(g, e, c, -1).transpose(1, 0, 2, 3)
 
 
 def scatter_combine(ye, token, weight, group_size: int):
-  """ye [E, G, C, M] -> [G, S, M]: what einsum("gsec,egcm->gsm", combine, ye) gives."""
+  """ye [E, G, C, M] -> [G, S, M]: einsum("gsec,egcm->gsm", combine, ye), summed in
+  float32 as the einsum's product is. Empty slots (weight 0, token 0) add zeros."""
   e, g, c, m = ye.shape
-  weighted = ye.transpose(1, 0, 2, 3) * weight[..., None].astype(ye.dtype)
+  weighted = ye.transpose(1, 0, 2, 3).astype(jnp.float32) * weight[..., None]
 
   def one_group(token, weighted):  # Mapped over G: the partitioner sees a batch dim.
-    return jnp.zeros((group_size, m), ye.dtype).at[token].add(weighted,
-                                                              mode="promise_in_bounds")
+    return jnp.zeros((group_size, m), jnp.float32).at[token].add(weighted,
+                                                                 mode="promise_in_bounds")
 
-  return jax.vmap(one_group)(token.reshape(g, e * c), weighted.reshape(g, e * c, m))
+  y = jax.vmap(one_group)(token.reshape(g, e * c), weighted.reshape(g, e * c, m))
+  return y.astype(ye.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,8 +224,8 @@ class MoEFeedForward(nnx.Module):
     if by_einsum:
       xe = jnp.einsum("gsec,gsm->egcm", r.dispatch.astype(dt), xg)
     else:
-      token, weight = slot_contents(r.dispatch, r.combine)
-      xe = gather_dispatch(xg, token)
+      token, occupied, weight = slot_contents(r.dispatch, r.combine)
+      xe = gather_dispatch(xg, token, occupied)
     parallel = expert_parallel.layout(
         xg.shape, GROUP_NAMES, sharding.logical_axes_of(self.wi), self.moe.dropless_exchange,
         tokens_must_split=False)
