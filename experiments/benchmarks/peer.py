@@ -61,6 +61,7 @@ import timing  # noqa: E402  (beside this script)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from bigjax import config as config_lib  # noqa: E402
 from bigjax import flops, host_memory, loop, optim, sharding, steps, tasks  # noqa: E402
 from bigjax.data import pipeline  # noqa: E402
 from configs import gpt2  # noqa: E402
@@ -75,6 +76,9 @@ class BigjaxSide:
   name = "bigjax"
 
   def __init__(self, config, init_seed=None):
+    # As `python -m bigjax.main` does: a clear error for, e.g., a batch that the
+    # devices (XLA_FLAGS may fake several on CPU) do not divide.
+    config_lib.validate(config, num_devices=jax.device_count())
     self.setup = steps.make_setup(config, sharding.config_mesh(config))
     self.train_step = steps.make_train_step(self.setup)
     self.eval_step = steps.make_eval_step(self.setup)
