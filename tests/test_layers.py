@@ -281,6 +281,27 @@ def test_norm_matches_numpy(kind, eps):
   np.testing.assert_allclose(got, np_norm(x, kind, scale, bias, eps), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("center,with_bias", [(True, True), (False, False), (True, False)])
+def test_norm_backward_matches_autodiff_of_the_definition(center, with_bias):
+  """layers.normalize's written-out backward pass against autodiff of the plain
+  formula, in float64 (x, scale and bias gradients)."""
+  def plain(x, scale, bias):
+    centered = x - x.mean(-1, keepdims=True) if center else x
+    y = centered / jnp.sqrt(jnp.mean(centered ** 2, -1, keepdims=True) + 1e-5) * scale
+    return y if bias is None else y + bias
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(6)
+    x, d_y = (jnp.asarray(rng.normal(size=(2, 3, 16))) for _ in range(2))
+    scale = jnp.asarray(rng.normal(size=16))
+    bias = jnp.asarray(rng.normal(size=16)) if with_bias else None
+    got_y, got_vjp = jax.vjp(lambda *a: layers.normalize(*a, 1e-5, center), x, scale, bias)
+    want_y, want_vjp = jax.vjp(plain, x, scale, bias)
+    np.testing.assert_allclose(got_y, want_y, rtol=1e-12)
+    for got, want in zip(jax.tree.leaves(got_vjp(d_y)), jax.tree.leaves(want_vjp(d_y)),
+                         strict=True):
+      np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_norm_rejects_unknown_kind():
   with pytest.raises(ValueError, match="norm"):
     layers.Norm(_cfg(norm="batchnorm"), rngs=nnx.Rngs(0))

@@ -1,0 +1,120 @@
+"""Softmax attention's core (scores, softmax, values) with a hand-written backward pass.
+
+The queries are scored in row blocks, each against the keys up to its own last row
+only (a causal self-attention's later keys are masked for every row of the block, so
+their scores need not be computed: 4 blocks skip 3/8 of the work).
+
+Why not autodiff: its backward pass of these products multiplies by the transposed
+[t, s] weight and score-gradient matrices, which XLA:CPU writes out as transposed
+copies (~30 ms of every GPT-2 speed step in peer.py), passes the gradients of the
+block slices through pads, and selects the masked gradients out again. Here the
+two products that contract over the query rows take the small [t, d] operand first,
+so only [t, d]-sized tensors are transposed, and the masked entries' weights are
+already zero. The GPT-2 step of `experiments/benchmarks/peer.py --part=speed` ran
+~2% faster in-process (alternated rounds). tests/test_attention_core.py holds the
+gradients to numerical differentiation.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# The products that contract over the query rows ((g, t) of [b, kv, g, t, x] with
+# [b, kv, g, t, y]): the [b, kv, x, y] result, transposed after.
+_ROW_CONTRACTION = (((2, 3), (2, 3)), ((0, 1), (0, 1)))
+
+
+def attention(q, k, v, mask, *, blocks: int, dropout_rate: float = 0.0, rng=None):
+  """softmax(q k^T, masked) v over heads-major arrays, without the 1/sqrt(d) scale.
+
+  q [b, kv, g, t, d] (g query heads share each key/value head), k, v [b, kv, s, d],
+  mask [b, 1, t, s] (True: attend). `blocks` row blocks of t // blocks rows, each
+  over the keys up to its last row (blocks > 1 only for a causal mask with t == s);
+  1 scores every row against every key. Dropout of the attention weights when
+  `rng` is given and the rate is positive. Softmax in float32 (or in q's dtype if
+  wider); the products in q's dtype. Returns [b, kv, g, t, d] in q's dtype.
+  """
+  if rng is None or dropout_rate == 0.0:
+    rng, dropout_rate = None, 0.0
+  return _attention(q, k, v, mask, rng, blocks, dropout_rate)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention(q, k, v, mask, rng, blocks, rate):
+  return _forward(q, k, v, mask, rng, blocks, rate)[0]
+
+
+def _block_spans(t: int, s: int, blocks: int):
+  """(query rows, keys seen) of each row block."""
+  rows = t // blocks
+  return [(slice(i * rows, (i + 1) * rows), (i + 1) * rows if blocks > 1 else s)
+          for i in range(blocks)]
+
+
+def _keep_masks(rng, shape_of_block, spans, rate):
+  """Each block's dropout keep mask (None without dropout)."""
+  if rng is None:
+    return [None] * len(spans)
+  keys = jax.random.split(rng, len(spans))
+  return [jax.random.bernoulli(key, 1.0 - rate, shape_of_block(rows, end))
+          for key, (rows, end) in zip(keys, spans)]
+
+
+def _dropped(w, keep, rate):
+  return w if keep is None else jnp.where(keep, w / (1.0 - rate), 0.0).astype(w.dtype)
+
+
+def _forward(q, k, v, mask, rng, blocks, rate):
+  dt, acc = q.dtype, jnp.promote_types(q.dtype, jnp.float32)
+  b, kv, g, t, d = q.shape
+  spans = _block_spans(t, k.shape[2], blocks)
+  keeps = _keep_masks(rng, lambda rows, end: (b, kv, g, rows.stop - rows.start, end), spans,
+                      rate)
+  outs, weights, totals = [], [], []
+  for (rows, end), keep in zip(spans, keeps):
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q[:, :, :, rows], k[:, :, :end]).astype(acc)
+    scores = jnp.where(mask[:, :, None, rows, :end], scores, jnp.finfo(acc).min)
+    # Unnormalised weights, normalised after the value product (a division over
+    # [.., t, d] rather than [.., t, s]); the maximum is a constant shift.
+    w = jnp.exp(scores - scores.max(-1, keepdims=True))
+    total = w.sum(-1, keepdims=True)
+    w = w.astype(dt)
+    outs.append((jnp.einsum("bkgts,bksd->bkgtd", _dropped(w, keep, rate), v[:, :, :end])
+                 / total).astype(dt))
+    weights.append(w)
+    totals.append(total)
+  out = jnp.concatenate(outs, axis=3)
+  return out, (q, k, v, mask, keeps, out, weights, totals)
+
+
+def _backward(blocks, rate, residuals, d_out):
+  q, k, v, mask, keeps, out, weights, totals = residuals
+  dt, acc = q.dtype, jnp.promote_types(q.dtype, jnp.float32)
+  spans = _block_spans(q.shape[3], k.shape[2], blocks)
+  dq, dk, dv = [], jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc)
+  for (rows, end), keep, w, total in zip(spans, keeps, weights, totals):
+    # With P = softmax(scores) = w / total and P' = P dropped out, out = P' v, so
+    # d_scores = P * (d_P - rowsum(d_out * out)), d_P = d_out v^T [* keep / (1 - rate)]
+    # (rowsum(P * d_P) = rowsum(d_out * out)). The 1/total is taken into d_out's rows.
+    d_o = d_out[:, :, :, rows].astype(acc) / total
+    row_dot = jnp.sum(d_o * out[:, :, :, rows].astype(acc), -1, keepdims=True)
+    d_p = jnp.einsum("bkgtd,bksd->bkgts", d_o.astype(dt), v[:, :, :end]).astype(acc)
+    if keep is not None:
+      d_p = jnp.where(keep, d_p / (1.0 - rate), 0.0)
+    # Masked entries' weights are exact zeros, except in rows with no key at all
+    # (uniform weights): the select keeps their scores' gradients zero, as masking is.
+    d_scores = jnp.where(mask[:, :, None, rows, :end], w.astype(acc) * (d_p - row_dot), 0.0)
+    d_scores = d_scores.astype(dt)
+    dq.append(jnp.einsum("bkgts,bksd->bkgtd", d_scores, k[:, :, :end]))
+    q_rows = q[:, :, :, rows]
+    dk = dk.at[:, :, :end].add(
+        lax.dot_general(q_rows, d_scores, _ROW_CONTRACTION).swapaxes(2, 3).astype(acc))
+    dv = dv.at[:, :, :end].add(
+        lax.dot_general(d_o.astype(dt), _dropped(w, keep, rate), _ROW_CONTRACTION)
+        .swapaxes(2, 3).astype(acc))
+  return (jnp.concatenate(dq, axis=3).astype(dt), dk.astype(k.dtype), dv.astype(v.dtype),
+          None, None)
+
+
+_attention.defvjp(_forward, _backward)

@@ -1,0 +1,114 @@
+"""attention_core.attention and its hand-written backward pass, against autodiff of
+the textbook softmax attention and against finite differences, in float64."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from bigjax.models import attention_core
+
+
+def textbook(q, k, v, mask):
+  """softmax(q k^T masked) v, per query head."""
+  g = q.shape[2]
+  k, v = (jnp.repeat(x[:, :, None], g, axis=2) for x in (k, v))
+  scores = jnp.einsum("bkgtd,bkgsd->bkgts", q, k)
+  scores = jnp.where(mask[:, :, None], scores, -1e30)
+  return jnp.einsum("bkgts,bkgsd->bkgtd", jax.nn.softmax(scores, axis=-1), v)
+
+
+def _inputs(seed, b=2, kv=2, g=2, t=8, s=8, d=4, dtype=np.float64):
+  rng = np.random.default_rng(seed)
+  q, k, v = (jnp.asarray(rng.normal(size=shape), dtype)
+             for shape in ((b, kv, g, t, d), (b, kv, s, d), (b, kv, s, d)))
+  return rng, q, k, v
+
+
+def _causal_mask_with_padding(b, t):
+  mask = np.tril(np.ones((t, t), bool))[None, None].repeat(b, axis=0)
+  mask[0, :, :, 5] = False  # A padded key.
+  mask[1, :, PADDED_ROW, :] = False  # A query that sees no key (a padded row).
+  return jnp.asarray(mask)
+
+
+# A row with no visible key averages the values of the keys its block scores (an
+# output no loss uses: a padded position's). The tests leave it out and check that
+# it passes no gradient on.
+PADDED_ROW = 3
+
+
+
+
+
+CASES = {
+    # blocks, mask maker
+    "causal in 4 blocks": (4, lambda rng, b, t, s: _causal_mask_with_padding(b, t)),
+    "causal in 2 blocks": (2, lambda rng, b, t, s: _causal_mask_with_padding(b, t)),
+    "random mask, one block": (1, lambda rng, b, t, s: jnp.asarray(
+        rng.random((b, 1, t, s)) < 0.7)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_values_and_gradients_match_the_textbook_attention(case):
+  blocks, make_mask = CASES[case]
+  with jax.enable_x64(True):
+    s = 8 if blocks > 1 else 11
+    rng, q, k, v = _inputs(0, s=s)
+    mask = make_mask(rng, 2, 8, s)
+    d_out = np.asarray(rng.normal(size=q.shape))
+    d_out[1, :, :, PADDED_ROW] = 0  # Its output is used by no loss.
+    d_out = jnp.asarray(d_out)
+    ours = lambda q, k, v: attention_core.attention(q, k, v, mask, blocks=blocks)  # noqa: E731
+    theirs = lambda q, k, v: textbook(q, k, v, mask)  # noqa: E731
+    out, vjp = jax.vjp(ours, q, k, v)
+    want, want_vjp = jax.vjp(theirs, q, k, v)
+    visible = np.asarray(mask).any(-1)[:, :, None, :, None]  # Rows that see a key.
+    np.testing.assert_allclose(np.where(visible, out, 0), np.where(visible, want, 0),
+                               rtol=1e-10, atol=1e-12)
+    for got, ref in zip(vjp(d_out), want_vjp(d_out)):
+      assert np.abs(ref).max() > 1e-3
+      np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-11)
+    # Even when its output is used, a row with no visible key passes nothing to the
+    # queries and keys (the mask stops the gradient).
+    d_out = jnp.asarray(rng.normal(size=q.shape))
+    (d_q, d_k, _), (_, want_d_k, _) = vjp(d_out), want_vjp(d_out)
+    assert np.all(np.asarray(d_q)[~np.broadcast_to(visible[..., 0], d_q.shape[:-1])] == 0)
+    np.testing.assert_allclose(d_k, want_d_k, rtol=1e-9, atol=1e-11)
+
+
+def test_dropout_gradients_match_finite_differences_and_its_mean_the_plain_output():
+  with jax.enable_x64(True):
+    rng, q, k, v = _inputs(1)
+    mask = _causal_mask_with_padding(2, 8)
+    key = jax.random.PRNGKey(3)
+    dropped = lambda q, k, v: attention_core.attention(  # noqa: E731
+        q, k, v, mask, blocks=4, dropout_rate=0.4, rng=key)
+    visible = np.asarray(mask).any(-1)[:, :, None, :, None]
+    plain = np.where(visible, textbook(q, k, v, mask), 0)
+    assert not np.allclose(np.where(visible, dropped(q, k, v), 0), plain)
+    for seed in range(3):  # Each check is along one random direction.
+      np.random.seed(seed)
+      check_grads(dropped, (q, k, v), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+    # Inverted dropout is unbiased: the mean over many keys is the plain output.
+    keys = jax.random.split(jax.random.PRNGKey(4), 4000)
+    mean = jax.vmap(lambda r: attention_core.attention(
+        q, k, v, mask, blocks=4, dropout_rate=0.4, rng=r))(keys).mean(0)
+    np.testing.assert_allclose(np.where(visible, mean, 0), plain, atol=0.08)
+
+
+def test_bfloat16_stays_close_to_float32():
+  rng, q, k, v = _inputs(2, t=64, s=64, d=16, dtype=np.float32)
+  mask = _causal_mask_with_padding(2, 64)
+  d_out = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+  def run(dtype):
+    f = lambda q, k, v: attention_core.attention(q, k, v, mask, blocks=4)  # noqa: E731
+    args = [x.astype(dtype) for x in (q, k, v)]
+    out, vjp = jax.vjp(f, *args)
+    assert out.dtype == dtype
+    return [np.asarray(x, np.float32) for x in (out, *vjp(d_out.astype(dtype)))]
+
+  for low, high in zip(run(jnp.bfloat16), run(jnp.float32)):
+    np.testing.assert_allclose(low, high, atol=0.03 * np.abs(high).max())
