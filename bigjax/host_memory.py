@@ -8,8 +8,11 @@ page-faults on each 4 KiB of its temporaries again: ~36,000 faults (~150 MB) per
 forward+backward of that MoE layer. Served from one arena's heap that is never
 trimmed, the steady state has none, and the GPT-2 step of peer.py's speed shape
 ran ~14% faster, the MoE layer ~9% (alternated processes, 8 and 14 rounds).
-tests/test_host_memory.py counts the faults. The cost: the process's resident
-memory stays at its peak instead of shrinking between steps.
+tests/test_host_memory.py counts the faults. The heap is never trimmed (a
+threshold of 2**31 - 1, mallopt's largest int, still let glibc return a free top
+over 2 GiB: peer.py's Mixtral-style step, ~1.3 GB of temporaries with a few steps
+in flight, re-faulted ~1 GB per step and ran ~30% slower). The cost: the
+process's resident memory stays at its peak instead of shrinking between steps.
 
 `keep_freed_memory()` must run before JAX starts its CPU client (a thread's
 arena is fixed at its first allocation): `python -m bigjax.main` and the
@@ -30,7 +33,7 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
 SETTINGS = (
     (_M_ARENA_MAX, 1),  # One arena for all threads, so that the settings below hold.
     (_M_MMAP_MAX, 0),  # Large blocks from the heap too, not mapped per allocation...
-    (_M_TRIM_THRESHOLD, 2 ** 31 - 1),  # ...and kept when freed (mallopt takes an int)...
+    (_M_TRIM_THRESHOLD, -1),  # ...and kept when freed (-1: never trimmed)...
     (_M_TOP_PAD, 64 << 20),  # ...the heap growing in steps of 64 MiB.
 )
 
