@@ -12,7 +12,8 @@ two products that contract over the query rows take the small [t, d] operand fir
 so only [t, d]-sized tensors are transposed, and the masked entries' weights are
 already zero. The GPT-2 step of `experiments/benchmarks/peer.py --part=speed` ran
 ~2% faster in-process (alternated rounds). tests/test_attention_core.py holds the
-gradients to numerical differentiation.
+outputs and gradients to autodiff of the textbook softmax attention, and with
+dropout to finite differences.
 """
 import functools
 
