@@ -53,12 +53,13 @@ def _block_spans(t: int, s: int, blocks: int):
           for i in range(blocks)]
 
 
-def _keep_masks(rng, shape_of_block, spans, rate):
-  """Each block's dropout keep mask (None without dropout)."""
+def _keep_masks(rng, batch_dims, spans, rate):
+  """Each block's dropout keep mask [*batch_dims, rows, keys] (None without dropout).
+  Kept as residuals: the backward pass drops the same weights."""
   if rng is None:
     return [None] * len(spans)
   keys = jax.random.split(rng, len(spans))
-  return [jax.random.bernoulli(key, 1.0 - rate, shape_of_block(rows, end))
+  return [jax.random.bernoulli(key, 1.0 - rate, (*batch_dims, rows.stop - rows.start, end))
           for key, (rows, end) in zip(keys, spans)]
 
 
@@ -68,10 +69,8 @@ def _dropped(w, keep, rate):
 
 def _forward(q, k, v, mask, rng, blocks, rate):
   dt, acc = q.dtype, jnp.promote_types(q.dtype, jnp.float32)
-  b, kv, g, t, d = q.shape
-  spans = _block_spans(t, k.shape[2], blocks)
-  keeps = _keep_masks(rng, lambda rows, end: (b, kv, g, rows.stop - rows.start, end), spans,
-                      rate)
+  spans = _block_spans(q.shape[3], k.shape[2], blocks)
+  keeps = _keep_masks(rng, q.shape[:3], spans, rate)
   outs, weights, totals = [], [], []
   for (rows, end), keep in zip(spans, keeps):
     scores = jnp.einsum("bkgtd,bksd->bkgts", q[:, :, :, rows], k[:, :, :end]).astype(acc)
