@@ -8,10 +8,15 @@ Why not autodiff: its backward pass of these products multiplies by the transpos
 [t, s] weight and score-gradient matrices, which XLA:CPU writes out as transposed
 copies (~30 ms of every GPT-2 speed step in peer.py), passes the gradients of the
 block slices through pads, and selects the masked gradients out again. Here the
-two products that contract over the query rows take the small [t, d] operand first,
-so only [t, d]-sized tensors are transposed, and the masked entries' weights are
-already zero. The GPT-2 step of `experiments/benchmarks/peer.py --part=speed` ran
-~2% faster in-process (alternated rounds). tests/test_attention_core.py holds the
+masked entries' weights are already zero, and the two products that contract over
+the query rows (the keys' and values' gradients) take the small [t, d] operands
+as [d, t] copies made once per call: given a row-contracted operand, XLA:CPU's
+batched products at this size run at ~1/3 of their row-major speed (100-120
+against ~320 GFLOP/s for [64, 256, 64] x [64, 256, 256]). An optimisation barrier
+holds each copy, as XLA would otherwise fold the transpose back into the product.
+In-process A/B of the GPT-2 step of `experiments/benchmarks/peer.py --part=speed`
+(alternated rounds): the hand-written backward 1.048x faster than autodiff's, the
+[d, t] copies 1.033x and 1.040x on top (two runs). tests/test_attention_core.py holds the
 outputs and gradients to autodiff of the textbook softmax attention, and with
 dropout to finite differences.
 """
@@ -21,9 +26,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# The products that contract over the query rows ((g, t) of [b, kv, g, t, x] with
-# [b, kv, g, t, y]): the [b, kv, x, y] result, transposed after.
-_ROW_CONTRACTION = (((2, 3), (2, 3)), ((0, 1), (0, 1)))
+# The products that contract over the query rows: (g, t) of [b, kv, x, g, t] with
+# (g, t) of [b, kv, g, t, y] -> [b, kv, x, y], a row-major batched matmul.
+_ROW_CONTRACTION = (((3, 4), (2, 3)), ((0, 1), (0, 1)))
 
 
 def attention(q, k, v, mask, *, blocks: int, dropout_rate: float = 0.0, rng=None):
@@ -92,27 +97,31 @@ def _backward(blocks, rate, residuals, d_out):
   q, k, v, mask, keeps, out, weights, totals = residuals
   dt, acc = q.dtype, jnp.promote_types(q.dtype, jnp.float32)
   spans = _block_spans(q.shape[3], k.shape[2], blocks)
-  dq, dk, dv = [], jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc)
-  for (rows, end), keep, w, total in zip(spans, keeps, weights, totals):
-    # With P = softmax(scores) = w / total and P' = P dropped out, out = P' v, so
-    # d_scores = P * (d_P - rowsum(d_out * out)), d_P = d_out v^T [* keep / (1 - rate)]
-    # (rowsum(P * d_P) = rowsum(d_out * out)). The 1/total is taken into d_out's rows.
-    d_o = d_out[:, :, :, rows].astype(acc) / total
-    row_dot = jnp.sum(d_o * out[:, :, :, rows].astype(acc), -1, keepdims=True)
-    d_p = jnp.einsum("bkgtd,bksd->bkgts", d_o.astype(dt), v[:, :, :end]).astype(acc)
+  # With P = softmax(scores) = w / total and P' = P dropped out, out = P' v, so
+  # d_scores = P * (d_P - rowsum(d_out * out)), d_P = d_out v^T [* keep / (1 - rate)]
+  # (rowsum(P * d_P) = rowsum(d_out * out)). The 1/total is taken into d_out's rows.
+  d_o = d_out.astype(acc) / jnp.concatenate(totals, axis=3)
+  row_dots = jnp.sum(d_o * out.astype(acc), -1, keepdims=True)
+  d_o = d_o.astype(dt)
+  # [b, kv, d, g, t] copies for the row-contracted products (module docstring).
+  q_t, d_o_t = (lax.optimization_barrier(x.transpose(0, 1, 4, 2, 3)) for x in (q, d_o))
+  b, kv, s, d = k.shape
+  dq, dk_t, dv_t = [], jnp.zeros((b, kv, d, s), acc), jnp.zeros((b, kv, d, s), acc)
+  for (rows, end), keep, w in zip(spans, keeps, weights):
+    d_p = jnp.einsum("bkgtd,bksd->bkgts", d_o[:, :, :, rows], v[:, :, :end]).astype(acc)
     if keep is not None:
       d_p = jnp.where(keep, d_p / (1.0 - rate), 0.0)
     # Masked entries' weights are exact zeros, except in rows with no key at all
     # (uniform weights): the select keeps their scores' gradients zero, as masking is.
-    d_scores = jnp.where(mask[:, :, None, rows, :end], w.astype(acc) * (d_p - row_dot), 0.0)
-    d_scores = d_scores.astype(dt)
+    d_scores = jnp.where(mask[:, :, None, rows, :end],
+                         w.astype(acc) * (d_p - row_dots[:, :, :, rows]), 0.0).astype(dt)
     dq.append(jnp.einsum("bkgts,bksd->bkgtd", d_scores, k[:, :, :end]))
-    q_rows = q[:, :, :, rows]
-    dk = dk.at[:, :, :end].add(
-        lax.dot_general(q_rows, d_scores, _ROW_CONTRACTION).swapaxes(2, 3).astype(acc))
-    dv = dv.at[:, :, :end].add(
-        lax.dot_general(d_o.astype(dt), _dropped(w, keep, rate), _ROW_CONTRACTION)
-        .swapaxes(2, 3).astype(acc))
+    dk_t = dk_t.at[..., :end].add(
+        lax.dot_general(q_t[..., rows], d_scores, _ROW_CONTRACTION).astype(acc))
+    dv_t = dv_t.at[..., :end].add(
+        lax.dot_general(d_o_t[..., rows], _dropped(w, keep, rate), _ROW_CONTRACTION)
+        .astype(acc))
+  dk, dv = (x.swapaxes(2, 3) for x in (dk_t, dv_t))
   return (jnp.concatenate(dq, axis=3).astype(dt), dk.astype(k.dtype), dv.astype(v.dtype),
           None, None)
 
