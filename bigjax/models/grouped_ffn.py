@@ -115,10 +115,15 @@ def _backward(activation, chunk_sizes, residuals, grad_out):
     h, hidden_vjp = jax.vjp(functools.partial(_hidden, activation), p, pg)
     grad_p, grad_pg = hidden_vjp(g @ wo[e].T)
     grad_x = grad_p @ wi[e].T
-    new = [outer(x.T, grad_p), outer(h.T, g)]
+    # The weight gradients contract the chunk's rows. Over [features, rows] copies
+    # of x and h (held by barriers, or XLA folds the transposes back into the
+    # products) XLA:CPU runs them at 310-390 GFLOP/s instead of 190-350 (chunks of
+    # 128 and 512 rows); the MoE layer of peer.py 1.045x and 1.074x faster.
+    x_t = jax.lax.optimization_barrier(x.T)
+    new = [outer(x_t, grad_p), outer(jax.lax.optimization_barrier(h.T), g)]
     if wi_gate is not None:
       grad_x = grad_x + grad_pg @ wi_gate[e].T
-      new.append(outer(x.T, grad_pg))
+      new.append(outer(x_t, grad_pg))
     grad_weights = tuple(acc.at[e].add(n) for acc, n in zip(grad_weights, new))
     grad_x = grad_x.astype(rows.dtype)
     return jax.lax.dynamic_update_slice_in_dim(grad_rows, grad_x, row, 0), grad_weights
