@@ -16,9 +16,9 @@ against ~320 GFLOP/s for [64, 256, 64] x [64, 256, 256]). An optimisation barrie
 holds each copy, as XLA would otherwise fold the transpose back into the product.
 In-process A/B of the GPT-2 step of `experiments/benchmarks/peer.py --part=speed`
 (alternated rounds): the hand-written backward 1.048x faster than autodiff's, the
-[d, t] copies 1.033x and 1.040x on top (two runs). tests/test_attention_core.py
-holds the outputs and gradients to autodiff of the textbook softmax attention,
-and with dropout to finite differences.
+[d, t] copies 1.023x on top (16 rounds in a shuffled order).
+tests/test_attention_core.py holds the outputs and gradients to autodiff of the
+textbook softmax attention, and with dropout to finite differences.
 """
 import functools
 

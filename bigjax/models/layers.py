@@ -153,38 +153,8 @@ def dense(x: jax.Array, kernel: jax.Array, contract: int = 1) -> jax.Array:
   """
   lead = x.shape[:x.ndim - contract]
   k = math.prod(kernel.shape[:contract])
-  y = _matmul(x.reshape(-1, k), kernel.reshape(k, -1))
+  y = jnp.dot(x.reshape(-1, k), kernel.reshape(k, -1))
   return y.reshape(*lead, *kernel.shape[contract:])
-
-
-@jax.custom_vjp
-def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  return jnp.dot(x, w)
-
-
-def _matmul_fwd(x, w):
-  return jnp.dot(x, w), (x, w)
-
-
-def _matmul_bwd(residuals, g):
-  """Autodiff's products, except, on CPU, the kernel gradient x^T g of a wide input
-  and a narrow output (the MLP's output projection): XLA:CPU runs it, contracting
-  the rows of both, at ~310 GFLOP/s; as (g^T x)^T over a [n, rows] copy of g it
-  runs at ~380 ([2048, 2048] x [2048, 512]), and the GPT-2 step of peer.py
-  --part=speed 1.03x faster (alternated in one process). The optimisation barriers
-  keep XLA from folding the transposes back into the product. GPU and TPU
-  compilers take transposed operands at full speed: there the copies would only
-  cost memory traffic."""
-  x, w = residuals
-  dx = jnp.dot(g, w.T).astype(x.dtype)
-  if x.shape[1] > g.shape[1] and default_device().platform == "cpu":
-    dw = jax.lax.optimization_barrier(jnp.dot(jax.lax.optimization_barrier(g.T), x)).T
-  else:
-    dw = jnp.dot(x.T, g)
-  return dx, dw.astype(w.dtype)
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def param(rngs: nnx.Rngs, init: Initializer, shape, names, dtype) -> nnx.Param:
