@@ -117,7 +117,7 @@ def _backward(activation, chunk_sizes, residuals, grad_out):
     grad_x = grad_p @ wi[e].T
     # The weight gradients contract the chunk's rows. Over [features, rows] copies
     # of x and h (held by barriers, or XLA folds the transposes back into the
-    # products) XLA:CPU runs them at 310-390 GFLOP/s instead of 190-350 (chunks of
+    # products) XLA:CPU runs them at 270-390 GFLOP/s instead of 190-350 (chunks of
     # 128 and 512 rows); the MoE layer of peer.py 1.075x faster (in-process A/B).
     x_t = jax.lax.optimization_barrier(x.T)
     new = [outer(x_t, grad_p), outer(jax.lax.optimization_barrier(h.T), g)]

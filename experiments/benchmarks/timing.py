@@ -8,9 +8,8 @@ import time
 def median_round_robin(runs: dict, rounds: int) -> dict:
   """{name: median seconds} of each (warmed-up) zero-argument run, the runs taken
   in turn for `rounds` rounds, so that a shared machine's slow drifts hit them all,
-  in an order shuffled every round (seeded): in a fixed order, in-process A/Bs of
-  one train step have shown 1.03x between two variants that a shuffled order
-  then timed within 0.2% of each other."""
+  in an order shuffled every round (seeded), so that no run always follows the
+  same one."""
   times = {name: [] for name in runs}
   order = list(runs)
   for i in range(rounds):
