@@ -42,7 +42,6 @@ matmuls and the rest: how much of the ratio the GEMMs decide.
 import argparse
 import math
 import os
-import random
 import statistics
 import sys
 import time
@@ -394,10 +393,9 @@ def speed(args, arch: str):
   # speed drifts over minutes (GPT-2's MFU printed 58.7-67.3% in three runs on one
   # machine when it was measured once, after the rounds); each round's MFU is its
   # own steps' FLOP/s over its own roofline.
-  # The two sides in a shuffled (seeded) order every round, as timing.median_round_robin.
   times, peaks = {side.name: [] for side in sides}, []
   for i in range(args.rounds):
-    for side in random.Random(i).sample(sides, len(sides)):
+    for side in timing.round_order(sides, i):  # As timing.median_round_robin.
       start = time.perf_counter()
       for b in batches:
         metrics = side.step(b)

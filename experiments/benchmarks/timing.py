@@ -11,14 +11,18 @@ def median_round_robin(runs: dict, rounds: int) -> dict:
   in an order shuffled every round (seeded), so that no run always follows the
   same one."""
   times = {name: [] for name in runs}
-  order = list(runs)
   for i in range(rounds):
-    random.Random(i).shuffle(order)
-    for name in order:
+    for name in round_order(runs, i):
       start = time.perf_counter()
       runs[name]()
       times[name].append(time.perf_counter() - start)
   return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def round_order(items, i: int) -> list:
+  """The items in round i's order: shuffled, seeded by the round."""
+  items = list(items)
+  return random.Random(i).sample(items, len(items))
 
 
 def at_least_one(text: str) -> int:
