@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Every GPU check and figure of the README in one run, most important first, for a
+# GPU lent for a few minutes: each command has its own time limit, so a cut-short
+# run still leaves the first figures, and every command's output lands in LOGDIR.
+#
+#   bash experiments/benchmarks/gpu_suite.sh LOGDIR [extra gpu.py flags]
+#   bash experiments/benchmarks/gpu_suite.sh /tmp/gpu --preset=tiny --steps=1  # CPU smoke
+#
+# On one H200 each gpu.py command takes 1-2 minutes, most of it compiling. LOGDIR/summary.txt gathers the lines
+# that carry figures (tokens/s, MFU, ratios, test results); LOGDIR/NN_name.txt holds
+# each command's whole output. The tests force JAX_PLATFORMS=cuda: the suite's conftest
+# defaults to the CPU, which would run the GPU tests there and pass vacuously.
+set -u
+LOGDIR=${1:?usage: gpu_suite.sh LOGDIR [extra gpu.py flags]}
+shift
+mkdir -p "$LOGDIR"
+cd "$(dirname "$0")/../.." || exit 1
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+n=0
+
+step() {  # step NAME SECONDS COMMAND...: run COMMAND under a limit, log it, summarise it.
+  local name=$1 limit=$2
+  shift 2
+  n=$((n + 1))
+  local log
+  log=$(printf '%s/%02d_%s.txt' "$LOGDIR" "$n" "$name")
+  echo "== $name: $*" | tee -a "$LOGDIR/summary.txt"
+  timeout "$limit" "$@" >"$log" 2>&1
+  local rc=$?
+  grep -E 'attention:|tokens/s|dense step|passed|failed|skipped|Error' "$log" \
+      | tail -n 12 >>"$LOGDIR/summary.txt"
+  echo "   (exit $rc$([ $rc = 124 ] && echo ", cut at ${limit} s"))" | tee -a "$LOGDIR/summary.txt"
+}
+
+GPU=experiments/benchmarks/gpu.py
+step gpu_tests 150 env JAX_PLATFORMS=cuda "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_fused_attention.py tests/test_hopper_ragged_dot.py
+step dense 90 "$PY" $GPU --models=dense "$@"
+step dense_batch8_remat 120 "$PY" $GPU --models=dense --batch=8 \
+    --remat_policy=dots_with_no_batch_dims_saveable "$@"
+step gshard_group256 120 "$PY" $GPU --models=gshard "$@"
+step gshard_gather 120 "$PY" $GPU --models=gshard --capacity_dispatch=gather "$@"
+step dense_batch16_remat 150 "$PY" $GPU --models=dense --batch=16 \
+    --remat_policy=dots_with_no_batch_dims_saveable "$@"
+step dense_unrolled 150 "$PY" $GPU --models=dense --unrolled "$@"
+step dense_own_attention 90 "$PY" $GPU --models=dense --attention_impl=xla "$@"
+cat "$LOGDIR/summary.txt"
