@@ -314,8 +314,20 @@ def _prepare(model, prompts, max_new_tokens: int, max_len: int | None, mesh, rul
   for i, p in enumerate(prompts):
     if p.size == 0:
       raise ValueError(f"Prompt {i} is empty; give at least one token.")
+  vocab = model.embedder.tokens.embedding.shape[0]
+  for i, p in enumerate(prompts):
+    if p.min() < 0 or p.max() >= vocab:
+      bad = int(p[(p < 0) | (p >= vocab)][0])
+      raise ValueError(f"Prompt {i} holds token id {bad}, outside the model's vocabulary "
+                       f"[0, {vocab}); encode it with the model's tokenizer.")
   longest = max(p.size for p in prompts)
-  max_len = _model_max_len(model) if max_len is None else max_len
+  table = _model_max_len(model)
+  if max_len is None:
+    max_len = table
+  elif table is not None and max_len > table:
+    # Positions past a learned table would read rows that do not exist.
+    raise ValueError(f"max_len={max_len} exceeds the model's {table} learned positions; "
+                     f"pass max_len <= {table}, or None for the model's own.")
   if encdec:
     if max_len is not None and (longest > max_len or 1 + max_new_tokens > max_len):
       raise ValueError(f"encoder input ({longest} tokens) and BOS + max_new_tokens "
@@ -404,9 +416,10 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
   if beam_size > 1:
     if temperature > 0:
       raise ValueError("beam search is deterministic: use temperature=0 with beam_size > 1.")
-    return beam_search(model, prompts, beam_size=beam_size, max_new_tokens=max_new_tokens,
-                       max_len=max_len, length_penalty=length_penalty, eos_id=eos_id,
-                       mesh=mesh, rules=rules, return_scores=return_scores)
+    found = beam_search(model, prompts, beam_size=beam_size, max_new_tokens=max_new_tokens,
+                        max_len=max_len, length_penalty=length_penalty, eos_id=eos_id,
+                        mesh=mesh, rules=rules, return_scores=return_scores)
+    return found[:2] if return_scores else found
   if beam_size < 1:
     raise ValueError(f"beam_size={beam_size}; use 1 (no beam search) or more.")
   return _run_sampler(_sample_loop, model, prompts, max_new_tokens=max_new_tokens,
@@ -458,7 +471,7 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int, max_len: int
            temperature: float = 1.0, seed: int = 0, top_k: int = 0, top_p: float = 1.0,
            eos_id: int | None = EOS_ID) -> list[list[int]]:
   """Continues each prompt by up to max_new_tokens tokens (temperature 0: greedy),
-  stopping early at EOS. Kept for main.py and the notebooks; see `generate`."""
+  stopping early at EOS. Called by the LM tasks' samples and the notebooks; see `generate`."""
   return generate(model, prompts, max_new_tokens=max_new_tokens, max_len=max_len,
                   temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
                   seed=seed)
