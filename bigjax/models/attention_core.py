@@ -38,8 +38,10 @@ def attention(q, k, v, mask, *, blocks: int, dropout_rate: float = 0.0, rng=None
   mask [b, 1, t, s] (True: attend). `blocks` row blocks of t // blocks rows, each
   over the keys up to its last row (blocks > 1 only for a causal mask with t == s);
   1 scores every row against every key. Dropout of the attention weights when
-  `rng` is given and the rate is positive. Softmax in float32 (or in q's dtype if
-  wider); the products in q's dtype. Returns [b, kv, g, t, d] in q's dtype.
+  `rng` is given and the rate is positive. The products take q's dtype and give
+  float32 (or q's dtype if wider), in which the softmax runs: bf16 scores would be
+  rounded before the exponential. The weights enter the value products in q's
+  dtype, as in fused kernels. Returns [b, kv, g, t, d] in q's dtype.
   """
   if rng is None or dropout_rate == 0.0:
     rng, dropout_rate = None, 0.0
@@ -78,15 +80,16 @@ def _forward(q, k, v, mask, rng, blocks, rate):
   keeps = _keep_masks(rng, q.shape[:3], spans, rate)
   outs, weights, totals = [], [], []
   for (rows, end), keep in zip(spans, keeps):
-    scores = jnp.einsum("bkgtd,bksd->bkgts", q[:, :, :, rows], k[:, :, :end]).astype(acc)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q[:, :, :, rows], k[:, :, :end],
+                        preferred_element_type=acc)
     scores = jnp.where(mask[:, :, None, rows, :end], scores, jnp.finfo(acc).min)
     # Unnormalised weights, normalised after the value product (a division over
     # [.., t, d] rather than [.., t, s]); the maximum is a constant shift.
     w = jnp.exp(scores - scores.max(-1, keepdims=True))
     total = w.sum(-1, keepdims=True)
     w = w.astype(dt)
-    outs.append((jnp.einsum("bkgts,bksd->bkgtd", _dropped(w, keep, rate), v[:, :, :end])
-                 / total).astype(dt))
+    outs.append((jnp.einsum("bkgts,bksd->bkgtd", _dropped(w, keep, rate), v[:, :, :end],
+                            preferred_element_type=acc) / total).astype(dt))
     weights.append(w)
     totals.append(total)
   out = jnp.concatenate(outs, axis=3)
@@ -108,19 +111,21 @@ def _backward(blocks, rate, residuals, d_out):
   b, kv, s, d = k.shape
   dq, dk_t, dv_t = [], jnp.zeros((b, kv, d, s), acc), jnp.zeros((b, kv, d, s), acc)
   for (rows, end), keep, w in zip(spans, keeps, weights):
-    d_p = jnp.einsum("bkgtd,bksd->bkgts", d_o[:, :, :, rows], v[:, :, :end]).astype(acc)
+    d_p = jnp.einsum("bkgtd,bksd->bkgts", d_o[:, :, :, rows], v[:, :, :end],
+                     preferred_element_type=acc)
     if keep is not None:
       d_p = jnp.where(keep, d_p / (1.0 - rate), 0.0)
     # Masked entries' weights are exact zeros, except in rows with no key at all
     # (uniform weights): the select keeps their scores' gradients zero, as masking is.
     d_scores = jnp.where(mask[:, :, None, rows, :end],
                          w.astype(acc) * (d_p - row_dots[:, :, :, rows]), 0.0).astype(dt)
-    dq.append(jnp.einsum("bkgts,bksd->bkgtd", d_scores, k[:, :, :end]))
+    dq.append(jnp.einsum("bkgts,bksd->bkgtd", d_scores, k[:, :, :end],
+                         preferred_element_type=acc).astype(dt))
     dk_t = dk_t.at[..., :end].add(
-        lax.dot_general(q_t[..., rows], d_scores, _ROW_CONTRACTION).astype(acc))
+        lax.dot_general(q_t[..., rows], d_scores, _ROW_CONTRACTION, preferred_element_type=acc))
     dv_t = dv_t.at[..., :end].add(
-        lax.dot_general(d_o_t[..., rows], _dropped(w, keep, rate), _ROW_CONTRACTION)
-        .astype(acc))
+        lax.dot_general(d_o_t[..., rows], _dropped(w, keep, rate), _ROW_CONTRACTION,
+                        preferred_element_type=acc))
   dk, dv = (x.swapaxes(2, 3) for x in (dk_t, dv_t))
   return (jnp.concatenate(dq, axis=3).astype(dt), dk.astype(k.dtype), dv.astype(v.dtype),
           None, None)

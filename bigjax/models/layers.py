@@ -140,9 +140,12 @@ def residual_init(cfg: LayerConfig, in_axis=-2, out_axis=-1) -> Initializer:
   return lambda key, shape, dtype=jnp.float32: (init(key, shape, dtype) * factor).astype(dtype)
 
 
-def dense(x: jax.Array, kernel: jax.Array, contract: int = 1) -> jax.Array:
+def dense(x: jax.Array, kernel: jax.Array, contract: int = 1,
+          out_dtype: jnp.dtype | None = None) -> jax.Array:
   """x [..., *k] times kernel [*k, *n] -> [..., *n], contracting the last
-  `contract` dims of x with the first of the kernel, as one 2-D matmul.
+  `contract` dims of x with the first of the kernel, as one 2-D matmul whose
+  result is out_dtype (default: the operands'; the logits ask for float32 so that
+  bf16 compute does not round them before the softmax).
 
   Why not einsum("bte,em->btm"): XLA:CPU gives the backward pass of the rank-3
   form transposed copies of the activations (written inside the elementwise
@@ -153,7 +156,7 @@ def dense(x: jax.Array, kernel: jax.Array, contract: int = 1) -> jax.Array:
   """
   lead = x.shape[:x.ndim - contract]
   k = math.prod(kernel.shape[:contract])
-  y = jnp.dot(x.reshape(-1, k), kernel.reshape(k, -1))
+  y = jnp.dot(x.reshape(-1, k), kernel.reshape(k, -1), preferred_element_type=out_dtype)
   return y.reshape(*lead, *kernel.shape[contract:])
 
 
@@ -249,7 +252,7 @@ class Embed(nnx.Module):
     return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
   def attend(self, x: jax.Array) -> jax.Array:
-    logits = dense(x, self.embedding[...].astype(self.dtype).T)
+    logits = dense(x, self.embedding[...].astype(self.dtype).T, out_dtype=jnp.float32)
     return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
 

@@ -111,7 +111,7 @@ class _Embedder(nnx.Module):
       # The factor that keeps initial logits O(1) for this embedding init.
       out = self.tokens.attend(x * self.tied_logits_scale)
     else:
-      out = layers.dense(x, self.logits_kernel[...].astype(self.dtype))
+      out = layers.dense(x, self.logits_kernel[...].astype(self.dtype), out_dtype=jnp.float32)
       out = constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
     return out.astype(jnp.float32)
 
