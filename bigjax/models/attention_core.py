@@ -106,7 +106,8 @@ def _backward(blocks, rate, residuals, d_out):
   d_o = d_out.astype(acc) / jnp.concatenate(totals, axis=3)
   row_dots = jnp.sum(d_o * out.astype(acc), -1, keepdims=True)
   d_o = d_o.astype(dt)
-  # [b, kv, d, g, t] copies for the row-contracted products (module docstring).
+  # [b, kv, d, g, t] copies for the row-contracted products (module docstring),
+  # which give q's dtype: XLA:CPU has no bf16 x bf16 = f32 kernel for their form.
   q_t, d_o_t = (lax.optimization_barrier(x.transpose(0, 1, 4, 2, 3)) for x in (q, d_o))
   b, kv, s, d = k.shape
   dq, dk_t, dv_t = [], jnp.zeros((b, kv, d, s), acc), jnp.zeros((b, kv, d, s), acc)
@@ -122,10 +123,10 @@ def _backward(blocks, rate, residuals, d_out):
     dq.append(jnp.einsum("bkgts,bksd->bkgtd", d_scores, k[:, :, :end],
                          preferred_element_type=acc).astype(dt))
     dk_t = dk_t.at[..., :end].add(
-        lax.dot_general(q_t[..., rows], d_scores, _ROW_CONTRACTION, preferred_element_type=acc))
+        lax.dot_general(q_t[..., rows], d_scores, _ROW_CONTRACTION).astype(acc))
     dv_t = dv_t.at[..., :end].add(
-        lax.dot_general(d_o_t[..., rows], _dropped(w, keep, rate), _ROW_CONTRACTION,
-                        preferred_element_type=acc))
+        lax.dot_general(d_o_t[..., rows], _dropped(w, keep, rate), _ROW_CONTRACTION)
+        .astype(acc))
   dk, dv = (x.swapaxes(2, 3) for x in (dk_t, dv_t))
   return (jnp.concatenate(dq, axis=3).astype(dt), dk.astype(k.dtype), dv.astype(v.dtype),
           None, None)
