@@ -108,6 +108,16 @@ def _validate_moe(config):
   m, e = config.model, config.model.moe
   if m.moe_every < 0:
     _fail("model.moe_every", f"must be >= 0, got {m.moe_every}.", "Use 0 to disable MoE.")
+  # Block i is MoE when (i + 1) % moe_every == 0: a stack shallower than
+  # moe_every would have none (encdec: both stacks get MoE blocks).
+  stacks = {"num_layers": m.num_layers}
+  if m.kind == "encdec":
+    stacks["num_decoder_layers"] = m.num_decoder_layers or m.num_layers
+  for field, depth in stacks.items():
+    if m.moe_every > depth:
+      _fail("model.moe_every", f"{m.moe_every} is more than model.{field}={depth}, so that "
+            "stack would have no MoE block.", f"Use a value from 1 to {depth}, or 0 for a "
+            "dense model.")
   _positive(config, "model.moe.num_experts", "model.moe.group_size", "model.moe.top_k",
             "model.moe.block_size")
   if e.router not in routing.ROUTERS:
@@ -266,18 +276,25 @@ def _validate_zoo(config):
   _get(config, "data.standardize")
 
 
+def _axis_size(sizes: dict, axis: str) -> int:
+  """A mesh axis's size; 1 for an axis config.mesh_axes leaves out: the sharding
+  rules cannot name it (_validate_rules), so nothing is split over it."""
+  return sizes[axis] if axis in sizes else 1
+
+
 def _validate_transformer_mesh(m, sizes):
-  tensor, kv_heads = sizes["tensor"], m.num_kv_heads or m.num_heads
+  tensor, kv_heads = _axis_size(sizes, "tensor"), m.num_kv_heads or m.num_heads
   for field, value in (("model.num_heads", m.num_heads), ("model.num_kv_heads", kv_heads),
                        ("model.mlp_dim", m.mlp_dim), ("model.vocab_size", m.vocab_size)):
     if value % tensor:
       _fail(field, f"{value} is not divisible by mesh.tensor={tensor}.",
             "Change it or the tensor-parallel size.")
-  if m.moe_every and m.moe.num_experts % sizes["expert"]:
+  expert, fsdp = _axis_size(sizes, "expert"), _axis_size(sizes, "fsdp")
+  if m.moe_every and m.moe.num_experts % expert:
     _fail("model.moe.num_experts", f"{m.moe.num_experts} experts do not split over "
-          f"mesh.expert={sizes['expert']}.", "Use a multiple of the expert-parallel size.")
-  if m.emb_dim % sizes["fsdp"]:
-    _fail("model.emb_dim", f"{m.emb_dim} is not divisible by mesh.fsdp={sizes['fsdp']}.",
+          f"mesh.expert={expert}.", "Use a multiple of the expert-parallel size.")
+  if m.emb_dim % fsdp:
+    _fail("model.emb_dim", f"{m.emb_dim} is not divisible by mesh.fsdp={fsdp}.",
           "Change it or the fsdp size.")
 
 
@@ -319,6 +336,14 @@ def validate(config, *, num_devices: int, process_count: int = 1, workdir: str |
       _fail(f"optim.{field}", f"{o[field]} is outside [0, 1).", "Use e.g. 0.9 / 0.95.")
   if not _get(config, "optim.eps") >= 0:
     _fail("optim.eps", f"must be >= 0, got {o.eps}.", "Use e.g. 1e-8.")
+  if o.name in optim.USES_EPS and not o.eps > 0:
+    # Adam divides by sqrt(v) + eps: a parameter whose gradient is always zero (a
+    # position row past seq_len) would get 0/0 = NaN, which no guard sees.
+    _fail("optim.eps", f"must be > 0 for optim.name={o.name!r}, got {o.eps}.",
+          "Use e.g. 1e-8.")
+  if o.weight_decay and o.name not in optim.DECAYING:
+    _fail("optim.weight_decay", f"{o.weight_decay} has no effect: optim.name={o.name!r} "
+          "has no weight decay.", f"Set it to 0, or use one of {optim.DECAYING}.")
   if not 0 <= _get(config, "optim.end_lr_factor") <= 1:
     _fail("optim.end_lr_factor", f"{o.end_lr_factor} is outside [0, 1].",
           "Use e.g. 0.1 (the final lr is lr × end_lr_factor).")
@@ -364,12 +389,13 @@ def validate(config, *, num_devices: int, process_count: int = 1, workdir: str |
   m = config.model
   if transformer:
     _validate_transformer_mesh(m, sizes)
-  else:
+  else:  # The input features' width is known from the data only: steps.make_setup.
+    tensor = _axis_size(sizes, "tensor")
     for field in ("hidden_dims", "conv_features"):
       for width in m[field]:
-        if width % sizes["tensor"]:
+        if width % tensor:
           _fail(f"model.{field}", f"width {width} is not divisible by mesh.tensor="
-                f"{sizes['tensor']}.", "Change it or the tensor-parallel size.")
+                f"{tensor}.", "Change it or the tensor-parallel size.")
 
   _validate_init_from(config, workdir)
   if workdir is not None:

@@ -1,7 +1,9 @@
 """optax optimizers, schedules, gradient clipping and the non-finite guard from
 config.optim.
 
-`optim.nan_policy` decides what a step with a NaN/Inf gradient does:
+`optim.nan_policy` decides what a step with a NaN/Inf gradient does (a
+non-finite loss counts too: the train step makes its gradients NaN, see
+steps.make_train_step):
   "skip": the update is dropped (parameters and the inner optimizer state,
           including Adam's bias-correction count, are left exactly as they
           were; the train step keeps BatchNorm statistics too) and counted in
@@ -32,6 +34,11 @@ import optax
 from bigjax import layer_layout
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "adafactor", "lion")
+# Those that read optim.eps (Adafactor keeps optax's own 1e-30; Lion has none).
+USES_EPS = ("adam", "adamw")
+# Those with (decoupled, learning-rate-scaled) optim.weight_decay; validation
+# rejects a weight_decay the others would ignore.
+DECAYING = ("adamw", "adafactor", "lion")
 SCHEDULES = ("cosine", "rsqrt", "linear", "constant")
 NAN_POLICIES = ("skip", "halt")
 
@@ -217,7 +224,12 @@ def _guarded(optim_cfg, lr, known_finite=False) -> optax.GradientTransformation:
     opt = optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                       weight_decay=wd, mask=decay_mask)
   elif name == "adafactor":
-    opt = optax.adafactor(lr, weight_decay_rate=wd or None, weight_decay_mask=decay_mask)
+    opt = optax.adafactor(lr)
+    if wd:
+      # optax.adafactor's own weight_decay_rate adds wd·p after the learning rate
+      # is applied: it would remove wd of every weight each step, whatever the rate.
+      # Decoupled decay as AdamW's instead, -lr·wd·p (the updates are negated already).
+      opt = optax.chain(opt, optax.add_decayed_weights(-lr * wd, decay_mask))
   elif name == "lion":
     opt = optax.lion(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, weight_decay=wd,
                      mask=decay_mask)

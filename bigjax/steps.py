@@ -6,6 +6,7 @@ One set of steps serves every model kind: the run's task (bigjax/tasks.py)
 feeds the batch to the model and gives the loss.
 """
 import dataclasses
+import math
 from typing import Any, Callable
 
 import flax
@@ -15,6 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from bigjax import config as config_lib
 from bigjax import optim, sharding, tasks
 from bigjax.models import transformer, zoo
 
@@ -82,6 +84,8 @@ def make_setup(config, mesh: Mesh, example_shape: tuple | None = None) -> TrainS
   build = lambda rngs: build_model(config, rngs, example_shape)
   abs_model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
   graphdef, abs_params, abs_stats, rest = nnx.split(abs_model, nnx.Param, nnx.BatchStat, ...)
+  check_divisible(abs_params, mesh, rules)
+  check_divisible(abs_stats, mesh, rules)
   param_shardings = nnx.to_pure_dict(sharding.state_shardings(abs_params, mesh, rules))
   optim.check_freeze(config.optim, nnx.to_pure_dict(abs_params))
   tx = optim.make_optimizer(config.optim, config.total_steps)
@@ -105,6 +109,33 @@ def make_setup(config, mesh: Mesh, example_shape: tuple | None = None) -> TrainS
   return TrainSetup(config, tasks.get(config.task), mesh, rules, graphdef, rest, tx,
                     optim.make_apply(config.optim, config.total_steps), shardings, abstract,
                     init, param_axes)
+
+
+def check_divisible(abs_state: nnx.State, mesh: Mesh, rules):
+  """Raises ConfigError unless every dimension of every variable splits evenly
+  over the mesh axes its logical name maps to. Otherwise jax would fail later,
+  creating the state, with an IndivisibleError naming neither the parameter nor
+  the config field; and config.validate cannot see every size (a zoo model's
+  input width comes from the data)."""
+  for path, v in nnx.to_flat_state(abs_state):
+    names = sharding.logical_axes_of(v)
+    if not names:
+      continue
+    shape = v.get_value().shape
+    spec = sharding.logical_to_spec(names, rules, mesh.axis_names)
+    for name, size, axes in zip(names, shape, spec):
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      split = math.prod(mesh.shape[a] for a in axes)
+      if size % split:
+        over = " × ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
+        field, need = ((f"mesh.{axes[0]}", f"mesh.{axes[0]} must divide {size}")
+                       if len(axes) == 1 else
+                       ("mesh", f"{' × '.join(f'mesh.{a}' for a in axes)} must divide {size}"))
+        raise config_lib.ConfigError(
+            f"config.{field}: parameter {'/'.join(map(str, path))} (shape {tuple(shape)}) "
+            f"has {size} along its logical axis {name!r}, which config.sharding_rules "
+            f"split over {over}; {split} does not divide {size}. Change the mesh ({need}) "
+            "or that model dimension.")
 
 
 def create_state(setup: TrainSetup, seed: int) -> TrainState:
@@ -215,7 +246,14 @@ def make_train_step(setup: TrainSetup) -> Callable:
     # Gradients of the summed loss, normalised once by the global token count,
     # so accumulation over microbatches equals one big batch exactly.
     denom = jnp.maximum(sums["weight_sum"], 1.0)
-    grads = jax.tree.map(lambda g: g * (1.0 / denom), grads)  # XLA fuses a product.
+    # A non-finite loss can come with finite gradients (an out-of-range label: its
+    # cross-entropy is NaN, its gradient not). The guard looks at the gradients, so
+    # such a step's are made NaN: "skip" drops it, "halt" stops the run.
+    finite = jnp.isfinite(sums["loss_sum"])
+    if "router_loss_sum" in sums:
+      finite &= jnp.isfinite(sums["router_loss_sum"])
+    scale = jnp.where(finite, 1.0 / denom, jnp.nan)
+    grads = jax.tree.map(lambda g: g * scale, grads)  # XLA fuses a product.
     params, opt_state = setup.apply_updates(grads, state.opt_state, state.params)
     guard = optim.guard_state(opt_state)
     if guard is not None:  # An update the guard skipped keeps the BatchNorm statistics too.

@@ -138,6 +138,14 @@ CASES = [
     (_with(optim__b1=1.0), "optim.b1"),
     (_with(optim__b2=1.5), "optim.b2"),
     (_with(optim__eps=-1e-8), "optim.eps"),
+    # Adam(W) divides by sqrt(v) + eps: 0/0 = NaN where a gradient is always zero.
+    (_with(optim__eps=0.0), "optim.eps"),
+    (_with(optim__name="adam", optim__weight_decay=0.0, optim__eps=0.0), "optim.eps"),
+    # lm's weight_decay=0.1 would be ignored by optimizers without weight decay.
+    (_with(optim__name="adam"), "optim.weight_decay"),
+    (_with(optim__name="sgd"), "optim.weight_decay"),
+    (_with(optim__name="momentum"), "optim.weight_decay"),
+    (_with(optim__name="nesterov"), "optim.weight_decay"),
     (_with(optim__end_lr_factor=-0.5), "optim.end_lr_factor"),
     (_with(optim__end_lr_factor=2.0), "optim.end_lr_factor"),
     # Mesh vs devices.
@@ -164,6 +172,8 @@ CASES = [
      "model.moe.num_experts"),
     # MoE.
     (_moe(**{"model.moe_every": -1}), "model.moe_every"),
+    (_moe(**{"model.moe_every": 3}), "model.moe_every"),  # 2 blocks: none would be MoE
+    (_config(lm_moe, "runlocal,encdec", model__num_decoder_layers=1), "model.moe_every"),
     (_moe(**{"model.moe.num_experts": 0}), "model.moe.num_experts"),
     (_moe(**{"model.moe.capacity_factor": 0.0}), "model.moe.capacity_factor"),
     (_moe(**{"model.moe.capacity_factor": -1.0}), "model.moe.capacity_factor"),
@@ -296,6 +306,46 @@ def test_a_new_mesh_axis_is_a_config_and_rules_change():
       mesh, ("activation_batch", "activation_length", "activation_embed"),
       [tuple(r) for r in config.sharding_rules]).spec
   assert spec == jax.P(("data", "expert", "fsdp"), "sequence", None)
+
+
+def test_eps_and_weight_decay_bind_only_the_optimizers_that_read_them():
+  for name, eps, wd in (("sgd", 0.0, 0.0), ("momentum", 0.0, 0.0), ("lion", 0.0, 0.1),
+                        ("adafactor", 0.0, 0.1), ("adamw", 1e-8, 0.1), ("adam", 1e-8, 0.0)):
+    config = lm.get_config("runlocal")
+    config.optim.update(name=name, eps=eps, weight_decay=wd)
+    config_lib.validate(config, num_devices=8)
+
+
+def _without_axis(config, axis):
+  """`config` with `axis` left out of mesh_axes, mesh and sharding_rules."""
+  config.mesh_axes = tuple(a for a in config.mesh_axes if a != axis)
+  del config.mesh[axis]
+  rules = []
+  for name, axes in config.sharding_rules:
+    axes = [a for a in ([axes] if isinstance(axes, str) else axes or []) if a != axis]
+    rules.append([name, axes or None])
+  config.sharding_rules = rules
+  return config
+
+
+@pytest.mark.parametrize("axis", ["tensor", "fsdp", "expert"])
+def test_a_mesh_may_leave_out_an_axis(axis):
+  # An axis config.mesh_axes does not declare shards nothing: it counts as size 1
+  # (the model-dimension checks used to index it, a bare KeyError).
+  for config in (lm_moe.get_config("runlocal"), mlp.get_config("variant=deep")):
+    config = _without_axis(config, axis)
+    config_lib.validate(config, num_devices=8)
+    assert axis not in sharding.config_mesh(config).shape
+  # The axes that are there are still checked.
+  config = _without_axis(lm.get_config("runlocal"), axis)
+  if axis == "tensor":  # 60 does not split over fsdp=8.
+    config.mesh.update(dict(data=1, fsdp=8))
+    config.model.emb_dim, field = 60, "model.emb_dim"
+  else:  # 4 heads do not split over tensor=8.
+    config.mesh.update(dict(data=1, tensor=8))
+    field = "model.num_heads"
+  with pytest.raises(config_lib.ConfigError, match=rf"config\.{field}\b"):
+    config_lib.validate(config, num_devices=8)
 
 
 def _every_zoo_config():

@@ -130,3 +130,43 @@ def test_apply_equals_optax_reference_step_finite_or_not(policy):
   if policy == "skip":
     assert int(optim.skipped_updates(ours[1])) == 2
     assert int(ours[1].count) == 6  # The schedule counted the skipped steps.
+
+
+@pytest.mark.parametrize("name", optim.DECAYING)
+def test_weight_decay_is_decoupled_and_scaled_by_the_learning_rate(name):
+  # With zero gradients an update is the decay alone: each decaying optimizer
+  # shrinks a weight matrix by lr * wd per step, as optax.adamw does, and leaves
+  # the masked parameters (vectors, biases) alone. (256, 128) is large enough for
+  # Adafactor's factored statistics.
+  lr, wd = 1e-3, 0.1
+  params = {"w": jnp.full((4, 4), 2.0), "big": jnp.ones((256, 128)), "b": jnp.ones(4),
+            "attn": {"query_bias": jnp.ones((2, 4))}}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  tx = optim.make_optimizer(_optim_config(name=name, lr=lr, weight_decay=wd), 10)
+  ours, _ = tx.update(zeros, tx.init(params), params)
+  reference = optax.adamw(lr, weight_decay=wd, mask=optim.decay_mask)
+  theirs, _ = reference.update(zeros, reference.init(params), params)
+  after = optax.apply_updates(params, ours)
+  for (path, got), want, p, new in zip(jax.tree_util.tree_leaves_with_path(ours),
+                                       jax.tree.leaves(theirs), jax.tree.leaves(params),
+                                       jax.tree.leaves(after)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=jax.tree_util.keystr(path))
+    decays = p.ndim == 2 and not jax.tree_util.keystr(path).endswith("bias']")
+    np.testing.assert_allclose(new, np.asarray(p) * (1 - lr * wd if decays else 1.0),
+                               rtol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_adafactor_decay_adds_to_optax_adafactor_step():
+  # With gradients: optax's own Adafactor step, plus -lr * wd * p on the matrices.
+  lr, wd = 1e-2, 0.1
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(256, 128)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(128,)), jnp.float32)}
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+  tx = optim.make_optimizer(_optim_config(name="adafactor", lr=lr, weight_decay=wd), 10)
+  ours, _ = tx.update(grads, tx.init(params), params)
+  plain = optax.adafactor(lr)
+  theirs, _ = plain.update(grads, plain.init(params), params)
+  np.testing.assert_allclose(ours["w"], theirs["w"] - lr * wd * params["w"], rtol=1e-5,
+                             atol=1e-7)
+  np.testing.assert_allclose(ours["b"], theirs["b"], rtol=1e-6)

@@ -5,8 +5,9 @@ import optax
 import pytest
 from flax import nnx
 
+from bigjax import config as config_lib
 from bigjax import layer_layout, optim, sharding, steps
-from configs import common, lm
+from configs import common, linear_regression, lm, mlp
 
 
 def _config(**model):
@@ -228,3 +229,44 @@ def test_optimizer_moments_are_sharded_as_the_parameters(freeze):
                                  jax.tree.leaves(params)):
       frozen = freeze and jax.tree_util.keystr(path).startswith("['embedder']")
       assert masked(got) if frozen else got == want, jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("make, mesh_cfg, features, message", [
+    # 30 input features (the data's, unknown to config.validate) over fsdp=4.
+    (lambda: mlp.get_config("variant=binary,runlocal"), dict(data=1, fsdp=4), 30,
+     "config.mesh.fsdp: parameter hidden/0/dense/kernel (shape (30, 32)) has 30 along its "
+     "logical axis 'embed', which config.sharding_rules split over mesh.fsdp=4; 4 does not "
+     "divide 30. Change the mesh (mesh.fsdp must divide 30) or that model dimension."),
+    # A linear model's one input over tensor=2.
+    (lambda: linear_regression.get_config("runlocal"), dict(data=2, tensor=2), 1,
+     "config.mesh.tensor: parameter head/dense/kernel (shape (1, 1)) has 1 along its "
+     "logical axis 'mlp', which config.sharding_rules split over mesh.tensor=2; 2 does not "
+     "divide 1. Change the mesh (mesh.tensor must divide 1) or that model dimension."),
+])
+def test_an_indivisible_parameter_is_a_config_error(make, mesh_cfg, features, message):
+  # Before the state is created (where jax raises a bare IndivisibleError). Four
+  # of conftest's eight CPU devices, as in `--config.mesh.fsdp=4` on four.
+  config = make()
+  mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:4], axes=config.mesh_axes)
+  config_lib.validate(config, num_devices=4)  # Only the data knows `features`.
+  with pytest.raises(config_lib.ConfigError) as e:
+    steps.make_setup(config, mesh, example_shape=(features,))
+  assert str(e.value) == message
+
+
+def test_an_indivisible_parameter_over_several_mesh_axes():
+  config = mlp.get_config("variant=binary,runlocal")
+  config.sharding_rules = [["embed", ["fsdp", "tensor"]]] + [
+      r for r in config.sharding_rules if r[0] != "embed"]
+  mesh = sharding.make_mesh(dict(data=1, fsdp=2, tensor=2), jax.devices()[:4],
+                            axes=config.mesh_axes)
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"^config\.mesh: parameter hidden/0/dense/kernel .* split over "
+                           r"mesh\.fsdp=2 × mesh\.tensor=2; 4 does not divide 30\. .*"
+                           r"\(mesh\.fsdp × mesh\.tensor must divide 30\)"):
+    steps.make_setup(config, mesh, example_shape=(30,))
+  # 32 features split: the state is created and sharded as the rule says.
+  setup = steps.make_setup(config, mesh, example_shape=(32,))
+  kernel = steps.create_state(setup, 0).params["hidden"][0]["dense"]["kernel"]
+  assert kernel.sharding.spec == jax.P(("fsdp", "tensor"), None)
+  assert kernel.addressable_shards[0].data.shape == (8, 32)

@@ -279,7 +279,7 @@ def test_checkpoint_of_another_model_fails_clearly_before_compiling(env, referen
     assert f.read() == before  # The run's record of its config is kept.
   # Another optimizer (a different optimizer-state tree) is caught the same way.
   config = _in_process_config(env)
-  config.optim.name = "sgd"
+  config.optim.update(name="sgd", weight_decay=0.0)
   with pytest.raises(checkpoint.CheckpointMismatchError, match="opt_state/.*not in this run"):
     train.run(config, workdir)
 
