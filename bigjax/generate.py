@@ -125,10 +125,13 @@ def run(workdir: str, prompt: str, *, max_new_tokens: int, temperature: float = 
   from bigjax.data import tokenizer
 
   _check_finite(temperature=temperature, top_p=top_p, length_penalty=length_penalty)
-  config, setup, model = load_model(workdir)
+  # Before loading the model: a bad prompt fails at once. Bytes of the command
+  # line that are not utf-8 reach here as surrogate escapes and encode back to
+  # themselves.
   ids = list(tokenizer.encode(prompt))
   if not ids:
     raise GenerateError("--prompt is empty; give at least one character.")
+  config, setup, model = load_model(workdir)
   out = decode.generate(model, [ids], max_new_tokens=max_new_tokens,
                         max_len=int(config.model.max_len), temperature=temperature,
                         top_k=top_k, top_p=top_p, beam_size=beam_size,

@@ -184,6 +184,17 @@ class TokenTask(Task):
 
 class NextToken(TokenTask):
   name, model_kinds, generates = "lm", ("decoder",), True
+  sample_prompt = "def "  # What the end-of-run sample (config.sample_tokens) continues.
+
+  def validate(self, config):
+    super().validate(config)
+    # Checked here, not when the sample is drawn: that is after all the training.
+    prompt_len = len(tokenizer.encode(self.sample_prompt))
+    sample_tokens = config.sample_tokens
+    if sample_tokens and prompt_len + sample_tokens > config.model.max_len:
+      _fail("sample_tokens", f"{sample_tokens} tokens after the {prompt_len}-token prompt "
+            f"{self.sample_prompt!r} exceed model.max_len={config.model.max_len}.",
+            f"Set sample_tokens <= {config.model.max_len - prompt_len}, or 0 for no sample.")
 
   def chunk_examples(self, config):
     return next_token_examples()
@@ -195,7 +206,7 @@ class NextToken(TokenTask):
     import jax
     from bigjax import decode  # Decoding sits above the tasks; only the report needs it.
     if config.sample_tokens and jax.process_count() == 1:
-      prompt = "def "
+      prompt = self.sample_prompt
       out = decode.sample(setup.model(state.params), [list(tokenizer.encode(prompt))],
                           max_new_tokens=config.sample_tokens,
                           max_len=config.model.max_len, temperature=0.7, seed=config.seed)[0]
@@ -240,12 +251,25 @@ class MaskedLM(TokenTask):
 class ExampleTask(Task):
   model_kinds = zoo.KINDS
 
+  def check_labels(self, config, y) -> str | None:
+    """What is wrong with labels `y` for this task and config (None: nothing).
+    A label the loss cannot take gives a NaN or meaningless loss, not an error."""
+    if y.dtype.kind == "f" and not np.isfinite(y).all():
+      return f"holds {np.size(y) - np.isfinite(y).sum()} NaN or infinite labels"
+    return None
+
   def load_data(self, config, process_index, process_count):
     d = config.data
     x_train, y_train, x_eval, y_eval = examples.load_train_eval(
         d.dataset, d.train_split, d.eval_split, data_dir=d.data_dir,
         feature_key=d.feature_key, label_key=d.label_key,
         feature_columns=d.feature_columns, standardize_features=d.standardize)
+    for split, y in ((d.train_split, y_train), (d.eval_split, y_eval)):
+      problem = self.check_labels(config, y)
+      if problem:
+        raise config_lib.DataError(
+            f"Split {split!r} of dataset {d.dataset!r}: label {d.label_key!r} (config.data."
+            f"label_key) {problem}.")
     shard = dict(global_batch_size=config.batch_size, process_index=process_index,
                  process_count=process_count)
     train = examples.ExampleBatches(x_train, y_train, seed=config.seed,
@@ -256,6 +280,20 @@ class ExampleTask(Task):
 
 class Classify(ExampleTask):
   name, loss = "classify", "softmax"
+
+  def check_labels(self, config, y):
+    n = config.model.num_outputs
+    if y.dtype.kind not in "iu":
+      return (f"is {y.dtype}, not integer class ids. Point config.data.label_key at class "
+              "ids 0..num_classes-1, or use task='regress' for real-valued targets")
+    if y.min() < 0:
+      return (f"holds class id {y.min()}; ids must be 0..num_classes-1. Map the classes "
+              "to 0..num_classes-1")
+    if y.max() >= n:
+      return (f"holds class ids up to {y.max()}, but config.model.num_outputs={n} gives "
+              f"the model classes 0..{n - 1} only. Set --config.model.num_outputs="
+              f"{y.max() + 1} (the number of classes)")
+    return None
 
 
 class OneOutputTask(ExampleTask):
@@ -268,9 +306,18 @@ class OneOutputTask(ExampleTask):
 class Binary(OneOutputTask):
   name, loss = "binary", "sigmoid"
 
+  def check_labels(self, config, y):
+    bad = ~np.isin(y, (0, 1))
+    if bad.any():
+      n = len(np.unique(y))
+      return (f"holds {y[bad][0].item()!r} (of {n} distinct values); task='binary' takes "
+              "labels 0 and 1 only. Map the two classes to 0/1, or use task='classify' "
+              "with model.num_outputs set to the number of classes")
+    return None
+
 
 class Regress(OneOutputTask):
-  name, loss = "regress", "mse"
+  name, loss = "regress", "mse"  # Any finite target: ExampleTask.check_labels.
 
 
 # --------------------------------------------------------------------------

@@ -7,8 +7,12 @@ Each entry runs `python -m bigjax.main` into ROOT/NAME and is read back from its
 workdir (metrics.jsonl), like any run: a finished entry is skipped on rerun
 (training resumes from its checkpoint and stops at once), so the table can be
 rebuilt for free. Extra `--config.*` overrides go after `--` and apply to every entry.
+Below the table, one line per trained linear model: its w and b (from its latest
+checkpoint) and numpy's least-squares fit to the same training data,
+  linear_regression (step S): w = W, b = B; least squares: W_LS, B_LS
 """
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -57,6 +61,40 @@ def table(root: str, times: dict) -> str:
   return "\n".join(rows)
 
 
+def linear_fit(workdir: str) -> str:
+  """'NAME (step S): w = ..., b = ...; least squares: w..., b' for a run of a linear
+  model: w and b from its latest checkpoint, the least-squares line from numpy on
+  the same training rows (columns, standardisation) the run trained on."""
+  import jax
+  import numpy as np
+
+  from bigjax import checkpoint
+  from bigjax.data import examples
+
+  with open(os.path.join(workdir, "config.json")) as f:
+    d = json.load(f)["data"]
+  x, y, _, _ = examples.load_train_eval(
+      d["dataset"], d["train_split"], d["eval_split"], data_dir=d["data_dir"] or None,
+      feature_key=d["feature_key"], label_key=d["label_key"],
+      feature_columns=d["feature_columns"], standardize_features=d["standardize"])
+  fit, *_ = np.linalg.lstsq(np.c_[x.astype(np.float64), np.ones(len(x))], y, rcond=None)
+  reader = checkpoint.CheckpointReader(workdir)
+  try:
+    step = reader.latest_step()
+    if step is None:
+      return f"{os.path.basename(workdir)}: no finished checkpoint yet"
+    on_cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    targets = {f"params/head/dense/{k}": jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_cpu)
+               for k, a in reader.metadata(step)["params"]["head"]["dense"].items()}
+    params = {k.rsplit("/", 1)[1]: np.asarray(v) for k, v in reader.restore(step, targets).items()}
+  finally:
+    reader.close()
+  numbers = lambda a: ", ".join(f"{v:.3f}" for v in np.ravel(a))
+  return (f"{os.path.basename(workdir)} (step {step}): w = {numbers(params['kernel'])}, "
+          f"b = {numbers(params['bias'])}; least squares: {numbers(fit[:-1])}, "
+          f"{numbers(fit[-1:])}")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--root", required=True, help="Directory holding one workdir per run.")
@@ -75,6 +113,13 @@ def main(argv=None):
     print(f"{name}: {config}", flush=True)
     times[name] = run_entry(name, config, args.root, extra)
   print(table(args.root, times))
+  for name in ENTRIES:  # Every linear model that has trained, as in the table.
+    workdir = os.path.join(args.root, name)
+    if os.path.exists(os.path.join(workdir, "config.json")):
+      with open(os.path.join(workdir, "config.json")) as f:
+        linear = json.load(f)["model"]["kind"] == "linear"
+      if linear and os.path.isdir(os.path.join(workdir, "checkpoints")):
+        print(linear_fit(workdir))
 
 
 if __name__ == "__main__":

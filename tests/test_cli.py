@@ -1,4 +1,5 @@
-"""Command-line overrides: a mistyped key or a wrong type fails naming the key."""
+"""Command-line overrides: a mistyped key or a wrong type fails naming the key,
+and a value the run cannot use fails before training, naming the fields."""
 import os
 import subprocess
 import sys
@@ -37,3 +38,29 @@ def test_unknown_config_arg(tmp_path):
          f"--workdir={tmp_path}"]
   r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode != 0 and "runlokal" in r.stderr
+
+
+def test_sample_longer_than_max_len_is_rejected_before_training(tmp_path):
+  # runlocal: max_len=32; the end-of-run sample continues a 4-byte prompt.
+  r = _run(f"--workdir={tmp_path}", "--config.sample_tokens=29")
+  assert r.returncode != 0
+  assert ("config.sample_tokens: 29 tokens after the 4-token prompt 'def ' exceed "
+          "model.max_len=32. Set sample_tokens <= 28" in r.stderr), r.stderr[-2000:]
+  assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+  from bigjax import tasks
+  from configs import lm
+  config = lm.get_config("runlocal")
+  config.sample_tokens = 28
+  tasks.get("lm").validate(config)  # Exactly fits: no error.
+
+
+def test_labels_past_num_outputs_are_rejected_before_training(tmp_path):
+  # Digits: class ids 0..9, which 5 outputs cannot score (the loss was NaN).
+  cmd = [sys.executable, "-m", "bigjax.main", "--config=configs/mlp.py:runlocal",
+         f"--workdir={tmp_path / 'run'}", f"--config.data.data_dir={tmp_path / 'data'}",
+         "--config.model.num_outputs=5"]
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0
+  assert "config.model.num_outputs=5" in r.stderr and "config.data.label_key" in r.stderr
+  assert "Set --config.model.num_outputs=10" in r.stderr, r.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")

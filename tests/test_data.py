@@ -55,6 +55,40 @@ def test_tokenizer_round_trip():
   assert tokenizer.decode(tokenizer.encode(b"\xff")) == "\ufffd"
 
 
+def test_tokenizer_keeps_any_bytes():
+  raw = b"\xff\xfe\x80abc"  # Not utf-8.
+  ids = tokenizer.encode(raw)
+  assert ids.tolist() == [0xff + 3, 0xfe + 3, 0x80 + 3, ord("a") + 3, ord("b") + 3,
+                          ord("c") + 3]
+  assert tokenizer.decode_bytes(ids) == raw
+  assert tokenizer.decode_bytes(np.r_[tokenizer.BOS_ID, ids, tokenizer.MASK_ID]) == raw
+  assert tokenizer.decode(ids) == "\ufffd\ufffd\ufffdabc"  # decode's str: one U+FFFD a byte.
+  text = "é€😀"
+  assert tokenizer.decode_bytes(tokenizer.encode(text)) == text.encode("utf-8")
+
+
+def test_tokenizer_encodes_command_line_bytes_as_given():
+  # A command-line argument holding a byte that is not utf-8 (latin-1 "café"):
+  # Python hands it over as the lone surrogate U+DCE9, which encodes to the byte.
+  code = ("import sys; from bigjax.data import tokenizer; "
+          "print(tokenizer.encode(sys.argv[1]).tolist())")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", code, b"caf\xe9"], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  ids = ast.literal_eval(out.stdout)
+  assert ids == [ord("c") + 3, ord("a") + 3, ord("f") + 3, 0xe9 + 3]
+  assert tokenizer.decode_bytes(ids) == b"caf\xe9"
+  assert tokenizer.encode("caf\udce9").tolist() == ids  # The same, in-process.
+
+
+@pytest.mark.parametrize("value", [5, np.array([1, 2, 3]), None, [104, 105]])
+def test_tokenizer_rejects_what_is_not_text(value):
+  # bytes(5) would be five zero bytes, bytes(an int64 array) its raw memory.
+  with pytest.raises(TypeError, match="str or bytes, got"):
+    tokenizer.encode(value)
+
+
 def test_tokenizer_mask_id():
   assert tokenizer.MASK_ID == tokenizer.VOCAB_SIZE == 259
   assert tokenizer.MLM_VOCAB_SIZE == tokenizer.MASK_ID + 1
@@ -178,6 +212,31 @@ def test_token_array_cache(data_dir, tokens):
   ref = np.concatenate([np.r_[tokenizer.encode(src[i]["text"]), tokenizer.EOS_ID]
                         for i in range(len(src))])
   np.testing.assert_array_equal(tokens, ref)
+
+
+class _Docs(list):
+  """A random-access source of {"text": bytes} examples, as prepared_source gives."""
+
+  def __init__(self, *texts):
+    super().__init__({"text": t} for t in texts)
+
+  def __getitems__(self, keys):
+    return [self[i] for i in keys]
+
+
+def test_token_cache_key_changes_with_any_document():
+  key = lambda *texts: pipeline._fingerprint(_Docs(*texts), "text")
+  docs = [b"doc %d" % i for i in range(9)]
+  assert key(*docs) == key(*docs)  # Stable: a rerun finds its cache.
+  middle = docs[:4] + [b"doc X"] + docs[5:]  # Same count, same first and last three.
+  assert key(*middle) != key(*docs)
+  # Other documents, the same bytes joined: EOS goes elsewhere, so other tokens.
+  assert key(b"ab", b"c") != key(b"a", b"bc")
+  # Past one read block (pipeline._READ_BLOCK) too.
+  many = [b"%d" % i for i in range(pipeline._READ_BLOCK + 10)]
+  changed = many.copy()
+  changed[pipeline._READ_BLOCK + 5] = b"changed"
+  assert key(*many) != key(*changed)
 
 
 def test_token_stats_are_computed_once_with_the_cache(data_dir, tokens, monkeypatch):

@@ -1,11 +1,15 @@
 """Tests of the example (features, label) data: the sklearn_toy tfds builder
 and bigjax.data.examples' loading, standardising and batching."""
+import sys
+
 import numpy as np
 import pytest
 import sklearn.datasets
 import tensorflow_datasets as tfds
 
+from bigjax import config as config_lib, tasks
 from bigjax.data import corpora, examples
+from configs import linear_regression, mlp
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +72,62 @@ def test_missing_key_error_names_field(data_dir):
     examples.load_split("sklearn_toy/digits", "test", data_dir, feature_key="image")
   with pytest.raises(ValueError, match="no feature 'y'.*Fix config.data.label_key"):
     examples.load_split("sklearn_toy/digits", "test", data_dir, label_key="y")
+
+
+def test_sklearn_toy_without_sklearn_says_how_to_install(tmp_path, monkeypatch):
+  # None in sys.modules: `import sklearn.datasets` fails, as on a plain install.
+  monkeypatch.setitem(sys.modules, "sklearn", None)
+  monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+  with pytest.raises(ImportError, match=r"sklearn_toy/digits.*scikit-learn.*"
+                     r"pip install scikit-learn") as e:
+    corpora.prepared_source("sklearn_toy/digits", "train", str(tmp_path))
+  assert isinstance(e.value, ValueError)  # A run reports it as a data problem.
+  assert not tfds.builder("sklearn_toy/digits", data_dir=str(tmp_path)).is_prepared()
+
+
+# Labels the task's loss can take (tasks.ExampleTask.check_labels): anything else
+# trains to a NaN or meaningless loss without an error.
+
+def _load(config, data_dir):
+  config.data.data_dir = data_dir
+  return tasks.get(config.task).load_data(config, 0, 1)
+
+
+def test_class_ids_must_fit_num_outputs(data_dir):
+  config = mlp.get_config("variant=deep,runlocal")  # Digits: sklearn's ids 0..9.
+  assert sklearn.datasets.load_digits().target.max() == 9
+  config.model.num_outputs = 10
+  _load(config, data_dir)  # Fits exactly.
+  config.model.num_outputs = 9
+  with pytest.raises(config_lib.ConfigError, match=r"Split 'train' of dataset "
+                     r"'sklearn_toy/digits': label 'label' \(config.data.label_key\) holds "
+                     r"class ids up to 9, but config.model.num_outputs=9 .* Set "
+                     r"--config.model.num_outputs=10"):
+    _load(config, data_dir)
+  config.data.update(dataset="sklearn_toy/diabetes", feature_columns=())  # Real-valued.
+  with pytest.raises(config_lib.ConfigError, match="float32, not integer class ids.*"
+                     "task='regress'"):
+    _load(config, data_dir)
+
+
+def test_binary_labels_must_be_0_or_1(data_dir):
+  config = mlp.get_config("variant=binary,runlocal")
+  _load(config, data_dir)  # Breast cancer: 0 = malignant, 1 = benign.
+  config.data.dataset = "sklearn_toy/digits"
+  with pytest.raises(config_lib.ConfigError, match=r"label 'label' .* holds 2 \(of 10 "
+                     r"distinct values\); task='binary' takes labels 0 and 1 only"):
+    _load(config, data_dir)
+
+
+def test_regression_targets_must_be_finite(data_dir, monkeypatch):
+  config = linear_regression.get_config("runlocal")
+  _load(config, data_dir)
+  x = np.zeros((64, 1), np.float32)
+  y = np.arange(64, dtype=np.float32)
+  y[[3, 9]] = [np.nan, np.inf]
+  monkeypatch.setattr(examples, "load_train_eval", lambda *a, **k: (x, y, x, y))
+  with pytest.raises(config_lib.ConfigError, match="holds 2 NaN or infinite labels"):
+    _load(config, data_dir)
 
 
 def test_mock_mnist(tmp_path):

@@ -2,6 +2,7 @@
 and reaches its stated number, checked against an independent reference where
 one exists (numpy least squares, sklearn's arrays, a chance baseline)."""
 import os
+import re
 
 import jax
 import numpy as np
@@ -168,6 +169,25 @@ def test_zoo_table_script_reads_results_back_from_workdirs(tmp_path):
              if "eval_loss" in r]
     assert evals[-1]["step"] == 20
   assert "no evaluation yet" in rows["cnn_digits"]
+  # The linear model's line: "linear_regression (step 20): w = W, b = B; least
+  # squares: W_LS, B_LS". The least-squares fit as numpy finds it on sklearn's
+  # arrays; w and b as the held-out MSE the run logged at step 20 says they are.
+  (line,) = [l for l in first.stdout.splitlines() if l.startswith("linear_regression (")]
+  w, b, ls_w, ls_b = map(float, re.fullmatch(
+      r"linear_regression \(step 20\): w = (\S+), b = (\S+); least squares: (\S+), (\S+)",
+      line).groups())
+  x, y = sklearn.datasets.load_diabetes(return_X_y=True)
+  train_rows = np.arange(len(x)) % 5 != 0
+  bmi = x[train_rows, 2]
+  z = (bmi - bmi.mean()) / bmi.std()
+  ref, *_ = np.linalg.lstsq(np.c_[z, np.ones_like(z)], y[train_rows], rcond=None)
+  np.testing.assert_allclose([ls_w, ls_b], ref, atol=1e-3)
+  z_test = (x[~train_rows, 2] - bmi.mean()) / bmi.std()
+  mse = np.mean((w * z_test + b - y[~train_rows]) ** 2)
+  evals = [r for r in metrics.read_jsonl(tmp_path / "linear_regression" / "metrics.jsonl")
+           if "eval_loss" in r]
+  np.testing.assert_allclose(evals[-1]["eval_loss"], mse, rtol=2e-4)
+  assert abs(w - ls_w) > 1  # 20 steps: not yet at the optimum, so w is the run's own.
   # Rerunning resumes the finished runs (nothing to train) and prints the same results.
   again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
   strip = lambda out: [l.rsplit("|", 2)[0] for l in out.splitlines() if l.startswith("| ")]

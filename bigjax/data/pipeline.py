@@ -45,14 +45,19 @@ def _as_bytes(text) -> bytes:
 
 
 def _fingerprint(source, text_key: str) -> str:
-  # Keys the cache on the data itself (size plus first and last texts), so
-  # mocked data, a re-prepared dataset or another tokenizer never reuse a file.
-  n = len(source)
+  # Keys the cache on every byte of every document, so any change to the data
+  # (mocked data, a re-prepared dataset, one edited document) or to the tokenizer
+  # (the version prefix) gets a new file and never reuses a stale one. Cheap
+  # next to tokenising: the embedded stdlib corpus (10.6 MB) reads and hashes in
+  # ~0.05 s on one CPU core, ~250 MB/s.
   # "u16": caches written before bytes 253-255 stopped wrapping around in uint8.
-  h = hashlib.sha256(f"bytes+3/eos2/u16|{n}|".encode())
-  for i in sorted({*range(min(n, 3)), *range(max(n - 3, 0), n)}):
-    h.update(_as_bytes(source[i][text_key]) + b"\0")
-  return h.hexdigest()[:16]
+  h = hashlib.blake2b(f"bytes+3/eos2/u16|{len(source)}|".encode(), digest_size=8)
+  for start in range(0, len(source), _READ_BLOCK):  # Blocks, as _write_tokens reads.
+    for e in source.__getitems__(range(start, min(start + _READ_BLOCK, len(source)))):
+      text = _as_bytes(e[text_key])
+      # Length-prefixed: ["ab", "c"] and ["a", "bc"] tokenise differently (EOS).
+      h.update(len(text).to_bytes(8, "little") + text)
+  return h.hexdigest()
 
 
 def _write_tokens(source, text_key: str, path: str) -> None:

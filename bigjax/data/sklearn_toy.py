@@ -1,8 +1,9 @@
 """scikit-learn's bundled toy datasets as a tfds dataset, so the model zoo
 (MLP, CNN, linear regression) trains on real data with no download.
 
-The data files ship inside scikit-learn, so `corpora.prepared_source` builds
-this on first use, like `stdlib_py`. Configs: "sklearn_toy/digits" (8×8 images,
+The data files ship inside scikit-learn (not a core dependency: `pip install
+scikit-learn`, or the `zoo` extra), so `corpora.prepared_source` builds this on
+first use, like `stdlib_py`. Configs: "sklearn_toy/digits" (8×8 images,
 10 classes), "sklearn_toy/breast_cancer" (30 features, 2 classes) and
 "sklearn_toy/diabetes" (10 features, a real-valued target).
 """
@@ -36,6 +37,11 @@ _SPECS = {
         "(mean-centred, unit L2 norm per column); label = disease progression "
         "one year later (25..346)."),
 }
+
+
+class MissingPackageError(ImportError, ValueError):
+  """A package needed to build a dataset is not installed. Also a ValueError, so
+  a run reports it in one line as a data problem (train.run's DataError)."""
 
 
 class SklearnToy(tfds.core.GeneratorBasedBuilder):
@@ -72,8 +78,14 @@ class SklearnToy(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download: the files ship inside sklearn.
-    import sklearn.datasets  # Here, not at the top: only preparing needs it.
     loader, _, _, prep, _ = _SPECS[self.builder_config.name]
+    try:  # Here, not at the top: only preparing needs it.
+      import sklearn.datasets
+    except ImportError as e:
+      raise MissingPackageError(
+          f"Dataset 'sklearn_toy/{self.builder_config.name}' is built from data that "
+          f"ships inside scikit-learn, which cannot be imported here ({e}). Install it: "
+          "pip install scikit-learn (or, in a checkout, pip install -e '.[zoo]').") from e
     data = getattr(sklearn.datasets, loader)()
     x = prep(data.data).astype(np.float32)
     y = data.target  # int64 class ids, or float64 (diabetes): stored as float32.
