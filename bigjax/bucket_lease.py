@@ -9,12 +9,19 @@ A bucket has no locks, but every write can carry a generation precondition
   the expiry forward (compare-and-swap). If the generation moved, someone else
   took the workdir: the renewal fails in one line and the run stops at its next
   step (`check`).
+- expiry: renewals can also fail without an answer (network down), and then
+  nothing tells the holder that another run took over. So the holder keeps its
+  own deadline, a monotonic clock's reading at its last successful write plus
+  the lease less a margin, and `check` stops the run once it has passed: the
+  holder stops writing before anyone may take the lease over.
 - a second run finds the object and is refused with a line naming the holder,
   unless the lease is stale: expired (its holder stopped renewing), or held by a
   process on this host that is gone. A stale lease is taken over by a write
   conditioned on the generation that was read as stale, so of two runs racing
   for it exactly one wins; the other is refused, naming the winner.
-- release: delete the object, conditioned on our generation.
+- release: delete the object, conditioned on our generation; not once past
+  the holder's deadline (the lease may be another run's by then, and it
+  expires on its own).
 
 A background thread renews, rather than the loop at each step boundary: a
 lease stands for "the holder's process is alive", and a step boundary can be
@@ -36,10 +43,18 @@ from bigjax.workdir_lock import (LOCK_NAME, WorkdirBusyError, WorkdirLock, alive
 
 LEASE_SECONDS = 300.0  # How long a holder that stopped renewing blocks the workdir.
 RENEW_SECONDS = 60.0  # Several renewals per lease: a failed request or two is survived.
+# The holder stops this share of a lease (60 s of 300) before it expires: room
+# for hosts' clocks that disagree, and for writes already under way when the
+# run stops (a background checkpoint save).
+MARGIN_FRACTION = 0.2
 
 
 class WorkdirLeaseLostError(WorkdirBusyError):
   """Another run took the workdir's lease from this one."""
+
+
+class WorkdirLeaseExpiredError(WorkdirLeaseLostError):
+  """This run could not renew its lease in time: another run may take it over."""
 
 
 def _storage():
@@ -73,6 +88,10 @@ class BucketLease(WorkdirLock):
     self._token = uuid.uuid4().hex  # Tells our own record from another's.
     self._holder = None
     self._generation = None  # Of the object we last wrote; None when not held.
+    # time.monotonic() when our last successful write began (None: not held).
+    # A monotonic clock, as wall-clock jumps must not move the holder's deadline.
+    self._renewed_at = None
+    self._renew_error: Exception | None = None  # Why the last renewal failed.
     self._mutex = threading.Lock()  # Renewals (thread) against release (main).
     self._stop = threading.Event()
     self._renewer = None
@@ -122,11 +141,13 @@ class BucketLease(WorkdirLock):
   def _write(self, if_generation_match: int):
     """Writes our record with a fresh expiry, if the object's generation is
     `if_generation_match` (0: if there is no object)."""
+    started = time.monotonic()  # Before the expiry written: the deadline errs early.
     record = {**self._holder, "expires": time.time() + self.lease_seconds}
     blob = self._bucket.blob(self._name)
     blob.upload_from_string(json.dumps(record), content_type="application/json",
                             if_generation_match=if_generation_match)
     self._generation = blob.generation
+    self._renewed_at = started
 
   def _read(self) -> tuple[dict | None, int | None]:
     """(the recorded holder, the object's generation), or (None, None) if no
@@ -157,9 +178,11 @@ class BucketLease(WorkdirLock):
     """Pushes the expiry forward; WorkdirLeaseLostError if another run has
     taken the lease meanwhile."""
     with self._mutex:
-      self.check()
+      if self.lost is not None:  # Not `check`: a renewal past the deadline may still land.
+        raise self.lost
       if self._generation is None:
         return  # Released.
+      started = time.monotonic()
       try:
         self._write(self._generation)
         return
@@ -168,6 +191,7 @@ class BucketLease(WorkdirLock):
       holder, generation = self._read()
       if holder is not None and holder.get("token") == self._token:
         self._generation = generation  # Our own write whose reply was lost.
+        self._renewed_at = started
         return
       self._generation = None
       self.lost = WorkdirLeaseLostError(
@@ -180,25 +204,57 @@ class BucketLease(WorkdirLock):
     while not self._stop.wait(self.renew_seconds):
       try:
         self.renew()
+        self._renew_error = None
       except WorkdirLeaseLostError:
         return  # `check` raises it at the next step.
-      except Exception:  # A failed request: the lease outlasts several tries.
+      except Exception as e:  # A failed request: the lease outlasts several tries.
+        self._renew_error = e
         continue
 
   def check(self):
+    """Raises once another run took the lease, or once this run has gone so long
+    without renewing it that another run may soon take it over. Cheap (no
+    request): the loop calls it before every step."""
     if self.lost is not None:
       raise self.lost
+    since = self._unrenewed_for()
+    if since is None:
+      return
+    error = self._renew_error
+    why = (f"last attempt: {type(error).__name__}: {' '.join(str(error).split())[:200]}"
+           if error is not None else "no renewal request has returned")
+    raise WorkdirLeaseExpiredError(
+        f"--workdir={self.workdir}: this run could not renew its lease for {since:.0f} s "
+        f"({why}); a lease lasts {self.lease_seconds:.0f} s, after which another run may "
+        "take the workdir over, so this run stops to avoid two runs writing it. Check this "
+        "host's connection to GCS, then rerun the same command to resume from the last "
+        "checkpoint.")
+
+  def _unrenewed_for(self) -> float | None:
+    """Seconds since our last successful write if they are past the lease less
+    its margin (the run must stop), else None (also when nothing is held)."""
+    renewed_at = self._renewed_at
+    if renewed_at is None:
+      return None
+    since = time.monotonic() - renewed_at
+    return since if since >= self.lease_seconds * (1 - MARGIN_FRACTION) else None
 
   def release(self):
     self._stop.set()
     if self._renewer is not None:
       self._renewer.join()
       self._renewer = None
+    # Past the deadline another run may hold the lease (the emulator the tests
+    # use ignores the generation precondition on deletes), and the requests
+    # have likely been failing: it is left to expire.
+    expired = self._unrenewed_for() is not None
+    self._renewed_at = None
     with self._mutex:
       if self._generation is None:
         return
       try:
-        self._bucket.blob(self._name).delete(if_generation_match=self._generation)
+        if not expired:
+          self._bucket.blob(self._name).delete(if_generation_match=self._generation)
       except (self._errors.PreconditionFailed, self._errors.NotFound):
         pass  # No longer ours: leave it to its holder.
       self._generation = None

@@ -155,8 +155,8 @@ class Checkpointer:
 
   def newest_good_step(self, steps: list[int] | None = None) -> int | None:
     """The newest finished step (of `steps`, default all) saved from a good
-    state; steps saved before bigjax recorded this count as good. The save in
-    flight is not finished, so it never counts."""
+    state (`integrity.is_good`). The save in flight is not finished, so it
+    never counts."""
     steps = self.all_steps() if steps is None else steps
     in_flight = self._in_flight[0] if self._in_flight else None
     return max((s for s in steps if s != in_flight and self._good.get(s, True)), default=None)

@@ -6,8 +6,10 @@ file: when a save's arrays are all written and before orbax renames the step
 into place, `write` puts STEP/bigjax_checksums.json (size and CRC-32 of every
 file of the step) inside it. A finalised step therefore always carries its
 checksums, and `damage` finds a flipped byte, a truncated or a missing file
-before anything is read. Checksums are per file, not per array, so that a
-checkpoint restores onto any mesh: the files are the same whatever reads them.
+before anything is read; a step without its record is damage too, since
+nothing could show that its files are the ones saved. Checksums are per file,
+not per array, so that a checkpoint restores onto any mesh: the files are the
+same whatever reads them.
 
 The record also says whether the saved state was good (its training loss
 finite), which decides which checkpoint must never be rotated out.
@@ -57,8 +59,7 @@ def write(step_dir: epath.Path, *, good: bool):
 
 
 def read(step_dir: epath.Path) -> dict | None:
-  """The step's record, or None if it has none (saved before bigjax wrote them)
-  or it is unreadable (then `damage` reports it)."""
+  """The step's record, or None if it has none; raises if it is unreadable."""
   try:
     return json.loads((step_dir / CHECKSUMS).read_text())
   except FileNotFoundError:
@@ -66,23 +67,28 @@ def read(step_dir: epath.Path) -> dict | None:
 
 
 def is_good(step_dir: epath.Path) -> bool:
-  """Whether the state saved there was good; steps without a record count as good."""
+  """Whether the state saved there was good. A step without a readable record
+  is damaged (`damage`) and cannot be resumed, so it is never the one to keep."""
   try:
     record = read(step_dir)
   except (OSError, ValueError):
     return False
-  return record is None or bool(record.get("good", True))
+  return record is not None and bool(record.get("good", True))
 
 
 def damage(step_dir: epath.Path) -> str | None:
   """What differs from when the step was saved, in a few words, or None if
-  nothing does (or the step has no checksums to compare with)."""
+  nothing does."""
   try:
     record = read(step_dir)
   except (OSError, ValueError) as e:
     return f"its {CHECKSUMS} is unreadable: {e}"
   if record is None:
-    return None
+    # `write` runs before orbax finalises a step, so every step bigjax saves has
+    # a record: one without it was altered or written by something else, and
+    # its files (a flipped byte restores silently) cannot be verified.
+    return (f"its checksum record {CHECKSUMS} is missing, so its files cannot be verified "
+            "(every step bigjax saves has one)")
   for name, (size, crc) in record["files"].items():
     path = step_dir / name
     if not path.exists():

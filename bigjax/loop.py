@@ -140,8 +140,8 @@ def run_loop(loop: Loop, train_data, hooks: list[Hook]) -> Loop:
 
 
 class HoldWorkdir(Hook):
-  """Stops the run before its next step once another run has taken its workdir
-  (a gs:// lease lost; bigjax/bucket_lease.py)."""
+  """Stops the run before its next step once another run has taken its workdir,
+  or could (a gs:// lease lost, or not renewed in time; bigjax/bucket_lease.py)."""
 
   def __init__(self, lock):
     self.lock = lock
@@ -154,8 +154,10 @@ class LogMetrics(Hook):
   """Owns metrics.jsonl / TensorBoard and the progress bar: at the start the
   file is rewound to the resumed step and opened (after the rewind, which
   replaces the file); every config.log_every steps the window's mean metrics,
-  the learning rate and the count of skipped updates are written. Hooks that
-  write (Evaluate) come after it in the list."""
+  the learning rate and the count of skipped updates are written. A row whose
+  window is shorter (the first after a resume, the last of a run, a preemption's)
+  says how many steps it averages, `steps_averaged`. Hooks that write
+  (Evaluate) come after it in the list."""
 
   def __init__(self, workdir: str):
     self.workdir, self.skipped_logged = workdir, None
@@ -177,11 +179,23 @@ class LogMetrics(Hook):
       loop.writer.close()
 
   def after_step(self, loop):
-    if not loop.every(loop.config.log_every):
-      return
+    if loop.every(loop.config.log_every):
+      self._write_row(loop)
+
+  def finish(self, loop):
+    # A hook stopped the loop between rows (a preemption save): the steps since
+    # the last row are logged now; the process ends next and they would be lost.
+    if loop.pending:
+      self._write_row(loop)
+
+  def _write_row(self, loop):
     loop.check_finite()
     fetched, loop.pending = jax.device_get(loop.pending), []
     scalars = {k: _mean_finite([m[k] for m in fetched]) for k in fetched[0]}
+    if len(fetched) != loop.config.log_every:
+      # Its means cover fewer steps than a row usually does (a resume starts a
+      # window at the checkpoint's step), which a reader must be able to tell.
+      scalars["steps_averaged"] = len(fetched)
     scalars["learning_rate"] = float(optim.applied_learning_rate(loop.state.opt_state))
     skipped = optim.skipped_updates(loop.state.opt_state)
     if skipped is not None:

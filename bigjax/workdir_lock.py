@@ -45,7 +45,8 @@ class WorkdirLock:
 
   def check(self):
     """Raises WorkdirBusyError if another run has taken the workdir since
-    `acquire` (a lease can be lost; an OS lock cannot)."""
+    `acquire`, or could take it (a lease not renewed in time); an OS lock is
+    never lost."""
 
   def release(self):
     raise NotImplementedError

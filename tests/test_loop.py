@@ -2,8 +2,9 @@
 with a hook of one's own, against the jitted step called by hand."""
 import jax
 import numpy as np
+import pytest
 
-from bigjax import loop, steps, train
+from bigjax import loop, metrics, steps, train
 from configs import mlp
 
 
@@ -40,3 +41,69 @@ def test_run_loop_with_a_custom_hook_equals_the_step_by_hand(tmp_path):
   for a, b in zip(jax.tree.leaves(jax.device_get(lp.state)),
                   jax.tree.leaves(jax.device_get(state))):
     np.testing.assert_array_equal(a, b)
+
+
+def _config(tmp_path, **kw):
+  config = mlp.get_config("variant=binary,runlocal")
+  config.data.data_dir = str(tmp_path / "data")
+  config.update({**dict(total_steps=12, log_every=4, eval_every=100, checkpoint_every=100), **kw})
+  return config
+
+
+class StopAt(loop.Hook):
+  """Before SaveCheckpoints in the list: a preemption notice (or a crash) after step `at`."""
+
+  def __init__(self, at: int, crash: bool = False):
+    self.at, self.crash, self.raised = at, crash, False
+
+  def after_step(self, lp):
+    if lp.done == self.at:
+      if self.crash:
+        raise RuntimeError("simulated crash")
+      self.raised = True
+
+
+def _train(config, workdir, stop: StopAt | None = None) -> list[dict]:
+  """train.run's loop and usual hooks (`stop` first); the training rows of
+  metrics.jsonl (not the evaluation's)."""
+  prepared = train.prepare(config, workdir)
+  hooks = train.usual_hooks(config, workdir, prepared,
+                            sigterm_raised=lambda: stop is not None and stop.raised)
+  try:
+    loop.run_loop(loop.Loop(prepared.setup, prepared.state, prepared.start),
+                  prepared.data.train, ([stop] if stop else []) + hooks)
+  finally:
+    prepared.ckpt.close()
+  return [r for r in metrics.read_jsonl(f"{workdir}/metrics.jsonl") if "loss" in r]
+
+
+def test_rows_of_a_preempted_and_resumed_run_keep_every_step_and_say_how_many(tmp_path):
+  """Preempted after step 7 (log_every=4): steps 5-7 get a row at the preemption,
+  and the resumed run's first row, at 8, averages step 8 alone; both say so."""
+  config = _config(tmp_path)
+  straight = _train(config, str(tmp_path / "straight"))
+  assert [r["step"] for r in straight] == [4, 8, 12]
+  assert not any("steps_averaged" in r for r in straight)  # Full windows: unlabelled.
+
+  workdir = str(tmp_path / "preempted")
+  first = _train(config, workdir, StopAt(7))
+  assert [(r["step"], r.get("steps_averaged")) for r in first] == [(4, None), (7, 3)]
+  rows = {r["step"]: r for r in _train(config, workdir)}  # Resumes at the checkpoint of 7.
+  assert [(s, r.get("steps_averaged")) for s, r in rows.items()] == [
+      (4, None), (7, 3), (8, 1), (12, None)]
+  want = {r["step"]: r for r in straight}
+  assert rows[4]["loss"] == want[4]["loss"] and rows[12]["loss"] == want[12]["loss"]
+  # Rows 7 and 8 together are the uninterrupted row 8: no step dropped or counted twice.
+  joined = (3 * rows[7]["loss"] + rows[8]["loss"]) / 4
+  assert joined == pytest.approx(want[8]["loss"], rel=1e-6)
+
+
+def test_the_first_row_after_a_crash_says_it_averages_fewer_steps(tmp_path):
+  """Crashed after step 7, checkpoint at 6: the rerun repeats step 7, and its
+  row at 8 averages steps 7-8 only (the uninterrupted run's, steps 5-8)."""
+  config = _config(tmp_path, checkpoint_every=6)
+  workdir = str(tmp_path / "crashed")
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    _train(config, workdir, StopAt(7, crash=True))
+  rows = _train(config, workdir)
+  assert [(r["step"], r.get("steps_averaged")) for r in rows] == [(4, None), (8, 2), (12, None)]

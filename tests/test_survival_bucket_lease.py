@@ -183,3 +183,48 @@ def test_an_unreadable_lease_holds_until_a_lease_after_its_last_write(workdir):
   assert "its lease expired at" in taker.acquire()
   assert _record(workdir)["token"] == taker._token
   taker.release()
+
+
+def test_a_holder_whose_renewals_fail_stops_before_its_lease_can_be_taken(workdir):
+  """Renewals that fail without an answer (network down) tell the holder nothing
+  about a takeover: it must stop on its own deadline, not write on into the
+  workdir of the run that took the lease over."""
+  from bigjax import bucket_lease
+  holder = _lease(workdir, lease_seconds=2.0, renew_seconds=0.1)
+  holder.acquire()
+  holder.check()
+
+  def unreachable(if_generation_match):
+    raise ConnectionError("network down")
+  holder._write = unreachable  # Every renewal from now on fails.
+  time.sleep(0.5)
+  holder.check()  # Within the lease less its margin: a failed renewal or two is survived.
+  time.sleep(1.2)  # Past 1.6 s (the lease less its margin) without a renewal.
+  with pytest.raises(bucket_lease.WorkdirLeaseExpiredError) as expired:
+    holder.check()
+  message = str(expired.value)
+  assert "\n" not in message
+  assert message.startswith(f"--workdir={workdir}: this run could not renew its lease for ")
+  assert "(last attempt: ConnectionError: network down)" in message
+  assert "this run stops to avoid two runs writing it" in message
+  with pytest.raises(workdir_lock.WorkdirBusyError):  # The run stops before a step.
+    loop.HoldWorkdir(holder).before_step(None, 7)
+  time.sleep(0.5)  # Past the lease: another run takes it over.
+  taker = _lease(workdir)
+  assert "its lease expired at" in taker.acquire()
+  with pytest.raises(bucket_lease.WorkdirLeaseExpiredError):
+    holder.check()
+  holder.release()  # Leaves the new holder's lease alone.
+  assert _record(workdir)["token"] == taker._token
+  taker.release()
+
+
+def test_a_holder_that_renews_outlives_its_lease_duration(workdir):
+  lease = _lease(workdir, lease_seconds=2.0, renew_seconds=0.1)
+  lease.acquire()
+  deadline = time.time() + 2.5
+  while time.time() < deadline:  # Each successful renewal pushes the deadline on.
+    lease.check()
+    time.sleep(0.1)
+  lease.release()
+  assert _blob(workdir) is None

@@ -100,3 +100,65 @@ def test_a_run_gone_nan_keeps_its_last_good_checkpoint(tmp_path, monkeypatch):
   config.update(dict(total_steps=25, checkpoint_every=5, keep_checkpoints=2, eval_every=100))
   train.run(config, str(tmp_path / "run"))
   assert _saved_steps(tmp_path / "run") == [10, 20, 25]
+
+
+def _two_steps_step2_without_record(tmp_path):
+  """Steps 1 and 2 saved by a Checkpointer; step 2's checksum record deleted and
+  a byte of its largest array file flipped, which orbax restores silently."""
+  ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=3)
+  ckpt.save(1, _state(1))
+  ckpt.save(2, _state(2))
+  ckpt.close()
+  step_dir = tmp_path / "checkpoints" / "2"
+  os.remove(step_dir / checkpoint_integrity.CHECKSUMS)
+  largest = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  data[len(data) // 2] ^= 0x40
+  largest.write_bytes(bytes(data))
+  return step_dir
+
+
+def test_a_step_without_its_checksum_record_is_damage_and_the_step_before_restores(tmp_path):
+  step_dir = _two_steps_step2_without_record(tmp_path)
+  files = sorted(str(p.relative_to(step_dir)) for p in step_dir.rglob("*"))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=3)
+  assert ckpt.newest_good_step() == 1  # An unverifiable step is not the one to keep.
+  reports = []
+  state, step = ckpt.restore_latest_intact(*_abstract(), reports.append)
+  ckpt.close()
+  assert step == 1 and int(state.step) == 1
+  np.testing.assert_array_equal(state.params["w"], _state(1).params["w"])
+  assert len(reports) == 1, reports
+  assert reports[0].startswith("Checkpoint step 2 is damaged (its checksum record "
+                               "bigjax_checksums.json is missing, so its files cannot be verified")
+  aside = tmp_path / "damaged_checkpoints" / "2"  # Set aside whole, not deleted.
+  assert sorted(str(p.relative_to(aside)) for p in aside.rglob("*")) == files
+  assert _saved_steps(tmp_path) == [1]
+
+
+def test_a_only_step_without_its_checksum_record_is_an_error_not_a_restore(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=3)
+  ckpt.save(1, _state(1))
+  ckpt.close()
+  os.remove(tmp_path / "checkpoints" / "1" / checkpoint_integrity.CHECKSUMS)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=3)
+  reports = []
+  with pytest.raises(checkpoint.CheckpointDamagedError, match=r"^No intact checkpoint in .*: "
+                     r"steps \[1\] were damaged and moved to"):
+    ckpt.restore_latest_intact(*_abstract(), reports.append)
+  ckpt.close()
+  assert len(reports) == 1 and "bigjax_checksums.json is missing" in reports[0]
+  assert os.path.isdir(tmp_path / "damaged_checkpoints" / "1")
+
+
+def test_the_reader_skips_a_step_without_its_checksum_record(tmp_path):
+  """generate's path: the read-only reader notes the step and uses the one before."""
+  step_dir = _two_steps_step2_without_record(tmp_path)
+  reader = checkpoint.CheckpointReader(str(tmp_path))
+  notes = []
+  params, _, step = reader.restore_latest_intact_params(*_abstract(), notes.append)
+  reader.close()
+  assert step == 1
+  np.testing.assert_array_equal(params["w"], _state(1).params["w"])
+  assert len(notes) == 1 and "step 2" in notes[0] and "bigjax_checksums.json is missing" in notes[0]
+  assert step_dir.is_dir()  # The reader never moves anything.
