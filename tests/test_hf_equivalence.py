@@ -22,9 +22,7 @@ from bigjax import steps  # noqa: E402
 from bigjax.models import layers, transformer  # noqa: E402
 from configs import gpt2  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments",
-                                "benchmarks"))
-import hf_models  # noqa: E402
+from experiments.benchmarks import hf_models  # noqa: E402
 
 
 LENGTH = 128

@@ -236,6 +236,13 @@ def test_exchange_setting():
   layer = _layer(dropless_exchange="ragged")
   with pytest.raises(ValueError, match="unimplemented on CPU"):
     _run(layer, _x(), _mesh("expert8"))
+  # A capacity router never uses the dropless exchange: the setting does not stop it.
+  cfg = layers.LayerConfig(emb_dim=EMB, num_heads=1, num_kv_heads=1, head_dim=EMB,
+                           mlp_dim=MLP_DIM)
+  capacity = moe_lib.MoEFeedForward(cfg, moe_lib.MoEConfig(
+      num_experts=E, router="gshard_top2", group_size=LENGTH, dropless_exchange="ragged"),
+      rngs=nnx.Rngs(0))
+  _assert_same(_run(capacity, _x(), _mesh("expert8")), _run(capacity, _x()))
 
 
 def test_tokens_must_be_split_over_the_expert_axis():

@@ -55,7 +55,7 @@ class Layout(NamedTuple):
   token_spec: PartitionSpec  # of x [B, L, M] (and of the choices [B, L, k])
   expert_axes: tuple  # mesh axes splitting the experts (size > 1)
   hidden_axes: tuple  # mesh axes splitting the FFN hidden dim inside each expert
-  exchange: str  # "ragged" or "padded"
+  exchange: str | None  # "ragged" or "padded"; None on the capacity path (GSPMD's)
 
 
 def _axes(entry) -> tuple:
@@ -68,7 +68,7 @@ def _entry(axes: tuple):
   return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def layout(token_shape, token_names, expert_weight_names, setting: str, *,
+def layout(token_shape, token_names, expert_weight_names, setting: str | None, *,
            tokens_must_split: bool = True) -> Layout | None:
   """The expert-parallel layout under the mesh and rules in force, or None when no
   mesh is in force or the experts are not split (the one-device path then runs).
@@ -77,6 +77,8 @@ def layout(token_shape, token_names, expert_weight_names, setting: str, *,
   the capacity path then leaves the exchange to GSPMD.
 
   token_shape, token_names: shape and logical names of x [B, L, M];
+  setting: model.moe.dropless_exchange, or None for the capacity path, which
+  exchanges its fixed-size expert slots with its own all-to-all;
   expert_weight_names: those of wi
   [E, M, H]. The embedding dims stay whole inside the map (weights split over it,
   as by fsdp, are gathered on entry); the hidden dim keeps its split where it is
@@ -110,7 +112,7 @@ def layout(token_shape, token_names, expert_weight_names, setting: str, *,
                             if a not in token_axes and a not in expert_axes))
   platform = mesh.devices.flat[0].platform
   return Layout(mesh, token_spec, expert_axes, hidden_axes,
-                exchange_kind(setting, platform))
+                None if setting is None else exchange_kind(setting, platform))
 
 
 def token_top_k(layout: Layout) -> Callable:

@@ -14,7 +14,10 @@ dropless: `expert_parallel.dropless`). Router metrics are sown as
 nnx.Intermediate('router_metrics').
 
 Evaluation mode is `rng is None` (as for dropout): eval capacity factor, no
-random routing, no jitter.
+random routing, no jitter. The experts apply no dropout to their hidden
+activations, as HF Mixtral's experts do not (the dense MLP's hidden dropout has
+no counterpart here; Switch's separate "expert dropout" is not implemented): with
+model.dropout_rate > 0 a MoE block keeps its attention and residual dropout.
 """
 import dataclasses
 import functools
@@ -227,8 +230,7 @@ class MoEFeedForward(nnx.Module):
       token, occupied, weight = slot_contents(r.dispatch, r.combine)
       xe = gather_dispatch(xg, token, occupied)
     parallel = expert_parallel.layout(
-        xg.shape, GROUP_NAMES, sharding.logical_axes_of(self.wi), self.moe.dropless_exchange,
-        tokens_must_split=False)
+        xg.shape, GROUP_NAMES, sharding.logical_axes_of(self.wi), None, tokens_must_split=False)
     if parallel is not None:  # One all-to-all each way: groups -> experts -> groups.
       ye = expert_parallel.capacity(xe, self._expert_weights(), self._expert_ffn,
                                     layout=parallel)

@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 from bigjax import flops, sharding, steps  # noqa: E402
 from bigjax.models import layers, moe, stack  # noqa: E402
 from configs import lm, lm_moe  # noqa: E402
-import timing  # noqa: E402  (beside this script)
+from experiments.benchmarks import timing  # noqa: E402
 
 # name -> (layers, width, heads, mlp, context, batch)
 PRESETS = {"1b": (20, 2048, 16, 8192, 2048, 4), "tiny": (2, 128, 4, 512, 128, 4)}

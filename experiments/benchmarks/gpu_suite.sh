@@ -14,9 +14,14 @@ set -u
 LOGDIR=${1:?usage: gpu_suite.sh LOGDIR [extra gpu.py flags]}
 shift
 mkdir -p "$LOGDIR"
+: >"$LOGDIR/summary.txt"  # A rerun's summary is its own.
 cd "$(dirname "$0")/../.." || exit 1
 export PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
+if [ -z "${PYTHON:-}" ]; then  # The checkout's environment if it has one (make setup).
+  PYTHON=python3
+  [ -x .venv/bin/python ] && PYTHON=.venv/bin/python
+fi
+PY=$PYTHON
 n=0
 
 step() {  # step NAME SECONDS COMMAND...: run COMMAND under a limit, log it, summarise it.
@@ -36,10 +41,10 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under a limit, log it, sum
 GPU=experiments/benchmarks/gpu.py
 step gpu_tests 150 env JAX_PLATFORMS=cuda "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_fused_attention.py tests/test_hopper_ragged_dot.py
-step dense 90 "$PY" $GPU --models=dense "$@"
+# One process for both: gpu.py prints the MoE step's cost in dense steps.
+step dense_and_gshard 200 "$PY" $GPU --models=dense,gshard "$@"
 step dense_batch8_remat 120 "$PY" $GPU --models=dense --batch=8 \
     --remat_policy=dots_with_no_batch_dims_saveable "$@"
-step gshard_group256 120 "$PY" $GPU --models=gshard "$@"
 step gshard_gather 120 "$PY" $GPU --models=gshard --capacity_dispatch=gather "$@"
 step dense_batch16_remat 150 "$PY" $GPU --models=dense --batch=16 \
     --remat_policy=dots_with_no_batch_dims_saveable "$@"

@@ -39,7 +39,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from bigjax import host_memory, sharding  # noqa: E402
 from bigjax.models import expert_parallel, layers, moe  # noqa: E402
 from configs import common  # noqa: E402
-import timing  # noqa: E402  (beside this script)
+from experiments.benchmarks import timing  # noqa: E402
 
 
 def _layer_config(emb, mlp, dtype):

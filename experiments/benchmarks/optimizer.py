@@ -25,7 +25,7 @@ import optax  # noqa: E402
 
 from bigjax import host_memory, optim  # noqa: E402
 from configs import lm  # noqa: E402
-import timing  # noqa: E402  (beside this script)
+from experiments.benchmarks import timing  # noqa: E402
 
 
 def main():

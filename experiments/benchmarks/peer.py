@@ -56,8 +56,8 @@ try:
 except ImportError:
   sys.exit("peer.py needs the benchmark extra: pip install -e '.[bench]'")
 
-import hf_models  # noqa: E402  (the bench extra: torch, transformers)
-import timing  # noqa: E402  (beside this script)
+from experiments.benchmarks import hf_models  # noqa: E402  (the bench extra: torch, transformers)
+from experiments.benchmarks import timing  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
