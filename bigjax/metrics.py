@@ -1,7 +1,8 @@
 """Metrics to WORKDIR/metrics.jsonl and TensorBoard, and a progress bar.
 
-Only process 0 writes. metrics.jsonl has one JSON object per logged step
-(always `step`, plus every scalar logged for it) and is the interface that
+Only process 0 writes. metrics.jsonl has one JSON object per logged training
+step and one per evaluation (always `step`, plus every scalar logged for it; an
+evaluation's start with `eval_`) and is the interface that
 experiments read; TensorBoard event files go to WORKDIR/tensorboard.
 
 A bucket object cannot be appended to, so on gs:// workdirs metrics.jsonl is

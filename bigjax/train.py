@@ -11,7 +11,8 @@ checkpointed state.
 What a run survives (each tested in tests/test_survival_*.py):
 - SIGKILL / crash: rerunning resumes from the latest finished checkpoint and
   repeats the lost steps bit-identically (same topology). metrics.jsonl is
-  rewound to that checkpoint on resume, so it holds one row per step.
+  rewound to that checkpoint on resume, so it holds each logged step (and
+  each evaluation) once.
 - SIGTERM (preemption): the step in flight finishes, a checkpoint is saved and
   waited for, a line says so, and run() returns (the CLI exits 0). Under
   jax.distributed every host stops at the same step (JAX's preemption sync).
@@ -188,5 +189,6 @@ def _nothing_to_train(config, workdir: str, state, setup, start: int) -> RunResu
         f"--config.total_steps above {start} to train further, or use a new --workdir.")
   log(f"Nothing to train: the run in {workdir} already finished (its latest checkpoint is "
       f"at step {start} = config.total_steps). Pass a larger --config.total_steps to train "
-      "further.")
+      "further; a cosine or linear schedule is then laid out over the new total, so the "
+      "learning rate at this step rises to what that schedule gives here.")
   return RunResult(state, setup, {}, already_finished=True)
