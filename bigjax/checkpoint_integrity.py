@@ -6,8 +6,9 @@ file: when a save's arrays are all written and before orbax renames the step
 into place, `write` puts STEP/bigjax_checksums.json (size and CRC-32 of every
 file of the step) inside it. A finalised step therefore always carries its
 checksums, and `damage` finds a flipped byte, a truncated or a missing file
-before anything is read; a step without its record is damage too, since
-nothing could show that its files are the ones saved. Checksums are per file,
+before anything is read; a step without its record, beside steps with theirs,
+is damage too, since nothing could show that its files are the ones saved (a
+workdir whose steps all lack one predates the records: restored with a warning). Checksums are per file,
 not per array, so that a checkpoint restores onto any mesh: the files are the
 same whatever reads them.
 
@@ -66,29 +67,42 @@ def read(step_dir: epath.Path) -> dict | None:
     return None
 
 
+def unverified(step_dir: epath.Path) -> bool:
+  """Whether the step predates checksums: it has no record, and neither has any
+  step beside it (a run saved with this code has one in every step, so one step
+  lacking it among recorded ones was tampered with: `damage`). Such a step is
+  restored with a warning, not set aside: nothing shows it is damaged."""
+  if (step_dir / CHECKSUMS).exists():
+    return False
+  return not any(p != step_dir and p.name.isdigit() and (p / CHECKSUMS).exists()
+                 for p in step_dir.parent.iterdir())
+
+
 def is_good(step_dir: epath.Path) -> bool:
-  """Whether the state saved there was good. A step without a readable record
-  is damaged (`damage`) and cannot be resumed, so it is never the one to keep."""
+  """Whether the state saved there was good: its record says so, or it predates
+  records (`unverified`). A damaged record makes it never the one to keep."""
   try:
     record = read(step_dir)
   except (OSError, ValueError):
     return False
-  return record is not None and bool(record.get("good", True))
+  return unverified(step_dir) if record is None else bool(record.get("good", True))
 
 
 def damage(step_dir: epath.Path) -> str | None:
   """What differs from when the step was saved, in a few words, or None if
-  nothing does."""
+  nothing does (or nothing can tell: an `unverified` step's callers warn)."""
   try:
     record = read(step_dir)
   except (OSError, ValueError) as e:
     return f"its {CHECKSUMS} is unreadable: {e}"
   if record is None:
-    # `write` runs before orbax finalises a step, so every step bigjax saves has
-    # a record: one without it was altered or written by something else, and
+    if unverified(step_dir):
+      return None
+    # `write` runs before orbax finalises a step, so every step this code saves
+    # has a record: one without it, beside steps with theirs, was altered, and
     # its files (a flipped byte restores silently) cannot be verified.
     return (f"its checksum record {CHECKSUMS} is missing, so its files cannot be verified "
-            "(every step bigjax saves has one)")
+            "(the steps beside it have theirs)")
   for name, (size, crc) in record["files"].items():
     path = step_dir / name
     if not path.exists():

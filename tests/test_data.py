@@ -223,6 +223,9 @@ class _Docs(list):
   def __getitems__(self, keys):
     return [self[i] for i in keys]
 
+  def files(self):
+    return None  # As mocked data: nothing on disk, so every document is hashed.
+
 
 def test_token_cache_key_changes_with_any_document():
   key = lambda *texts: pipeline._fingerprint(_Docs(*texts), "text")
@@ -237,6 +240,29 @@ def test_token_cache_key_changes_with_any_document():
   changed = many.copy()
   changed[pipeline._READ_BLOCK + 5] = b"changed"
   assert key(*many) != key(*changed)
+
+
+def test_token_cache_key_of_a_prepared_split_follows_its_files(data_dir, monkeypatch):
+  src = corpora.prepared_source("stdlib_py", "validation", data_dir)
+  key = pipeline._fingerprint(src, "text")
+  # Read from the files' metadata, not the documents: no pass over a large corpus
+  # at every start.
+  with monkeypatch.context() as m:
+    m.setattr(type(src), "__getitems__", lambda *a: pytest.fail("documents read"))
+    m.setattr(type(src), "__getitem__", lambda *a: pytest.fail("documents read"))
+    assert pipeline._fingerprint(src, "text") == key
+  # Preparing the dataset again writes its files anew: another key.
+  path = src.files()[0][0]
+  before = os.stat(path)
+  try:
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 5 * 10**9))
+    assert pipeline._fingerprint(src, "text") != key
+  finally:
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+  assert pipeline._fingerprint(src, "text") == key
+  # Another range of the same files, another key.
+  part = corpora.prepared_source("stdlib_py", "validation[:50%]", data_dir)
+  assert pipeline._fingerprint(part, "text") != key
 
 
 def test_token_stats_are_computed_once_with_the_cache(data_dir, tokens, monkeypatch):

@@ -1,6 +1,7 @@
 """Checksums beside every checkpoint, finiteness on restore, and the newest good
 checkpoint kept through saves of a broken state (Checkpointer, in process)."""
 import json
+import logging
 import os
 
 import jax
@@ -136,19 +137,27 @@ def test_a_step_without_its_checksum_record_is_damage_and_the_step_before_restor
   assert _saved_steps(tmp_path) == [1]
 
 
-def test_a_only_step_without_its_checksum_record_is_an_error_not_a_restore(tmp_path):
+def test_steps_that_all_predate_checksum_records_restore_with_a_warning(tmp_path, caplog):
+  """A workdir saved before bigjax recorded checksums: nothing shows its steps are
+  damaged, so the latest restores (its values still checked finite), with a line
+  saying it is unverified; setting it aside would lose the run."""
   ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=3)
   ckpt.save(1, _state(1))
+  ckpt.save(2, _state(2))
   ckpt.close()
-  os.remove(tmp_path / "checkpoints" / "1" / checkpoint_integrity.CHECKSUMS)
+  for step in (1, 2):
+    os.remove(tmp_path / "checkpoints" / str(step) / checkpoint_integrity.CHECKSUMS)
   ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=3)
+  assert ckpt.newest_good_step() == 2
   reports = []
-  with pytest.raises(checkpoint.CheckpointDamagedError, match=r"^No intact checkpoint in .*: "
-                     r"steps \[1\] were damaged and moved to"):
-    ckpt.restore_latest_intact(*_abstract(), reports.append)
+  with caplog.at_level(logging.WARNING):
+    state, step = ckpt.restore_latest_intact(*_abstract(), reports.append)
   ckpt.close()
-  assert len(reports) == 1 and "bigjax_checksums.json is missing" in reports[0]
-  assert os.path.isdir(tmp_path / "damaged_checkpoints" / "1")
+  assert step == 2 and not reports
+  np.testing.assert_array_equal(state.params["w"], _state(2).params["w"])
+  assert any("no checksum record" in r.getMessage() and r.getMessage().count("/2") >= 1
+             for r in caplog.records), caplog.text
+  assert _saved_steps(tmp_path) == [1, 2]
 
 
 def test_the_reader_skips_a_step_without_its_checksum_record(tmp_path):

@@ -13,6 +13,7 @@ import sys
 import zlib
 
 import tensorflow_datasets as tfds
+from etils import epath
 from tensorflow_datasets.core import naming
 
 from bigjax.data import sklearn_toy
@@ -200,6 +201,17 @@ class _BytesText:
     if not self._batched:
       return [self[i] for i in keys]
     return [self._fix(e) for e in self._source.__getitems__(list(keys))]
+
+  def files(self) -> list[tuple] | None:
+    """(path, skip, take, size, mtime) of each prepared file range the split
+    reads, or None for mocked data, which has nothing on disk. Preparing a
+    dataset again writes its files anew, so these change whenever its data can."""
+    if is_mocked():
+      return None
+    split = self._source.dataset_info.splits[self._source.split]
+    return [(f.filename, f.skip, f.take, stat.length, stat.mtime)
+            for f in split.file_instructions
+            for stat in [epath.Path(f.filename).stat()]]
 
 
 def prepared_source(name: str, split: str, data_dir: str | None = None):
