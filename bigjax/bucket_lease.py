@@ -49,6 +49,16 @@ RENEW_SECONDS = 60.0  # Several renewals per lease: a failed request or two is s
 MARGIN_FRACTION = 0.2
 
 
+def _clock() -> float:
+  """Seconds on a clock that wall-clock changes do not move and that runs on while
+  the machine is suspended (Linux's CLOCK_BOOTTIME; CLOCK_MONOTONIC stops then, and
+  a resumed VM would think its lease still fresh)."""
+  return time.clock_gettime(_BOOTTIME) if _BOOTTIME is not None else time.monotonic()
+
+
+_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
+
+
 class WorkdirLeaseLostError(WorkdirBusyError):
   """Another run took the workdir's lease from this one."""
 
@@ -88,7 +98,7 @@ class BucketLease(WorkdirLock):
     self._token = uuid.uuid4().hex  # Tells our own record from another's.
     self._holder = None
     self._generation = None  # Of the object we last wrote; None when not held.
-    # time.monotonic() when our last successful write began (None: not held).
+    # _clock() when our last successful write began (None: not held).
     # A monotonic clock, as wall-clock jumps must not move the holder's deadline.
     self._renewed_at = None
     self._renew_error: Exception | None = None  # Why the last renewal failed.
@@ -141,7 +151,7 @@ class BucketLease(WorkdirLock):
   def _write(self, if_generation_match: int):
     """Writes our record with a fresh expiry, if the object's generation is
     `if_generation_match` (0: if there is no object)."""
-    started = time.monotonic()  # Before the expiry written: the deadline errs early.
+    started = _clock()  # Before the expiry written: the deadline errs early.
     record = {**self._holder, "expires": time.time() + self.lease_seconds}
     blob = self._bucket.blob(self._name)
     blob.upload_from_string(json.dumps(record), content_type="application/json",
@@ -182,7 +192,7 @@ class BucketLease(WorkdirLock):
         raise self.lost
       if self._generation is None:
         return  # Released.
-      started = time.monotonic()
+      started = _clock()
       try:
         self._write(self._generation)
         return
@@ -236,7 +246,7 @@ class BucketLease(WorkdirLock):
     renewed_at = self._renewed_at
     if renewed_at is None:
       return None
-    since = time.monotonic() - renewed_at
+    since = _clock() - renewed_at
     return since if since >= self.lease_seconds * (1 - MARGIN_FRACTION) else None
 
   def release(self):

@@ -149,6 +149,11 @@ class HoldWorkdir(Hook):
   def before_step(self, loop, step):
     self.lock.check()
 
+  def after_step(self, loop):
+    # Again before the hooks after this one write: a step (the first one's
+    # compilation) can outlast what is left of the lease.
+    self.lock.check()
+
 
 class LogMetrics(Hook):
   """Owns metrics.jsonl / TensorBoard and the progress bar: at the start the
