@@ -22,6 +22,7 @@ at the same path and shape: they belong to the parameters they normalise for.
 Only a run's first start reads the source: a resumed run restores its own
 checkpoint, which already holds the fine-tuned parameters.
 """
+import logging
 import re
 
 import jax
@@ -30,6 +31,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 import jax.numpy as jnp
 
 from bigjax import checkpoint, layer_layout, optim, steps
+from bigjax import checkpoint_integrity as integrity
+from bigjax.checkpoint_errors import one_line
 from bigjax.config import ConfigError
 
 RESIZABLE_AXES = ("vocab", "classes")
@@ -80,6 +83,15 @@ def load(config, setup: steps.TrainSetup, state: steps.TrainState):
             f"{'' if step is None else f' at step {step}'} (it has {reader.all_steps()}).",
             "Train the source run first, or set init_from.step to one of its steps "
             "(-1: the latest).")
+    # As a resume would: a damaged source step is never read.
+    problem = integrity.damage(reader.directory / str(step))
+    if problem:
+      _fail(f"its checkpoint at step {step} is damaged ({problem}).",
+            f"Set init_from.step to another of its steps ({reader.all_steps()}), or put "
+            "back a good copy of that step.")
+    if integrity.unverified(reader.directory / str(step)):
+      logging.warning("init_from: %s step %d has no checksum record (saved before bigjax "
+                      "wrote them); its files cannot be verified.", cfg.workdir, step)
     tree = reader.metadata(step)
     if "params" not in tree:
       _fail(f"the checkpoint at step {step} in {cfg.workdir} holds no parameters.",
@@ -105,6 +117,11 @@ def load(config, setup: steps.TrainSetup, state: steps.TrainState):
         plan[name].append(_plan(block, jax.ShapeDtypeStruct(
             layer_layout.row_shape(want.shape, row), want.dtype), have, row_axes, skip))
     by_block = {block: p for name in plan for (block, _), p in zip(rows[name], plan[name])}
+    if skip and not any(skip.search(block) for block in by_block):
+      raise ConfigError(
+          f"config.init_from.skip: {cfg.skip!r} matches no parameter of this model, so "
+          f"nothing would be re-initialised. Parameter names look like "
+          f"{sorted(by_block)[:3]}; fix the pattern, or set it to '' to load everything.")
     if not any(p in ("copy", "overlap") for p in by_block.values()):
       _fail(f"the checkpoint in {cfg.workdir} shares no parameter with this model (its "
             f"parameters look like {sorted(source)[:3]}, this model's like "
@@ -138,9 +155,17 @@ def load(config, setup: steps.TrainSetup, state: steps.TrainState):
           name.rsplit("/", 1)[0] + "/scale") != "fresh":
         targets["model_state/" + name] = jax.ShapeDtypeStruct(want.shape, want.dtype,
                                                               sharding=sharding)
-    loaded = reader.restore(step, targets)
+    try:
+      loaded = reader.restore(step, targets)
+    except Exception as e:  # pylint: disable=broad-except  # tensorstore: ValueError, ...
+      _fail(f"reading its checkpoint at step {step} failed ({one_line(e)}).",
+            f"Set init_from.step to another of its steps ({reader.all_steps()}).")
   finally:
     reader.close()
+  bad = integrity.first_nonfinite(loaded)
+  if bad:
+    _fail(f"its checkpoint at step {step} holds NaN or Inf ({bad}).",
+          "Set init_from.step to a step saved before the run diverged.")
 
   loaded_params = {name[len("params/"):]: a for name, a in loaded.items()
                    if name.startswith("params/")}

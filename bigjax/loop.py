@@ -173,7 +173,7 @@ class LogMetrics(Hook):
         loop.done):
       loop.log(message)
     items_per_step, unit = loop.setup.task.throughput(loop.config)
-    loop.writer = metrics_lib.MetricWriter(self.workdir)
+    loop.writer = metrics_lib.MetricWriter(self.workdir, resumed_at=loop.done)
     loop.progress = metrics_lib.Progress(loop.config.total_steps, loop.done, items_per_step,
                                          unit)
 

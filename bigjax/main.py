@@ -36,7 +36,9 @@ def _print_router_metrics(workdir: str):
                    and "/load/" not in k})
   print(f"Router metrics at step {last['step']}:")
   for layer in layers:
-    load = [last[k] for k in sorted(last) if k.startswith(layer + "/load/")]
+    by_expert = {k: last[k] for k in last if k.startswith(layer + "/load/")}
+    # Keys end in expert_<e>: sorted by number, or expert_10 would come before expert_2.
+    load = [by_expert[k] for k in sorted(by_expert, key=lambda k: int(k.rsplit("_", 1)[1]))]
     print(f"  {layer[4:]}: aux={last[layer + '/aux_loss']:.3f} "
           f"z_loss={last[layer + '/z_loss']:.3f} dropped={last[layer + '/dropped']:.3f} "
           f"entropy={last[layer + '/router_entropy']:.3f} "

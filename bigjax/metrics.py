@@ -81,7 +81,10 @@ def _scalar(v):
 
 class MetricWriter:
 
-  def __init__(self, workdir: str, *, enabled: bool | None = None):
+  def __init__(self, workdir: str, *, enabled: bool | None = None, resumed_at: int = 0):
+    """`resumed_at`: the step a resumed run starts from. TensorBoard is told to
+    drop the earlier attempt's points past it (a purge event), as metrics.jsonl
+    is rewound there."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = None
     if self.enabled and is_remote(workdir):
@@ -92,7 +95,8 @@ class MetricWriter:
     if self.enabled:
       from tensorboardX import SummaryWriter, record_writer  # Pure Python; no TensorFlow.
       record_writer.register_writer_factory("gs", _BucketEventFiles())
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                               purge_step=resumed_at + 1 if resumed_at else None)
 
   def write(self, step: int, scalars: dict):
     if not self.enabled:

@@ -76,7 +76,7 @@ def decay_mask(params):
 
 
 def path_name(path) -> str:
-  """'decoder/blocks/0/mlp/wi' for a jax tree path."""
+  """'decoder/blocks/0/ffn/wi' for a jax tree path."""
   parts = []
   for k in path:
     for attr in ("key", "name", "idx"):

@@ -47,7 +47,7 @@ class TrainSetup:
   state_shardings: TrainState
   abstract_state: TrainState
   init_fn: Callable  # rng -> TrainState, traced inside jit by create_state.
-  param_axes: dict  # 'decoder/blocks/0/mlp/wi' -> logical axis names.
+  param_axes: dict  # 'decoder/blocks/0/ffn/wi' -> logical axis names.
 
   def model(self, params, model_state=None) -> nnx.Module:
     if model_state is None:

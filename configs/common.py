@@ -121,7 +121,7 @@ def optim_config(**overrides):
       # A NaN/Inf gradient: "skip" drops that update (counted as skipped_updates in
       # metrics.jsonl); "halt" stops the run at the next logging step with an error.
       nan_policy="skip",
-      # Regex over parameter paths ("decoder/blocks/0/mlp/wi/kernel") to freeze.
+      # Regex over parameter paths ("decoder/blocks/0/ffn/wi") to freeze.
       freeze="",
   ))
   optim.update(overrides)

@@ -64,3 +64,18 @@ def test_labels_past_num_outputs_are_rejected_before_training(tmp_path):
   assert "config.model.num_outputs=5" in r.stderr and "config.data.label_key" in r.stderr
   assert "Set --config.model.num_outputs=10" in r.stderr, r.stderr[-2000:]
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_router_metrics_list_expert_loads_in_expert_order(tmp_path, capsys):
+  """12 experts: expert_10 and expert_11 come after expert_9, not after expert_1."""
+  import json
+
+  from bigjax import main
+  layer = "moe/decoder/blocks/1/ffn"
+  row = {"step": 20, "loss": 1.0, **{f"{layer}/{k}": 0.5 for k in
+                                      ("aux_loss", "z_loss", "dropped", "router_entropy")},
+         **{f"{layer}/load/expert_{e}": e / 100 for e in range(12)}}
+  (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+  main._print_router_metrics(str(tmp_path))
+  shown = capsys.readouterr().out.split("load=[")[1].split("]")[0].split()
+  assert shown == [f"{e / 100:.2f}" for e in range(12)]

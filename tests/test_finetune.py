@@ -3,6 +3,8 @@
 A small source run is trained once; each test starts new runs from it and checks
 the parameters against the source checkpoint itself, read back independently.
 """
+import shutil
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -183,6 +185,27 @@ def test_bad_init_from_settings_are_config_errors(source, tmp_path):
     _fresh_and_loaded(config)
   config.optim.freeze = "."
   with pytest.raises(ValueError, match="freezes every parameter"):
+    _fresh_and_loaded(config)
+  config.optim.freeze = ""
+  config.init_from.skip = "decoder/blocks/0/mlp/"  # The block's FFN is ffn/, not mlp/.
+  with pytest.raises(config_lib.ConfigError, match=r"init_from.skip: .* matches no parameter"):
+    _fresh_and_loaded(config)
+
+
+def test_a_damaged_source_checkpoint_is_never_loaded(source, tmp_path):
+  """A flipped byte in the source, which orbax would read back silently, is a
+  config error naming init_from, as it is damage on resume."""
+  copy = tmp_path / "source"
+  shutil.copytree(source["workdir"], copy)
+  step_dir = copy / "checkpoints" / str(SOURCE_STEPS)
+  largest = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  data[len(data) // 2] ^= 0x40
+  largest.write_bytes(bytes(data))
+  config = _config(source["data_dir"])
+  config.init_from.workdir = str(copy)
+  with pytest.raises(config_lib.ConfigError, match=rf"init_from.workdir: its checkpoint at "
+                     rf"step {SOURCE_STEPS} is damaged \(file .* other bytes"):
     _fresh_and_loaded(config)
 
 

@@ -1,5 +1,7 @@
 """The loop's pieces, driven from outside: train.prepare, then loop.run_loop
 with a hook of one's own, against the jitted step called by hand."""
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -107,3 +109,43 @@ def test_the_first_row_after_a_crash_says_it_averages_fewer_steps(tmp_path):
     _train(config, workdir, StopAt(7, crash=True))
   rows = _train(config, workdir)
   assert [(r["step"], r.get("steps_averaged")) for r in rows] == [(4, None), (8, 2), (12, None)]
+
+
+def _events(path):
+  """The Event protos of one TensorBoard event file (TFRecord framing: length,
+  its CRC, the bytes, their CRC)."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+  data, out, at = path.read_bytes(), [], 0
+  while at < len(data):
+    (n,) = struct.unpack("<Q", data[at:at + 8])
+    out.append(event_pb2.Event.FromString(data[at + 12:at + 12 + n]))
+    at += 12 + n + 4
+  return out
+
+
+def test_tensorboard_is_told_to_purge_the_points_a_resume_repeats(tmp_path):
+  """A run that crashed after step 10 and resumed from its step-5 checkpoint. Its
+  new event file starts with TensorBoard's purge marker at step 6 (SessionLog
+  START: TensorBoard then drops the earlier file's points from step 6 on, as
+  metrics.jsonl is rewound); a fresh run's has none."""
+  from tensorboardX.proto import event_pb2
+
+  first = metrics.MetricWriter(str(tmp_path), enabled=True)
+  for step in range(1, 11):
+    first.write(step, {"loss": 1.0 * step})
+  first.close()
+  (first_file,) = list((tmp_path / "tensorboard").iterdir())
+  time.sleep(1.1)  # Event files are named by the second they were opened in.
+  rerun = metrics.MetricWriter(str(tmp_path), enabled=True, resumed_at=5)
+  for step in range(6, 9):
+    rerun.write(step, {"loss": -1.0 * step})
+  rerun.close()
+  (second_file,) = set((tmp_path / "tensorboard").iterdir()) - {first_file}
+  start = event_pb2.SessionLog.START
+  assert not [e for e in _events(first_file) if e.session_log.status == start]
+  marks = [e.step for e in _events(second_file) if e.session_log.status == start]
+  assert marks == [6]
+  assert [(e.step, e.summary.value[0].simple_value) for e in _events(second_file)
+          if e.summary.value] == [(s, -float(s)) for s in range(6, 9)]
