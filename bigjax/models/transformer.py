@@ -26,6 +26,9 @@ KINDS = ("decoder", "encoder", "encdec")
 POSITIONS = ("learned", "rotary")
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
+  """The model's settings. The field defaults make a small float32 model for direct
+  use (tests, notebooks, benchmarks); a run takes every value from its config file
+  (from_dict requires them all), so configs/ stays the one source of run defaults."""
   kind: str = "decoder"
   vocab_size: int = 259
   num_layers: int = 2
