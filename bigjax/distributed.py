@@ -12,11 +12,16 @@ many:
       (Cloud TPU VM slices, SLURM, Open MPI). Run the same command on every host.
 
 Neither set: a single process, nothing to initialise. On CPU, cross-process
-collectives use gloo (JAX's default).
+collectives use gloo (JAX's default). BIGJAX_NUM_PROCESSES or BIGJAX_PROCESS_ID
+without BIGJAX_COORDINATOR is an error, not a single process: each host would
+otherwise train alone. Bad values raise EnvError, a ConfigError, which
+`python -m bigjax.main` prints in one line.
 """
 import os
 
 import jax
+
+from bigjax import config as config_lib
 
 ENV_COORDINATOR = "BIGJAX_COORDINATOR"
 ENV_NUM_PROCESSES = "BIGJAX_NUM_PROCESSES"
@@ -26,14 +31,20 @@ ENV_AUTO = "BIGJAX_DISTRIBUTED"
 ENV_INIT_TIMEOUT = "BIGJAX_INIT_TIMEOUT"
 
 
-def _int(environ, name: str) -> int:
+class EnvError(config_lib.ConfigError):
+  """A BIGJAX_* variable is missing, malformed or conflicts with another."""
+
+
+def _int(environ, name: str, what: str, minimum: int, example: str = "") -> int:
   value = environ.get(name)
   try:
-    return int(value)
+    number = int(value)
   except (TypeError, ValueError):
-    raise ValueError(f"{ENV_COORDINATOR} is set, so {name} must be an integer; got "
-                     f"{value!r}. Set {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} too "
-                     "(experiments/launch_multihost.py does).") from None
+    number = None
+  if number is None or number < minimum:
+    got = "it is not set" if value is None else f"got {name}={value!r}"
+    raise EnvError(f"{name} must be {what}, an integer >= {minimum}{example}; {got}.")
+  return number
 
 
 def initialize_from_env(environ=None) -> bool:
@@ -47,19 +58,34 @@ def initialize_from_env(environ=None) -> bool:
     return True
   kwargs = {}
   if environ.get(ENV_INIT_TIMEOUT):
-    kwargs["initialization_timeout"] = int(environ[ENV_INIT_TIMEOUT])
+    kwargs["initialization_timeout"] = _int(environ, ENV_INIT_TIMEOUT, "in seconds", 1,
+                                            " such as 300 (no unit)")
   coordinator = environ.get(ENV_COORDINATOR)
   if coordinator:
-    num, pid = _int(environ, ENV_NUM_PROCESSES), _int(environ, ENV_PROCESS_ID)
-    if not 0 <= pid < num:
-      raise ValueError(f"{ENV_PROCESS_ID}={pid} must be in [0, {ENV_NUM_PROCESSES}={num}).")
+    num = _int(environ, ENV_NUM_PROCESSES, "the number of processes", 1)
+    pid = _int(environ, ENV_PROCESS_ID, "this process's index", 0)
+    if pid >= num:
+      raise EnvError(f"{ENV_PROCESS_ID}={pid} must be in [0, {ENV_NUM_PROCESSES}={num}).")
     jax.distributed.initialize(coordinator, num_processes=num, process_id=pid, **kwargs)
     return True
   auto = environ.get(ENV_AUTO, "").strip().lower()
-  if auto in ("auto", "1", "true", "yes"):
+  if auto not in ("", "0", "false", "no", "auto", "1", "true", "yes"):
+    raise EnvError(f"{ENV_AUTO}={environ[ENV_AUTO]!r}: use 'auto' (let JAX detect the "
+                   "cluster) or leave it unset.")
+  use_auto = auto in ("auto", "1", "true", "yes")
+  # Without a coordinator these two would be ignored: each host would run alone
+  # (or, with auto, JAX's detected values would silently win over them).
+  stray = [f"{name}={environ[name]}" for name in (ENV_NUM_PROCESSES, ENV_PROCESS_ID)
+           if environ.get(name)]
+  if stray:
+    them = "them" if len(stray) > 1 else "it"
+    fix = (f"unset {them}, as {ENV_AUTO}=auto detects the process count and index itself"
+           if use_auto else
+           f"set {ENV_COORDINATOR}=HOST:PORT (process 0's address) on every process too "
+           f"(experiments/launch_multihost.py sets all three), or unset {them} to run a "
+           "single process")
+    raise EnvError(f"{' and '.join(stray)} set without {ENV_COORDINATOR}: {fix}.")
+  if use_auto:
     jax.distributed.initialize(**kwargs)
     return True
-  if auto not in ("", "0", "false", "no"):
-    raise ValueError(f"{ENV_AUTO}={environ[ENV_AUTO]!r}: use 'auto' (let JAX detect the "
-                     "cluster) or leave it unset.")
   return False

@@ -4,6 +4,8 @@ Training FLOPs per token = 6 x (parameters that take part in a matmul for that
 token, the unembedding included) + causal attention 6 x layers x context x
 (heads x head_dim), which is PaLM's 12 x L x H x Q x T halved because a causal
 mask leaves half the score matrix unused (Levanter and Megatron count it whole).
+Bidirectional attention (an encoder's, and cross-attention) uses the whole score
+matrix and counts the whole 12 x L x H x Q x T.
 A MoE layer counts its router and the k experts each token is routed to, not
 all E. XLA's own counted FLOPs are not used: they count a scanned layer once and
 rematerialised work twice.
@@ -11,9 +13,11 @@ rematerialised work twice.
 from bigjax.models import transformer
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' sheets (without sparsity).
+# Matched as substrings of jax's device_kind in this order: a v5p reports plain
+# "TPU v5", so that key comes after the v5 lite ones.
 PEAK_BF16 = {"tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12,
-             "tpu v6 lite": 918e12, "tpu v6e": 918e12, "h100": 989e12, "h200": 989e12,
-             "a100": 312e12}
+             "tpu v5": 459e12, "tpu v6 lite": 918e12, "tpu v6e": 918e12, "h100": 989e12,
+             "h200": 989e12, "a100": 312e12}
 
 
 def _layer_matmul_params(cfg: transformer.TransformerConfig, moe: bool,
@@ -40,13 +44,14 @@ def training_flops_per_token(cfg: transformer.TransformerConfig, seq_len: int) -
   attn_width = cfg.num_heads * (cfg.head_dim or cfg.emb_dim // cfg.num_heads)
   params = cfg.emb_dim * cfg.vocab_size  # The unembedding (tied or not).
   params += _stack(cfg, cfg.num_layers, cross_attention=False)
-  attention = 6 * cfg.num_layers * seq_len * attn_width
+  # The first (or only) stack: causal in a decoder, so half its score matrix
+  # counts; bidirectional in an encoder and in an encoder-decoder's encoder, so
+  # all of it does.
+  attention = 6 * cfg.num_layers * seq_len * attn_width * (1 if cfg.kind == "decoder" else 2)
   if cfg.kind == "encdec":
     decoder_layers = cfg.num_decoder_layers or cfg.num_layers
     params += _stack(cfg, decoder_layers, cross_attention=True)
     attention += 6 * decoder_layers * seq_len * attn_width * 3  # causal self + full cross
-  elif cfg.kind == "encoder":
-    attention *= 2  # Bidirectional: the whole score matrix is used.
   return 6 * params + attention
 
 

@@ -26,10 +26,13 @@ plain `jax.distributed.initialize()` finds the slice by itself:
 On hosts you address yourself, set the three BIGJAX_* variables per host instead,
 with the coordinator at process 0's address.
 
-Signals: SIGTERM/SIGINT to the launcher are forwarded to every process; under
-jax.distributed they all stop at the same step, save a checkpoint and exit 0, and so
-does the launcher. If any process fails, the others are stopped and the launcher
-exits with the failing process's code. Rerunning the same command resumes.
+Signals: SIGTERM or SIGINT (Ctrl-C) to the launcher is forwarded to every process
+as SIGTERM; under jax.distributed they all stop at the same step, save a checkpoint
+and exit 0, and so does the launcher. The processes ignore SIGINT themselves, so a
+Ctrl-C that the terminal sends to the whole process group stops them the same way.
+If any process fails, the others are stopped and the launcher exits with the failing
+process's code. Rerunning the same command resumes. (With --auto the launcher
+becomes bigjax.main itself: send it SIGTERM, as a Ctrl-C stops it without saving.)
 """
 import argparse
 import os
@@ -79,22 +82,33 @@ def _stop(procs, sig, grace: float):
 
 def launch(main_args: list[str], *, num_processes: int, devices_per_process: int | None,
            port: int | None = None, python: str = sys.executable) -> int:
-  """Spawns the processes, forwards SIGTERM/SIGINT, returns the job's exit code."""
+  """Spawns the processes, forwards SIGTERM/SIGINT as SIGTERM, returns the job's exit
+  code."""
   coordinator = f"127.0.0.1:{port or free_port()}"
   cmd = [python, "-m", "bigjax.main", *main_args]
-  procs = [subprocess.Popen(cmd, env=child_env(os.environ, process_id=i,
-                                               num_processes=num_processes,
-                                               coordinator=coordinator,
-                                               devices_per_process=devices_per_process))
-           for i in range(num_processes)]
+  procs = []
 
   def forward(signum, frame):
+    # Always SIGTERM: it is what bigjax.train (through JAX's preemption sync) turns
+    # into "save a checkpoint at the same step on every process and exit 0"; a
+    # SIGINT would raise KeyboardInterrupt mid-step and save nothing.
     for p in procs:
       if p.poll() is None:
-        p.send_signal(signum)
+        p.send_signal(signal.SIGTERM)
 
-  previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+  # The processes start with SIGINT ignored (an ignored signal stays ignored across
+  # exec, and Python then installs no KeyboardInterrupt handler): a terminal's Ctrl-C
+  # goes to the whole process group, and only the launcher should act on it. They
+  # stay in the launcher's process group, so killing the group, closing the terminal
+  # or Ctrl-Z still reaches them.
+  previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+              signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
   try:
+    for i in range(num_processes):
+      procs.append(subprocess.Popen(cmd, env=child_env(
+          os.environ, process_id=i, num_processes=num_processes, coordinator=coordinator,
+          devices_per_process=devices_per_process)))
+    signal.signal(signal.SIGINT, forward)
     while True:
       codes = [p.poll() for p in procs]
       failed = [c for c in codes if c not in (None, 0)]

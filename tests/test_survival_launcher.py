@@ -2,10 +2,14 @@
 and bigjax.distributed's reading of the BIGJAX_* variables (the 2-process job
 itself runs in test_survival_runs.py)."""
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from bigjax import distributed
+from bigjax import config as config_lib, distributed
 from experiments import launch_multihost
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,10 +39,106 @@ def test_launcher_needs_main_flags(capsys):
 def test_distributed_env_checks():
   assert distributed.initialize_from_env({}) is False
   assert distributed.initialize_from_env({"BIGJAX_DISTRIBUTED": "0"}) is False
-  with pytest.raises(ValueError, match="BIGJAX_NUM_PROCESSES must be an integer"):
+  with pytest.raises(ValueError, match="BIGJAX_NUM_PROCESSES must be .*it is not set"):
     distributed.initialize_from_env({"BIGJAX_COORDINATOR": "127.0.0.1:1"})
   with pytest.raises(ValueError, match=r"BIGJAX_PROCESS_ID=2 must be in \[0, "):
     distributed.initialize_from_env({"BIGJAX_COORDINATOR": "127.0.0.1:1",
                                      "BIGJAX_NUM_PROCESSES": "2", "BIGJAX_PROCESS_ID": "2"})
   with pytest.raises(ValueError, match="BIGJAX_DISTRIBUTED='maybe'"):
     distributed.initialize_from_env({"BIGJAX_DISTRIBUTED": "maybe"})
+
+
+COORD = {"BIGJAX_COORDINATOR": "127.0.0.1:1"}
+
+
+@pytest.mark.parametrize("environ, match", [
+    # A process count or index without a coordinator: each host would train alone.
+    ({"BIGJAX_NUM_PROCESSES": "2", "BIGJAX_PROCESS_ID": "1"},
+     "BIGJAX_NUM_PROCESSES=2 and BIGJAX_PROCESS_ID=1 set without BIGJAX_COORDINATOR: "
+     "set BIGJAX_COORDINATOR=HOST:PORT"),
+    ({"BIGJAX_PROCESS_ID": "0"}, "BIGJAX_PROCESS_ID=0 set without BIGJAX_COORDINATOR"),
+    # auto detects both: explicit ones would be silently overridden.
+    ({"BIGJAX_DISTRIBUTED": "auto", "BIGJAX_NUM_PROCESSES": "4"},
+     "BIGJAX_NUM_PROCESSES=4 set without BIGJAX_COORDINATOR: unset it, as "
+     "BIGJAX_DISTRIBUTED=auto detects"),
+    # Every integer names its variable (it was a bare "invalid literal for int()").
+    ({"BIGJAX_INIT_TIMEOUT": "5m"}, "BIGJAX_INIT_TIMEOUT must be in seconds, an integer "
+     ">= 1 such as 300 \\(no unit\\); got BIGJAX_INIT_TIMEOUT='5m'"),
+    ({"BIGJAX_INIT_TIMEOUT": "0"}, "BIGJAX_INIT_TIMEOUT must be in seconds"),
+    ({**COORD, "BIGJAX_NUM_PROCESSES": "two", "BIGJAX_PROCESS_ID": "0"},
+     "BIGJAX_NUM_PROCESSES must be the number of processes, an integer >= 1; "
+     "got BIGJAX_NUM_PROCESSES='two'"),
+    ({**COORD, "BIGJAX_NUM_PROCESSES": "0", "BIGJAX_PROCESS_ID": "0"},
+     "BIGJAX_NUM_PROCESSES must be the number of processes, an integer >= 1"),
+    ({**COORD, "BIGJAX_NUM_PROCESSES": "2", "BIGJAX_PROCESS_ID": "-1"},
+     "BIGJAX_PROCESS_ID must be this process's index, an integer >= 0"),
+    ({**COORD, "BIGJAX_NUM_PROCESSES": "2", "BIGJAX_PROCESS_ID": "1.0"},
+     "got BIGJAX_PROCESS_ID='1.0'"),
+])
+def test_distributed_env_errors_name_the_variable(environ, match):
+  # ConfigError: what `python -m bigjax.main` prints as one line.
+  with pytest.raises(config_lib.ConfigError, match=match):
+    distributed.initialize_from_env(environ)
+
+
+def test_cli_reports_env_error_in_one_line(tmp_path):
+  env = dict(os.environ, BIGJAX_NUM_PROCESSES="2", BIGJAX_PROCESS_ID="1")
+  r = subprocess.run([sys.executable, "-m", "bigjax.main", "--config=configs/lm.py:runlocal",
+                      f"--workdir={tmp_path / 'run'}"], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1, r.stdout + r.stderr
+  lines = [line for line in r.stderr.splitlines() if "BIGJAX_" in line]
+  assert lines == ["Invalid config: BIGJAX_NUM_PROCESSES=2 and BIGJAX_PROCESS_ID=1 set "
+                   "without BIGJAX_COORDINATOR: set BIGJAX_COORDINATOR=HOST:PORT (process 0's "
+                   "address) on every process too (experiments/launch_multihost.py sets all "
+                   "three), or unset them to run a single process."], r.stderr
+  assert "Traceback" not in r.stderr and not os.listdir(tmp_path)
+
+
+# Stands in for `python -m bigjax.main`: records the signal that stops it. Python
+# turns an inherited SIGINT into KeyboardInterrupt unless the launcher ignored it.
+FAKE_CHILD = """#!{python}
+import os, signal, sys, time
+out = os.path.join({out!r}, str(os.getpid()))
+def stop(signum, frame):
+  with open(out, "w") as f:
+    f.write(signal.Signals(signum).name)
+  sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+try:
+  open(out, "w").close()
+  time.sleep(60)
+except KeyboardInterrupt:
+  with open(out, "w") as f:
+    f.write("KeyboardInterrupt")
+  sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the launcher", "SIGINT to the launcher",
+                                 "Ctrl-C: SIGINT to the process group"])
+def test_launcher_stops_processes_with_sigterm(tmp_path, how):
+  fake = tmp_path / "fake_python"
+  fake.write_text(FAKE_CHILD.format(python=sys.executable, out=str(tmp_path)))
+  fake.chmod(0o755)
+  script = ("import sys; from experiments import launch_multihost; sys.exit(launch_multihost."
+            f"launch(['--x'], num_processes=2, devices_per_process=None, python={str(fake)!r}))")
+  # Its own process group, like a job a terminal started: the group is what Ctrl-C hits.
+  launcher = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, start_new_session=True,
+                              stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 60
+    while len([n for n in os.listdir(tmp_path) if n.isdigit()]) < 2:
+      assert time.monotonic() < deadline and launcher.poll() is None, launcher.stderr.read()
+      time.sleep(0.02)
+    if how.startswith("Ctrl-C"):
+      os.killpg(launcher.pid, signal.SIGINT)
+    else:
+      launcher.send_signal(signal.SIGTERM if how.startswith("SIGTERM") else signal.SIGINT)
+    assert launcher.wait(timeout=30) == 0, launcher.stderr.read()
+  finally:
+    if launcher.poll() is None:
+      os.killpg(launcher.pid, signal.SIGKILL)
+      launcher.wait()
+  got = [(tmp_path / n).read_text() for n in os.listdir(tmp_path) if n.isdigit()]
+  assert got == ["SIGTERM", "SIGTERM"]

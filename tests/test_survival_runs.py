@@ -230,6 +230,24 @@ def test_multihost_preempt_and_resume_matches_single_process(env, reference):
                              _losses(reference, "eval_loss")[TOTAL], rtol=1e-5)
 
 
+def test_multihost_ctrl_c_saves_a_checkpoint_on_every_process(env):
+  # A terminal's Ctrl-C: SIGINT to the launcher's whole process group (_start makes
+  # the launcher a group leader). The processes ignore the SIGINT itself and get
+  # SIGTERM from the launcher, so they save as for a preemption instead of dying of
+  # KeyboardInterrupt.
+  workdir = str(env["base"] / "multihost_ctrl_c")
+  proc = _start(env, workdir, launcher_args=["--num_processes=2", "--devices_per_process=4"],
+                checkpoint_every=20)
+  _wait_for(proc, lambda: _max_step(workdir) >= 2, "step 2")
+  os.killpg(proc.pid, signal.SIGINT)
+  out = _finish(proc, timeout=180)
+  assert proc.returncode == 0, out[-4000:]
+  assert "KeyboardInterrupt" not in out, out[-4000:]
+  stops = [int(s) for s in re.findall(r"Preempted: checkpoint saved at step (\d+)", out)]
+  assert len(stops) == 2 and stops[0] == stops[1], out[-4000:]  # Both hosts, same step.
+  assert stops[0] in _checkpoints(workdir)[0]
+
+
 def test_cli_resumes_on_4_devices_as_data2_tensor2(env, reference):
   workdir = str(env["base"] / "four_devices")
   os.makedirs(os.path.join(workdir, "checkpoints"))
