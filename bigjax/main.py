@@ -23,28 +23,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _print_router_metrics(workdir: str):
-  """The last logged router metrics of each MoE layer, one line per layer."""
-  from bigjax import metrics
-
-  rows = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-          if any(k.startswith("moe/") for k in r)]
-  if not rows:
-    return
-  last = rows[-1]
-  layers = sorted({k.rsplit("/", 1)[0] for k in last if k.startswith("moe/")
-                   and "/load/" not in k})
-  print(f"Router metrics at step {last['step']}:")
-  for layer in layers:
-    by_expert = {k: last[k] for k in last if k.startswith(layer + "/load/")}
-    # Keys end in expert_<e>: sorted by number, or expert_10 would come before expert_2.
-    load = [by_expert[k] for k in sorted(by_expert, key=lambda k: int(k.rsplit("_", 1)[1]))]
-    print(f"  {layer[4:]}: aux={last[layer + '/aux_loss']:.3f} "
-          f"z_loss={last[layer + '/z_loss']:.3f} dropped={last[layer + '/dropped']:.3f} "
-          f"entropy={last[layer + '/router_entropy']:.3f} "
-          f"load=[{' '.join(f'{x:.2f}' for x in load)}]")
-
-
 def summarize(result, config, workdir: str):
   """Prints what a researcher checks first: the loss curve, the task's report
   (bits/byte vs unigram entropy and a sample for language models, the final
@@ -59,7 +37,8 @@ def summarize(result, config, workdir: str):
   for line in result.setup.task.report(config, result.eval_metrics, result.data_stats,
                                        result.setup, result.state):
     print(line)
-  _print_router_metrics(workdir)
+  for line in report.router_metrics_lines(workdir):
+    print(line)
 
 
 def _config_arg(argv: list[str]) -> str:

@@ -1,4 +1,5 @@
-"""What a finished run shows a person: a loss-curve PNG and a text summary."""
+"""What a finished run shows a person: a loss-curve PNG and a text summary
+(the MoE router metrics among it)."""
 import io
 import os
 
@@ -33,3 +34,25 @@ def plot_loss_curve(workdir: str) -> str:
   plt.close(fig)
   path.write_bytes(png.getvalue())
   return str(path)
+
+
+def router_metrics_lines(workdir: str) -> list[str]:
+  """The last logged router metrics of each MoE layer, one line per layer (none
+  for a dense model)."""
+  rows = [r for r in metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+          if any(k.startswith("moe/") for k in r)]
+  if not rows:
+    return []
+  last = rows[-1]
+  layers = sorted({k.rsplit("/", 1)[0] for k in last if k.startswith("moe/")
+                   and "/load/" not in k})
+  lines = [f"Router metrics at step {last['step']}:"]
+  for layer in layers:
+    by_expert = {k: last[k] for k in last if k.startswith(layer + "/load/")}
+    # Keys end in expert_<e>: sorted by number, or expert_10 would come before expert_2.
+    load = [by_expert[k] for k in sorted(by_expert, key=lambda k: int(k.rsplit("_", 1)[1]))]
+    lines.append(f"  {layer[4:]}: aux={last[layer + '/aux_loss']:.3f} "
+                 f"z_loss={last[layer + '/z_loss']:.3f} dropped={last[layer + '/dropped']:.3f} "
+                 f"entropy={last[layer + '/router_entropy']:.3f} "
+                 f"load=[{' '.join(f'{x:.2f}' for x in load)}]")
+  return lines

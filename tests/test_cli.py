@@ -66,16 +66,17 @@ def test_labels_past_num_outputs_are_rejected_before_training(tmp_path):
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
-def test_router_metrics_list_expert_loads_in_expert_order(tmp_path, capsys):
+def test_router_metrics_list_expert_loads_in_expert_order(tmp_path):
   """12 experts: expert_10 and expert_11 come after expert_9, not after expert_1."""
   import json
 
-  from bigjax import main
+  from bigjax import report
   layer = "moe/decoder/blocks/1/ffn"
   row = {"step": 20, "loss": 1.0, **{f"{layer}/{k}": 0.5 for k in
                                       ("aux_loss", "z_loss", "dropped", "router_entropy")},
          **{f"{layer}/load/expert_{e}": e / 100 for e in range(12)}}
   (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
-  main._print_router_metrics(str(tmp_path))
-  shown = capsys.readouterr().out.split("load=[")[1].split("]")[0].split()
+  (header, line) = report.router_metrics_lines(str(tmp_path))
+  assert header == "Router metrics at step 20:"
+  shown = line.split("load=[")[1].split("]")[0].split()
   assert shown == [f"{e / 100:.2f}" for e in range(12)]
