@@ -41,6 +41,25 @@ def _loss_and_grads(config, chunk, batch):
   return float(value), float(correct), grads
 
 
+def _numpy_loss(config, batch):
+  """The weighted mean cross-entropy and weighted correct count, in float64 numpy
+  from one plain forward pass's logits: sum w (logsumexp(z) - z[y]) / sum w."""
+  config.loss_chunk_len = 0
+  setup = _setup(config)
+  state = steps.create_state(setup, 0)
+  model = setup.model(state.params, state.model_state)
+  if config.model.kind == "encdec":
+    logits = model(batch["encoder_inputs"], batch["decoder_inputs"])
+  else:
+    logits = model(batch["inputs"])
+  z = np.asarray(logits, np.float64)
+  y, w = np.asarray(batch["targets"]), np.asarray(batch["weights"], np.float64)
+  top = z.max(-1)
+  nll = top + np.log(np.exp(z - top[..., None]).sum(-1)) - np.take_along_axis(
+      z, y[..., None], -1)[..., 0]
+  return (w * nll).sum() / w.sum(), (w * (z.argmax(-1) == y)).sum()
+
+
 @pytest.mark.parametrize("make", [lambda: lm.get_config("runlocal"),
                                   lambda: t5.get_config("runlocal")], ids=["decoder", "encdec"])
 def test_chunked_loss_and_gradients_equal_whole_sequence(make):
@@ -51,6 +70,9 @@ def test_chunked_loss_and_gradients_equal_whole_sequence(make):
   whole, correct, grads = _loss_and_grads(config, 0, batch)
   chunked, correct_c, grads_c = _loss_and_grads(config, 2, batch)
   assert abs(whole - chunked) < 1e-5 * abs(whole) and correct == correct_c
+  # Both against the textbook weighted loss: a fifth of the targets carry weight 0.
+  want, want_correct = _numpy_loss(config, batch)
+  assert abs(whole - want) < 1e-5 * want and correct == want_correct
   for g, gc in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_c)):
     np.testing.assert_allclose(np.asarray(gc), np.asarray(g), rtol=1e-5, atol=1e-7)
 

@@ -55,6 +55,47 @@ def test_warmup_then_cosine_schedule():
   np.testing.assert_allclose(float(sched(110)), 0.1, rtol=1e-5)
 
 
+def test_linear_and_rsqrt_schedule_values():
+  linear = optim.schedule(_optim_config(lr=1.0, warmup_steps=10, schedule="linear",
+                                        end_lr_factor=0.2), total_steps=110)
+  np.testing.assert_allclose([float(linear(s)) for s in (5, 10, 60, 110)],
+                             [0.5, 1.0, 0.6, 0.2], rtol=1e-6)
+  # T5's inverse square root: lr / sqrt(step / warmup) past warmup.
+  rsqrt = optim.schedule(_optim_config(lr=1.0, warmup_steps=10, schedule="rsqrt"),
+                         total_steps=1000)
+  np.testing.assert_allclose([float(rsqrt(s)) for s in (5, 10, 40, 90)],
+                             [0.5, 1.0, 0.5, 1 / 3], rtol=1e-6)
+
+
+# Each name against the optax optimizer it stands for, built here from the same
+# hyperparameters: the settings reach the right arguments.
+OPTAX_REFERENCES = {
+    "sgd": lambda c: optax.sgd(c.lr),
+    "momentum": lambda c: optax.sgd(c.lr, momentum=c.b1),
+    "nesterov": lambda c: optax.sgd(c.lr, momentum=c.b1, nesterov=True),
+    "adam": lambda c: optax.adam(c.lr, b1=c.b1, b2=c.b2, eps=c.eps),
+    "lion": lambda c: optax.lion(c.lr, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay),
+    "adafactor": lambda c: optax.adafactor(c.lr),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTAX_REFERENCES))
+def test_each_optimizer_takes_its_optax_steps(name):
+  cfg = _optim_config(name=name, lr=0.1, b1=0.8, b2=0.95, eps=1e-6)
+  rng = np.random.default_rng(1)
+  params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
+  grads = [{"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)} for _ in range(3)]
+  ours, theirs = optim.make_optimizer(cfg, total_steps=10), OPTAX_REFERENCES[name](cfg)
+  p_ours, p_theirs, s_ours, s_theirs = params, params, ours.init(params), theirs.init(params)
+  for g in grads:
+    u, s_ours = ours.update(g, s_ours, p_ours)
+    p_ours = optax.apply_updates(p_ours, u)
+    u, s_theirs = theirs.update(g, s_theirs, p_theirs)
+    p_theirs = optax.apply_updates(p_theirs, u)
+  np.testing.assert_allclose(p_ours["w"], p_theirs["w"], rtol=1e-5, atol=1e-7)
+  assert not np.allclose(p_ours["w"], params["w"])
+
+
 def test_clipping_by_value_and_global_norm():
   grads = {"a": jnp.array([3.0, -4.0]), "b": jnp.array([12.0])}  # Global norm 13.
   for kw, want in [(dict(clip_norm=1.0), {"a": [3 / 13, -4 / 13], "b": [12 / 13]}),
