@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax._src.ad_checkpoint import remat_p  # jax.checkpoint's primitive
 
 from bigjax import config as config_lib, optim, steps, tasks
 from bigjax.config import ConfigError
@@ -42,6 +43,43 @@ def test_every_policy_gives_the_gradients_of_no_remat(policy, scan):
   for name, g in want.items():
     np.testing.assert_allclose(got[name], g, rtol=1e-5, atol=1e-6 * np.abs(g).max(),
                                err_msg=name)
+
+
+def _checkpoint_policies(jaxpr) -> list:
+  """The policy of every jax.checkpoint in a jaxpr, nested ones (a scan's body) too."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive is remat_p:
+      found.append(eqn.params["policy"])
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          found += _checkpoint_policies(inner)
+  return found
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("policy", stack.REMAT_POLICIES)
+def test_each_policy_wraps_every_block_in_its_checkpoint(policy, scan):
+  """Equal gradients alone would hold with remat silently off: each block (the
+  scanned body once) must run under jax.checkpoint with the named policy."""
+  if policy == "offload_dot_with_no_batch_dims":
+    pytest.skip("needs host memory (checked by its own test)")
+  cfg = transformer.TransformerConfig(**BASE, remat_policy=policy, scan_layers=scan)
+  graphdef, params, rest = nnx.split(transformer.build(cfg, nnx.Rngs(0)), nnx.Param, ...)
+  batch = {"inputs": jnp.ones((2, 8), jnp.int32), "targets": jnp.ones((2, 8), jnp.int32),
+           "weights": jnp.ones((2, 8))}
+  jaxpr = jax.make_jaxpr(lambda p: steps.loss_sums(
+      tasks.get("lm"), nnx.merge(graphdef, p, rest), batch, jax.random.PRNGKey(3))[
+          "loss_sum"])(nnx.to_pure_dict(params))
+  found = _checkpoint_policies(jaxpr.jaxpr)
+  if policy == "none":
+    assert found == []
+    return
+  want = (jax.checkpoint_policies.nothing_saveable if policy == "full"
+          else getattr(jax.checkpoint_policies, policy))
+  assert found == [want] * (1 if scan else BASE["num_layers"])
 
 
 def test_remat_policy_is_validated():
