@@ -161,6 +161,20 @@ def test_filter_logits_matches_numpy(top_k, top_p):
     assert (kept.sum(-1) - least < top_p + 1e-6).all()
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampling_frequencies_follow_the_tempered_softmax(temperature):
+  """20,000 draws from one logits row, unfiltered: each token's frequency is its
+  probability under softmax(logits / temperature), written out in numpy."""
+  z = np.array([2.0, 1.0, 0.0, -1.0, 0.5], np.float32)
+  n = 20_000
+  draws = decode._choose(jnp.tile(jnp.asarray(z), (n, 1)), decode._row_keys(
+      jax.random.PRNGKey(0), n), 0, jnp.float32(temperature), jnp.int32(0),
+      jnp.float32(1.0), greedy=False)
+  freq = np.bincount(np.asarray(draws), minlength=z.size) / n
+  p = np.exp(z / temperature - (z / temperature).max())
+  np.testing.assert_allclose(freq, p / p.sum(), atol=0.012)  # ~4 standard errors.
+
+
 def test_top_k_one_equals_greedy(models):
   model, prompts = models["decoder_dense_learned"], _prompts()
   greedy = decode.generate(model, prompts, max_new_tokens=NEW, eos_id=None)
