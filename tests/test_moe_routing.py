@@ -422,3 +422,28 @@ def test_dropless_equals_capacity_routers_when_nothing_is_dropped():
   gate_of = jnp.sum(top1.combine[0], axis=-1)
   np.testing.assert_allclose(jnp.take_along_axis(gate_of, d1.experts, -1), d1.gates,
                              rtol=1e-6)
+
+
+def test_router_losses_enter_the_loss_with_their_configured_weights():
+  """router_loss_sum = tokens x (aux_weight x sum of the layers' aux losses + z_weight x
+  sum of their z losses): per-token means, scaled by the token count so that the
+  step's division by it leaves the configured weights (distinct, so a swap shows)."""
+  from bigjax import sharding, steps
+  from configs import lm_moe
+  config = lm_moe.get_config("runlocal")
+  config.model.dropout_rate = 0.0
+  setup = steps.make_setup(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+  state = steps.create_state(setup, 0)
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(3, 259, (4, 17)), jnp.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "weights": jnp.asarray(rng.random((4, 16)) > 0.25, jnp.float32)}
+  sums = steps.loss_sums(setup.task, setup.model(state.params, state.model_state), batch,
+                         jax.random.PRNGKey(1), router_weights=(0.01, 0.001))
+  layers = {k: float(v) for k, v in sums["moe"].items() if k.endswith(("/aux_loss", "/z_loss"))}
+  aux = sum(v for k, v in layers.items() if k.endswith("/aux_loss"))
+  z = sum(v for k, v in layers.items() if k.endswith("/z_loss"))
+  assert aux > 0 and z > 0 and len([k for k in layers if k.endswith("/aux_loss")]) >= 1
+  np.testing.assert_allclose(float(sums["router_loss_sum"]),
+                             float(batch["weights"].sum()) * (0.01 * aux + 0.001 * z),
+                             rtol=1e-5)
