@@ -248,7 +248,10 @@ def test_router_logits_stay_float32_under_bfloat16(router):
   y, m = apply(bf16, xb, jax.random.PRNGKey(0))
   assert y.dtype == jnp.bfloat16
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(m))
-  want, _ = apply(f32, xb.astype(jnp.float32), jax.random.PRNGKey(0))
+  want, m32 = apply(f32, xb.astype(jnp.float32), jax.random.PRNGKey(0))
+  # The same routing: float32 logits from the same (bf16) inputs pick the same
+  # experts, so every expert gets the same share of the tokens.
+  np.testing.assert_array_equal(np.asarray(m["load"]), np.asarray(m32["load"]))
   assert np.all(np.isfinite(np.asarray(y, np.float32)))
   np.testing.assert_allclose(np.asarray(y, np.float32), want, atol=0.05 * float(
       jnp.max(jnp.abs(want))))
