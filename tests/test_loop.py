@@ -45,6 +45,32 @@ def test_run_loop_with_a_custom_hook_equals_the_step_by_hand(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+class LeaseExpiringAt:
+  """A workdir lock whose lease is found expired at its `at`-th check."""
+
+  def __init__(self, at: int):
+    self.at, self.calls = at, 0
+
+  def check(self):
+    self.calls += 1
+    if self.calls >= self.at:
+      raise RuntimeError("lease expired")
+
+
+def test_a_lease_lost_during_a_step_stops_the_run_before_the_hooks_after_it_write(tmp_path):
+  """A step (the first one's compilation) can outlast what is left of a lease: the
+  lock is checked again after the step, so no later hook (saving, logging) runs."""
+  config = mlp.get_config("variant=binary,runlocal")
+  config.data.data_dir = str(tmp_path / "data")
+  prepared = train.prepare(config, str(tmp_path / "run"))
+  prepared.ckpt.close()
+  record = RecordLosses()
+  with pytest.raises(RuntimeError, match="lease expired"):
+    loop.run_loop(loop.Loop(prepared.setup, prepared.state, 0), prepared.data.train,
+                  [loop.HoldWorkdir(LeaseExpiringAt(2)), record])  # 1: before step 0.
+  assert record.losses == []
+
+
 def _config(tmp_path, **kw):
   config = mlp.get_config("variant=binary,runlocal")
   config.data.data_dir = str(tmp_path / "data")
