@@ -14,6 +14,7 @@ from bigjax import (config as config_lib, decode, generate, init_from, metrics, 
                     sharding, steps, train)
 from bigjax.data import pipeline, tokenizer
 from configs import gpt2, mlp
+from tests import checkpoint_damage
 
 pytestmark = pytest.mark.slow
 SOURCE_STEPS = 60
@@ -198,10 +199,7 @@ def test_a_damaged_source_checkpoint_is_never_loaded(source, tmp_path):
   copy = tmp_path / "source"
   shutil.copytree(source["workdir"], copy)
   step_dir = copy / "checkpoints" / str(SOURCE_STEPS)
-  largest = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-  data = bytearray(largest.read_bytes())
-  data[len(data) // 2] ^= 0x40
-  largest.write_bytes(bytes(data))
+  checkpoint_damage.flip_byte(checkpoint_damage.largest_file(step_dir))
   config = _config(source["data_dir"])
   config.init_from.workdir = str(copy)
   with pytest.raises(config_lib.ConfigError, match=rf"init_from.workdir: its checkpoint at "

@@ -12,6 +12,7 @@ import pytest
 from bigjax import checkpoint, checkpoint_integrity, sharding, steps, train
 from bigjax.data import pipeline
 from configs import lm
+from tests import checkpoint_damage
 
 
 def _state(step: int, scale: float = 1.0) -> steps.TrainState:
@@ -112,10 +113,7 @@ def _two_steps_step2_without_record(tmp_path):
   ckpt.close()
   step_dir = tmp_path / "checkpoints" / "2"
   os.remove(step_dir / checkpoint_integrity.CHECKSUMS)
-  largest = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-  data = bytearray(largest.read_bytes())
-  data[len(data) // 2] ^= 0x40
-  largest.write_bytes(bytes(data))
+  checkpoint_damage.flip_byte(checkpoint_damage.largest_file(step_dir))
   return step_dir
 
 

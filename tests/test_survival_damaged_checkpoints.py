@@ -12,6 +12,7 @@ import pytest
 
 from bigjax import generate
 from bigjax.data import pipeline
+from tests import checkpoint_damage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
@@ -49,25 +50,8 @@ def _step_dir(workdir, step) -> str:
   return os.path.join(workdir, "checkpoints", str(step))
 
 
-def _largest_file(step_dir) -> str:
-  files = [os.path.join(parent, name) for parent, _, names in os.walk(step_dir)
-           for name in names]
-  return max(files, key=os.path.getsize)
-
-
-def _truncate(path):
-  os.truncate(path, os.path.getsize(path) // 2)
-
-
-def _flip_byte(path):
-  with open(path, "r+b") as f:
-    f.seek(os.path.getsize(path) // 2)
-    byte = f.read(1)
-    f.seek(-1, os.SEEK_CUR)
-    f.write(bytes([byte[0] ^ 0xFF]))
-
-
-DAMAGE = {"truncated": _truncate, "deleted": os.remove, "flipped": _flip_byte}
+DAMAGE = {"truncated": checkpoint_damage.truncate, "deleted": os.remove,
+          "flipped": checkpoint_damage.flip_byte}
 
 
 def test_every_step_carries_checksums_of_its_files(trained):
@@ -75,7 +59,7 @@ def test_every_step_carries_checksums_of_its_files(trained):
     step_dir = _step_dir(trained["workdir"], step)
     with open(os.path.join(step_dir, "bigjax_checksums.json")) as f:
       record = json.load(f)
-    largest = _largest_file(step_dir)
+    largest = checkpoint_damage.largest_file(step_dir)
     name = os.path.relpath(largest, step_dir)
     assert record["files"][name][0] == os.path.getsize(largest) and record["good"] is True
 
@@ -112,7 +96,7 @@ def _assert_resumed_from_10(r, trained, workdir):
 @pytest.mark.parametrize("how", sorted(DAMAGE))
 def test_damaged_array_file_falls_back_to_previous_step(trained, tmp_path, how):
   workdir = _copy(trained, tmp_path)
-  DAMAGE[how](_largest_file(_step_dir(workdir, 20)))
+  DAMAGE[how](checkpoint_damage.largest_file(_step_dir(workdir, 20)))
   r = _main(workdir, trained["data_dir"], "--config.log_every=1", "--config.total_steps=30")
   _assert_resumed_from_10(r, trained, workdir)
 
@@ -125,7 +109,7 @@ def test_generate_uses_the_previous_step_when_one_is_damaged(trained, tmp_path, 
   capsys.readouterr()
 
   workdir = _copy(trained, tmp_path / "damaged")
-  DAMAGE[how](_largest_file(_step_dir(workdir, 20)))
+  DAMAGE[how](checkpoint_damage.largest_file(_step_dir(workdir, 20)))
   got = generate.run(workdir, "def ", max_new_tokens=8)
   notes = _lines(capsys.readouterr().err, "is damaged")
   assert got == want
