@@ -50,12 +50,6 @@ def _everywhere(ok: bool) -> bool:
   return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
-def _warn_if_unverified(step_dir: epath.Path):
-  if jax.process_index() == 0 and integrity.unverified(step_dir):
-    logging.warning("Checkpoint %s has no checksum record (saved before bigjax wrote them): "
-                    "its files cannot be verified; reading it as it is.", step_dir)
-
-
 def _as_dict(state: TrainState) -> dict:
   return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
           "rng": state.rng, "model_state": state.model_state}
@@ -343,7 +337,7 @@ class Checkpointer:
     # Checksums first (process 0 reads the files once), so that a damaged step
     # is never handed to orbax; then the restored values must be finite.
     problem = integrity.damage(self.directory / str(step)) if jax.process_index() == 0 else None
-    _warn_if_unverified(self.directory / str(step))
+    integrity.warn_if_unverified(self.directory / str(step))
     state = None
     if _everywhere(problem is None):
       try:
@@ -497,7 +491,7 @@ class CheckpointReader:
     problem = integrity.damage(self.directory / str(step))
     if problem:
       return problem
-    _warn_if_unverified(self.directory / str(step))
+    integrity.warn_if_unverified(self.directory / str(step))
     try:
       params, model_state = self.restore_params(abstract_state, shardings, step)
     except (CheckpointMismatchError, KeyboardInterrupt):

@@ -16,6 +16,7 @@ The record also says whether the saved state was good (its training loss
 finite), which decides which checkpoint must never be rotated out.
 """
 import json
+import logging
 import zlib
 
 import jax
@@ -76,6 +77,13 @@ def unverified(step_dir: epath.Path) -> bool:
     return False
   return not any(p != step_dir and p.name.isdigit() and (p / CHECKSUMS).exists()
                  for p in step_dir.parent.iterdir())
+
+
+def warn_if_unverified(step_dir: epath.Path):
+  """One line (process 0) when the step about to be read is `unverified`."""
+  if jax.process_index() == 0 and unverified(step_dir):
+    logging.warning("Checkpoint %s has no checksum record (saved before bigjax wrote them): "
+                    "its files cannot be verified; reading it as it is.", step_dir)
 
 
 def is_good(step_dir: epath.Path) -> bool:

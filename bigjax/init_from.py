@@ -22,7 +22,6 @@ at the same path and shape: they belong to the parameters they normalise for.
 Only a run's first start reads the source: a resumed run restores its own
 checkpoint, which already holds the fine-tuned parameters.
 """
-import logging
 import re
 
 import jax
@@ -89,9 +88,7 @@ def load(config, setup: steps.TrainSetup, state: steps.TrainState):
       _fail(f"its checkpoint at step {step} is damaged ({problem}).",
             f"Set init_from.step to another of its steps ({reader.all_steps()}), or put "
             "back a good copy of that step.")
-    if integrity.unverified(reader.directory / str(step)):
-      logging.warning("init_from: %s step %d has no checksum record (saved before bigjax "
-                      "wrote them); its files cannot be verified.", cfg.workdir, step)
+    integrity.warn_if_unverified(reader.directory / str(step))
     tree = reader.metadata(step)
     if "params" not in tree:
       _fail(f"the checkpoint at step {step} in {cfg.workdir} holds no parameters.",
