@@ -218,6 +218,17 @@ def _validate_transformer(config):
   if m.position == "rotary" and head_dim % 2:
     _fail("model.head_dim", f"rotary embeddings need an even head_dim, got {head_dim}.",
           "Change emb_dim/num_heads or model.head_dim.")
+  if m.position == "relative":
+    if m.relative_buckets < 4 or m.relative_buckets % 2:
+      _fail("model.relative_buckets", f"{m.relative_buckets} is not an even number >= 4.",
+            "Use e.g. 32 (T5's).")
+    if not m.relative_max_distance > m.relative_buckets // 2:
+      _fail("model.relative_max_distance", f"{m.relative_max_distance} is not past the "
+            f"{m.relative_buckets // 2} offsets that have buckets of their own.",
+            "Use e.g. 128 (T5's).")
+    if m.attention_impl == "cudnn":
+      _fail("model.attention_impl", "'cudnn' takes no relative position biases.",
+            "Use 'auto' or 'xla' with position='relative'.")
   if not 0.0 <= m.dropout_rate < 1.0:
     _fail("model.dropout_rate", f"{m.dropout_rate} is outside [0, 1).", "Use e.g. 0.1.")
   if m.position == "learned" and config.seq_len > m.max_len:

@@ -51,6 +51,7 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("exp", "expert"),
     ("classes", None),  # Classifier outputs: few, kept whole.
+    ("relpos_buckets", None),  # Relative position biases: a small table.
     ("layers", None),
     # Activations. Rows split over every data-parallel axis (as t5x); the
     # residual stream's features stay whole (sequence parallelism would shard

@@ -1,6 +1,8 @@
-r"""T5.1.1-style encoder-decoder (pre-RMSNorm, gated-GELU MLP, one unit-variance
-embedding table shared by encoder and decoder, a separate output projection,
-Adafactor with an inverse-sqrt schedule)
+r"""T5.1.1 encoder-decoder (pre-RMSNorm, gated-GELU MLP, T5's relative position
+biases, one unit-variance embedding table shared by encoder and decoder, a separate
+output projection, no biases, Adafactor with an inverse-sqrt schedule; the same
+function as HF transformers' T5ForConditionalGeneration given the same weights,
+tests/test_hf_equivalence.py)
 on a sequence-to-sequence task built from the corpus: each chunk of Python
 source in, the same chunk reversed out.
 
@@ -12,9 +14,10 @@ source in, the same chunk reversed out.
 99.6% already at step 200; a guess blind to the input gets the most common byte,
 a space, ~30%), `demo` 16-byte chunks (100% of the 1,024 evaluated bytes after
 1,500 steps, already at step 500), both with a 2-layer, 64-wide model.
-Positions are learned absolute embeddings: T5's relative buckets (like rotary)
-see only offsets, and reversing needs to know that decoder position j reads
-encoder position L-1-j.
+The two variants use learned absolute positions instead: T5's relative buckets
+(like rotary) see only offsets, and reversing needs to know that decoder position j
+reads encoder position L-1-j. With relative positions, `runlocal` reached 77.2%
+after its 600 steps (`--config.model.position=relative`).
 """
 from configs import common, lm
 
@@ -24,7 +27,7 @@ def get_config(arg=None):
   config = lm.get_config("runlocal" if arg.runlocal or arg.demo else None)
   config.task = "reverse"
   config.model.update(kind="encdec", norm="rmsnorm", mlp_activation="gelu", gated_mlp=True,
-                      position="learned", dropout_rate=0.1, init="lecun",
+                      position="relative", dropout_rate=0.1, init="lecun",
                       # T5.1.1: N(0, 1) embeddings, an untied output projection
                       # (lecun: logits O(1)), no depth scaling of residual outputs.
                       # Tied to a unit-variance table, the output would favour each
@@ -36,7 +39,7 @@ def get_config(arg=None):
     config.total_steps = 1500 if arg.demo else 600
     config.batch_size = 32
     config.seq_len = config.model.max_len = 16 if arg.demo else 8
-    config.model.dropout_rate = 0.0
+    config.model.update(dropout_rate=0.0, position="learned")
     config.log_every = config.eval_every = config.checkpoint_every = 500 if arg.demo else 200
     # Adafactor's parameter-relative steps and the rsqrt decay suit long runs;
     # runs of seconds learn faster with AdamW and a short cosine.

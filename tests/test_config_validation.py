@@ -127,6 +127,12 @@ CASES = [
     (_with(model__num_heads=3), "model.num_heads"),  # 3 heads do not divide emb_dim 64.
     (_with(model__num_kv_heads=3), "model.num_kv_heads"),
     (_with(model__emb_dim=60, model__position="rotary"), "model.head_dim"),  # odd head_dim
+    (_with(model__position="relative", model__relative_buckets=7), "model.relative_buckets"),
+    (_with(model__position="relative", model__relative_buckets=2), "model.relative_buckets"),
+    (_with(model__position="relative", model__relative_max_distance=16),
+     "model.relative_max_distance"),  # Not past the 16 exact offsets of 32 buckets.
+    (_with(model__position="relative", model__attention_impl="cudnn"),
+     "model.attention_impl"),
     (_with(seq_len=64), "seq_len"),  # longer than the position table (max_len 32)
     (_with(model__vocab_size=100), "model.vocab_size"),  # fewer ids than the tokenizer
     (_with(model__dropout_rate=1.0), "model.dropout_rate"),

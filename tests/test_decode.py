@@ -43,6 +43,11 @@ MODELS = {
     "decoder_moe_gshard_top2": dict(moe_every=2, moe=moe_lib.MoEConfig(
         num_experts=4, router="gshard_top2", group_size=4, eval_capacity_factor=2.0)),
     "encdec_rotary": dict(kind="encdec", position="rotary", num_layers=1),
+    # Buckets that saturate within the windows: exact, logarithmic and far offsets.
+    "decoder_dense_relative": dict(position="relative", relative_buckets=8,
+                                   relative_max_distance=12),
+    "encdec_relative": dict(kind="encdec", position="relative", num_layers=1,
+                            relative_buckets=8, relative_max_distance=12),
 }
 
 

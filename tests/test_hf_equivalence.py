@@ -1,8 +1,9 @@
-"""bigjax's GPT-2 and Mixtral-style models compute what HF transformers' do.
+"""bigjax's GPT-2, Mixtral-style and T5 models compute what HF transformers' do.
 
 An implementation bigjax did not write: the same weights (every one random,
 biases included, not the zeros or ones of an initialisation) copied into HF's
-GPT2LMHeadModel / MixtralForCausalLM must give the same logits. Needs the
+GPT2LMHeadModel / MixtralForCausalLM / T5ForConditionalGeneration must give the
+same logits. Needs the
 benchmark extra (`pip install -e '.[bench]'`: torch, transformers); skipped
 without it. experiments/benchmarks/peer.py prints the same check at full size.
 """
@@ -16,11 +17,11 @@ import pytest
 from flax import nnx
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 from bigjax import steps  # noqa: E402
-from bigjax.models import layers, transformer  # noqa: E402
-from configs import gpt2  # noqa: E402
+from bigjax.models import layers, relative_position, transformer  # noqa: E402
+from configs import gpt2, t5  # noqa: E402
 
 from experiments.benchmarks import hf_models  # noqa: E402
 
@@ -36,6 +37,29 @@ def _tiny_config(arch):
   if arch == "mixtral":
     config = hf_models.mixtral_like(config)
     config.model.use_bias = False  # Mixtral has no biases.
+  return config
+
+
+def _tiny_t5_config(tie_embeddings):
+  config = t5.get_config()
+  # 8 buckets up to distance 20 over 128 tokens: exact, logarithmic and saturated
+  # buckets all occur. A decoder deeper than the encoder, as T5 allows.
+  config.model.update(num_layers=2, num_decoder_layers=3, emb_dim=32, num_heads=4,
+                      mlp_dim=64, max_len=LENGTH, vocab_size=64, dropout_rate=0.0,
+                      dtype="float32", relative_buckets=8, relative_max_distance=20,
+                      tie_embeddings=tie_embeddings, scan_layers=False)
+  assert config.model.position == "relative"
+  return config
+
+
+def _tiny_switch_config():
+  """A Switch Transformer: T5 with a ReLU MLP and a top-1 MoE in every second block,
+  routed per sequence, at a capacity (ceil(0.5 * 128 / 4) = 16) that drops tokens."""
+  config = _tiny_t5_config(tie_embeddings=True)
+  config.model.update(gated_mlp=False, mlp_activation="relu", moe_every=2, num_layers=2,
+                      num_decoder_layers=2)
+  config.model.moe.update(router="switch_top1", num_experts=4, group_size=LENGTH,
+                          capacity_factor=0.5, eval_capacity_factor=0.5, jitter_noise=0.0)
   return config
 
 
@@ -63,6 +87,100 @@ def test_same_weights_give_hf_logits(arch):
     theirs = hf(input_ids=torch.from_numpy(tokens)).logits.numpy()
   assert ours.std() > 0.5  # Random weights: logits far from uniform.
   np.testing.assert_allclose(ours, theirs, atol=2e-4 * ours.std(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True], ids=["untied", "tied"])
+def test_same_weights_give_hf_t5_logits(tie_embeddings):
+  """Encoder with padding, decoder, cross-attention, relative position biases."""
+  config = _tiny_t5_config(tie_embeddings)
+  model, params = _random_params(config)
+  nnx.update(model, params)
+  rng = np.random.default_rng(1)
+  enc = rng.integers(1, 64, (2, LENGTH))
+  enc[0, 90:] = transformer.PAD_ID
+  dec = rng.integers(1, 64, (2, LENGTH))
+  ours = np.asarray(model(jax.numpy.asarray(enc), jax.numpy.asarray(dec)))
+  hf = hf_models.load("t5", params, hf_models.build("t5", config)).eval()
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.from_numpy(enc), attention_mask=torch.from_numpy(enc != 0),
+                decoder_input_ids=torch.from_numpy(dec)).logits.numpy()
+  assert ours.std() > 0.05  # Tied: x * emb_dim**-0.5 . E^T, smaller than untied.
+  np.testing.assert_allclose(ours, theirs, atol=2e-4 * ours.std(), rtol=1e-4)
+
+
+def test_t5_gradients_equal_hf():
+  """The backward pass too (bigjax's hand-written attention VJP, the relative
+  biases' gradient among them): the gradients of the mean cross-entropy equal
+  torch autograd's through HF's T5, mapped by the same weight mapping."""
+  import optax
+
+  config = _tiny_t5_config(tie_embeddings=False)
+  model, params = _random_params(config)
+  nnx.update(model, params)
+  rng = np.random.default_rng(2)
+  enc = rng.integers(1, 64, (2, LENGTH))
+  enc[1, 70:] = transformer.PAD_ID
+  dec, labels = rng.integers(1, 64, (2, LENGTH)), rng.integers(1, 64, (2, LENGTH))
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(p):
+    logits = nnx.merge(graphdef, p, rest)(jax.numpy.asarray(enc), jax.numpy.asarray(dec))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  ours = hf_models.load("t5", jax.device_get(jax.grad(loss)(params)),
+                        hf_models.build("t5", config)).state_dict()
+  hf = hf_models.load("t5", params, hf_models.build("t5", config))
+  hf(input_ids=torch.from_numpy(enc), attention_mask=torch.from_numpy(enc != 0),
+     decoder_input_ids=torch.from_numpy(dec), labels=torch.from_numpy(labels)).loss.backward()
+  head_dim = config.model.emb_dim // config.model.num_heads
+  for name, p in hf.named_parameters():
+    # The mapping scales T5's query weights by head_dim**-0.5, so it maps our
+    # gradient to head_dim**-1 times theirs.
+    want = p.grad.numpy() / (head_dim if name.endswith(".q.weight") else 1)
+    assert np.abs(want).max() > 0, name
+    np.testing.assert_allclose(ours[name].numpy(), want, atol=1e-4 * np.abs(want).max(),
+                               rtol=1e-3, err_msg=name)
+
+
+def test_same_weights_give_hf_switch_transformer_logits_and_router_losses():
+  """Top-1 routing with tokens dropped past capacity, the experts, and the
+  router's load-balancing and z losses of each stack's MoE layer (one per stack:
+  over several, HF balances their concatenated logits, not each layer)."""
+  config = _tiny_switch_config()
+  model, params = _random_params(config)
+  nnx.update(model, params)
+  rng = np.random.default_rng(3)
+  enc, dec = rng.integers(1, 64, (2, LENGTH)), rng.integers(1, 64, (2, LENGTH))
+  labels = rng.integers(1, 64, (2, LENGTH))
+  capture = nnx.capture(lambda m, *tokens: m(*tokens), nnx.Intermediate)
+  ours, sown = capture(model, jax.numpy.asarray(enc), jax.numpy.asarray(dec))
+  moe = steps.moe_metrics(sown)
+  hf = hf_models.load("switch", params, hf_models.build("switch", config)).eval()
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.from_numpy(enc), decoder_input_ids=torch.from_numpy(dec),
+                labels=torch.from_numpy(labels), output_router_logits=True)
+  np.testing.assert_allclose(ours, theirs.logits.numpy(), atol=2e-4 * ours.std(), rtol=1e-4)
+  assert ours.std() > 0.05
+  for stack in ("encoder", "decoder"):
+    # Capacity binds, so the dropped tokens' path is compared too.
+    assert float(moe[f"moe/{stack}/blocks/1/dropped"]) > 0.05
+    for name in ("aux_loss", "z_loss"):
+      np.testing.assert_allclose(moe[f"moe/{stack}/blocks/1/{name}"],
+                                 float(getattr(theirs, f"{stack}_{name}")), rtol=1e-5,
+                                 err_msg=f"{stack} {name}")
+
+
+@pytest.mark.parametrize("buckets,distance", [(32, 128), (8, 20)])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_relative_position_buckets_are_t5s(buckets, distance, bidirectional):
+  offsets = np.arange(-400, 401)[None]
+  ours = relative_position.bucket(jax.numpy.asarray(offsets), bidirectional=bidirectional,
+                                  num_buckets=buckets, max_distance=distance)
+  theirs = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket(
+      torch.from_numpy(offsets), bidirectional=bidirectional, num_buckets=buckets,
+      max_distance=distance)
+  np.testing.assert_array_equal(np.asarray(ours), theirs.numpy())
+  assert np.asarray(ours).max() == buckets - 1  # Offsets reach the saturated bucket.
 
 
 def test_biases_change_the_gpt2_function():

@@ -25,7 +25,8 @@ TINY = dict(vocab_size=VOCAB, num_layers=4, emb_dim=32, num_heads=4, num_kv_head
             mlp_dim=64, max_len=24)
 KINDS = {
     "decoder": dict(kind="decoder", position="rotary", num_layers=2),
-    "encdec": dict(kind="encdec", num_layers=2),
+    "encdec": dict(kind="encdec", num_layers=2, position="relative", relative_buckets=8,
+                   relative_max_distance=12),
     "moe": dict(kind="decoder", moe_every=2, moe=moe_lib.MoEConfig(
         num_experts=4, router="gshard_top2", group_size=8)),
     "moe_dropless": dict(kind="decoder", moe_every=2, moe=moe_lib.MoEConfig(

@@ -31,13 +31,16 @@ from jax import lax
 _ROW_CONTRACTION = (((3, 4), (2, 3)), ((0, 1), (0, 1)))
 
 
-def attention(q, k, v, mask, *, blocks: int, dropout_rate: float = 0.0, rng=None):
-  """softmax(q k^T, masked) v over heads-major arrays, without the 1/sqrt(d) scale.
+def attention(q, k, v, mask, *, blocks: int, dropout_rate: float = 0.0, rng=None,
+              bias=None):
+  """softmax(q k^T + bias, masked) v over heads-major arrays, without the 1/sqrt(d) scale.
 
   q [b, kv, g, t, d] (g query heads share each key/value head), k, v [b, kv, s, d],
-  mask [b, 1, t, s] (True: attend). `blocks` row blocks of t // blocks rows, each
-  over the keys up to its last row (blocks > 1 only for a causal mask with t == s);
-  1 scores every row against every key. Dropout of the attention weights when
+  mask [b, 1, t, s] (True: attend), bias None or [b or 1, kv, g, t, s] (T5's
+  relative position biases), added to the scores in float32 and differentiated.
+  `blocks` row blocks of t // blocks rows, each over the keys up to its last row
+  (blocks > 1 only for a causal mask with t == s); 1 scores every row against
+  every key. Dropout of the attention weights when
   `rng` is given and the rate is positive. The products take q's dtype and give
   float32 (or q's dtype if wider), in which the softmax runs: bf16 scores would be
   rounded before the exponential. The weights enter the value products in q's
@@ -45,12 +48,12 @@ def attention(q, k, v, mask, *, blocks: int, dropout_rate: float = 0.0, rng=None
   """
   if rng is None or dropout_rate == 0.0:
     rng, dropout_rate = None, 0.0
-  return _attention(q, k, v, mask, rng, blocks, dropout_rate)
+  return _attention(q, k, v, mask, bias, rng, blocks, dropout_rate)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _attention(q, k, v, mask, rng, blocks, rate):
-  return _forward(q, k, v, mask, rng, blocks, rate)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _attention(q, k, v, mask, bias, rng, blocks, rate):
+  return _forward(q, k, v, mask, bias, rng, blocks, rate)[0]
 
 
 def _block_spans(t: int, s: int, blocks: int):
@@ -74,7 +77,7 @@ def _dropped(w, keep, rate):
   return w if keep is None else jnp.where(keep, w / (1.0 - rate), 0.0).astype(w.dtype)
 
 
-def _forward(q, k, v, mask, rng, blocks, rate):
+def _forward(q, k, v, mask, bias, rng, blocks, rate):
   dt, acc = q.dtype, jnp.promote_types(q.dtype, jnp.float32)
   spans = _block_spans(q.shape[3], k.shape[2], blocks)
   keeps = _keep_masks(rng, q.shape[:3], spans, rate)
@@ -82,6 +85,8 @@ def _forward(q, k, v, mask, rng, blocks, rate):
   for (rows, end), keep in zip(spans, keeps):
     scores = jnp.einsum("bkgtd,bksd->bkgts", q[:, :, :, rows], k[:, :, :end],
                         preferred_element_type=acc)
+    if bias is not None:
+      scores = scores + bias[:, :, :, rows, :end].astype(acc)
     scores = jnp.where(mask[:, :, None, rows, :end], scores, jnp.finfo(acc).min)
     # Unnormalised weights, normalised after the value product (a division over
     # [.., t, d] rather than [.., t, s]); the maximum is a constant shift.
@@ -93,11 +98,11 @@ def _forward(q, k, v, mask, rng, blocks, rate):
     weights.append(w)
     totals.append(total)
   out = jnp.concatenate(outs, axis=3)
-  return out, (q, k, v, mask, keeps, out, weights, totals)
+  return out, (q, k, v, mask, bias, keeps, out, weights, totals)
 
 
 def _backward(blocks, rate, residuals, d_out):
-  q, k, v, mask, keeps, out, weights, totals = residuals
+  q, k, v, mask, bias, keeps, out, weights, totals = residuals
   dt, acc = q.dtype, jnp.promote_types(q.dtype, jnp.float32)
   spans = _block_spans(q.shape[3], k.shape[2], blocks)
   # With P = softmax(scores) = w / total and P' = P dropped out, out = P' v, so
@@ -111,6 +116,7 @@ def _backward(blocks, rate, residuals, d_out):
   q_t, d_o_t = (lax.optimization_barrier(x.transpose(0, 1, 4, 2, 3)) for x in (q, d_o))
   b, kv, s, d = k.shape
   dq, dk_t, dv_t = [], jnp.zeros((b, kv, d, s), acc), jnp.zeros((b, kv, d, s), acc)
+  d_bias = None if bias is None else jnp.zeros(bias.shape, acc)
   for (rows, end), keep, w in zip(spans, keeps, weights):
     d_p = jnp.einsum("bkgtd,bksd->bkgts", d_o[:, :, :, rows], v[:, :, :end],
                      preferred_element_type=acc)
@@ -119,7 +125,11 @@ def _backward(blocks, rate, residuals, d_out):
     # Masked entries' weights are exact zeros, except in rows with no key at all
     # (uniform weights): the select keeps their scores' gradients zero, as masking is.
     d_scores = jnp.where(mask[:, :, None, rows, :end],
-                         w.astype(acc) * (d_p - row_dots[:, :, :, rows]), 0.0).astype(dt)
+                         w.astype(acc) * (d_p - row_dots[:, :, :, rows]), 0.0)
+    if bias is not None:  # The bias is added to the scores: its gradient is theirs.
+      d_bias = d_bias.at[:, :, :, rows, :end].set(
+          d_scores.sum(0, keepdims=True) if bias.shape[0] == 1 < b else d_scores)
+    d_scores = d_scores.astype(dt)
     dq.append(jnp.einsum("bkgts,bksd->bkgtd", d_scores, k[:, :, :end],
                          preferred_element_type=acc).astype(dt))
     dk_t = dk_t.at[..., :end].add(
@@ -129,7 +139,7 @@ def _backward(blocks, rate, residuals, d_out):
         .astype(acc))
   dk, dv = (x.swapaxes(2, 3) for x in (dk_t, dv_t))
   return (jnp.concatenate(dq, axis=3).astype(dt), dk.astype(k.dtype), dv.astype(v.dtype),
-          None, None)
+          None, None if bias is None else d_bias.astype(bias.dtype), None)
 
 
 _attention.defvjp(_forward, _backward)

@@ -31,7 +31,10 @@ class LayerConfig:
   gated_mlp: bool = False
   norm: str = "layernorm"
   norm_eps: float = 1e-6  # Added to the variance (GPT-2: 1e-5; T5: 1e-6).
-  position: str = "learned"  # learned | rotary
+  position: str = "learned"  # learned | rotary | relative
+  # position="relative": T5's buckets of key-query offsets (relative_position.py).
+  relative_buckets: int = 32
+  relative_max_distance: int = 128
   dropout_rate: float = 0.0
   init: str = "normal"
   init_scale: float = 0.02
@@ -335,8 +338,9 @@ class Attention(nnx.Module):
     self.out_bias = bias(cfg, (e,), ("embed",))
 
   def __call__(self, x_q, x_kv, mask, q_positions=None, k_positions=None, rng=None,
-               cache=None):
-    """Attention of x_q [b, t, e] over x_kv [b, s, e]; mask [b, 1, t, s].
+               cache=None, bias=None):
+    """Attention of x_q [b, t, e] over x_kv [b, s, e]; mask [b, 1, t, s]; bias None
+    or [b or 1, heads, t, s], added to the scores (relative_position.py).
 
     With `cache` ({"k", "v"}: [b, cache_len, kv_heads, head_dim]), this is cached
     self-attention: the keys and values of x_q are written into the cache at slots
@@ -345,10 +349,10 @@ class Attention(nnx.Module):
     (output, updated cache) is returned.
     """
     if cache is not None:
-      return self.cached_self_attention(x_q, mask, q_positions, cache, rng)
+      return self.cached_self_attention(x_q, mask, q_positions, cache, rng, bias)
     q = self.project_query(x_q, q_positions)
     k, v = self.project_kv(x_kv, k_positions)
-    return self.attend(q, k, v, mask, rng, uncached=True)
+    return self.attend(q, k, v, mask, rng, uncached=True, bias=bias)
 
   def project_query(self, x_q, q_positions=None):
     q = add_bias(dense(x_q, self.query[...].astype(self.cfg.dtype)), self.query_bias)
@@ -366,19 +370,21 @@ class Attention(nnx.Module):
       k = rotary(k, k_positions)
     return k, v
 
-  def attend(self, q, k, v, mask, rng=None, uncached=False):
+  def attend(self, q, k, v, mask, rng=None, uncached=False, bias=None):
     """Projected queries [b, t, h, d] over keys/values [b, s, kv_heads, d] -> [b, t, e].
 
     `uncached`: whole sequences, not a KV cache. A causal module's queries are
     then scored in causal_block_count(t) row blocks, each over the keys up to its
-    last row, and attention_impl_for may choose cuDNN's fused attention.
+    last row, and attention_impl_for may choose cuDNN's fused attention (not with
+    a `bias`, whose gradient bigjax's own attention computes).
     """
     cfg = self.cfg
     b, t, h, d = q.shape
     kv, s = cfg.num_kv_heads, k.shape[1]
     causal = self.causal and uncached and t == s
     dropout = cfg.dropout_rate > 0 and rng is not None
-    if uncached and attention_impl_for(cfg, default_device(), dropout, (t, s)) == "cudnn":
+    if (uncached and bias is None
+        and attention_impl_for(cfg, default_device(), dropout, (t, s)) == "cudnn"):
       # The mask is passed as well: it may hide padding besides the future keys.
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
                                          implementation="cudnn")
@@ -388,8 +394,10 @@ class Attention(nnx.Module):
     # runs attention's forward and backward passes about 1.3x slower.
     q = (q * d ** -0.5).reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    if bias is not None:
+      bias = bias.reshape(bias.shape[0], kv, h // kv, t, s)
     out = attention_core.attention(q, k, v, mask, blocks=causal_block_count(t) if causal else 1,
-                                   dropout_rate=cfg.dropout_rate, rng=rng)
+                                   dropout_rate=cfg.dropout_rate, rng=rng, bias=bias)
     return self._project_out(out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d))
 
   def _project_out(self, out):
@@ -398,7 +406,7 @@ class Attention(nnx.Module):
     y = add_bias(dense(out, self.out[...].astype(self.cfg.dtype), contract=2), self.out_bias)
     return constrain(y, ("activation_batch", "activation_length", "activation_embed"))
 
-  def cached_self_attention(self, x, mask, positions, cache, rng=None):
+  def cached_self_attention(self, x, mask, positions, cache, rng=None, bias=None):
     q = self.project_query(x, positions)
     k, v = self.project_kv(x, positions)
     rows = jnp.arange(x.shape[0])[:, None]
@@ -406,7 +414,7 @@ class Attention(nnx.Module):
     new = {name: constrain(cache[name].at[rows, positions].set(val.astype(cache[name].dtype)),
                            HEAD_ACTIVATIONS)
            for name, val in (("k", k), ("v", v))}
-    return self.attend(q, new["k"], new["v"], mask, rng), new
+    return self.attend(q, new["k"], new["v"], mask, rng, bias=bias), new
 
   def init_cache(self, batch: int, length: int) -> dict:
     """An empty self-attention cache: {"k", "v"} zeros [batch, length, kv_heads, head_dim]."""

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bigjax.models import layers, moe as moe_lib
+from bigjax.models import layers, moe as moe_lib, relative_position
 from bigjax.sharding import constrain
 
 # model.remat_policy: what a block keeps from its forward pass for the backward
@@ -55,16 +55,17 @@ class Block(nnx.Module):
                 else layers.MLP(cfg, rngs=rngs))
 
   def __call__(self, x, mask, positions, encoded=None, cross_mask=None, rng=None,
-               cache=None):
+               cache=None, bias=None):
     """With `cache` ({"self": {"k", "v"}} and, with cross-attention, "cross": the
-    encoded input's keys/values) returns (x, updated cache); see Attention."""
+    encoded input's keys/values) returns (x, updated cache); see Attention. `bias`:
+    the self-attention's relative position biases (Stack)."""
     r = layers.split_rng(rng, 6)
     h = self.attn_norm(x)
     if cache is None:
-      h = self.attn(h, h, mask, positions, positions, rng=r[0])
+      h = self.attn(h, h, mask, positions, positions, rng=r[0], bias=bias)
     else:
       h, self_cache = self.attn(h, h, mask, positions, positions, rng=r[0],
-                                cache=cache["self"])
+                                cache=cache["self"], bias=bias)
       cache = {**cache, "self": self_cache}
     x = x + layers.dropout(h, self.dropout_rate, r[1])
     if self.cross is not None:
@@ -102,7 +103,8 @@ def _stack_modules(modules: list) -> nnx.Module:
 
 class Stack(nnx.Module):
   """num_layers blocks and a final norm; rematerialised per block (scanned: per
-  unit) by `remat`, a name from REMAT_POLICIES.
+  unit) by `remat`, a name from REMAT_POLICIES. With cfg.position="relative", the
+  stack's relative position biases, computed once per call for all its blocks.
 
   With `scan`, the blocks run as one `jax.lax.scan` over a repeating unit (one
   block, or `moe_every` blocks when dense and MoE blocks alternate) whose
@@ -128,31 +130,40 @@ class Stack(nnx.Module):
     self.scanned = nnx.data(_stack_modules(
         [nnx.List(blocks[u:u + self.unit]) for u in range(0, num_layers, self.unit)])
         if scan else None)
+    self.relative_bias = nnx.data(
+        relative_position.RelativePositionBias(cfg, bidirectional=not causal, rngs=rngs)
+        if cfg.position == "relative" else None)
     self.final_norm = layers.Norm(cfg, rngs=rngs)
     self.remat, self.remat_policy = remat_policy(remat)
 
   def __call__(self, x, mask, positions, encoded=None, cross_mask=None, rng=None,
                cache=None):
-    """With `cache` (from init_cache) returns (x, updated cache)."""
+    """With `cache` (from init_cache) returns (x, updated cache). `positions` [b or
+    1, t]: the tokens' positions (with a cache, their slots: the keys are at 0 ..
+    cache length - 1, mask's last axis)."""
+    bias = None
+    if self.relative_bias is not None:
+      keys = positions if cache is None else jnp.arange(mask.shape[-1])[None]
+      bias = self.relative_bias(positions, keys)
     if self.scanned is not None:
-      x, cache = self._scan(x, mask, positions, encoded, cross_mask, rng, cache)
+      x, cache = self._scan(x, mask, positions, encoded, cross_mask, rng, cache, bias)
       x = self.final_norm(x)
       return x if cache is None else (x, cache)
     if cache is not None:  # Decoding: no gradients, so no remat.
       new_cache = []
       for block, c, r in zip(self.blocks, cache, layers.split_rng(rng, len(self.blocks))):
-        x, c = block(x, mask, positions, encoded, cross_mask, r, cache=c)
+        x, c = block(x, mask, positions, encoded, cross_mask, r, cache=c, bias=bias)
         new_cache.append(c)
       return self.final_norm(x), tuple(new_cache)
     for block, r in zip(self.blocks, layers.split_rng(rng, len(self.blocks))):
       if self.remat:
         x = nnx.remat(lambda b, *a: b(*a), policy=self.remat_policy)(
-            block, x, mask, positions, encoded, cross_mask, r)
+            block, x, mask, positions, encoded, cross_mask, r, None, bias)
       else:
-        x = block(x, mask, positions, encoded, cross_mask, r)
+        x = block(x, mask, positions, encoded, cross_mask, r, bias=bias)
     return self.final_norm(x)
 
-  def _scan(self, x, mask, positions, encoded, cross_mask, rng, cache):
+  def _scan(self, x, mask, positions, encoded, cross_mask, rng, cache, bias):
     """The scanned stack: (x, updated cache or None). Router metrics of MoE blocks
     are sown once, as 'scanned_router_metrics' {'blocks/<i>': metrics}."""
     graphdef, params = nnx.split(self.scanned)
@@ -165,9 +176,10 @@ class Stack(nnx.Module):
       for j, block in enumerate(unit):
         r = None if unit_keys is None else unit_keys[j]
         if unit_cache is None:
-          x = block(x, mask, positions, encoded, cross_mask, r)
+          x = block(x, mask, positions, encoded, cross_mask, r, bias=bias)
         else:
-          x, c = block(x, mask, positions, encoded, cross_mask, r, cache=unit_cache[j])
+          x, c = block(x, mask, positions, encoded, cross_mask, r, cache=unit_cache[j],
+                       bias=bias)
           new_cache.append(c)
       return x, (tuple(new_cache) if unit_cache is not None else None)
 

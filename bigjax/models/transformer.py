@@ -23,7 +23,7 @@ from bigjax.sharding import constrain
 
 PAD_ID = 0
 KINDS = ("decoder", "encoder", "encdec")
-POSITIONS = ("learned", "rotary")
+POSITIONS = ("learned", "rotary", "relative")
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """The model's settings. The field defaults make a small float32 model for direct
@@ -42,7 +42,9 @@ class TransformerConfig:
   gated_mlp: bool = False
   norm: str = "layernorm"
   norm_eps: float = 1e-6
-  position: str = "learned"
+  position: str = "learned"  # One of POSITIONS; "relative" is T5's.
+  relative_buckets: int = 32  # position="relative": see models/relative_position.py.
+  relative_max_distance: int = 128
   max_len: int = 128
   dropout_rate: float = 0.0
   init: str = "normal"
@@ -79,6 +81,8 @@ class TransformerConfig:
         head_dim=self.head_dim or self.emb_dim // self.num_heads,
         mlp_dim=self.mlp_dim, mlp_activation=self.mlp_activation, gated_mlp=self.gated_mlp,
         norm=self.norm, norm_eps=self.norm_eps, position=self.position,
+        relative_buckets=self.relative_buckets,
+        relative_max_distance=self.relative_max_distance,
         dropout_rate=self.dropout_rate,
         init=self.init, init_scale=self.init_scale, embed_init=self.embed_init,
         residual_init_scale=self._residual_init_scale(num_layers, cross_attention),
@@ -120,7 +124,9 @@ class _Embedder(nnx.Module):
 
 
 def default_positions(tokens):
-  return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  """[1, t]: 0 .. t-1, shared by every row (relative position biases are then
+  computed once, not per row)."""
+  return jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
 
 
 def _cache_len(cache) -> int:

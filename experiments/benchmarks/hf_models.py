@@ -8,15 +8,25 @@ Two architectures bigjax can express exactly:
   mixtral: MixtralForCausalLM; bigjax with RMSNorm, rotary positions, SwiGLU
            experts in every block, the dropless top-2 router (softmax, top-2,
            renormalised), an untied output projection.
-Conv1D weights (GPT-2) are [in, out]; nn.Linear weights (Mixtral) are [out, in].
+  t5:      T5ForConditionalGeneration; bigjax `configs/t5.py` (encoder-decoder,
+           RMSNorm, relative position biases, gated-GELU or ReLU MLP, no
+           biases; an untied output projection, or a tied unit-variance table).
+           T5 does not scale the scores by 1/sqrt(head_dim): its query weights
+           carry that factor.
+  switch:  SwitchTransformersForConditionalGeneration; the t5 mapping with a ReLU
+           MLP and, every model.moe_every-th block, a Switch top-1 MoE routed in
+           groups of one sequence (model.moe.group_size = its length), whose
+           capacity is HF's expert_capacity.
+Conv1D weights (GPT-2) are [in, out]; nn.Linear weights (Mixtral, T5) are [out, in].
 """
 import numpy as np
 import torch
 import transformers
 
 from bigjax import layer_layout
+from bigjax.models import routing
 
-ARCHS = ("gpt2", "mixtral")
+ARCHS = ("gpt2", "mixtral", "t5", "switch")
 
 
 def mixtral_like(config):
@@ -38,6 +48,36 @@ def build(arch: str, config):
         activation_function="gelu_new",  # tanh GELU, as jax.nn.gelu's default
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
         layer_norm_epsilon=m.norm_eps))
+  if arch in ("t5", "switch"):
+    if m.tie_embeddings and m.embed_init != "unit":
+      raise ValueError("T5 ties logits as x * emb_dim**-0.5 . E^T: a unit-variance "
+                       "table (model.embed_init='unit').")
+    decoder_layers = m.num_decoder_layers or m.num_layers
+    shape = dict(
+        vocab_size=m.vocab_size, d_model=m.emb_dim, d_kv=m.head_dim or m.emb_dim // m.num_heads,
+        d_ff=m.mlp_dim, num_layers=m.num_layers, num_decoder_layers=decoder_layers,
+        num_heads=m.num_heads, relative_attention_num_buckets=m.relative_buckets,
+        relative_attention_max_distance=m.relative_max_distance, dropout_rate=0.0,
+        layer_norm_epsilon=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
+        decoder_start_token_id=0, pad_token_id=0)
+    if arch == "t5":
+      model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+          feed_forward_proj=("gated-" if m.gated_mlp else "") + m.mlp_activation, **shape))
+    else:
+      moe = m.moe
+      model = transformers.SwitchTransformersForConditionalGeneration(
+          transformers.SwitchTransformersConfig(
+              dense_act_fn=m.mlp_activation, num_experts=moe.num_experts,
+              expert_capacity=routing.capacity(moe.group_size, moe.num_experts, 1,
+                                               moe.capacity_factor),
+              num_sparse_encoder_layers=m.num_layers // m.moe_every,
+              num_sparse_decoder_layers=decoder_layers // m.moe_every,
+              router_jitter_noise=0.0, **shape))
+    if not m.tie_embeddings:
+      # transformers 5 always ties T5's output to its embedding table (an untied
+      # config only turns off the emb_dim**-0.5 factor): untie it, as T5.1.1 is.
+      model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    return model
   return transformers.MixtralForCausalLM(transformers.MixtralConfig(
       vocab_size=m.vocab_size, hidden_size=m.emb_dim, intermediate_size=m.mlp_dim,
       num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
@@ -101,14 +141,69 @@ def _mixtral_state(params) -> dict:
   return sd
 
 
+def _t5_attention(sd: dict, pre: str, a: dict):
+  linear = lambda x: np.asarray(x).reshape(x.shape[0], -1).T  # [in, ...] -> [out, in]
+  head_dim = a["query"].shape[-1]
+  sd[pre + "q.weight"] = linear(a["query"]) * head_dim ** -0.5
+  sd[pre + "k.weight"], sd[pre + "v.weight"] = linear(a["key"]), linear(a["value"])
+  sd[pre + "o.weight"] = np.asarray(a["out"]).reshape(-1, a["out"].shape[-1]).T
+
+
+def _t5_ffn(sd: dict, pre: str, f: dict):
+  if "wi_gate" in f:  # act(x wi_0) * x wi_1
+    sd[pre + "DenseReluDense.wi_0.weight"] = np.asarray(f["wi_gate"]).T
+    sd[pre + "DenseReluDense.wi_1.weight"] = np.asarray(f["wi"]).T
+  else:
+    sd[pre + "DenseReluDense.wi.weight"] = np.asarray(f["wi"]).T
+  sd[pre + "DenseReluDense.wo.weight"] = np.asarray(f["wo"]).T
+
+
+def _switch_ffn(sd: dict, pre: str, f: dict):
+  if "router" not in f:
+    sd[pre + "mlp.wi.weight"], sd[pre + "mlp.wo.weight"] = (np.asarray(f["wi"]).T,
+                                                            np.asarray(f["wo"]).T)
+    return
+  sd[pre + "mlp.router.classifier.weight"] = np.asarray(f["router"]).T
+  for e in range(np.shape(f["wi"])[0]):
+    sd[f"{pre}mlp.experts.expert_{e}.wi.weight"] = np.asarray(f["wi"][e]).T
+    sd[f"{pre}mlp.experts.expert_{e}.wo.weight"] = np.asarray(f["wo"][e]).T
+
+
+def _t5_state(params, ffn_state=_t5_ffn) -> dict:
+  emb = params["embedder"]
+  sd = {"shared.weight": emb["tokens"]["embedding"]}
+  if "logits_kernel" in emb:
+    sd["lm_head.weight"] = np.asarray(emb["logits_kernel"]).T
+  for stack in ("encoder", "decoder"):
+    sd[f"{stack}.final_layer_norm.weight"] = params[stack]["final_norm"]["scale"]
+    sd[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = (
+        params[stack]["relative_bias"]["table"])
+    for i, b in enumerate(_blocks(params, stack)):
+      pre = f"{stack}.block.{i}.layer."
+      _t5_attention(sd, pre + "0.SelfAttention.", b["attn"])
+      sd[pre + "0.layer_norm.weight"] = b["attn_norm"]["scale"]
+      ffn = "1."
+      if "cross" in b:
+        _t5_attention(sd, pre + "1.EncDecAttention.", b["cross"])
+        sd[pre + "1.layer_norm.weight"] = b["cross_norm"]["scale"]
+        ffn = "2."
+      ffn_state(sd, pre + ffn, b["ffn"])
+      sd[pre + ffn + "layer_norm.weight"] = b["ffn_norm"]["scale"]
+  return sd
+
+
+_STATES = {"gpt2": _gpt2_state, "mixtral": _mixtral_state, "t5": _t5_state,
+           "switch": lambda params: _t5_state(params, _switch_ffn)}
+
+
 def load(arch: str, params, model):
   """Copies bigjax parameters (a nested dict of arrays) into `model`; every HF
   tensor must be set, except biases of a bigjax model without them (zeroed)."""
-  ours = {k: _t(v) for k, v in (_gpt2_state if arch == "gpt2" else _mixtral_state)(
-      params).items()}
+  ours = {k: _t(v) for k, v in _STATES[arch](params).items()}
   theirs = {k: v.detach() for k, v in model.named_parameters()}  # Not the buffers.
+  tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
   missing = [k for k in theirs if k not in ours and not k.endswith(".bias")
-             and not (arch == "gpt2" and k == "lm_head.weight")]  # Tied to wte.
+             and not (tied and k == "lm_head.weight")]
   unknown = [k for k in ours if k not in theirs]
   if missing or unknown:
     raise KeyError(f"Unmapped HF tensors {missing}; unknown names {unknown}.")
