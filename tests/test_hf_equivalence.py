@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from bigjax import steps  # noqa: E402
-from bigjax.models import layers, relative_position, transformer  # noqa: E402
+from bigjax.models import layers, relative_position, routing, transformer  # noqa: E402
 from configs import gpt2, t5  # noqa: E402
 
 from experiments.benchmarks import hf_models  # noqa: E402
@@ -168,6 +168,28 @@ def test_same_weights_give_hf_switch_transformer_logits_and_router_losses():
       np.testing.assert_allclose(moe[f"moe/{stack}/blocks/1/{name}"],
                                  float(getattr(theirs, f"{stack}_{name}")), rtol=1e-5,
                                  err_msg=f"{stack} {name}")
+
+
+def test_gshard_top2_routing_is_fairseqs():
+  """GShard top-2 against NLLB-MoE's router (fairseq's, in HF transformers): the
+  same experts, renormalised gates and capacity drops for both choices, token by
+  token, second choices placed after every first one (random routing off: its
+  draws differ; NLLB's `second_expert_policy="all"`)."""
+  num_experts, tokens = 8, 64
+  logits = np.random.default_rng(4).normal(0, 2, (1, tokens, num_experts)).astype(np.float32)
+  cap = routing.capacity(tokens, num_experts, 2, 0.5)  # 8 slots for ~16 choices each.
+  ours = routing.gshard_top2(jax.numpy.asarray(logits), cap, random_routing=False)
+  router = transformers.models.nllb_moe.modeling_nllb_moe.NllbMoeTop2Router(
+      transformers.NllbMoeConfig(num_experts=num_experts, expert_capacity=cap,
+                                 second_expert_policy="all", router_dtype="float32",
+                                 normalize_router_prob_before_dropping=True,
+                                 batch_prioritized_routing=False,
+                                 moe_eval_capacity_token_fraction=-1.0))
+  _, gates = router.route_tokens(torch.from_numpy(logits[0]), torch.float32)
+  ours_gates = np.asarray(ours.combine.sum(-1)[0])  # [tokens, experts]
+  np.testing.assert_allclose(ours_gates, gates.numpy(), atol=1e-6)
+  kept = (np.asarray(ours.dispatch.sum(-1)[0]) > 0).sum(-1)
+  assert (kept == 2).any() and (kept == 1).any() and (kept == 0).any()  # Drops occur.
 
 
 @pytest.mark.parametrize("buckets,distance", [(32, 128), (8, 20)])
