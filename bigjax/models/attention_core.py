@@ -40,11 +40,11 @@ def attention(q, k, v, mask, *, blocks: int, dropout_rate: float = 0.0, rng=None
   relative position biases), added to the scores in float32 and differentiated.
   `blocks` row blocks of t // blocks rows, each over the keys up to its last row
   (blocks > 1 only for a causal mask with t == s); 1 scores every row against
-  every key. Dropout of the attention weights when
-  `rng` is given and the rate is positive. The products take q's dtype and give
-  float32 (or q's dtype if wider), in which the softmax runs: bf16 scores would be
-  rounded before the exponential. The weights enter the value products in q's
-  dtype, as in fused kernels. Returns [b, kv, g, t, d] in q's dtype.
+  every key. Dropout of the attention weights when `rng` is given and the rate is
+  positive. The products take q's dtype and give float32 (or q's dtype if wider),
+  in which the softmax runs: bf16 scores would be rounded before the exponential.
+  The weights enter the value products in q's dtype, as in fused kernels. Returns
+  [b, kv, g, t, d] in q's dtype.
   """
   if rng is None or dropout_rate == 0.0:
     rng, dropout_rate = None, 0.0

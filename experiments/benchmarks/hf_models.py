@@ -8,6 +8,8 @@ Two architectures bigjax can express exactly:
   mixtral: MixtralForCausalLM; bigjax with RMSNorm, rotary positions, SwiGLU
            experts in every block, the dropless top-2 router (softmax, top-2,
            renormalised), an untied output projection.
+  llama:   LlamaForCausalLM; the same without experts: a dense SwiGLU MLP, and
+           grouped-query heads where model.num_kv_heads < num_heads.
   t5:      T5ForConditionalGeneration; bigjax `configs/t5.py` (encoder-decoder,
            RMSNorm, relative position biases, gated-GELU or ReLU MLP, no
            biases; an untied output projection, or a tied unit-variance table).
@@ -26,7 +28,7 @@ import transformers
 from bigjax import layer_layout
 from bigjax.models import routing
 
-ARCHS = ("gpt2", "mixtral", "t5", "switch")
+ARCHS = ("gpt2", "mixtral", "llama", "t5", "switch")
 
 
 def mixtral_like(config):
@@ -78,6 +80,13 @@ def build(arch: str, config):
       # config only turns off the emb_dim**-0.5 factor): untie it, as T5.1.1 is.
       model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     return model
+  if arch == "llama":
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.emb_dim, intermediate_size=m.mlp_dim,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_kv_heads or m.num_heads, max_position_embeddings=m.max_len,
+        rms_norm_eps=m.norm_eps, tie_word_embeddings=False, hidden_act="silu",
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}))
   return transformers.MixtralForCausalLM(transformers.MixtralConfig(
       vocab_size=m.vocab_size, hidden_size=m.emb_dim, intermediate_size=m.mlp_dim,
       num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
@@ -133,6 +142,11 @@ def _mixtral_state(params) -> dict:
         -1, a["out"].shape[-1]).T
     sd[pre + "input_layernorm.weight"] = b["attn_norm"]["scale"]
     sd[pre + "post_attention_layernorm.weight"] = b["ffn_norm"]["scale"]
+    if "router" not in f:  # Llama's dense SwiGLU: down(silu(gate x) * up x).
+      sd[pre + "mlp.gate_proj.weight"] = np.asarray(f["wi_gate"]).T
+      sd[pre + "mlp.up_proj.weight"] = np.asarray(f["wi"]).T
+      sd[pre + "mlp.down_proj.weight"] = np.asarray(f["wo"]).T
+      continue
     sd[pre + "mlp.gate.weight"] = np.asarray(f["router"]).T
     # [experts, emb, hidden] -> [experts, 2 * hidden (gate, then up), emb].
     sd[pre + "mlp.experts.gate_up_proj"] = np.concatenate(
@@ -192,7 +206,8 @@ def _t5_state(params, ffn_state=_t5_ffn) -> dict:
   return sd
 
 
-_STATES = {"gpt2": _gpt2_state, "mixtral": _mixtral_state, "t5": _t5_state,
+_STATES = {"gpt2": _gpt2_state, "mixtral": _mixtral_state, "llama": _mixtral_state,
+           "t5": _t5_state,
            "switch": lambda params: _t5_state(params, _switch_ffn)}
 
 
