@@ -192,7 +192,11 @@ def _validate_transformer(config):
   m = config.model
   _positive(config, "model.vocab_size", "model.num_layers", "model.emb_dim",
             "model.num_heads", "model.mlp_dim", "model.max_len")
-  _non_negative(config, "model.num_kv_heads", "model.head_dim", "model.num_decoder_layers")
+  _non_negative(config, "model.num_kv_heads", "model.head_dim", "model.num_decoder_layers",
+                "model.num_classes")
+  if m.num_classes and m.kind != "encoder":
+    _fail("model.num_classes", f"a classifier head is for encoders; model.kind={m.kind!r}.",
+          "Set model.kind='encoder', or model.num_classes=0.")
   if not m.norm_eps > 0:
     _fail("model.norm_eps", f"must be > 0, got {m.norm_eps}.", "Use e.g. 1e-6.")
   if m.init == "normal" and not m.init_scale > 0:

@@ -134,6 +134,17 @@ def masked_examples(mask_rate: float) -> pipeline.ChunkExamples:
   return pipeline.ChunkExamples(make, random=True)
 
 
+def direction_examples() -> pipeline.ChunkExamples:
+  """chunk[:seq_len] forwards (target 0) or backwards (target 1), at random. Both
+  have the same bytes, so only the order tells them apart."""
+  def make(chunk, rng):
+    backwards = rng.random() < 0.5
+    src = chunk[:-1]
+    return {"inputs": (src[::-1] if backwards else src).copy(),
+            "targets": np.int32(backwards), "weights": np.float32(1.0)}
+  return pipeline.ChunkExamples(make, random=True)
+
+
 class TokenTask(Task):
   """Batches of config.seq_len-token chunks of config.data's text corpus."""
   vocab_needed: int = tokenizer.VOCAB_SIZE
@@ -243,6 +254,36 @@ class MaskedLM(TokenTask):
     return masked_examples(config.data.mask_rate)
 
 
+class Direction(TokenTask):
+  """Sequence classification: is each chunk of the corpus forwards or backwards?
+  An encoder with a classifier head (model.num_classes=2) reads the chunk."""
+  name, model_kinds = "direction", ("encoder",)
+
+  def validate(self, config):
+    super().validate(config)
+    if config.model.num_classes != 2:
+      _fail("model.num_classes", f"task='direction' has 2 classes (forwards, backwards), "
+            f"got {config.model.num_classes}.", "Set model.num_classes=2.")
+
+  def chunk_examples(self, config):
+    return direction_examples()
+
+  def forward(self, model, batch, rng, logits=True):
+    return model.classify(batch["inputs"], rng=rng)
+
+  def loss_chunk_len(self, config):
+    return 0  # One prediction per row: no vocabulary projection to chunk.
+
+  def eval_summary(self, sums):
+    return Task.eval_summary(self, sums)  # Loss and accuracy; no bits per byte.
+
+  def report(self, config, eval_metrics, stats, setup, state):
+    if "eval_accuracy" not in eval_metrics:  # No evaluation ran.
+      return []
+    return [f"Validation accuracy: {eval_metrics['eval_accuracy']:.1%} (chance: 50%; "
+            "the two classes hold the same bytes)"]
+
+
 # --------------------------------------------------------------------------
 # Example tasks: (features, label) rows held in memory, for the zoo models.
 # --------------------------------------------------------------------------
@@ -341,5 +382,6 @@ def get(name: str) -> Task:
   return REGISTRY[name]
 
 
-for _task in (NextToken(), Reverse(), MaskedLM(), Classify(), Binary(), Regress()):
+for _task in (NextToken(), Reverse(), MaskedLM(), Direction(), Classify(), Binary(),
+              Regress()):
   register(_task)

@@ -78,6 +78,9 @@ def get_config(arg=None):
   config.model.scale_residual_init = True
   config.model.tie_embeddings = True
   config.model.use_bias = False  # Biases in attention and dense MLPs (GPT-2, BERT).
+  # Encoders: > 0 adds a classifier over the mean of the final hidden states
+  # (task="direction"; see configs/bert.py).
+  config.model.num_classes = 0
   # auto: cuDNN's fused attention on a GPU (16-bit, no attention dropout), else
   # bigjax's own | xla: bigjax's own everywhere | cudnn: cuDNN's or an error.
   config.model.attention_impl = "auto"

@@ -227,6 +227,10 @@ CASES = [
     (_zoo(model__kind="resnet"), "model.kind"),
     (_config(bert, "runlocal", model__vocab_size=259), "model.vocab_size"),  # no [MASK] id
     (_config(bert, "runlocal", data__mask_rate=1.0), "data.mask_rate"),
+    (_with(model__num_classes=2), "model.num_classes"),  # a decoder has no classifier
+    (_config(bert, "direction,runlocal", model__num_classes=3), "model.num_classes"),
+    (_config(bert, "direction,runlocal", model__num_classes=-1), "model.num_classes"),
+    (_with(task="direction"), "model.kind"),
     # Zoo models.
     (_zoo(model__num_outputs=0), "model.num_outputs"),
     (_zoo(model__hidden_dims=(64, 0)), "model.hidden_dims"),

@@ -53,6 +53,9 @@ class TransformerConfig:
   # GPT-2: residual-output kernels start scaled by 1/sqrt(residual branches).
   scale_residual_init: bool = True
   tie_embeddings: bool = True
+  # kind="encoder": > 0 adds a classifier over the mean of the final hidden
+  # states (Encoder.classify); its classes keep their own logical axis.
+  num_classes: int = 0
   use_bias: bool = False  # Biases in attention and dense MLPs (GPT-2); MoE experts have none.
   attention_impl: str = "auto"  # One of layers.ATTENTION_IMPLS.
   dtype: str = "float32"
@@ -198,14 +201,37 @@ class DecoderLM(nnx.Module):
     return logits, {"valid": valid, "layers": layer_caches}
 
 
+class _ClassifierHead(nnx.Module):
+  """The mean of the final hidden states over the real (non-padding) tokens, then
+  a linear layer that starts at zero (as big_vision's heads: the first prediction
+  is uniform, loss ln(classes), whatever the features' scale)."""
+
+  def __init__(self, cfg: TransformerConfig, lcfg: layers.LayerConfig, *, rngs: nnx.Rngs):
+    zeros = nnx.initializers.zeros
+    self.kernel = layers.param(rngs, zeros, (cfg.emb_dim, cfg.num_classes),
+                               ("embed", "classes"), lcfg.param_dtype)
+    self.bias = layers.param(rngs, zeros, (cfg.num_classes,), ("classes",), lcfg.param_dtype)
+
+  def __call__(self, features, valid):
+    """features [b, t, emb], valid [b, t] -> float32 logits [b, classes]."""
+    weights = valid.astype(jnp.float32)[..., None]
+    pooled = ((features.astype(jnp.float32) * weights).sum(1)
+              / jnp.maximum(weights.sum(1), 1.0))
+    return pooled @ self.kernel[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+
+
 class Encoder(nnx.Module):
-  """Bidirectional encoder (BERT-style) with a vocabulary head for masked-LM."""
+  """Bidirectional encoder (BERT-style) with a vocabulary head for masked-LM and,
+  with cfg.num_classes, a classifier (`classify`)."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.embedder = _Embedder(cfg, cfg.layer_config(), rngs=rngs)
     self.encoder = Stack(cfg.layer_config(cfg.num_layers), cfg.num_layers,
                          cross_attention=False, causal=False, remat=cfg.remat_policy,
                          scan=cfg.scan_layers, rngs=rngs, moe=cfg.moe, moe_every=cfg.moe_every)
+    # Only the encoder itself takes the head: an encoder-decoder has its decoder.
+    self.classifier = nnx.data(_ClassifierHead(cfg, cfg.layer_config(), rngs=rngs)
+                               if cfg.num_classes and cfg.kind == "encoder" else None)
 
   def encode(self, tokens, rng=None):
     positions = default_positions(tokens)
@@ -219,6 +245,12 @@ class Encoder(nnx.Module):
 
   def features(self, tokens, rng=None):
     return self.encode(tokens, rng)
+
+  def classify(self, tokens, rng=None):
+    """Class logits [b, num_classes] (float32) of each row of tokens [b, t]."""
+    if self.classifier is None:
+      raise ValueError("This encoder has no classifier: set model.num_classes > 0.")
+    return self.classifier(self.encode(tokens, rng), tokens != PAD_ID)
 
 
 class EncoderDecoder(Encoder):
