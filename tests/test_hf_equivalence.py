@@ -19,7 +19,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from bigjax import steps  # noqa: E402
+from bigjax import decode, steps  # noqa: E402
 from bigjax.models import layers, relative_position, routing, transformer  # noqa: E402
 from configs import gpt2, t5  # noqa: E402
 
@@ -65,15 +65,15 @@ def _tiny_switch_config():
   return config
 
 
-def _random_params(config, seed=0):
-  """Every parameter drawn at random (scale 0.3), so that no mapping error hides
+def _random_params(config, seed=0, scale=0.3):
+  """Every parameter drawn at random (std `scale`), so that no mapping error hides
   behind a zero bias or a unit norm scale."""
   model = transformer.build(steps.model_config(config), nnx.Rngs(0))
   params = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   leaves, tree = jax.tree.flatten(params)
   rng = np.random.default_rng(seed)
   return model, jax.tree.unflatten(
-      tree, [rng.normal(0, 0.3, np.shape(x)).astype(np.float32) for x in leaves])
+      tree, [rng.normal(0, scale, np.shape(x)).astype(np.float32) for x in leaves])
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "mixtral", "llama"])
@@ -205,6 +205,29 @@ def test_relative_position_buckets_are_t5s(buckets, distance, bidirectional):
       max_distance=distance)
   np.testing.assert_array_equal(np.asarray(ours), theirs.numpy())
   assert np.asarray(ours).max() == buckets - 1  # Offsets reach the saturated bucket.
+
+
+def test_beam_search_finds_hf_generates_beams():
+  """bigjax's beam search against HF's `generate(num_beams=4)` on the same GPT-2
+  weights: the same best continuation, token for token (no EOS, no length penalty,
+  so both rank beams by log-probability alone)."""
+  config = _tiny_config("gpt2")
+  # Smaller weights than the logit tests': a next-token distribution spread enough
+  # for the beams to leave greedy search's path.
+  model, params = _random_params(config, scale=0.2)
+  nnx.update(model, params)
+  hf = hf_models.load("gpt2", params, hf_models.build("gpt2", config)).eval()
+  prompts = np.random.default_rng(5).integers(1, 64, (3, 6))
+  ours = decode.beam_search(model, prompts.tolist(), beam_size=4, max_new_tokens=12,
+                            length_penalty=0.0, eos_id=None)
+  greedy = decode.generate(model, prompts.tolist(), max_new_tokens=12, eos_id=None)
+  with torch.no_grad():
+    theirs = hf.generate(torch.from_numpy(prompts), attention_mask=torch.ones(3, 6),
+                         do_sample=False, num_beams=4, max_new_tokens=12, min_new_tokens=12,
+                         length_penalty=0.0, early_stopping=False, eos_token_id=None,
+                         pad_token_id=0)[:, 6:].tolist()
+  assert ours == theirs
+  assert ours != greedy  # The beams found something greedy search did not.
 
 
 def test_biases_change_the_gpt2_function():
