@@ -223,6 +223,7 @@ def _validate_transformer(config):
     _fail("model.head_dim", f"rotary embeddings need an even head_dim, got {head_dim}.",
           "Change emb_dim/num_heads or model.head_dim.")
   if m.position == "relative":
+    _positive(config, "model.relative_buckets", "model.relative_max_distance")
     if m.relative_buckets < 4 or m.relative_buckets % 2:
       _fail("model.relative_buckets", f"{m.relative_buckets} is not an even number >= 4.",
             "Use e.g. 32 (T5's).")

@@ -41,8 +41,9 @@ def _stack(cfg, num_layers: int, cross_attention: bool) -> int:
 def training_flops_per_token(cfg: transformer.TransformerConfig, seq_len: int) -> float:
   """Forward + backward model FLOPs per (target) token; see the module docstring.
   For an encoder-decoder each target token is charged one encoder token too. The
-  vocabulary projection is counted (the token tasks); a classifier's head
-  (model.num_classes, task="direction") reads one pooled vector per row instead."""
+  vocabulary projection is always counted, as the token tasks run it; a
+  classifier (model.num_classes, task="direction") does not, so its MFU from this
+  figure would be overstated."""
   attn_width = cfg.num_heads * (cfg.head_dim or cfg.emb_dim // cfg.num_heads)
   params = cfg.emb_dim * cfg.vocab_size  # The unembedding (tied or not).
   params += _stack(cfg, cfg.num_layers, cross_attention=False)

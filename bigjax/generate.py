@@ -43,7 +43,10 @@ class GenerateError(Exception):
 
 # Transformer settings added after runs were recorded, with the value those runs
 # used, so that their config.json still loads.
-SETTINGS_OLDER_RUNS_USED = {"norm_eps": 1e-6, "attention_impl": "xla"}
+SETTINGS_OLDER_RUNS_USED = {"norm_eps": 1e-6, "attention_impl": "xla",
+                            # Before relative positions and classifier heads: none.
+                            "relative_buckets": 32, "relative_max_distance": 128,
+                            "num_classes": 0}
 
 
 def load_config(workdir: str):

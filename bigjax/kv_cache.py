@@ -13,7 +13,8 @@
   is its position. The prefill runs the padded [batch, longest] block at once and
   takes each row's logits at its own last prompt token; from then on row r feeds
   its token at position len_r + i, so rows sit at different positions in the same
-  step (learned and rotary positions are both per-row). Slots past a row's
+  step (learned, rotary and relative positions are all per-row; the prefill's
+  positions are one shared row, as in training). Slots past a row's
   position (the prefill's padding, not yet overwritten) are hidden by causality.
   Left padding would need the pad keys masked at every step and shifted
   positions; right padding needs neither.
@@ -69,7 +70,7 @@ def prefill(graphdef, state, prompts, lengths, cache_len: int):
     logits, cache = decode_step(graphdef, state, cache, bos, jnp.zeros((b, 1), jnp.int32))
     return logits[:, 0], cache, jnp.ones((b,), jnp.int32)
   cache = init_cache(graphdef, state, b, cache_len)
-  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+  positions = jnp.arange(length, dtype=jnp.int32)[None]  # Every row's: [1, L].
   logits, cache = decode_step(graphdef, state, cache, prompts, positions,
                               logits_at=lengths - 1)
   return logits[:, 0], cache, lengths.astype(jnp.int32)

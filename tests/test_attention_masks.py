@@ -40,7 +40,7 @@ def _pad(tokens, length):
   return out
 
 
-POSITIONS = ["learned", "rotary"]
+POSITIONS = ["learned", "rotary", "relative"]
 
 
 # --------------------------------------------------------------------------

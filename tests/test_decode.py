@@ -355,14 +355,17 @@ def test_generate_cli_end_to_end(tmp_path):
     want = _decode_in_memory(workdir, "def ", max_new_tokens=8, **kw)
     assert want and r.stdout == want.replace("\r\n", "\n").replace("\r", "\n") + "\n"
   assert os.path.isdir(in_flight)
-  # A run recorded before model.norm_eps and model.attention_impl existed (it
-  # used 1e-6, lm.py's value, and bigjax's own attention) still generates, the
-  # same text.
+  # A run recorded before model.norm_eps, attention_impl, relative_buckets,
+  # relative_max_distance and num_classes existed (it used 1e-6, lm.py's value,
+  # bigjax's own attention, no relative table and no classifier) still generates,
+  # the same text.
   path = os.path.join(workdir, "config.json")
   with open(path) as f:
     old = json.load(f)
   assert old["model"].pop("norm_eps") == 1e-6
   assert old["model"].pop("attention_impl") == "auto"
+  for key in ("relative_buckets", "relative_max_distance", "num_classes"):
+    old["model"].pop(key)
   with open(path, "w") as f:
     json.dump(old, f)
   again = _generate_cli(f"--workdir={workdir}", "--prompt=def ", "--max_new_tokens=8",

@@ -1,7 +1,7 @@
 """HF transformers models of a bigjax config's shape, and bigjax weights in them.
 
 For experiments/benchmarks/peer.py (torch and transformers are the `bench` extra).
-Two architectures bigjax can express exactly:
+The architectures bigjax can express exactly:
   gpt2:    GPT2LMHeadModel; bigjax `configs/gpt2.py` (learned positions, LayerNorm,
            tanh GELU, tied embeddings, `model.use_bias`); without bigjax
            biases, HF's are zeroed.
@@ -51,9 +51,20 @@ def build(arch: str, config):
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
         layer_norm_epsilon=m.norm_eps))
   if arch in ("t5", "switch"):
-    if m.tie_embeddings and m.embed_init != "unit":
-      raise ValueError("T5 ties logits as x * emb_dim**-0.5 . E^T: a unit-variance "
-                       "table (model.embed_init='unit').")
+    problems = {"position='relative'": m.position == "relative",
+                "norm='rmsnorm'": m.norm == "rmsnorm", "use_bias=False": not m.use_bias,
+                "num_kv_heads 0 or num_heads": m.num_kv_heads in (0, m.num_heads),
+                "embed_init='unit' when tied (T5's logits are x * emb_dim**-0.5 . E^T)":
+                    m.embed_init == "unit" or not m.tie_embeddings}
+    if arch == "switch":
+      problems.update({
+          "moe_every 1 or 2 (HF's sparse blocks are i % step == 1)": m.moe_every in (1, 2),
+          "router='switch_top1'": m.moe.router == "switch_top1",
+          "eval_capacity_factor = capacity_factor (HF's Switch has one capacity)":
+              m.moe.eval_capacity_factor == m.moe.capacity_factor})
+    missing = [need for need, ok in problems.items() if not ok]
+    if missing:
+      raise ValueError(f"HF's {arch} needs model settings {missing}.")
     decoder_layers = m.num_decoder_layers or m.num_layers
     shape = dict(
         vocab_size=m.vocab_size, d_model=m.emb_dim, d_kv=m.head_dim or m.emb_dim // m.num_heads,
