@@ -46,7 +46,7 @@ class GenerateError(Exception):
 SETTINGS_OLDER_RUNS_USED = {"norm_eps": 1e-6, "attention_impl": "xla",
                             # Before relative positions and classifier heads: none.
                             "relative_buckets": 32, "relative_max_distance": 128,
-                            "num_classes": 0}
+                            "num_classes": 0, "fold_query_scale": False}
 
 
 def load_config(workdir: str):

@@ -78,6 +78,9 @@ def get_config(arg=None):
   config.model.scale_residual_init = True
   config.model.tie_embeddings = True
   config.model.use_bias = False  # Biases in attention and dense MLPs (GPT-2, BERT).
+  # True: the scores' 1/sqrt(head_dim) lives in the query kernel's init, not in
+  # every forward pass (T5, T5X); training with Adam then differs (layers.LayerConfig).
+  config.model.fold_query_scale = False
   # Encoders: > 0 adds a classifier over the mean of the final hidden states
   # (task="direction"; see configs/bert.py).
   config.model.num_classes = 0

@@ -364,7 +364,7 @@ def test_generate_cli_end_to_end(tmp_path):
     old = json.load(f)
   assert old["model"].pop("norm_eps") == 1e-6
   assert old["model"].pop("attention_impl") == "auto"
-  for key in ("relative_buckets", "relative_max_distance", "num_classes"):
+  for key in ("relative_buckets", "relative_max_distance", "num_classes", "fold_query_scale"):
     old["model"].pop(key)
   with open(path, "w") as f:
     json.dump(old, f)

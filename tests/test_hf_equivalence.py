@@ -19,7 +19,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from bigjax import decode, steps  # noqa: E402
+from bigjax import decode, loop, optim, sharding, steps  # noqa: E402
 from bigjax.models import layers, relative_position, routing, transformer  # noqa: E402
 from configs import gpt2, t5  # noqa: E402
 
@@ -91,10 +91,13 @@ def test_same_weights_give_hf_logits(arch):
   np.testing.assert_allclose(ours, theirs, atol=2e-4 * ours.std(), rtol=1e-4)
 
 
-@pytest.mark.parametrize("tie_embeddings", [False, True], ids=["untied", "tied"])
-def test_same_weights_give_hf_t5_logits(tie_embeddings):
+@pytest.mark.parametrize("tie_embeddings, fold_query_scale",
+                         [(False, True), (True, True), (False, False)],
+                         ids=["untied", "tied", "queries scaled in the forward pass"])
+def test_same_weights_give_hf_t5_logits(tie_embeddings, fold_query_scale):
   """Encoder with padding, decoder, cross-attention, relative position biases."""
   config = _tiny_t5_config(tie_embeddings)
+  config.model.fold_query_scale = fold_query_scale
   model, params = _random_params(config)
   nnx.update(model, params)
   rng = np.random.default_rng(1)
@@ -102,7 +105,8 @@ def test_same_weights_give_hf_t5_logits(tie_embeddings):
   enc[0, 90:] = transformer.PAD_ID
   dec = rng.integers(1, 64, (2, LENGTH))
   ours = np.asarray(model(jax.numpy.asarray(enc), jax.numpy.asarray(dec)))
-  hf = hf_models.load("t5", params, hf_models.build("t5", config)).eval()
+  hf = hf_models.load("t5", params, hf_models.build("t5", config),
+                      config.model.fold_query_scale).eval()
   with torch.no_grad():
     theirs = hf(input_ids=torch.from_numpy(enc), attention_mask=torch.from_numpy(enc != 0),
                 decoder_input_ids=torch.from_numpy(dec)).logits.numpy()
@@ -131,19 +135,73 @@ def test_t5_and_switch_gradients_equal_hf(arch):
     logits = nnx.merge(graphdef, p, rest)(jax.numpy.asarray(enc), jax.numpy.asarray(dec))
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-  ours = hf_models.load(arch, jax.device_get(jax.grad(loss)(params)),
-                        hf_models.build(arch, config)).state_dict()
-  hf = hf_models.load(arch, params, hf_models.build(arch, config))
+  grads = jax.device_get(jax.grad(loss)(params))
+  ours = hf_models.load(arch, grads, hf_models.build(arch, config),
+                        config.model.fold_query_scale).state_dict()
+  hf = hf_models.load(arch, params, hf_models.build(arch, config),
+                      config.model.fold_query_scale)
   hf(input_ids=torch.from_numpy(enc), attention_mask=torch.from_numpy(enc != 0),
      decoder_input_ids=torch.from_numpy(dec), labels=torch.from_numpy(labels)).loss.backward()
-  head_dim = config.model.emb_dim // config.model.num_heads
+  assert config.model.fold_query_scale  # T5's queries: the mapping copies them as they are.
   for name, p in hf.named_parameters():
-    # The mapping scales T5's query weights by head_dim**-0.5, so it maps our
-    # gradient to head_dim**-1 times theirs.
-    want = p.grad.numpy() / (head_dim if name.endswith(".q.weight") else 1)
+    want = p.grad.numpy()
     assert np.abs(want).max() > 0 or ".experts." in name, name  # An expert may get no token.
     np.testing.assert_allclose(ours[name].numpy(), want, atol=1e-4 * np.abs(want).max(),
                                rtol=1e-3, err_msg=name)
+
+
+@pytest.mark.parametrize("arch", ["t5", "switch"])
+def test_t5_and_switch_train_as_hf_does_from_the_same_weights(arch):
+  """bigjax's train step (AdamW with warmup and cosine decay, weight decay on the
+  weight matrices, clipping by global norm; Switch: the router losses too) and the
+  same recipe in torch on HF's model, from bigjax's initial weights over the same
+  batches: the same training curve. Four batches, cycled, so the loss falls."""
+  config = _tiny_t5_config(tie_embeddings=False) if arch == "t5" else _tiny_switch_config()
+  config.update(batch_size=8, seq_len=LENGTH, total_steps=24)
+  config.optim.update(name="adamw", lr=3e-3, warmup_steps=4, schedule="cosine",
+                      end_lr_factor=0.1, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1,
+                      clip_norm=1.0)
+  setup = steps.make_setup(config, sharding.config_mesh(config))
+  train_step, state = steps.make_train_step(setup), steps.create_state(setup, 0)
+  hf = hf_models.load(arch, jax.device_get(state.params), hf_models.build(arch, config),
+                      config.model.fold_query_scale)
+  hf.train()
+  o = config.optim
+  matrices = [p for p in hf.parameters() if p.dim() >= 2]
+  torch_opt = torch.optim.AdamW(
+      [{"params": matrices, "weight_decay": o.weight_decay},
+       {"params": [p for p in hf.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+      lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
+  schedule = optim.schedule(o, config.total_steps)
+  rng = np.random.default_rng(6)
+  batches = []
+  for _ in range(4):
+    enc, tgt = rng.integers(1, 64, (2, 8, LENGTH))
+    enc[0, 100:] = transformer.PAD_ID
+    dec = np.concatenate([np.full((8, 1), 1), tgt[:, :-1]], axis=1)
+    batches.append({"encoder_inputs": enc.astype(np.int32), "decoder_inputs": dec.astype(np.int32),
+                    "targets": tgt.astype(np.int32), "weights": np.ones((8, LENGTH), np.float32)})
+  ours, theirs = [], []
+  for step in range(config.total_steps):
+    batch = batches[step % 4]
+    state, metrics = train_step(state, loop.global_batch(setup, batch))
+    ours.append(float(metrics["loss"]))
+    out = hf(input_ids=torch.from_numpy(batch["encoder_inputs"]).long(),
+             attention_mask=torch.from_numpy(batch["encoder_inputs"] != 0),
+             decoder_input_ids=torch.from_numpy(batch["decoder_inputs"]).long(),
+             labels=torch.from_numpy(batch["targets"]).long(),
+             output_router_logits=arch == "switch")
+    ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1),
+                                           torch.from_numpy(batch["targets"]).long().flatten())
+    theirs.append(float(ce))
+    for group in torch_opt.param_groups:
+      group["lr"] = float(schedule(step))
+    torch_opt.zero_grad(set_to_none=True)
+    out.loss.backward()  # CE, plus for Switch its weighted router losses.
+    torch.nn.utils.clip_grad_norm_(hf.parameters(), o.clip_norm)
+    torch_opt.step()
+  assert ours[-1] < ours[0] - 0.3  # It learns: the curve is not flat.
+  np.testing.assert_allclose(ours, theirs, rtol=2e-4)
 
 
 def test_same_weights_give_hf_switch_transformer_logits_and_router_losses():
@@ -159,7 +217,8 @@ def test_same_weights_give_hf_switch_transformer_logits_and_router_losses():
   capture = nnx.capture(lambda m, *tokens: m(*tokens), nnx.Intermediate)
   ours, sown = capture(model, jax.numpy.asarray(enc), jax.numpy.asarray(dec))
   moe = steps.moe_metrics(sown)
-  hf = hf_models.load("switch", params, hf_models.build("switch", config)).eval()
+  hf = hf_models.load("switch", params, hf_models.build("switch", config),
+                      config.model.fold_query_scale).eval()
   with torch.no_grad():
     theirs = hf(input_ids=torch.from_numpy(enc), decoder_input_ids=torch.from_numpy(dec),
                 labels=torch.from_numpy(labels), output_router_logits=True)

@@ -73,3 +73,20 @@ def test_fresh_example_model_predicts_uniformly(name, arg, shape):
   # Heads start at zero (exactly uniform), which a tied table must not (it would
   # never learn): no lower bound on the spread here.
   _check(*_loss_and_spread(logits, targets), logits.shape[-1], min_spread=0.0)
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encdec"])
+def test_folding_the_query_scale_into_the_init_changes_no_function_at_init(kind):
+  """model.fold_query_scale (T5) moves 1/sqrt(head_dim) from the forward pass into
+  the query kernel's initialisation: from the same seed, the same logits."""
+  from bigjax.models import transformer
+
+  tokens = jnp.asarray(np.random.default_rng(0).integers(1, 259, (2, 16)), jnp.int32)
+  logits = {}
+  for fold in (False, True):
+    cfg = transformer.TransformerConfig(kind=kind, position="relative", init="lecun",
+                                        fold_query_scale=fold)
+    model = transformer.build(cfg, nnx.Rngs(0))
+    logits[fold] = np.asarray(model(tokens) if kind == "decoder" else model(tokens, tokens))
+  assert np.abs(logits[False]).max() > 0.05
+  np.testing.assert_allclose(logits[True], logits[False], rtol=1e-5, atol=1e-6)

@@ -48,6 +48,11 @@ class LayerConfig:
   # Biases on the attention projections and the MLP's matmuls, zero at init (GPT-2,
   # BERT have them; T5, PaLM, Llama do not).
   use_bias: bool = False
+  # The scores' 1/sqrt(head_dim): False multiplies the queries by it in every call
+  # (GPT-2, Llama); True folds it into the query kernel's initialisation instead
+  # (T5, T5X): the same function at init, but Adam then moves the query kernel at
+  # head_dim**-0.5 of the other side's relative rate, so training differs.
+  fold_query_scale: bool = False
   attention_impl: str = "auto"  # One of ATTENTION_IMPLS; see attention_impl_for.
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -135,12 +140,15 @@ def tied_logits_scale(cfg: LayerConfig) -> float:
   return cfg.emb_dim ** -0.5 if cfg.embed_init == "unit" else 1.0
 
 
-def residual_init(cfg: LayerConfig, in_axis=-2, out_axis=-1) -> Initializer:
-  """kernel_init scaled by cfg.residual_init_scale (for outputs added to the stream)."""
-  init, factor = kernel_init(cfg, in_axis, out_axis), cfg.residual_init_scale
+def scaled(init: Initializer, factor: float) -> Initializer:
   if factor == 1.0:
     return init
   return lambda key, shape, dtype=jnp.float32: (init(key, shape, dtype) * factor).astype(dtype)
+
+
+def residual_init(cfg: LayerConfig, in_axis=-2, out_axis=-1) -> Initializer:
+  """kernel_init scaled by cfg.residual_init_scale (for outputs added to the stream)."""
+  return scaled(kernel_init(cfg, in_axis, out_axis), cfg.residual_init_scale)
 
 
 def dense(x: jax.Array, kernel: jax.Array, contract: int = 1,
@@ -327,7 +335,8 @@ class Attention(nnx.Module):
     self.cfg, self.rotary, self.causal = cfg, rotary_positions, causal
     e, h, k, d = cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     qkv_init = kernel_init(cfg, in_axis=0, out_axis=(1, 2))
-    self.query = param(rngs, qkv_init, (e, h, d), ("embed", "heads", "kv"), cfg.param_dtype)
+    query_init = scaled(qkv_init, d ** -0.5) if cfg.fold_query_scale else qkv_init
+    self.query = param(rngs, query_init, (e, h, d), ("embed", "heads", "kv"), cfg.param_dtype)
     self.key = param(rngs, qkv_init, (e, k, d), ("embed", "heads", "kv"), cfg.param_dtype)
     self.value = param(rngs, qkv_init, (e, k, d), ("embed", "heads", "kv"), cfg.param_dtype)
     self.out = param(rngs, residual_init(cfg, in_axis=(0, 1), out_axis=2), (h, d, e),
@@ -387,12 +396,15 @@ class Attention(nnx.Module):
         and attention_impl_for(cfg, default_device(), dropout, (t, s)) == "cudnn"):
       # The mask is passed as well: it may hide padding besides the future keys.
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                         scale=1.0 if cfg.fold_query_scale else None,
                                          implementation="cudnn")
       return self._project_out(out)
     # Heads major ([b, kv, g, t, d], [b, kv, s, d]): each head's scores and values are
     # then plain row-major batched matmuls; over the [b, t, h, d] layout XLA:CPU
     # runs attention's forward and backward passes about 1.3x slower.
-    q = (q * d ** -0.5).reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
+    if not cfg.fold_query_scale:
+      q = q * d ** -0.5
+    q = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     if bias is not None:
       bias = bias.reshape(bias.shape[0], kv, h // kv, t, s)

@@ -57,6 +57,7 @@ class TransformerConfig:
   # states (Encoder.classify); its classes keep their own logical axis.
   num_classes: int = 0
   use_bias: bool = False  # Biases in attention and dense MLPs (GPT-2); MoE experts have none.
+  fold_query_scale: bool = False  # T5: 1/sqrt(head_dim) in the query init; see LayerConfig.
   attention_impl: str = "auto"  # One of layers.ATTENTION_IMPLS.
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -89,7 +90,8 @@ class TransformerConfig:
         dropout_rate=self.dropout_rate,
         init=self.init, init_scale=self.init_scale, embed_init=self.embed_init,
         residual_init_scale=self._residual_init_scale(num_layers, cross_attention),
-        use_bias=self.use_bias, attention_impl=self.attention_impl, dtype=jnp.dtype(self.dtype),
+        use_bias=self.use_bias, fold_query_scale=self.fold_query_scale,
+        attention_impl=self.attention_impl, dtype=jnp.dtype(self.dtype),
         param_dtype=jnp.dtype(self.param_dtype))
 
   def _residual_init_scale(self, num_layers: int, cross_attention: bool) -> float:

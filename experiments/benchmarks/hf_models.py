@@ -14,7 +14,8 @@ The architectures bigjax can express exactly:
            RMSNorm, relative position biases, gated-GELU or ReLU MLP, no
            biases; an untied output projection, or a tied unit-variance table).
            T5 does not scale the scores by 1/sqrt(head_dim): its query weights
-           carry that factor.
+           carry that factor (bigjax's model.fold_query_scale, which t5.py sets;
+           without it the mapping scales the query weights).
   switch:  SwitchTransformersForConditionalGeneration; the t5 mapping with a ReLU
            MLP and, every model.moe_every-th block, a Switch top-1 MoE routed in
            groups of one sequence (model.moe.group_size = its length), whose
@@ -85,7 +86,8 @@ def build(arch: str, config):
                                                moe.capacity_factor),
               num_sparse_encoder_layers=m.num_layers // m.moe_every,
               num_sparse_decoder_layers=decoder_layers // m.moe_every,
-              router_jitter_noise=0.0, **shape))
+              router_jitter_noise=0.0, router_aux_loss_coef=moe.aux_loss_weight,
+              router_z_loss_coef=moe.z_loss_weight, **shape))
     if not m.tie_embeddings:
       # transformers 5 always ties T5's output to its embedding table (an untied
       # config only turns off the emb_dim**-0.5 factor): untie it, as T5.1.1 is.
@@ -166,10 +168,10 @@ def _mixtral_state(params) -> dict:
   return sd
 
 
-def _t5_attention(sd: dict, pre: str, a: dict):
+def _t5_attention(sd: dict, pre: str, a: dict, fold_query_scale: bool):
   linear = lambda x: np.asarray(x).reshape(x.shape[0], -1).T  # [in, ...] -> [out, in]
   head_dim = a["query"].shape[-1]
-  sd[pre + "q.weight"] = linear(a["query"]) * head_dim ** -0.5
+  sd[pre + "q.weight"] = linear(a["query"]) * (1.0 if fold_query_scale else head_dim ** -0.5)
   sd[pre + "k.weight"], sd[pre + "v.weight"] = linear(a["key"]), linear(a["value"])
   sd[pre + "o.weight"] = np.asarray(a["out"]).reshape(-1, a["out"].shape[-1]).T
 
@@ -194,7 +196,7 @@ def _switch_ffn(sd: dict, pre: str, f: dict):
     sd[f"{pre}mlp.experts.expert_{e}.wo.weight"] = np.asarray(f["wo"][e]).T
 
 
-def _t5_state(params, ffn_state=_t5_ffn) -> dict:
+def _t5_state(params, fold_query_scale: bool, ffn_state=_t5_ffn) -> dict:
   emb = params["embedder"]
   sd = {"shared.weight": emb["tokens"]["embedding"]}
   if "logits_kernel" in emb:
@@ -205,11 +207,11 @@ def _t5_state(params, ffn_state=_t5_ffn) -> dict:
         params[stack]["relative_bias"]["table"])
     for i, b in enumerate(_blocks(params, stack)):
       pre = f"{stack}.block.{i}.layer."
-      _t5_attention(sd, pre + "0.SelfAttention.", b["attn"])
+      _t5_attention(sd, pre + "0.SelfAttention.", b["attn"], fold_query_scale)
       sd[pre + "0.layer_norm.weight"] = b["attn_norm"]["scale"]
       ffn = "1."
       if "cross" in b:
-        _t5_attention(sd, pre + "1.EncDecAttention.", b["cross"])
+        _t5_attention(sd, pre + "1.EncDecAttention.", b["cross"], fold_query_scale)
         sd[pre + "1.layer_norm.weight"] = b["cross_norm"]["scale"]
         ffn = "2."
       ffn_state(sd, pre + ffn, b["ffn"])
@@ -219,13 +221,24 @@ def _t5_state(params, ffn_state=_t5_ffn) -> dict:
 
 _STATES = {"gpt2": _gpt2_state, "mixtral": _mixtral_state, "llama": _mixtral_state,
            "t5": _t5_state,
-           "switch": lambda params: _t5_state(params, _switch_ffn)}
+           "switch": lambda params, fold: _t5_state(params, fold, _switch_ffn)}
 
 
-def load(arch: str, params, model):
+def load(arch: str, params, model, fold_query_scale: bool | None = None):
   """Copies bigjax parameters (a nested dict of arrays) into `model`; every HF
-  tensor must be set, except biases of a bigjax model without them (zeroed)."""
-  ours = {k: _t(v) for k, v in _STATES[arch](params).items()}
+  tensor must be set, except biases of a bigjax model without them (zeroed).
+  t5 and switch need the bigjax model's model.fold_query_scale."""
+  if arch in ("t5", "switch"):
+    if fold_query_scale is None:
+      raise ValueError(f"hf_models.load({arch!r}): pass fold_query_scale, the bigjax "
+                       "model's model.fold_query_scale.")
+    state = _STATES[arch](params, fold_query_scale)
+  else:
+    if fold_query_scale:
+      raise ValueError(f"HF's {arch} scales its queries in the forward pass: a bigjax "
+                       "model with model.fold_query_scale=True does not map onto it.")
+    state = _STATES[arch](params)
+  ours = {k: _t(v) for k, v in state.items()}
   theirs = {k: v.detach() for k, v in model.named_parameters()}  # Not the buffers.
   tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
   missing = [k for k in theirs if k not in ours and not k.endswith(".bias")
