@@ -155,26 +155,29 @@ def test_bfloat16_is_as_accurate_as_jax_reference_attention():
 @pytest.mark.parametrize("bias_rows", [1, 2], ids=["shared bias", "per-row bias"])
 @pytest.mark.parametrize("case", ["causal in 4 blocks", "random mask, one block"])
 def test_score_bias_values_and_gradients_match_the_textbook_attention(case, bias_rows):
-  """An additive score bias (T5's relative positions), shared by the rows or per
-  row: the outputs and the gradients of q, k, v and the bias."""
+  """A score bias table[ids] (T5's relative positions: a value per bucket and head),
+  the ids shared by the rows or per row: the outputs and the gradients of q, k, v
+  and the table, against autodiff of the textbook attention with table[ids] added."""
   blocks, make_mask = CASES[case]
   with jax.enable_x64(True):
     s = 8 if blocks > 1 else 11
     rng, q, k, v = _inputs(4, s=s)
     mask = make_mask(rng, 2, 8, s)
-    bias = jnp.asarray(rng.normal(size=(bias_rows, 2, 2, 8, s)))
+    table = jnp.asarray(rng.normal(size=(5, 2, 2)))  # 5 buckets, [kv, g] heads.
+    ids = jnp.asarray(rng.integers(0, 5, (bias_rows, 8, s)))
     d_out = np.asarray(rng.normal(size=q.shape))
     d_out[1, :, :, PADDED_ROW] = 0
     d_out = jnp.asarray(d_out)
-    ours = lambda q, k, v, bias: attention_core.attention(  # noqa: E731
-        q, k, v, mask, blocks=blocks, bias=bias)
-    theirs = lambda q, k, v, bias: textbook(q, k, v, mask, bias)  # noqa: E731
-    out, vjp = jax.vjp(ours, q, k, v, bias)
-    want, want_vjp = jax.vjp(theirs, q, k, v, bias)
+    ours = lambda q, k, v, table: attention_core.attention(  # noqa: E731
+        q, k, v, mask, blocks=blocks, bias=(table, ids))
+    theirs = lambda q, k, v, table: textbook(  # noqa: E731
+        q, k, v, mask, table[ids].transpose(0, 3, 4, 1, 2))
+    out, vjp = jax.vjp(ours, q, k, v, table)
+    want, want_vjp = jax.vjp(theirs, q, k, v, table)
     visible = np.asarray(mask).any(-1)[:, :, None, :, None]
     np.testing.assert_allclose(np.where(visible, out, 0), np.where(visible, want, 0),
                                rtol=1e-10, atol=1e-12)
-    assert np.abs(np.asarray(out) - np.asarray(ours(q, k, v, 0 * bias))).max() > 0.1
+    assert np.abs(np.asarray(out) - np.asarray(ours(q, k, v, 0 * table))).max() > 0.1
     for got, ref in zip(vjp(d_out), want_vjp(d_out)):
       assert np.abs(ref).max() > 1e-3
       np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-11)

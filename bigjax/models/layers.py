@@ -349,7 +349,8 @@ class Attention(nnx.Module):
   def __call__(self, x_q, x_kv, mask, q_positions=None, k_positions=None, rng=None,
                cache=None, bias=None):
     """Attention of x_q [b, t, e] over x_kv [b, s, e]; mask [b, 1, t, s]; bias None
-    or [b or 1, heads, t, s], added to the scores (relative_position.py).
+    or (table [buckets, heads], ids [b or 1, t, s]): scores + table[ids]
+    (relative_position.py).
 
     With `cache` ({"k", "v"}: [b, cache_len, kv_heads, head_dim]), this is cached
     self-attention: the keys and values of x_q are written into the cache at slots
@@ -407,7 +408,8 @@ class Attention(nnx.Module):
     q = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     if bias is not None:
-      bias = bias.reshape(bias.shape[0], kv, h // kv, t, s)
+      table, ids = bias
+      bias = (table.reshape(table.shape[0], kv, h // kv), ids)
     out = attention_core.attention(q, k, v, mask, blocks=causal_block_count(t) if causal else 1,
                                    dropout_rate=cfg.dropout_rate, rng=rng, bias=bias)
     return self._project_out(out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d))

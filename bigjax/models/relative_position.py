@@ -38,8 +38,10 @@ def bucket(offset: jax.Array, *, bidirectional: bool, num_buckets: int,
 
 
 class RelativePositionBias(nnx.Module):
-  """The biases [B, heads, t, s] of queries at q_positions [B, t] over keys at
-  k_positions [B, s] (B = 1 when every row has the same positions)."""
+  """The biases of queries at q_positions [B, t] over keys at k_positions [B, s]
+  (B = 1 when every row has the same positions), as (table [buckets, heads],
+  bucket ids [B, t, s]): attention adds table[ids] to its scores block by block
+  and reduces the gradient into the table (attention_core.attention)."""
 
   def __init__(self, cfg: layers.LayerConfig, *, bidirectional: bool, rngs: nnx.Rngs):
     self.bidirectional = bidirectional
@@ -48,9 +50,8 @@ class RelativePositionBias(nnx.Module):
                               (self.num_buckets, cfg.num_heads), ("relpos_buckets", "heads"),
                               cfg.param_dtype)
 
-  def __call__(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
+  def __call__(self, q_positions: jax.Array, k_positions: jax.Array) -> tuple:
     ids = bucket(k_positions[:, None, :] - q_positions[:, :, None],
                  bidirectional=self.bidirectional, num_buckets=self.num_buckets,
                  max_distance=self.max_distance)
-    biases = jnp.take(self.table[...].astype(jnp.float32), ids, axis=0)  # [B, t, s, heads]
-    return biases.transpose(0, 3, 1, 2)
+    return self.table[...], ids
