@@ -137,12 +137,11 @@ def _backward(blocks, rate, residuals, d_out):
     d_scores = jnp.where(mask[:, :, None, rows, :end],
                          w.astype(acc) * (d_p - row_dots[:, :, :, rows]), 0.0)
     if table is not None:  # Each score's gradient goes to its bucket's table entry.
-      buckets = jax.nn.one_hot(ids[:, rows, :end], table.shape[0], dtype=acc)
       # Per row, then over the rows: summed over the batch first, the [kv, g, t, s]
       # scores' gradient would be all-reduced under data parallelism, not the table's.
-      per_row = jnp.einsum("bkgts,btsn->bnkg" if ids.shape[0] > 1 else "bkgts,tsn->bnkg",
-                           d_scores, buckets if ids.shape[0] > 1 else buckets[0])
-      d_table += per_row.sum(0)
+      buckets = jax.nn.one_hot(ids[:, rows, :end], table.shape[0], dtype=acc)
+      spec = "bkgts,tsn->bnkg" if ids.shape[0] == 1 else "bkgts,btsn->bnkg"
+      d_table += jnp.einsum(spec, d_scores, buckets[0] if ids.shape[0] == 1 else buckets).sum(0)
     d_scores = d_scores.astype(dt)
     dq.append(jnp.einsum("bkgts,bksd->bkgtd", d_scores, k[:, :, :end],
                          preferred_element_type=acc).astype(dt))
