@@ -40,12 +40,15 @@ def _stack(cfg, num_layers: int, cross_attention: bool) -> int:
 
 def training_flops_per_token(cfg: transformer.TransformerConfig, seq_len: int) -> float:
   """Forward + backward model FLOPs per (target) token; see the module docstring.
-  For an encoder-decoder each target token is charged one encoder token too. The
-  vocabulary projection is always counted, as the token tasks run it; a
-  classifier (model.num_classes, task="direction") does not, so its MFU from this
-  figure would be overstated."""
+  For an encoder-decoder each target token is charged one encoder token too. A
+  classifier (model.num_classes) projects one pooled vector per row onto the
+  classes instead of every token onto the vocabulary: each of the row's seq_len
+  input tokens is charged 1/seq_len of that head."""
   attn_width = cfg.num_heads * (cfg.head_dim or cfg.emb_dim // cfg.num_heads)
-  params = cfg.emb_dim * cfg.vocab_size  # The unembedding (tied or not).
+  if cfg.num_classes:
+    params = cfg.emb_dim * cfg.num_classes / seq_len
+  else:
+    params = cfg.emb_dim * cfg.vocab_size  # The unembedding (tied or not).
   params += _stack(cfg, cfg.num_layers, cross_attention=False)
   # The first (or only) stack: causal in a decoder, so half its score matrix
   # counts; bidirectional in an encoder and in an encoder-decoder's encoder, so

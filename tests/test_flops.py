@@ -18,6 +18,7 @@ from configs import bert, lm, lm_moe, t5
 # kind: (config module, the batch's token fields)
 KINDS = {"decoder": (lm, ("inputs", "targets")),
          "encoder": (bert, ("inputs", "targets")),
+         "classifier": (bert, ("inputs",)),
          "encdec": (t5, ("encoder_inputs", "decoder_inputs", "targets"))}
 
 
@@ -25,7 +26,7 @@ KINDS = {"decoder": (lm, ("inputs", "targets")),
 def test_training_flops_match_xla_count(kind, monkeypatch):
   monkeypatch.setattr(layers, "CAUSAL_BLOCKS", 1)  # XLA computes whole score matrices.
   module, fields = KINDS[kind]
-  config = module.get_config("runlocal")
+  config = module.get_config("direction,runlocal" if kind == "classifier" else "runlocal")
   config.update(batch_size=2, seq_len=512)
   # Narrow and long: attention is a third or more of the count, so counting an
   # encoder's attention as causal (half) is far outside the tolerance.
@@ -38,13 +39,16 @@ def test_training_flops_match_xla_count(kind, monkeypatch):
   tokens = config.batch_size * config.seq_len
   batch = {k: jnp.ones((config.batch_size, config.seq_len), jnp.int32) for k in fields}
   batch["weights"] = jnp.ones((config.batch_size, config.seq_len), jnp.float32)
+  if kind == "classifier":  # One label per row; no vocabulary projection.
+    batch.update(targets=jnp.ones((config.batch_size,), jnp.int32),
+                 weights=jnp.ones((config.batch_size,), jnp.float32))
   state = jax.eval_shape(lambda: steps.create_state(setup, 0))
   counted = steps.make_train_step(setup).lower(state, batch).compile().cost_analysis()["flops"]
   cfg = steps.model_config(config)
-  assert cfg.kind == kind
+  assert cfg.kind == {"classifier": "encoder"}.get(kind, kind)
   ours = flops.training_flops_per_token(cfg, config.seq_len) * tokens
   # The causal self-attentions: a decoder's stack, an encoder-decoder's decoder stack.
-  causal_layers = {"decoder": cfg.num_layers, "encoder": 0,
+  causal_layers = {"decoder": cfg.num_layers, "encoder": 0, "classifier": 0,
                    "encdec": cfg.num_decoder_layers}[kind]
   masked_half = 6 * causal_layers * config.seq_len * cfg.emb_dim * tokens
   assert abs(counted / (ours + masked_half) - 1) < 0.06, (counted, ours + masked_half)
