@@ -43,6 +43,9 @@ step gpu_tests 150 env JAX_PLATFORMS=cuda "$PY" -m pytest -q -p no:cacheprovider
     tests/test_fused_attention.py tests/test_hopper_ragged_dot.py
 # One process for both: gpu.py prints the MoE step's cost in dense steps.
 step dense_and_gshard 200 "$PY" $GPU --models=dense,gshard "$@"
+# cuBLAS for every matmul instead of XLA's Triton GEMMs (JAX-Toolbox's images set this).
+step dense_cublas 120 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
+    "$PY" $GPU --models=dense "$@"
 step dense_batch8_remat 120 "$PY" $GPU --models=dense --batch=8 \
     --remat_policy=dots_with_no_batch_dims_saveable "$@"
 step gshard_gather 120 "$PY" $GPU --models=gshard --capacity_dispatch=gather "$@"
