@@ -3,7 +3,8 @@
 An implementation bigjax did not write: the same weights (every one random,
 biases included, not the zeros or ones of an initialisation) copied into HF's
 GPT2LMHeadModel / LlamaForCausalLM / MixtralForCausalLM / T5ForConditionalGeneration
-/ SwitchTransformersForConditionalGeneration must give the same logits. Needs the
+/ SwitchTransformersForConditionalGeneration must give the same logits and
+gradients, and the same training curve under the same optimizer. Needs the
 benchmark extra (`pip install -e '.[bench]'`: torch, transformers); skipped
 without it. experiments/benchmarks/peer.py prints the same check at full size.
 """
@@ -150,17 +151,12 @@ def test_t5_and_switch_gradients_equal_hf(arch):
                                rtol=1e-3, err_msg=name)
 
 
-@pytest.mark.parametrize("arch", ["t5", "switch"])
-def test_t5_and_switch_train_as_hf_does_from_the_same_weights(arch):
-  """bigjax's train step (AdamW with warmup and cosine decay, weight decay on the
-  weight matrices, clipping by global norm; Switch: the router losses too) and the
-  same recipe in torch on HF's model, from bigjax's initial weights over the same
-  batches: the same training curve. Four batches, cycled, so the loss falls."""
-  config = _tiny_t5_config(tie_embeddings=False) if arch == "t5" else _tiny_switch_config()
-  config.update(batch_size=8, seq_len=LENGTH, total_steps=24)
-  config.optim.update(name="adamw", lr=3e-3, warmup_steps=4, schedule="cosine",
-                      end_lr_factor=0.1, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1,
-                      clip_norm=1.0)
+def _train_side_by_side(arch, config, batches, hf_losses):
+  """bigjax's train step, and the same recipe in torch on HF's model from bigjax's
+  initial weights (AdamW with warmup and cosine decay, weight decay on the weight
+  matrices, clipping by global norm), over `batches` cycled for
+  config.total_steps. hf_losses(hf, batch) -> (the cross-entropy recorded, the
+  loss differentiated). Returns both training curves."""
   setup = steps.make_setup(config, sharding.config_mesh(config))
   train_step, state = steps.make_train_step(setup), steps.create_state(setup, 0)
   hf = hf_models.load(arch, jax.device_get(state.params), hf_models.build(arch, config),
@@ -173,6 +169,42 @@ def test_t5_and_switch_train_as_hf_does_from_the_same_weights(arch):
        {"params": [p for p in hf.parameters() if p.dim() < 2], "weight_decay": 0.0}],
       lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
   schedule = optim.schedule(o, config.total_steps)
+  ours, theirs = [], []
+  for step in range(config.total_steps):
+    batch = batches[step % len(batches)]
+    state, metrics = train_step(state, loop.global_batch(setup, batch))
+    ours.append(float(metrics["loss"]))
+    ce, loss = hf_losses(hf, batch)
+    theirs.append(ce.item())
+    for group in torch_opt.param_groups:
+      group["lr"] = float(schedule(step))
+    torch_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(hf.parameters(), o.clip_norm)
+    torch_opt.step()
+  return ours, theirs
+
+
+def _short_recipe(config):
+  """24 AdamW steps on 4 batches of 8 rows, cycled, so that the loss falls."""
+  config.update(batch_size=8, seq_len=LENGTH, total_steps=24)
+  config.optim.update(name="adamw", lr=3e-3, warmup_steps=4, schedule="cosine",
+                      end_lr_factor=0.1, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1,
+                      clip_norm=1.0)
+  return config
+
+
+def _ce(logits, targets):
+  return torch.nn.functional.cross_entropy(logits.flatten(0, 1),
+                                           torch.from_numpy(targets).long().flatten())
+
+
+@pytest.mark.parametrize("arch", ["t5", "switch"])
+def test_t5_and_switch_train_as_hf_does_from_the_same_weights(arch):
+  """The same training curve as HF's model under the same recipe (Switch: with its
+  router losses in the loss on both sides)."""
+  config = _tiny_t5_config(tie_embeddings=False) if arch == "t5" else _tiny_switch_config()
+  config = _short_recipe(config)
   rng = np.random.default_rng(6)
   batches = []
   for _ in range(4):
@@ -181,25 +213,72 @@ def test_t5_and_switch_train_as_hf_does_from_the_same_weights(arch):
     dec = np.concatenate([np.full((8, 1), 1), tgt[:, :-1]], axis=1)
     batches.append({"encoder_inputs": enc.astype(np.int32), "decoder_inputs": dec.astype(np.int32),
                     "targets": tgt.astype(np.int32), "weights": np.ones((8, LENGTH), np.float32)})
-  ours, theirs = [], []
-  for step in range(config.total_steps):
-    batch = batches[step % 4]
-    state, metrics = train_step(state, loop.global_batch(setup, batch))
-    ours.append(float(metrics["loss"]))
+
+  def hf_losses(hf, batch):
     out = hf(input_ids=torch.from_numpy(batch["encoder_inputs"]).long(),
              attention_mask=torch.from_numpy(batch["encoder_inputs"] != 0),
              decoder_input_ids=torch.from_numpy(batch["decoder_inputs"]).long(),
              labels=torch.from_numpy(batch["targets"]).long(),
              output_router_logits=arch == "switch")
-    ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1),
-                                           torch.from_numpy(batch["targets"]).long().flatten())
-    theirs.append(float(ce))
-    for group in torch_opt.param_groups:
-      group["lr"] = float(schedule(step))
-    torch_opt.zero_grad(set_to_none=True)
-    out.loss.backward()  # CE, plus for Switch its weighted router losses.
-    torch.nn.utils.clip_grad_norm_(hf.parameters(), o.clip_norm)
-    torch_opt.step()
+    return _ce(out.logits, batch["targets"]), out.loss  # CE, plus Switch's router losses.
+
+  ours, theirs = _train_side_by_side(arch, config, batches, hf_losses)
+  assert ours[-1] < ours[0] - 0.3  # It learns: the curve is not flat.
+  np.testing.assert_allclose(ours, theirs, rtol=2e-4)
+
+
+def _decoder_batches(seed, count=4, rows=8):
+  """Rows that repeat a random 8-token motif: in-context copying to learn."""
+  motifs = np.random.default_rng(seed).integers(1, 64, (count, rows, 8))
+  tokens = np.tile(motifs, (1, 1, LENGTH // 8 + 1))[..., :LENGTH + 1]
+  return [{"inputs": t[:, :-1].astype(np.int32), "targets": t[:, 1:].astype(np.int32),
+           "weights": np.ones((rows, LENGTH), np.float32)} for t in tokens]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mixtral"])
+def test_decoder_gradients_equal_hf(arch):
+  """The decoders' backward pass (the hand-written causal attention VJP over row
+  blocks; Mixtral: the dropless top-2 routing's gates and the experts' grouped
+  products): the gradients of the mean cross-entropy equal torch autograd's
+  through HF's model, mapped by the same weight mapping."""
+  import optax
+
+  config = _tiny_config(arch)
+  model, params = _random_params(config, scale=0.2)
+  nnx.update(model, params)
+  batch = _decoder_batches(seed=7, count=1, rows=2)[0]
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(p):
+    logits = nnx.merge(graphdef, p, rest)(jax.numpy.asarray(batch["inputs"]))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+
+  grads = jax.device_get(jax.grad(loss)(params))
+  ours = hf_models.load(arch, grads, hf_models.build(arch, config)).state_dict()
+  hf = hf_models.load(arch, params, hf_models.build(arch, config))
+  _ce(hf(input_ids=torch.from_numpy(batch["inputs"]).long()).logits,
+      batch["targets"]).backward()
+  for name, p in hf.named_parameters():
+    want = p.grad.numpy()
+    assert np.abs(want).max() > 0, name
+    np.testing.assert_allclose(ours[name].numpy(), want, atol=1e-4 * np.abs(want).max(),
+                               rtol=1e-3, err_msg=name)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "mixtral"])
+def test_decoders_train_as_hf_does_from_the_same_weights(arch):
+  """GPT-2 and Mixtral (dropless top-2): the same training curve as HF's model.
+  Cross-entropy alone on both sides: bigjax balances each MoE layer by first
+  choices (routing.py), HF's Mixtral by all k choices over every layer's logits."""
+  config = _short_recipe(_tiny_config(arch))
+  if arch == "mixtral":
+    config.model.moe.update(aux_loss_weight=0.0, z_loss_weight=0.0)
+
+  def hf_losses(hf, batch):
+    ce = _ce(hf(input_ids=torch.from_numpy(batch["inputs"]).long()).logits, batch["targets"])
+    return ce, ce
+
+  ours, theirs = _train_side_by_side(arch, config, _decoder_batches(seed=8), hf_losses)
   assert ours[-1] < ours[0] - 0.3  # It learns: the curve is not flat.
   np.testing.assert_allclose(ours, theirs, rtol=2e-4)
 
