@@ -370,6 +370,23 @@ def test_beam_search_finds_hf_generates_beams():
   assert ours != greedy  # The beams found something greedy search did not.
 
 
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (5, 1.0), (10, 0.5), (0, 0.05)])
+def test_sampling_filter_keeps_hf_warpers_tokens(top_k, top_p):
+  """decode.filter_logits against HF generate's TopK then TopP warpers: the same
+  tokens survive (top_p=0.05 keeps only the most likely token on both sides)."""
+  from transformers.generation import logits_process
+
+  logits = np.random.default_rng(9).normal(0, 3, (16, 64)).astype(np.float32)
+  ours = np.isfinite(np.asarray(decode.filter_logits(jax.numpy.asarray(logits), top_k, top_p)))
+  theirs = torch.from_numpy(logits)
+  if top_k:
+    theirs = logits_process.TopKLogitsWarper(top_k)(None, theirs)
+  if top_p < 1.0:
+    theirs = logits_process.TopPLogitsWarper(top_p)(None, theirs)
+  np.testing.assert_array_equal(ours, np.isfinite(theirs.numpy()))
+  assert 1 <= ours.sum(-1).min() and ours.sum(-1).max() < 64
+
+
 def test_biases_change_the_gpt2_function():
   """The bias mapping is exercised: zeroing bigjax's biases changes the logits."""
   config = _tiny_config("gpt2")
