@@ -20,7 +20,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from bigjax import decode, loop, optim, sharding, steps  # noqa: E402
+from bigjax import decode, loop, sharding, steps  # noqa: E402
 from bigjax.models import layers, relative_position, routing, transformer  # noqa: E402
 from configs import gpt2, t5  # noqa: E402
 
@@ -154,7 +154,8 @@ def test_t5_and_switch_gradients_equal_hf(arch):
 def _train_side_by_side(arch, config, batches, hf_losses):
   """bigjax's train step, and the same recipe in torch on HF's model from bigjax's
   initial weights (AdamW with warmup and cosine decay, weight decay on the weight
-  matrices, clipping by global norm), over `batches` cycled for
+  matrices, clipping by global norm: torch's optimizer and clipping, HF's
+  learning-rate schedule), over `batches` cycled for
   config.total_steps. hf_losses(hf, batch) -> (the cross-entropy recorded, the
   loss differentiated). Returns both training curves."""
   setup = steps.make_setup(config, sharding.config_mesh(config))
@@ -168,7 +169,9 @@ def _train_side_by_side(arch, config, batches, hf_losses):
       [{"params": matrices, "weight_decay": o.weight_decay},
        {"params": [p for p in hf.parameters() if p.dim() < 2], "weight_decay": 0.0}],
       lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
-  schedule = optim.schedule(o, config.total_steps)
+  assert o.schedule == "cosine"
+  lr_schedule = transformers.get_cosine_with_min_lr_schedule_with_warmup(
+      torch_opt, o.warmup_steps, config.total_steps, min_lr_rate=o.end_lr_factor)
   ours, theirs = [], []
   for step in range(config.total_steps):
     batch = batches[step % len(batches)]
@@ -176,12 +179,11 @@ def _train_side_by_side(arch, config, batches, hf_losses):
     ours.append(float(metrics["loss"]))
     ce, loss = hf_losses(hf, batch)
     theirs.append(ce.item())
-    for group in torch_opt.param_groups:
-      group["lr"] = float(schedule(step))
     torch_opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(hf.parameters(), o.clip_norm)
     torch_opt.step()
+    lr_schedule.step()
   return ours, theirs
 
 
