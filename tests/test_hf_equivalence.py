@@ -169,9 +169,7 @@ def _train_side_by_side(arch, config, batches, hf_losses):
       [{"params": matrices, "weight_decay": o.weight_decay},
        {"params": [p for p in hf.parameters() if p.dim() < 2], "weight_decay": 0.0}],
       lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
-  assert o.schedule == "cosine"
-  lr_schedule = transformers.get_cosine_with_min_lr_schedule_with_warmup(
-      torch_opt, o.warmup_steps, config.total_steps, min_lr_rate=o.end_lr_factor)
+  lr_schedule = hf_models.lr_scheduler(torch_opt, o, config.total_steps)
   ours, theirs = [], []
   for step in range(config.total_steps):
     batch = batches[step % len(batches)]

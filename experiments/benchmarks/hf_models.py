@@ -109,6 +109,20 @@ def build(arch: str, config):
       rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}))
 
 
+def lr_scheduler(optimizer, optim_cfg, total_steps: int):
+  """HF's own learning-rate schedule for bigjax's `config.optim` (linear warmup from
+  0, then cosine to lr * end_lr_factor, or constant): the torch side of a
+  comparison does not borrow bigjax's optim.schedule. Step it after each update."""
+  o = optim_cfg
+  if o.schedule == "cosine":
+    return transformers.get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, o.warmup_steps, total_steps, min_lr_rate=o.end_lr_factor)
+  if o.schedule == "constant":
+    return transformers.get_constant_schedule_with_warmup(optimizer, o.warmup_steps)
+  raise ValueError(f"optim.schedule={o.schedule!r}: hf_models.lr_scheduler maps "
+                   "'cosine' and 'constant'.")
+
+
 def _t(x):
   return torch.from_numpy(np.array(x, np.float32))  # A writable copy.
 

@@ -11,7 +11,8 @@ printed): the two sides compute the same function.
 
 Quality: nanoGPT's baby GPT recipe (`configs/gpt2.py:baby`) trained in each
 framework from its own initialisation on the same batches of the embedded corpus
-(bigjax's step-indexed pipeline feeds both), with the same schedule, AdamW
+(bigjax's step-indexed pipeline feeds both), with the same schedule (HF's own
+scheduler on the PyTorch side), AdamW
 (weight decay on matrices only), clipping and tied embeddings, evaluated on the
 same validation windows. Prints validation bits per byte of each at equal steps,
 and at equal wall time: at the faster side's total training time, each side's
@@ -62,7 +63,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bigjax import config as config_lib  # noqa: E402
-from bigjax import flops, host_memory, loop, optim, sharding, steps, tasks  # noqa: E402
+from bigjax import flops, host_memory, loop, sharding, steps, tasks  # noqa: E402
 from bigjax.data import pipeline  # noqa: E402
 from configs import gpt2  # noqa: E402
 
@@ -136,8 +137,8 @@ class TorchSide:
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     self.opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
-    self.schedule = optim.schedule(o, config.total_steps)
-    self.clip, self.t = o.clip_norm, 0
+    self.schedule = hf_models.lr_scheduler(self.opt, o, config.total_steps)
+    self.clip = o.clip_norm
 
   def _loss(self, batch):
     inputs = torch.from_numpy(np.asarray(batch["inputs"], np.int64))
@@ -147,15 +148,13 @@ class TorchSide:
                                              reduction="sum"), targets.numel()
 
   def step(self, batch):
-    for group in self.opt.param_groups:
-      group["lr"] = float(self.schedule(self.t))
     loss, n = self._loss(batch)
     self.opt.zero_grad(set_to_none=True)
     (loss / n).backward()
     if self.clip:
       torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
     self.opt.step()
-    self.t += 1
+    self.schedule.step()
     return loss.detach() / n
 
   def sync(self, metrics):
