@@ -288,12 +288,12 @@ def test_without_expert_split_the_one_device_path_runs():
 # --------------------------------------------------------------------------
 
 
-def _train_step(mesh_cfg, num_devices):
+def _train_step(mesh_cfg, num_devices, scan=False, router="dropless"):
   """One train step with SGD at lr 1 (no warmup or clipping): the parameter update
   is minus the gradient. Returns (compiled HLO, update, metrics)."""
   config = lm_moe.get_config("runlocal")
-  config.model.dropout_rate = 0.0
-  config.model.moe.update(router="dropless", top_k=2, dropless_impl="sorted_blocks",
+  config.model.update(dropout_rate=0.0, scan_layers=scan)
+  config.model.moe.update(router=router, top_k=2, dropless_impl="sorted_blocks",
                           block_size=8)
   config.optim.update(name="sgd", lr=1.0, warmup_steps=0, clip_norm=0.0)
   mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:num_devices])
@@ -310,10 +310,17 @@ def _train_step(mesh_cfg, num_devices):
   return compiled.as_text(), update, jax.device_get(metrics)
 
 
-def test_train_step_on_expert_mesh_matches_one_device():
-  hlo, update, metrics = _train_step(dict(expert=8), 8)
-  _, update0, metrics0 = _train_step(dict(data=1), 1)
-  assert any(op == "all-to-all" for op, _ in _collectives(hlo))
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_train_step_on_expert_mesh_matches_one_device(scan):
+  """Scanned blocks too (the accelerator configs' default): the experts stay split
+  and the tokens move by all-to-all; no expert weights are gathered."""
+  hlo, update, metrics = _train_step(dict(expert=8), 8, scan)
+  _, update0, metrics0 = _train_step(dict(data=1), 1, scan)
+  ops = _collectives(hlo)
+  assert any(op == "all-to-all" for op, _ in ops)
+  # Scanned with the layers' names on the unit's parameters, the layer fell back to
+  # GSPMD: all-gathers of every expert's weights and of every token.
+  assert not [a for op, a in ops if op == "all-gather"], ops
   for key in ("loss", "router_loss", "grad_norm"):
     np.testing.assert_allclose(metrics[key], metrics0[key], rtol=1e-5, err_msg=key)
   assert float(metrics["moe/decoder/blocks/1/dropped"]) == 0.0
@@ -325,3 +332,12 @@ def test_train_step_on_expert_mesh_matches_one_device():
     assert scale > 0, jax.tree_util.keystr(path)
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale,
                                err_msg=jax.tree_util.keystr(path))
+
+
+def test_scanned_capacity_layer_keeps_experts_split():
+  """GShard's capacity layer in scanned blocks: the tokens move to the experts by
+  all-to-all; neither the experts' weights nor the tokens are gathered."""
+  hlo, _, _ = _train_step(dict(expert=8), 8, scan=True, router="gshard_top2")
+  ops = _collectives(hlo)
+  assert any(op == "all-to-all" for op, _ in ops)
+  assert not [a for op, a in ops if op == "all-gather"], ops

@@ -101,6 +101,18 @@ def _stack_modules(modules: list) -> nnx.Module:
   return stacked
 
 
+def _unit_names(unit: nnx.Module) -> nnx.Module:
+  """One scan step's unit, merged from slices of the stacked parameters, with the
+  leading `layers` name taken off again: code that reads a parameter's logical
+  names (the MoE layer's expert-parallel layout) sees the per-layer names."""
+  for _, var in nnx.iter_graph(unit):
+    if isinstance(var, nnx.Variable):
+      names = var.get_metadata("out_sharding", None)
+      if names and names[0] == "layers":
+        var.set_metadata(out_sharding=tuple(names[1:]))
+  return unit
+
+
 class Stack(nnx.Module):
   """num_layers blocks and a final norm; rematerialised per block (scanned: per
   unit) by `remat`, a name from REMAT_POLICIES. With cfg.position="relative", the
@@ -185,7 +197,7 @@ class Stack(nnx.Module):
 
     def body(x, xs):
       unit_params, unit_keys, unit_cache = xs
-      unit = nnx.merge(graphdef, unit_params)
+      unit = _unit_names(nnx.merge(graphdef, unit_params))
       (x, new_cache), sown = nnx.capture(run_unit, nnx.Intermediate)(
           unit, x, unit_keys, unit_cache)
       metrics = {path[0]: var.get_value()[-1] for path, var in nnx.to_flat_state(sown)
