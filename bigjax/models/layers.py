@@ -118,15 +118,18 @@ HEAD_ACTIVATIONS = ("activation_batch", "activation_length", "activation_heads",
                     "activation_kv")
 
 
-def kernel_init(cfg: LayerConfig, in_axis=-2, out_axis=-1) -> Initializer:
-  """Initialiser by name; in/out axes say which dimensions are fan-in/fan-out."""
+def kernel_init(cfg: LayerConfig, in_axis=-2, out_axis=-1, batch_axis=()) -> Initializer:
+  """Initialiser by name; in/out axes say which dimensions are fan-in/fan-out, and
+  batch axes index independent kernels (experts), which count in neither: an axis
+  in none of the three would multiply the fans as a receptive field does."""
   if cfg.init == "normal":
     return nnx.initializers.normal(cfg.init_scale)
   if cfg.init == "xavier":
-    return nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis, out_axis)
+    return nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis, out_axis,
+                                             batch_axis)
   if cfg.init == "lecun":
     return nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis,
-                                             out_axis)
+                                             out_axis, batch_axis)
   raise ValueError(f"model.init={cfg.init!r}; choose one of {INITS}.")
 
 
@@ -146,9 +149,9 @@ def scaled(init: Initializer, factor: float) -> Initializer:
   return lambda key, shape, dtype=jnp.float32: (init(key, shape, dtype) * factor).astype(dtype)
 
 
-def residual_init(cfg: LayerConfig, in_axis=-2, out_axis=-1) -> Initializer:
+def residual_init(cfg: LayerConfig, in_axis=-2, out_axis=-1, batch_axis=()) -> Initializer:
   """kernel_init scaled by cfg.residual_init_scale (for outputs added to the stream)."""
-  return scaled(kernel_init(cfg, in_axis, out_axis), cfg.residual_init_scale)
+  return scaled(kernel_init(cfg, in_axis, out_axis, batch_axis), cfg.residual_init_scale)
 
 
 def dense(x: jax.Array, kernel: jax.Array, contract: int = 1,

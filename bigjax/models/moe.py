@@ -159,13 +159,13 @@ class MoEFeedForward(nnx.Module):
     e, m, h = moe.num_experts, cfg.emb_dim, cfg.mlp_dim
     self.router = layers.param(rngs, layers.kernel_init(cfg), (m, e), ("embed", None),
                                cfg.param_dtype)
-    init = layers.kernel_init(cfg, in_axis=-2, out_axis=-1)
+    init = layers.kernel_init(cfg, in_axis=-2, out_axis=-1, batch_axis=(0,))  # Per expert.
     self.wi = layers.param(rngs, init, (e, m, h), ("exp", "embed", "mlp"), cfg.param_dtype)
     self.wi_gate = nnx.data(
         layers.param(rngs, init, (e, m, h), ("exp", "embed", "mlp"), cfg.param_dtype)
         if cfg.gated_mlp else None)
-    self.wo = layers.param(rngs, layers.residual_init(cfg), (e, h, m), ("exp", "mlp", "embed"),
-                           cfg.param_dtype)
+    self.wo = layers.param(rngs, layers.residual_init(cfg, batch_axis=(0,)), (e, h, m),
+                           ("exp", "mlp", "embed"), cfg.param_dtype)
 
   # -- shared pieces ----------------------------------------------------------
 
