@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from bigjax import layer_layout
+from bigjax.config import ConfigError
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "adafactor", "lion")
 # Those that read optim.eps (Adafactor keeps optax's own 1e-30; Lion has none).
@@ -119,21 +120,21 @@ def _zero_frozen_rows(freeze: str) -> optax.GradientTransformation:
 
 
 def check_freeze(optim_cfg, params):
-  """Raises ValueError unless optim.freeze (if set) matches some parameters but not all."""
+  """Raises ConfigError unless optim.freeze (if set) matches some parameters but not all."""
   freeze = optim_cfg.freeze
   if not freeze:
     return
   try:
     re.compile(freeze)
   except re.error as e:
-    raise ValueError(f"optim.freeze={freeze!r} is not a regular expression ({e}).") from None
+    raise ConfigError(f"config.optim.freeze={freeze!r} is not a regular expression ({e}).") from None
   mask = np.concatenate([np.ravel(m) for m in jax.tree.leaves(frozen_mask(params, freeze))])
   names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   if not any(mask):
-    raise ValueError(f"optim.freeze={freeze!r} matches no parameter. Parameter paths look "
+    raise ConfigError(f"config.optim.freeze={freeze!r} matches no parameter. Parameter paths look "
                      f"like {names[:3]}; match one or more of them.")
   if all(mask):
-    raise ValueError(f"optim.freeze={freeze!r} freezes every parameter, so nothing would "
+    raise ConfigError(f"config.optim.freeze={freeze!r} freezes every parameter, so nothing would "
                      "train. Narrow it, e.g. '^embedder/'.")
 
 

@@ -33,6 +33,19 @@ def test_invalid_value_is_rejected_before_compiling(tmp_path):
   assert "config.model.num_heads" in r.stderr and "emb_dim" in r.stderr
 
 
+@pytest.mark.parametrize("flag, field", [
+    ("--config.optim.freeze=^embeder/", "config.optim.freeze"),  # matches no parameter
+    ("--config.model.attention_impl=cudnn", "config.model.attention_impl"),  # not on a CPU
+])
+def test_settings_found_wrong_while_building_are_one_line_errors(tmp_path, flag, field):
+  """Checked against the parameters or the device (when the step is built), not by
+  config.validate: still one 'Invalid config' line naming the field, no traceback."""
+  r = _run(f"--workdir={tmp_path}", flag)
+  assert r.returncode != 0
+  assert r.stderr.strip().splitlines()[-1].startswith(f"Invalid config: {field}")
+  assert "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
 def test_unknown_config_arg(tmp_path):
   cmd = [sys.executable, "-m", "bigjax.main", "--config=configs/lm.py:runlokal",
          f"--workdir={tmp_path}"]

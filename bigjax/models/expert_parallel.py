@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from bigjax import sharding
+from bigjax.config import ConfigError
 
 EXCHANGES = ("auto", "ragged", "padded")
 
@@ -43,7 +44,7 @@ def exchange_kind(setting: str, platform: str) -> str:
   if setting == "auto":
     return "padded" if platform == "cpu" else "ragged"
   if setting == "ragged" and platform == "cpu":
-    raise ValueError("model.moe.dropless_exchange='ragged': "
+    raise ConfigError("config.model.moe.dropless_exchange='ragged': "
                      "jax.lax.ragged_all_to_all is unimplemented on CPU; use 'auto' or "
                      "'padded'.")
   return setting

@@ -23,6 +23,8 @@ dtype with float32 accumulation inside the kernel.
 import jax
 import jax.numpy as jnp
 
+from bigjax.config import ConfigError
+
 # The kernels' tiles: feature dims must be multiples of TILE; rows are padded to it.
 TILE = 128
 _FORWARD = dict(block_m=TILE, block_n=TILE, block_k=64, max_concurrent_steps=4,
@@ -68,7 +70,7 @@ def ragged_dot(rows, weights, sizes):
   of TILE, and the padding sliced off."""
   dims = (weights.shape[1], weights.shape[2])
   if any(d % TILE for d in dims):  # Per device: expert parallelism may split the hidden dim.
-    raise ValueError(f"model.moe.dropless_impl='hopper': the expert matmul's feature dims "
+    raise ConfigError(f"config.model.moe.dropless_impl='hopper': the expert matmul's feature dims "
                      f"{dims} (per device) must be multiples of {TILE}; choose emb_dim, "
                      "mlp_dim and the mesh so they are, or use 'auto'.")
   padded = jnp.pad(rows.astype(weights.dtype), ((0, -rows.shape[0] % TILE), (0, 0)))

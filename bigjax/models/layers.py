@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bigjax.config import ConfigError
 from bigjax.models import attention_core
 from bigjax.sharding import constrain
 
@@ -98,7 +99,7 @@ def attention_impl_for(cfg: "LayerConfig", device, dropout: bool, lengths: tuple
           "no attention dropout (model.dropout_rate=0)": not dropout}
   if cfg.attention_impl == "cudnn" and not all(fits.values()):
     missing = [need for need, ok in fits.items() if not ok]
-    raise ValueError(f"model.attention_impl='cudnn' needs {', '.join(missing)} (device "
+    raise ConfigError(f"config.model.attention_impl='cudnn' needs {', '.join(missing)} (device "
                      f"{device.platform}, dtype {dtype.name}, head_dim {cfg.head_dim}, "
                      f"lengths {tuple(lengths)}); use 'auto' to fall back to bigjax's own "
                      "attention.")

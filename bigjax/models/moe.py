@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigjax import sharding
+from bigjax.config import ConfigError
 from bigjax.models import (dataclass_from_config, expert_parallel, grouped_ffn,
                            hopper_ragged_dot, layers, routing)
 from bigjax.sharding import constrain
@@ -49,7 +50,7 @@ def dropless_impl_for(setting: str, device, dtype, dims) -> str:
   its speed is measured."""
   unmet = hopper_ragged_dot.unmet_needs(layers.cuda_capability(device), dtype, dims)
   if setting == "hopper" and unmet:
-    raise ValueError(f"model.moe.dropless_impl='hopper' needs {', '.join(unmet)} (device "
+    raise ConfigError(f"config.model.moe.dropless_impl='hopper' needs {', '.join(unmet)} (device "
                      f"{device.platform}, dtype {jnp.dtype(dtype).name}, dims {dims}); use "
                      "'auto' to pick what this device runs.")
   if setting != "auto":
