@@ -6,8 +6,8 @@ PY := $(VENV)/bin/python
 WORKDIR ?= /tmp/bigjax_demo
 DEMO_CONFIG ?= configs/lm_moe.py:demo
 # Test processes (pytest-xdist). Each test file stays in one process, so a file's
-# shared fixtures compile once. On 2 cores, 2 processes take the suite from ~32
-# minutes to 16-20 (XLA compiles on one thread, so one process leaves a core idle).
+# shared fixtures compile once. On 2 cores, 2 processes run the suite in ~11 minutes
+# (README); XLA compiles on one thread, so one process would leave a core idle.
 TEST_WORKERS ?= 2
 
 # orbax-checkpoint needs Python >= 3.12; take the first interpreter that qualifies.

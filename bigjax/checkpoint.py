@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 
 from bigjax import checkpoint_integrity as integrity, layer_layout, optim
 from bigjax.checkpoint_errors import (CheckpointDamagedError, CheckpointMismatchError,
-                                      CheckpointSaveError, OrbaxErrorCatcher, config_diff, mib,
+                                      CheckpointReadError, CheckpointSaveError, OrbaxErrorCatcher, config_diff, mib,
                                       one_line, quiet_abandoned_writes)
 from bigjax.config import ConfigError
 from bigjax.steps import TrainState
@@ -332,14 +332,25 @@ class Checkpointer:
 
   def _restore_intact(self, abstract_state: TrainState, shardings: TrainState,
                       step: int) -> TrainState:
-    """`restore`, with any failure to read the step back raised as
-    CheckpointDamagedError (another model's checkpoint is a mismatch, not damage)."""
+    """`restore`, with a step that does not read back as saved raised as
+    CheckpointDamagedError (another model's checkpoint is a mismatch, not damage).
+    A step whose files verify against their checksums but fail to restore (host
+    memory, the network, permissions) is not damaged: CheckpointReadError, and
+    nothing is moved. Without checksums (an `unverified` step) nothing tells the
+    two apart, and a failed read counts as damage."""
     # Checksums first (process 0 reads the files once), so that a damaged step
     # is never handed to orbax; then the restored values must be finite.
-    problem = integrity.damage(self.directory / str(step)) if jax.process_index() == 0 else None
-    integrity.warn_if_unverified(self.directory / str(step))
+    step_dir = self.directory / str(step)
+    problem, read_error = None, None
+    if jax.process_index() == 0:
+      try:
+        problem = integrity.damage(step_dir)
+      except OSError as e:
+        read_error = e
+    integrity.warn_if_unverified(step_dir)
+    verified = _everywhere(not integrity.unverified(step_dir))
     state = None
-    if _everywhere(problem is None):
+    if _everywhere(problem is None and read_error is None):
       try:
         state = self.restore(abstract_state, shardings, step)
       except (CheckpointMismatchError, KeyboardInterrupt):
@@ -347,7 +358,17 @@ class Checkpointer:
       except CheckpointDamagedError as e:
         problem = e.problem
       except Exception as e:  # pylint: disable=broad-except  # tensorstore: ValueError, ...
-        problem = f"reading it failed: {one_line(e)}"
+        if verified:
+          read_error = e
+        else:
+          problem = f"reading it failed: {one_line(e)}"
+    if not _everywhere(read_error is None):
+      raise CheckpointReadError(
+          f"Reading the checkpoint at step {step} in {self.directory} failed"
+          f"{f' ({one_line(read_error)})' if read_error else ' on another process'}, but "
+          "nothing shows it is damaged, so it was left in place. Fix the cause (host "
+          "memory, the network, permissions) and rerun the same command to resume "
+          "from it.") from read_error
     if state is not None and problem is None:
       bad = integrity.first_nonfinite(_as_dict(state))
       problem = f"{bad} holds NaN or Inf" if bad else None

@@ -60,6 +60,12 @@ class CheckpointDamagedError(RuntimeError):
     self.step, self.problem = step, problem
 
 
+class CheckpointReadError(RuntimeError):
+  """A checkpoint could not be read for a reason outside it (host memory, the
+  network, permissions): its files verify, or could not be read to verify. It is
+  left where it is; rerunning resumes from it."""
+
+
 class CheckpointSaveError(RuntimeError):
   """A save failed (often a full disk); the message names the last good step."""
 

@@ -98,10 +98,12 @@ def is_good(step_dir: epath.Path) -> bool:
 
 def damage(step_dir: epath.Path) -> str | None:
   """What differs from when the step was saved, in a few words, or None if
-  nothing does (or nothing can tell: an `unverified` step's callers warn)."""
+  nothing does (or nothing can tell: an `unverified` step's callers warn).
+  An OSError reading the files (permissions, the network) says nothing about
+  them and is raised as it is; a record that is not JSON is damage."""
   try:
     record = read(step_dir)
-  except (OSError, ValueError) as e:
+  except ValueError as e:
     return f"its {CHECKSUMS} is unreadable: {e}"
   if record is None:
     if unverified(step_dir):

@@ -5,7 +5,9 @@ dense layer, softmax cross-entropy.
 accuracy in ~1 minute on 2 CPU cores:
   python -m bigjax.main --config=configs/cnn.py --workdir=/tmp/cnn_digits
 28x28 MNIST from tfds, where it is prepared (bigjax never downloads: run
-`tfds build mnist --file_format=array_record` where there is internet), ~99%:
+`tfds build mnist --file_format=array_record` where there is internet and
+TensorFlow, which `tfds build` imports, is installed, or copy a data dir built
+elsewhere; reading it needs no TensorFlow), ~99%:
   python -m bigjax.main --config=configs/cnn.py:mnist --workdir=/tmp/cnn_mnist
 `runlocal` shortens either to seconds.
 """

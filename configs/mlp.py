@@ -2,12 +2,13 @@ r"""MLP classifiers on data that ships with scikit-learn (built into tfds locall
 
 Variants (pick with the arg):
   binary: breast-cancer diagnosis from 30 measurements; one sigmoid logit trained
-          with binary cross-entropy. ~97% test accuracy, ~15 s on 2 CPU cores:
+          with binary cross-entropy. 98.2% test accuracy, 12 s on 2 CPU cores:
     python -m bigjax.main --config=configs/mlp.py:variant=binary --workdir=/tmp/mlp_binary
   deep:   8x8 handwritten digits; three hidden layers with BatchNorm and dropout,
-          softmax cross-entropy. ~97% test accuracy, ~30 s:
+          softmax cross-entropy. 98.9% test accuracy, 19 s:
     python -m bigjax.main --config=configs/mlp.py:variant=deep --workdir=/tmp/mlp_deep
-`runlocal` shortens either to a few seconds (smoke tests, Colab).
+`runlocal` shortens either to a few seconds (smoke tests, Colab). The figures are
+the README's Model zoo table (`python experiments/zoo.py --root=/tmp/zoo`).
 """
 from configs import common
 

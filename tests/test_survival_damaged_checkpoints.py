@@ -115,3 +115,39 @@ def test_generate_uses_the_previous_step_when_one_is_damaged(trained, tmp_path, 
   assert got == want
   assert len(notes) == 1 and "checkpoint step 20" in notes[0], notes
   assert os.path.isdir(_step_dir(workdir, 20))  # Read-only: nothing moved.
+
+
+def test_a_step_that_verifies_but_fails_to_read_is_left_in_place(trained, tmp_path,
+                                                                  monkeypatch):
+  """Reading a step whose files match their checksums fails for a reason outside
+  it (here host memory; on a bucket, the network): nothing is moved and no
+  metrics are dropped, and the same command resumes from that step once the
+  cause is gone."""
+  import orbax.checkpoint as ocp
+  from bigjax import checkpoint, train
+  from configs import lm
+
+  workdir = _copy(trained, tmp_path)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    metrics_before = f.read()
+  config = lm.get_config("runlocal")
+  config.data.data_dir = trained["data_dir"]
+  config.update(total_steps=30, log_every=1)
+  config.optim.schedule = "constant"
+
+  def out_of_memory(*args, **kwargs):
+    raise MemoryError("host out of memory")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", out_of_memory)
+  with pytest.raises(checkpoint.CheckpointReadError, match="step 20.*host out of memory"):
+    train.run(config, workdir)
+  monkeypatch.undo()
+  assert sorted(n for n in os.listdir(os.path.join(workdir, "checkpoints"))
+                if n.isdigit()) == ["10", "20"]
+  assert not os.path.exists(os.path.join(workdir, "damaged_checkpoints"))
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert f.read() == metrics_before
+  r = _main(workdir, trained["data_dir"], "--config.log_every=1", "--config.total_steps=30")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "Resumed from the checkpoint at step 20." in r.stdout
+  assert sorted(_losses(workdir)) == list(range(1, 31))

@@ -157,9 +157,11 @@ def _unprepared_error(name: str, data_dir: str, where: str) -> ValueError:
       f"Dataset {name!r} is not prepared in {where} (data dir {data_dir!r}, from "
       "config.data.data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets). "
       "bigjax never downloads: prepare it once in array_record format where "
-      "there is internet, e.g. `tfds build "
+      "there is internet and TensorFlow is installed (`tfds build` imports it: "
+      "`pip install tensorflow` there), e.g. `tfds build "
       f"{name} --data_dir={data_dir} --file_format=array_record`, and point "
-      "config.data.data_dir at that dir; or set config.data.dataset='stdlib_py' "
+      "config.data.data_dir at that dir (copied here if built elsewhere); reading a "
+      "prepared dataset needs no TensorFlow. Or set config.data.dataset='stdlib_py' "
       "(text), or 'sklearn_toy/digits', 'sklearn_toy/breast_cancer' or "
       "'sklearn_toy/diabetes' (examples), which are built locally.")
 
