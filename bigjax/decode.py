@@ -194,15 +194,38 @@ def _gather_beams(x, idx):
   return jnp.take_along_axis(x, idx, axis=1)
 
 
+def _top_k(x, k: int):
+  """jax.lax.top_k over the last axis of x [b, n]; under a mesh, per batch shard
+  (rows are independent): XLA's partitioner all-gathers a TopK's operand, here
+  every prompt's K * vocab candidates to every device at every step."""
+  ctx = sharding.active_mesh_rules()
+  if ctx is None:
+    return jax.lax.top_k(x, k)
+  mesh, rules = ctx
+  rows = sharding.logical_to_spec(sharding.BATCH, rules, mesh.axis_names)
+  return jax.shard_map(lambda v: tuple(jax.lax.top_k(v, k)), mesh=mesh, in_specs=rows,
+                       out_specs=(rows, rows))(x)
+
+
 def _reorder_cache(cache, origin):
   """Cache rows b*K + k take the rows b*K + origin[b, k]; parts that are the same
-  for all beams of a prompt (encoder-decoder cross keys/values) are left as is."""
+  for all beams of a prompt (encoder-decoder cross keys/values) are left as is.
+
+  A beam's origin is always one of its own prompt's K beams, so each prompt's block
+  of K rows is reordered within itself ([b, K, ...], take_along_axis over K): a
+  batch-sharded cache stays on its devices. (A take of the global rows b*K + origin
+  is one gather over the whole batch: GSPMD all-gathers the whole cache, per layer
+  and step.)"""
   b, k = origin.shape
-  rows = (jnp.arange(b)[:, None] * k + origin).reshape(-1)
 
   def one(path, x):
     names = {getattr(p, "key", None) for p in path}
-    return x if names & {"cross", "enc_valid"} else jnp.take(x, rows, axis=_batch_axis(path))
+    if names & {"cross", "enc_valid"}:
+      return x
+    axis = _batch_axis(path)
+    blocks = x.reshape(x.shape[:axis] + (b, k) + x.shape[axis + 1:])
+    idx = origin.reshape((1,) * axis + (b, k) + (1,) * (x.ndim - axis - 1))
+    return jnp.take_along_axis(blocks, idx, axis=axis + 1).reshape(x.shape)
 
   return jax.tree_util.tree_map_with_path(one, cache)
 
@@ -236,7 +259,7 @@ def _beam_loop(graphdef, state, prompts, lengths, length_penalty, *, beam_size,
       alive_seq, alive_lp, fin_seq, fin_score, fin_lp = beams
       logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
       cand = (alive_lp[..., None] + logp).reshape(b, k_beams * v)
-      top_lp, top_idx = jax.lax.top_k(cand, 2 * k_beams)
+      top_lp, top_idx = _top_k(cand, 2 * k_beams)
       origin, tok = top_idx // v, (top_idx % v).astype(jnp.int32)
       seqs = _gather_beams(alive_seq, origin)
       seqs = jax.lax.dynamic_update_slice(seqs, tok[..., None], (0, 0, i))
@@ -247,12 +270,12 @@ def _beam_loop(graphdef, state, prompts, lengths, length_penalty, *, beam_size,
       in_top_k = jnp.arange(2 * k_beams) < k_beams
       new_score = jnp.where(eos & in_top_k, top_lp / _brevity(i + 1, length_penalty), neg)
       all_score = jnp.concatenate([fin_score, new_score], axis=1)
-      fin_score, idx = jax.lax.top_k(all_score, k_beams)
+      fin_score, idx = _top_k(all_score, k_beams)
       fin_seq = _gather_beams(jnp.concatenate([fin_seq, seqs], axis=1), idx)
       new_lp = jnp.where(eos & in_top_k, top_lp, neg)
       fin_lp = _gather_beams(jnp.concatenate([fin_lp, new_lp], axis=1), idx)
       # Live beams: the best K candidates that did not end in EOS.
-      alive_lp, idx = jax.lax.top_k(jnp.where(eos, neg, top_lp), k_beams)
+      alive_lp, idx = _top_k(jnp.where(eos, neg, top_lp), k_beams)
       beams = (_gather_beams(seqs, idx), alive_lp, fin_seq, fin_score, fin_lp)
       return beams, _gather_beams(tok, idx), _gather_beams(origin, idx)
 

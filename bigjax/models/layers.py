@@ -427,9 +427,7 @@ class Attention(nnx.Module):
   def cached_self_attention(self, x, mask, positions, cache, rng=None, bias=None):
     q = self.project_query(x, positions)
     k, v = self.project_kv(x, positions)
-    rows = jnp.arange(x.shape[0])[:, None]
-    # Slots past the cache (positions >= cache_len) are dropped by the scatter.
-    new = {name: constrain(cache[name].at[rows, positions].set(val.astype(cache[name].dtype)),
+    new = {name: constrain(write_slots(cache[name], positions, val.astype(cache[name].dtype)),
                            HEAD_ACTIVATIONS)
            for name, val in (("k", k), ("v", v))}
     return self.attend(q, new["k"], new["v"], mask, rng, bias=bias), new
@@ -439,6 +437,20 @@ class Attention(nnx.Module):
     shape = (batch, length, self.cfg.num_kv_heads, self.cfg.head_dim)
     return {name: constrain(jnp.zeros(shape, self.cfg.dtype),
                             HEAD_ACTIVATIONS) for name in ("k", "v")}
+
+
+def write_slots(cache, positions, values):
+  """cache [b, s, ...] with row r's values [b, t, ...] written at its slots
+  positions [b or 1, t] (a shared [1, t] row is broadcast). Slots past the cache
+  (>= s) are dropped.
+
+  A scatter per row (vmapped), so that its batch dimension is a scatter batch
+  dimension: GSPMD keeps a batch-sharded cache's writes on each row's own device.
+  One scatter indexed by (row, slot) pairs it cannot prove row-local, and gathers
+  every device's values and indices to every device (the whole batch's prompt
+  keys/values at prefill)."""
+  positions = jnp.broadcast_to(positions, values.shape[:2])
+  return jax.vmap(lambda c, p, v: c.at[p].set(v))(cache, positions, values)
 
 
 class MLP(nnx.Module):

@@ -195,8 +195,7 @@ class DecoderLM(nnx.Module):
     on top of the cache. Returns (logits [b, t, vocab], or [b, 1, vocab] at the
     per-row token index `logits_at` [b]; the updated cache)."""
     x = self.embedder.embed(tokens, positions)
-    rows = jnp.arange(tokens.shape[0])[:, None]
-    valid = cache["valid"].at[rows, positions].set(tokens != PAD_ID)
+    valid = layers.write_slots(cache["valid"], positions, tokens != PAD_ID)
     mask = _cached_causal_mask(positions, _cache_len(cache)) & valid[:, None, None, :]
     x, layer_caches = self.decoder(x, mask, positions, cache=cache["layers"])
     logits = self.embedder.logits(_at(x, logits_at))
