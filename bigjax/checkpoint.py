@@ -30,7 +30,8 @@ from jax.experimental import multihost_utils
 
 from bigjax import checkpoint_integrity as integrity, layer_layout, optim
 from bigjax.checkpoint_errors import (CheckpointDamagedError, CheckpointMismatchError,
-                                      CheckpointReadError, CheckpointSaveError, OrbaxErrorCatcher, config_diff, mib,
+                                      CheckpointReadError, CheckpointSaveError,
+                                      OrbaxErrorCatcher, changed_fields, config_diff, mib,
                                       one_line, quiet_abandoned_writes)
 from bigjax.config import ConfigError
 from bigjax.steps import TrainState

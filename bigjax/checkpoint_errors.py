@@ -23,6 +23,19 @@ class CheckpointMismatchError(ConfigError):
   """The checkpoint's arrays do not fit this run's state (another model)."""
 
 
+def changed_fields(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+  """(dotted name, old value, new value) of every leaf that differs between two
+  configs as JSON dicts, in name order."""
+  out = []
+  for k in sorted(set(old) | set(new)):
+    x, y = old.get(k), new.get(k)
+    if isinstance(x, dict) and isinstance(y, dict):
+      out += changed_fields(x, y, f"{prefix}{k}.")
+    elif x != y:
+      out.append((f"{prefix}{k}", x, y))
+  return out
+
+
 def config_diff(workdir: str, config) -> str:
   """What a CheckpointMismatchError adds: the model and optimizer fields of
   `config` that differ from the run's WORKDIR/config.json, as '\nConfig fields
@@ -32,22 +45,10 @@ def config_diff(workdir: str, config) -> str:
   except (OSError, ValueError):
     return ""
   new = json.loads(config.to_json_best_effort())
-  diffs = []
-
-  def walk(a, b, prefix):
-    for k in sorted(set(a) | set(b)):
-      x, y = a.get(k), b.get(k)
-      if isinstance(x, dict) and isinstance(y, dict):
-        walk(x, y, f"{prefix}{k}.")
-      elif x != y:
-        diffs.append(f"{prefix}{k}: {x!r} in config.json, {y!r} now")
-
-  walk(old.get("model", {}), new.get("model", {}), "model.")
-  walk({"optim.name": old.get("optim", {}).get("name"),
-        "optim.nan_policy": old.get("optim", {}).get("nan_policy")},
-       {"optim.name": new["optim"].get("name"),
-        "optim.nan_policy": new["optim"].get("nan_policy")}, "")
-  return ("\nConfig fields that differ from the run's config.json: " + "; ".join(diffs)
+  diffs = [(name, x, y) for name, x, y in changed_fields(old, new)
+           if name.startswith("model.") or name in ("optim.name", "optim.nan_policy")]
+  return ("\nConfig fields that differ from the run's config.json: " +
+          "; ".join(f"{name}: {x!r} in config.json, {y!r} now" for name, x, y in diffs)
           if diffs else "")
 
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 from bigjax import checkpoint, metrics as metrics_lib, optim, steps
 
@@ -49,6 +50,8 @@ class Loop:
   last_eval: dict = dataclasses.field(default_factory=dict)
   stop: bool = False
   preempted: bool = False
+  # Resumed at a step whose evaluation metrics.jsonl lacks (set by LogMetrics).
+  eval_lost: bool = False
 
   @property
   def config(self):
@@ -77,6 +80,13 @@ class Loop:
             f"config.optim.nan_policy='halt': the run stops ({where}). Lower optim.lr, set "
             "optim.clip_norm, check the data, or set config.optim.nan_policy='skip' to drop "
             "such updates.")
+
+
+def _from_process_0(flag: bool) -> bool:
+  """Process 0's `flag` on every process (only it reads metrics.jsonl)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
 class Hook:
@@ -169,9 +179,11 @@ class LogMetrics(Hook):
 
   def start(self, loop):
     # A fresh start drops every row (-1), a resume the rows past its checkpoint.
-    for message in metrics_lib.rewind_jsonl(self.workdir, loop.done or -1).messages(
-        loop.done):
+    rewound = metrics_lib.rewind_jsonl(self.workdir, loop.done or -1)
+    for message in rewound.messages(loop.done):
       loop.log(message)
+    # A kill after a checkpoint landed, before that step's evaluation was written.
+    loop.eval_lost = loop.done > 0 and not _from_process_0(rewound.evaluated)
     items_per_step, unit = loop.setup.task.throughput(loop.config)
     loop.writer = metrics_lib.MetricWriter(self.workdir, resumed_at=loop.done)
     loop.progress = metrics_lib.Progress(loop.config.total_steps, loop.done, items_per_step,
@@ -241,6 +253,8 @@ class Evaluate(Hook):
   def start(self, loop):
     if self.baseline and loop.done == 0:
       self._run(loop, "eval of the loaded parameters (step 0)")
+    elif loop.eval_lost and loop.every(loop.config.eval_every):
+      self._run(loop, f"eval at step {loop.done} (again: the run stopped before writing it)")
 
   def after_step(self, loop):
     if loop.every(loop.config.eval_every):

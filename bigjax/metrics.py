@@ -120,6 +120,7 @@ class Rewind:
   past_rows: int = 0
   unreadable: int = 0
   first_unreadable_line: int | None = None
+  evaluated: bool = False  # A kept row at the resumed step holds its evaluation.
 
   def messages(self, step: int) -> list[str]:
     out = []
@@ -160,6 +161,7 @@ def rewind_jsonl(workdir: str, step: int) -> Rewind:
       row_step = _row_step(raw)
       if row_step is not None and row_step <= step:
         keep.append(raw)
+        report.evaluated |= row_step == step and b'"eval_' in raw
       elif row_step is not None:
         report.past_rows += 1
       elif raw.strip():

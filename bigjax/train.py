@@ -17,6 +17,13 @@ What a run survives (each tested in tests/test_survival_*.py):
   waited for, a line says so, and run() returns (the CLI exits 0). Under
   jax.distributed every host stops at the same step (JAX's preemption sync).
 - A save interrupted half-way: never listed; removed and reported on restart.
+- A kill after a checkpoint landed but before that step's evaluation was
+  written: the rerun evaluates that step again (at the final step, with the
+  end-of-run report).
+- A checkpoint whose files verify but cannot be read (memory, network):
+  CheckpointReadError, nothing moved.
+- A rerun with settings that still fit the checkpoint: the changes are told in
+  one line and the earlier config.json kept beside the new one.
 - A damaged checkpoint (truncated, missing or altered files: checksums; non-
   finite values): reported in one line, moved to WORKDIR/damaged_checkpoints,
   and the step before it resumed. The newest checkpoint of a good state (finite
@@ -30,6 +37,8 @@ What a run survives (each tested in tests/test_survival_*.py):
   took over (it had expired) stops before its next step.
 """
 import dataclasses
+import json
+import os
 import signal
 import threading
 
@@ -37,7 +46,7 @@ import jax
 from etils import epath
 
 from bigjax import (checkpoint, config as config_lib, distributed, init_from, loop as loop_lib,
-                    optim, sharding, steps, tasks, workdir_lock)
+                    metrics as metrics_lib, optim, sharding, steps, tasks, workdir_lock)
 
 
 def log(message: str):
@@ -80,32 +89,53 @@ def run(config, workdir: str) -> RunResult:
   distributed.initialize_from_env()
   config_lib.validate(config, num_devices=jax.device_count(),
                       process_count=jax.process_count(), workdir=workdir)
-  # Before anything is written: a second run on this workdir stops here.
-  lock = workdir_lock.hold(workdir, log)
   sigterm = _SigtermFlag()  # From here on a SIGTERM means "save and stop".
   try:
-    return _run(config, workdir, sigterm, lock)
+    p = prepare(config, workdir)
+    try:
+      return _run(config, workdir, sigterm, p)
+    finally:  # Every save completes before the process may exit (also on errors).
+      p.close()
   finally:
     sigterm.restore()
-    lock.release()
 
 
 @dataclasses.dataclass
 class Prepared:
-  """A run ready to train: its data, setup, checkpointer and the state at `start`."""
+  """A run ready to train: its data, setup, checkpointer and the state at `start`,
+  holding its workdir until `close`."""
   data: tasks.TaskData
   setup: steps.TrainSetup
   ckpt: checkpoint.Checkpointer
   state: steps.TrainState
   start: int
   fine_tuning: bool
+  lock: workdir_lock.WorkdirLock
+
+  def close(self):
+    """Waits for the save in flight, then lets the workdir go."""
+    try:
+      self.ckpt.close()
+    finally:
+      self.lock.release()
 
 
 def prepare(config, workdir: str) -> Prepared:
-  """Set-up for a validated config: mesh, the task's data (step-indexed, this
-  process's rows), model and optimizer, and the state: resumed from the latest
-  intact checkpoint, else initialised sharded (and loaded for fine-tuning)."""
+  """Set-up for a validated config: the workdir held (a run already training in
+  it is refused with WorkdirBusyError before anything is touched, such as its
+  save in flight), mesh, the task's data (step-indexed, this process's rows),
+  model and optimizer, and the state: resumed from the latest intact checkpoint,
+  else initialised sharded (and loaded for fine-tuning). Call `close()` when done."""
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # A no-op in a bucket.
+  lock = workdir_lock.hold(workdir, log)
+  try:
+    return _prepare(config, workdir, lock)
+  except BaseException:
+    lock.release()
+    raise
+
+
+def _prepare(config, workdir: str, lock: workdir_lock.WorkdirLock) -> Prepared:
   mesh = sharding.config_mesh(config)
   log(f"Mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
       f"{jax.process_count()} process(es).")
@@ -117,24 +147,24 @@ def prepare(config, workdir: str) -> Prepared:
   for name in ckpt.unfinished_removed:
     log(f"Removed an unfinished checkpoint (its save was interrupted): {name}")
   fine_tuning = bool(config.init_from.workdir)
-  try:  # A damaged step is reported, set aside, and the one before it restored.
-    restored = ckpt.restore_latest_intact(setup.abstract_state, setup.state_shardings, log)
-  except checkpoint.CheckpointMismatchError as e:
-    ckpt.close()
-    raise checkpoint.CheckpointMismatchError(
-        str(e) + checkpoint.config_diff(workdir, config)) from None
-  except checkpoint.CheckpointDamagedError:
+  try:
+    try:  # A damaged step is reported, set aside, and the one before it restored.
+      restored = ckpt.restore_latest_intact(setup.abstract_state, setup.state_shardings, log)
+    except checkpoint.CheckpointMismatchError as e:
+      raise checkpoint.CheckpointMismatchError(
+          str(e) + checkpoint.config_diff(workdir, config)) from None
+    if restored is not None:
+      state, start = restored
+      log(f"Resumed from the checkpoint at step {start}.")
+    else:
+      state, start = steps.create_state(setup, config.seed), 0
+      if fine_tuning:
+        state, summary = init_from.load(config, setup, state)
+        log(summary)
+  except BaseException:
     ckpt.close()
     raise
-  if restored is not None:
-    state, start = restored
-    log(f"Resumed from the checkpoint at step {start}.")
-  else:
-    state, start = steps.create_state(setup, config.seed), 0
-    if fine_tuning:
-      state, summary = init_from.load(config, setup, state)
-      log(summary)
-  return Prepared(data, setup, ckpt, state, start, fine_tuning)
+  return Prepared(data, setup, ckpt, state, start, fine_tuning, lock)
 
 
 def usual_hooks(config, workdir: str, prepared: Prepared,
@@ -151,23 +181,56 @@ def usual_hooks(config, workdir: str, prepared: Prepared,
   return hooks
 
 
-def _run(config, workdir: str, sigterm: _SigtermFlag,
-         lock: workdir_lock.WorkdirLock) -> RunResult:
-  p = prepare(config, workdir)
+def _run(config, workdir: str, sigterm: _SigtermFlag, p: Prepared) -> RunResult:
   if p.start >= config.total_steps:
-    p.ckpt.close()
-    return _nothing_to_train(config, workdir, p.state, p.setup, p.start)
+    return _nothing_to_train(config, workdir, p)
   # Recorded once the state fits: a mismatched rerun leaves the old config.json.
   if jax.process_index() == 0:
-    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+    _record_config(config, workdir, p.start)
   loop = loop_lib.Loop(p.setup, p.state, p.start, log,
                        halt_on_nan=optim.nan_policy(config.optim) == "halt")
-  try:
-    hooks = [loop_lib.HoldWorkdir(lock), *usual_hooks(config, workdir, p, lambda: sigterm.raised)]
-    loop_lib.run_loop(loop, p.data.train, hooks)
-  finally:  # Every save completes before the process may exit (also on errors).
-    p.ckpt.close()
+  hooks = [loop_lib.HoldWorkdir(p.lock), *usual_hooks(config, workdir, p, lambda: sigterm.raised)]
+  loop_lib.run_loop(loop, p.data.train, hooks)
   return RunResult(loop.state, p.setup, loop.last_eval, p.data.stats, loop.preempted)
+
+
+def _record_config(config, workdir: str, start: int):
+  """Writes WORKDIR/config.json whole or not at all (a full disk must not leave it
+  cut short). A run resumed with other settings (a longer schedule, another
+  batch size or seed) says which, in one line, and keeps the config its earlier
+  steps trained with as config.before_step_START.json."""
+  path = epath.Path(workdir) / "config.json"
+  text = config.to_json_best_effort(indent=2)
+  if start > 0 and path.exists():
+    old_text = path.read_text()
+    try:
+      changed = checkpoint.changed_fields(json.loads(old_text), json.loads(text))
+    except ValueError:  # Not JSON: kept as it is, for the record.
+      changed = [("config.json", "unreadable", "rewritten")]
+    if changed:
+      kept = path.parent / f"config.before_step_{start}.json"
+      _write_whole(kept, old_text)
+      log(f"Resumed at step {start} with changed settings: " + "; ".join(
+          f"{name}: {old!r} -> {new!r}" for name, old, new in changed) +
+          f" (the earlier config is kept as {kept.name}).")
+  _write_whole(path, text)
+
+
+def _write_whole(path: epath.Path, text: str):
+  """`path` holds `text` or what it held before: written to a temporary file
+  renamed into place (a bucket's object is replaced whole anyway). A failed write
+  names the file (a write to an open file raises without one)."""
+  try:
+    if metrics_lib.is_remote(str(path)):
+      path.write_text(text)
+      return
+    with open(f"{path}.tmp", "w") as f:
+      f.write(text)
+    os.replace(f"{path}.tmp", path)
+  except OSError as e:
+    if e.filename is not None:
+      raise
+    raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def _load_data(config) -> tasks.TaskData:
@@ -179,16 +242,23 @@ def _load_data(config) -> tasks.TaskData:
     raise config_lib.DataError(f"config.data: {e}") from e
 
 
-def _nothing_to_train(config, workdir: str, state, setup, start: int) -> RunResult:
+def _nothing_to_train(config, workdir: str, p: Prepared) -> RunResult:
   """A rerun of a finished run, or one asking for fewer steps than the run has:
-  says so and leaves the run's record (config.json, metrics.jsonl) as it is."""
-  if start > config.total_steps:
+  says so and leaves the run's record (config.json, metrics.jsonl) as it is. A
+  run killed after its last checkpoint landed but before its final evaluation
+  was written gets that evaluation now (and the end-of-run report)."""
+  if p.start > config.total_steps:
     raise config_lib.ConfigError(
-        f"config.total_steps: {config.total_steps} is below step {start}, where the run in "
-        f"{workdir} already is (its latest checkpoint); nothing was changed. Pass "
-        f"--config.total_steps above {start} to train further, or use a new --workdir.")
+        f"config.total_steps: {config.total_steps} is below step {p.start}, where the run "
+        f"in {workdir} already is (its latest checkpoint); nothing was changed. Pass "
+        f"--config.total_steps above {p.start} to train further, or use a new --workdir.")
+  loop = loop_lib.run_loop(  # No steps: only the hooks that recover a lost evaluation.
+      loop_lib.Loop(p.setup, p.state, p.start, log),
+      p.data.train, [loop_lib.LogMetrics(workdir), loop_lib.Evaluate(p.data.eval)])
+  if loop.last_eval:
+    return RunResult(p.state, p.setup, loop.last_eval, p.data.stats)
   log(f"Nothing to train: the run in {workdir} already finished (its latest checkpoint is "
-      f"at step {start} = config.total_steps). Pass a larger --config.total_steps to train "
+      f"at step {p.start} = config.total_steps). Pass a larger --config.total_steps to train "
       "further; a cosine or linear schedule is then laid out over the new total, so the "
       "learning rate at this step rises to what that schedule gives here.")
-  return RunResult(state, setup, {}, already_finished=True)
+  return RunResult(p.state, p.setup, {}, already_finished=True)

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import jax
 import numpy as np
@@ -71,4 +72,30 @@ def test_rerun_resumes_from_latest_checkpoint(tmp_path):
   for step in range(8, 13):
     assert b[step] == pytest.approx(a[step], rel=1e-6), step
   assert os.path.exists(os.path.join(resumed, "loss_curve.png"))
-  assert os.path.exists(os.path.join(resumed, "config.json"))
+  # The changed setting is told, and the earlier config kept for the record.
+  assert ("Resumed at step 7 with changed settings: total_steps: 7 -> 12 (the earlier "
+          "config is kept as config.before_step_7.json)." in r.stdout), r.stdout
+  for name, total in (("config.json", 12), ("config.before_step_7.json", 7)):
+    with open(os.path.join(resumed, name)) as f:
+      assert json.load(f)["total_steps"] == total, name
+
+
+def test_config_json_is_written_whole_or_not_at_all(tmp_path):
+  """A write that fails part-way (a file-size limit standing in for a full disk)
+  leaves the run's config.json as it was, not cut short."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text('{"total_steps": 7}')
+  script = textwrap.dedent(f"""
+      import resource, signal
+      from bigjax import train
+      from configs import lm
+      signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # A failing write, not a killed process.
+      config = lm.get_config("runlocal")
+      resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))  # Below the config's size.
+      train._record_config(config, {str(workdir)!r}, start=0)
+  """)
+  r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                     timeout=120)
+  assert r.returncode != 0 and "File too large" in r.stderr, r.stderr[-2000:]
+  assert (workdir / "config.json").read_text() == '{"total_steps": 7}'

@@ -25,7 +25,7 @@ def test_run_loop_with_a_custom_hook_equals_the_step_by_hand(tmp_path):
   config.data.data_dir = str(tmp_path / "data")
   config.total_steps = 8
   prepared = train.prepare(config, str(tmp_path / "run"))
-  prepared.ckpt.close()
+  prepared.close()
   record = RecordLosses()
   lp = loop.run_loop(loop.Loop(prepared.setup, prepared.state, 0), prepared.data.train,
                      [record])
@@ -63,7 +63,7 @@ def test_a_lease_lost_during_a_step_stops_the_run_before_the_hooks_after_it_writ
   config = mlp.get_config("variant=binary,runlocal")
   config.data.data_dir = str(tmp_path / "data")
   prepared = train.prepare(config, str(tmp_path / "run"))
-  prepared.ckpt.close()
+  prepared.close()
   record = RecordLosses()
   with pytest.raises(RuntimeError, match="lease expired"):
     loop.run_loop(loop.Loop(prepared.setup, prepared.state, 0), prepared.data.train,
@@ -101,7 +101,7 @@ def _train(config, workdir, stop: StopAt | None = None) -> list[dict]:
     loop.run_loop(loop.Loop(prepared.setup, prepared.state, prepared.start),
                   prepared.data.train, ([stop] if stop else []) + hooks)
   finally:
-    prepared.ckpt.close()
+    prepared.close()
   return [r for r in metrics.read_jsonl(f"{workdir}/metrics.jsonl") if "loss" in r]
 
 

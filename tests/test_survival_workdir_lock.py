@@ -113,3 +113,28 @@ def test_same_command_twice_half_a_second_apart(tmp_path, corpus_data_dir):
     rows = [json.loads(line) for line in f]
   steps = [row["step"] for row in rows if "loss" in row]
   assert steps == list(range(1, 21))  # Each step once, in order.
+
+
+def test_train_prepare_is_refused_while_a_run_holds_the_workdir(tmp_path, corpus_data_dir):
+  """A sweep or notebook setting up through train.prepare goes through the same
+  lock: it would otherwise remove the running run's save in flight as
+  'unfinished'. Released at close(), the workdir can be prepared again."""
+  from bigjax import train
+  from configs import lm
+
+  workdir = str(tmp_path / "run")
+  os.makedirs(os.path.join(workdir, "checkpoints", "7.orbax-checkpoint-tmp"))
+  config = lm.get_config("runlocal")
+  config.data.data_dir = corpus_data_dir
+  holder, pid = _hold(workdir)
+  try:
+    with pytest.raises(workdir_lock.WorkdirBusyError, match=f"pid {pid}"):
+      train.prepare(config, workdir)
+  finally:
+    _stop(holder)
+  # The holder's save in flight was left alone.
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "7.orbax-checkpoint-tmp"))
+  prepared = train.prepare(config, workdir)  # The holder is gone: taken over.
+  prepared.close()
+  with open(os.path.join(workdir, workdir_lock.LOCK_NAME)) as f:
+    assert f.read() == ""  # Released: a clean end empties the record.
