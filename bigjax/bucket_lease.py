@@ -37,7 +37,7 @@ import threading
 import time
 import uuid
 
-from bigjax.config import ConfigError
+from bigjax.config import ConfigError, gcs_credentials_error, gcs_extra_error
 from bigjax.workdir_lock import (LOCK_NAME, WorkdirBusyError, WorkdirLock, alive, describe,
                                  this_process)
 
@@ -67,13 +67,26 @@ class WorkdirLeaseExpiredError(WorkdirLeaseLostError):
   """This run could not renew its lease in time: another run may take it over."""
 
 
-def _storage():
+def _storage(workdir: str):
+  """(google.cloud.storage, google.api_core.exceptions); a ConfigError naming the
+  workdir and the extra to install if the gcs extra is missing."""
   try:
+    import gcsfs  # noqa: F401  # pylint: disable=unused-import  # epath's gs:// files.
     from google.api_core import exceptions
     from google.cloud import storage
   except ImportError as e:
-    raise ImportError(f"gs:// workdirs need the gcs extra ({e}): pip install 'bigjax[gcs]'")
+    raise gcs_extra_error(workdir, e) from None
   return storage, exceptions
+
+
+def _client(storage, workdir: str):
+  """A storage client; a ConfigError naming the workdir and what to set up if no
+  credentials are found (rather than google.auth's traceback)."""
+  from google.auth import exceptions as auth_errors
+  try:
+    return storage.Client()
+  except auth_errors.DefaultCredentialsError as e:
+    raise gcs_credentials_error(workdir, e) from None
 
 
 def _utc(t: float) -> str:
@@ -88,12 +101,12 @@ class BucketLease(WorkdirLock):
                renew_seconds: float = RENEW_SECONDS, client=None):
     if not workdir.startswith("gs://"):
       raise ValueError(f"not a gs:// path: {workdir}")
-    storage, self._errors = _storage()
+    storage, self._errors = _storage(workdir)
     bucket, _, prefix = workdir[len("gs://"):].partition("/")
     prefix = prefix.strip("/")
     self.workdir = workdir
     self.lease_seconds, self.renew_seconds = lease_seconds, renew_seconds
-    self._bucket = (client or storage.Client()).bucket(bucket)
+    self._bucket = (client or _client(storage, workdir)).bucket(bucket)
     self._name = f"{prefix}/{LOCK_NAME}" if prefix else LOCK_NAME
     self._token = uuid.uuid4().hex  # Tells our own record from another's.
     self._holder = None

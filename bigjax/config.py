@@ -442,7 +442,9 @@ def validate_workdir(workdir: str):
   """The workdir (or its nearest existing ancestor) must be a writable directory."""
   if not workdir or not str(workdir).strip():
     raise ConfigError("--workdir is empty. Pass the run's directory, e.g. --workdir=/tmp/run.")
-  if "://" in workdir:  # Remote (gs://...): checked by the first write.
+  if workdir.startswith("gs://"):
+    _validate_bucket_workdir(workdir)
+  if "://" in workdir:  # Remote: whether it can be written is found by the first write.
     return
   parent = os.path.abspath(workdir)
   while not os.path.exists(parent):
@@ -453,3 +455,52 @@ def validate_workdir(workdir: str):
   if not os.access(parent, os.W_OK | os.X_OK):
     raise ConfigError(f"--workdir={workdir}: {parent} is not writable. "
                       "Choose a directory you can write to (or fix its permissions).")
+
+
+# What to do when no Google Cloud credentials are found (bigjax/bucket_lease.py too).
+GCS_CREDENTIALS_FIX = (
+    "Set up credentials: `gcloud auth application-default login`, or "
+    "GOOGLE_APPLICATION_CREDENTIALS=/path/to/service-account-key.json (or "
+    "STORAGE_EMULATOR_HOST=http://HOST:PORT for a local GCS emulator); or use a local "
+    "--workdir.")
+
+
+def gcs_extra_error(workdir: str, error: ImportError) -> ConfigError:
+  return ConfigError(
+      f"--workdir={workdir}: cannot write there (gs:// workdirs need the gcs extra: "
+      f"{' '.join(str(error).split())}). Install it: pip install -e '.[gcs]' (gcsfs and "
+      "google-cloud-storage), or use a local --workdir.")
+
+
+def gcs_credentials_error(workdir: str, error: Exception) -> ConfigError:
+  reason = " ".join(str(error).split())
+  reason = reason if len(reason) <= 200 else reason[:197] + "..."
+  return ConfigError(f"--workdir={workdir}: cannot write there (no Google Cloud credentials: "
+                     f"{reason}). {GCS_CREDENTIALS_FIX}")
+
+
+def _validate_bucket_workdir(workdir: str):
+  """A gs:// workdir needs the gcs extra and credentials (unless STORAGE_EMULATOR_HOST
+  points the clients at an emulator): checked here, before anything touches the
+  bucket, rather than found as an ImportError or google.auth's traceback. Whether
+  the bucket exists and may be written is found by the workdir lease's first write."""
+  try:
+    import gcsfs  # noqa: F401  # pylint: disable=unused-import  # epath's gs:// files.
+    from google.cloud import storage  # noqa: F401  # pylint: disable=unused-import  # The lease.
+  except ImportError as e:
+    raise gcs_extra_error(workdir, e) from None
+  if os.environ.get("STORAGE_EMULATOR_HOST"):  # The clients need no credentials there.
+    return
+  import logging
+
+  import google.auth
+  from google.auth import exceptions
+  logger = logging.getLogger("google.auth._default")  # Its warning would repeat ours.
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    google.auth.default()  # What storage.Client() and gcsfs look up.
+  except exceptions.DefaultCredentialsError as e:
+    raise gcs_credentials_error(workdir, e) from None
+  finally:
+    logger.setLevel(level)

@@ -8,7 +8,6 @@ checkpoint. Unknown or mistyped --config.* keys are errors (the config is locked
 """
 import os
 import sys
-import traceback
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -16,6 +15,8 @@ from ml_collections import config_flags
 
 # `configs/` sits next to `bigjax/`; config files import `configs.common`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bigjax import cli_errors  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/lm.py:runlocal.",
                                           lock_config=True)
@@ -52,24 +53,6 @@ def _config_arg(argv: list[str]) -> str:
   return "?"
 
 
-def _describe(error: BaseException, config_path: str) -> str:
-  """'ErrorType: message (FILE line N)' in one line, located in the config file
-  when the error came from it (else it came from a --config.* override)."""
-  if isinstance(error, SyntaxError):
-    return f"SyntaxError: {error.msg} ({error.filename} line {error.lineno})"
-  text = error  # KeyError('x') inside AttributeError(...): unwrap to the words.
-  while isinstance(text, BaseException) and len(text.args) == 1:
-    text = text.args[0]
-  text = str(text)
-  message = f"{type(error).__name__}: {' '.join(text.split())}"
-  path = os.path.abspath(config_path)
-  in_config = [f for f in traceback.extract_tb(error.__traceback__)
-               if os.path.abspath(f.filename) == path]
-  if in_config:
-    return f"{message} ({in_config[-1].filename} line {in_config[-1].lineno})"
-  return f"{message} (in a --config.* override)"
-
-
 def _last_line(text: str) -> str:
   lines = [line.strip() for line in str(text).splitlines() if line.strip()]
   return lines[-1] if lines else ""
@@ -87,16 +70,27 @@ def parse_flags(argv: list[str]) -> list[str]:
     if "Traceback" in message:  # ml_collections puts get_config's traceback in it.
       message = f"--config={config_arg}: {_last_line(message)}"
     sys.exit(f"Error: {message}")
-  except Exception as e:  # pylint: disable=broad-except  # Raised by the config file itself.
-    sys.exit(f"Error: --config={config_arg}: {_describe(e, config_arg.split(':', 1)[0])}.")
+  except Exception as e:  # pylint: disable=broad-except  # The config file or an override.
+    config_file = config_arg.split(":", 1)[0]
+    if not cli_errors.frames_in(e, config_file):
+      if isinstance(e, OSError):  # An override read a config file that failed to load.
+        _exit_unloadable(config_arg, e)
+      bad = cli_errors.bad_override(argv, config_arg)
+      if bad:  # A --config.* path that the config does not have: name that flag.
+        sys.exit(f"Error: {bad}")
+    sys.exit(f"Error: --config={config_arg}: {cli_errors.describe(e, config_file)}.")
   try:
     _CONFIG.value.get("seed")  # A config file that failed to load raises only when read.
   except OSError as e:
-    path = config_arg.split(":", 1)[0]
-    problem = ("no such file (paths are relative to the current directory)"
-               if not os.path.exists(path) else _last_line(e.__cause__ or e))
-    sys.exit(f"Error: --config={config_arg}: {problem}.")
+    _exit_unloadable(config_arg, e)
   return rest
+
+
+def _exit_unloadable(config_arg: str, error: OSError):
+  path = config_arg.split(":", 1)[0]
+  problem = ("no such file (paths are relative to the current directory)"
+             if not os.path.exists(path) else _last_line(error.__cause__ or error))
+  sys.exit(f"Error: --config={config_arg}: {problem}.")
 
 
 def main(argv):
@@ -111,16 +105,20 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
     result = train.run(config, workdir)
+    if not (result.preempted or result.already_finished):
+      summarize(result, config, workdir)  # Writes the loss curve into the workdir.
   except (workdir_lock.WorkdirBusyError,  # Another run holds the workdir.
           checkpoint.CheckpointDamagedError,  # No intact checkpoint is left.
+          checkpoint.CheckpointReadError,  # An intact one could not be read (memory, ...).
           checkpoint.CheckpointSaveError) as e:  # A save failed (a full disk).
     sys.exit(f"Error: {e}")
   except config_lib.ConfigError as e:  # Bad input: the message says what to fix.
     sys.exit(f"Invalid config: {e}")
   except loop.NonFiniteError as e:  # nan_policy="halt"
     sys.exit(f"Halted: {e}")
-  if not (result.preempted or result.already_finished):
-    summarize(result, config, workdir)
+  except OSError as e:  # A write in the workdir failed (config.json, metrics.jsonl): a full disk.
+    cli_errors.quiet_follow_on_errors()
+    sys.exit(cli_errors.os_error_line(e, workdir))
 
 
 if __name__ == "__main__":

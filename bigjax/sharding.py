@@ -115,8 +115,9 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules,
           choice = axes
           break
       if not matched:
-        raise ValueError(f"Logical axis {name!r} has no entry in config.sharding_rules; "
-                         f"add a rule such as [{name!r}, None].")
+        from bigjax.config import ConfigError  # pylint: disable=import-outside-toplevel  # Cycle.
+        raise ConfigError(f"config.sharding_rules: logical axis {name!r} has no entry; add "
+                          f"a rule such as ({name!r}, None) (replicated).")
     if choice:
       used.update(choice)
       out.append(choice[0] if len(choice) == 1 else choice)

@@ -71,8 +71,10 @@ DEFAULT_RULES = (
 
 
 def default_rules():
-  return [list(r) if isinstance(r[1], str) or r[1] is None else [r[0], list(r[1])]
-          for r in DEFAULT_RULES]
+  """DEFAULT_RULES: a tuple of (logical_name, mesh_axes) pairs, so that
+  --config.sharding_rules can be overridden from the command line (ml_collections
+  parses a tuple field's value with ast.literal_eval; it refuses list fields)."""
+  return DEFAULT_RULES
 
 
 def moe_config(**overrides):

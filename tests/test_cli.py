@@ -1,10 +1,16 @@
 """Command-line overrides: a mistyped key or a wrong type fails naming the key,
 and a value the run cannot use fails before training, naming the fields."""
+import json
 import os
+import re
+import resource
+import signal
 import subprocess
 import sys
 
 import pytest
+
+from configs import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,6 +31,121 @@ def test_bad_override_names_the_key(tmp_path, flag, key):
   assert r.returncode != 0
   assert key in r.stderr
   assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def _last_line(r) -> str:
+  lines = [line for line in r.stderr.splitlines() if line.strip()]
+  return lines[-1] if lines else ""
+
+
+@pytest.mark.parametrize("bad, good, problem", [
+    # A key of another section (optim has lr): the section's keys, sorted.
+    ("--config.model.lr=1", "--config.optim.lr=2", "config.model has no key 'lr'. Its keys: "),
+    ("--config.optim.learning_rate=1e-3", "--config.model.num_layers=3",
+     "config.optim has no key 'learning_rate'. Its keys: "),
+    # A section that is not there, close to one that is: the flag, corrected.
+    ("--config.optimizer.lr=1e-3", "--config.model.num_layers=3",
+     "config has no key 'optimizer'. Did you mean --config.optim.lr=1e-3?"),
+])
+def test_override_of_a_missing_key_names_that_flag(tmp_path, bad, good, problem):
+  from configs import lm
+  config = lm.get_config("runlocal")
+  for flags in ((good, bad), (bad, good)):
+    r = _run(f"--workdir={tmp_path}", *flags)
+    assert r.returncode == 1
+    line = _last_line(r)
+    assert line.startswith(f"Error: {bad}: {problem}"), r.stderr[-2000:]
+    assert good not in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    if "Its keys: " in problem:
+      section = config[bad.split(".")[1]]
+      assert line.split("Its keys: ")[1] == ", ".join(sorted(section.keys())) + "."
+  assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_error_in_the_config_file_names_its_line_not_an_override(tmp_path):
+  """A config file whose get_config raises (a KeyError of its own): the file and
+  line, even with an override on the command line."""
+  path = tmp_path / "broken.py"
+  path.write_text("import ml_collections\n\n\ndef get_config():\n"
+                  "  config = ml_collections.ConfigDict({'seed': 0})\n"
+                  "  return config['warmup']\n")
+  cmd = [sys.executable, "-m", "bigjax.main", f"--config={path}",
+         f"--workdir={tmp_path / 'run'}", "--config.seed=1"]
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1
+  assert _last_line(r) == f"Error: --config={path}: KeyError: 'warmup' ({path} line 6).", r.stderr
+
+
+def test_sharding_rules_are_overridden_from_the_command_line(tmp_path, corpus_data_dir):
+  """A tuple field (ml_collections refuses lists): the value is a Python literal,
+  and the run uses it (config.json records it)."""
+  from configs import common
+  rules = tuple(("activation_batch", ("data",)) if rule[0] == "activation_batch" else rule
+                for rule in common.default_rules())
+  assert rules != common.default_rules()
+  r = _run(f"--workdir={tmp_path}", f"--config.data.data_dir={corpus_data_dir}",
+           "--config.total_steps=2", "--config.eval_every=100", "--config.checkpoint_every=100",
+           f"--config.sharding_rules={rules!r}")
+  assert r.returncode == 0, r.stderr[-2000:]
+  recorded = json.loads((tmp_path / "config.json").read_text())["sharding_rules"]
+  assert recorded == json.loads(json.dumps(rules))
+
+
+@pytest.mark.parametrize("value, field", [
+    ("(('activation_batch', ('data',)), ('embed',))", "config.sharding_rules[1]"),  # No axes.
+    ("(('activation_batch', ('data',)), ('embed', 'fdsp'))", "config.sharding_rules[1]"),
+    ("(('embed', 'fsdp'),)", "config.sharding_rules"),  # No rule for activation_batch.
+    ("embed", "config.sharding_rules[0]"),  # Not a literal: a 1-tuple of the string.
+    # Well formed, but without a rule for a name the model uses.
+    (repr(tuple(r for r in common.default_rules() if r[0] != "heads")),
+     "config.sharding_rules: logical axis 'heads' has no entry"),
+])
+def test_malformed_sharding_rules_override_is_one_line(tmp_path, value, field):
+  r = _run(f"--workdir={tmp_path}", f"--config.sharding_rules={value}")
+  assert r.returncode == 1
+  assert _last_line(r).startswith(f"Invalid config: {field}"), r.stderr[-2000:]
+  assert "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def _file_size_limit(limit: int):
+  """For preexec_fn: writes past `limit` bytes fail with EFBIG ('File too
+  large'), as on a full disk (see tests/test_survival_disk_full.py)."""
+  def set_limit():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # Else the kernel kills the writer.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+  return set_limit
+
+
+@pytest.mark.slow
+def test_failed_write_in_the_workdir_is_one_line_and_the_rerun_resumes(tmp_path,
+                                                                        corpus_data_dir):
+  """A finished run extended on a full disk: rewriting its config.json fails.
+  One line saying what failed and why, no traceback; the same command resumes."""
+  workdir = tmp_path / "run"
+  flags = [f"--workdir={workdir}", f"--config.data.data_dir={corpus_data_dir}",
+           "--config.eval_every=100", "--config.checkpoint_every=2"]
+  first = _run(*flags, "--config.total_steps=2")
+  assert first.returncode == 0, first.stderr[-2000:]
+  limit = (workdir / "config.json").stat().st_size // 2
+
+  cmd = [sys.executable, "-m", "bigjax.main", "--config=configs/lm.py:runlocal", *flags,
+         "--config.total_steps=4"]
+  full = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        preexec_fn=_file_size_limit(limit))
+  assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-2000:]
+  assert "Traceback" not in full.stderr, full.stderr[-3000:]
+  # The file named is the one whose write failed (config.json, or the copy of the
+  # record that extending a run keeps).
+  assert re.fullmatch(
+      re.escape(f"Error: writing {workdir}{os.sep}") + r"config\S*\.json" + re.escape(
+          " failed (File too large): free space or choose another --workdir; rerun the "
+          "same command to resume."), _last_line(full)), full.stderr[-2000:]
+
+  again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "Resumed from the checkpoint at step 2." in again.stdout
+  assert json.loads((workdir / "config.json").read_text())["total_steps"] == 4
 
 
 def test_invalid_value_is_rejected_before_compiling(tmp_path):

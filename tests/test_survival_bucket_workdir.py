@@ -5,6 +5,8 @@ bucket's checkpoint; a second run on the workdir is refused by its lease."""
 import json
 import os
 import struct
+import subprocess
+import sys
 import uuid
 
 import jax
@@ -13,7 +15,10 @@ import pytest
 from etils import epath
 
 from bigjax import generate, train, workdir_lock
+from bigjax.config import ConfigError
 from configs import lm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(corpus_data_dir, total_steps):
@@ -124,3 +129,73 @@ def test_bucket_metrics_are_rewritten_whole_and_rewound_as_locally(gcs_bucket, t
                                                       first_unreadable_line=7)
   assert [r["step"] for r in metrics.read_jsonl(f"{bucket}/metrics.jsonl")] == [1, 2, 3, 4]
   assert same_bytes()
+
+
+def _without_credentials(tmp_path) -> dict:
+  """An environment with no Google Cloud credentials and no emulator, that never
+  reaches the cloud or its metadata server (169.254.169.254): the credentials
+  file named first is missing (google.auth stops there), GCE detection is off,
+  and the metadata address, were it asked, is a closed local port."""
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("GOOGLE_", "GCE_", "STORAGE_EMULATOR", "CLOUDSDK_", "FSSPEC_GS",
+                              "TENSORSTORE_GCS", "GCSFS_"))}
+  env.update(GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "no-such-key.json"),
+             NO_GCE_CHECK="true", GCE_METADATA_HOST="127.0.0.1:9",
+             GCE_METADATA_IP="127.0.0.1:9", CLOUDSDK_CONFIG=str(tmp_path / "gcloud"))
+  return env
+
+
+# bigjax.main, in a Python where the modules named in argv[1] cannot be imported,
+# and that resolves no host name but this machine's: should the check regress, the
+# run fails here rather than asking storage.googleapis.com.
+_MAIN_OFFLINE = """
+import runpy, socket, sys
+for name in filter(None, sys.argv[1].split(",")):
+  sys.modules[name] = None  # `import name` raises ImportError.
+resolve = socket.getaddrinfo
+def local_only(host, *args, **kwargs):
+  if host not in ("localhost", "127.0.0.1", "::1"):
+    raise RuntimeError(f"the test allows no network: {host}")
+  return resolve(host, *args, **kwargs)
+socket.getaddrinfo = local_only
+sys.argv = ["bigjax.main", *sys.argv[2:]]
+runpy.run_module("bigjax.main", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("missing, want", [
+    ("", "cannot write there (no Google Cloud credentials: File {key} was not found.). "
+         "Set up credentials: `gcloud auth application-default login`, or "
+         "GOOGLE_APPLICATION_CREDENTIALS="),
+    ("gcsfs,google.cloud.storage", "cannot write there (gs:// workdirs need the gcs extra: "),
+])
+def test_bucket_workdir_without_credentials_or_the_gcs_extra_is_one_line(tmp_path, missing,
+                                                                          want):
+  env = _without_credentials(tmp_path)
+  workdir = "gs://no-such-bucket/run"
+  r = subprocess.run([sys.executable, "-c", _MAIN_OFFLINE, missing,
+                      "--config=configs/lm.py:runlocal", f"--workdir={workdir}"],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+  assert r.returncode == 1, r.stderr[-3000:]
+  lines = [line for line in r.stderr.splitlines() if line.strip()]
+  assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-3000:]
+  want = want.format(key=env["GOOGLE_APPLICATION_CREDENTIALS"])
+  assert lines[0].startswith(f"Invalid config: --workdir={workdir}: {want}"), lines[0]
+  assert lines[0].endswith("or use a local --workdir.")
+  if missing:
+    assert "pip install -e '.[gcs]'" in lines[0]
+
+
+def test_bucket_lease_without_credentials_is_a_config_error(tmp_path, monkeypatch):
+  """The lease on its own (not only through config.validate): a ConfigError."""
+  from bigjax import bucket_lease
+  env = _without_credentials(tmp_path)
+  for name in list(os.environ):  # STORAGE_EMULATOR_HOST: set by the gcs_bucket fixture.
+    if name not in env:
+      monkeypatch.delenv(name)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  with pytest.raises(ConfigError, match=r"^--workdir=gs://no-such-bucket/run: cannot write "
+                     r"there \(no Google Cloud credentials: File .*no-such-key.json was not "
+                     r"found.\)\. Set up credentials: `gcloud auth application-default login`"):
+    bucket_lease.BucketLease("gs://no-such-bucket/run")
