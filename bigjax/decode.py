@@ -28,6 +28,10 @@ Design
   group_size tokens, or the prompt length). So cached decoding equals full
   recomputation exactly only when no token is dropped in either, e.g. with
   model.moe.eval_capacity_factor >= num_experts / k, or with the dropless router.
+  The same condition keeps a row's logits its own: a prompt's groups include its
+  right padding up to the batch's longest prompt, and padding takes expert slots
+  like any token (as in HF's Switch Transformers), so where capacity binds, a
+  prompt's prefill depends on how long the batch's longest prompt is.
 
 `generate_recompute` is the cache-free reference: it reruns the whole fixed-shape
 window at every step (the first version of this module), with the same stopping
