@@ -16,7 +16,6 @@ does not read back as saved is set aside and the one before it restored, and a
 save that fails in the background is reported at the next step (both in one
 line: checkpoint_errors).
 """
-import contextlib
 import dataclasses
 import logging
 import os
@@ -56,7 +55,7 @@ def _as_dict(state: TrainState) -> dict:
           "rng": state.rng, "model_state": state.model_state}
 
 
-def _shapes(tree) -> dict:
+def shapes_by_name(tree) -> dict:
   """{'params/decoder/...': shape} for every leaf of a state or metadata tree."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {optim.path_name(p): tuple(getattr(leaf, "shape", ())) for p, leaf in leaves}
@@ -87,7 +86,7 @@ def describe_mismatch(saved: dict, wanted: dict, limit: int = 4) -> list[str]:
   return out
 
 
-def _abspath(workdir: str) -> str:
+def absolute_workdir(workdir: str) -> str:
   return workdir if "://" in workdir else os.path.abspath(workdir)
 
 
@@ -129,7 +128,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True):
     self.save_every = save_every
-    self.directory = epath.Path(_abspath(workdir)) / "checkpoints"
+    self.directory = epath.Path(absolute_workdir(workdir)) / "checkpoints"
     _check_writable(self.directory)
     self._leftovers = self._remove_unfinished()
     self._async = async_save
@@ -287,7 +286,7 @@ class Checkpointer:
           step, f"its metadata is unreadable: {one_line(e)}") from None
     if metadata is None:
       return  # Nothing to compare against; orbax checks while restoring.
-    diffs = describe_mismatch(_shapes(metadata), _shapes(_as_dict(abstract_state)))
+    diffs = describe_mismatch(shapes_by_name(metadata), shapes_by_name(_as_dict(abstract_state)))
     if diffs:
       raise CheckpointMismatchError(
           f"The checkpoint at step {step} in {self.directory} was written by a "
@@ -410,118 +409,3 @@ class Checkpointer:
     if self._abandoned is not None and jax.process_index() == 0:
       # A failed save's other writes end by manager.close; what they wrote goes too.
       self._abandoned.rmtree(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _quiet_absl():
-  """orbax logs a warning for each option read_only overrides, and that the
-  directory is read-only: both are the point here."""
-  logger = logging.getLogger("absl")
-  level = logger.level
-  logger.setLevel(logging.ERROR)
-  try:
-    yield
-  finally:
-    logger.setLevel(level)
-
-
-class CheckpointReader:
-  """A read-only view of a run's checkpoints: it never saves, deletes or cleans
-  up, so it is safe on a run that is still training (an unfinished save is
-  simply not listed). Restores any subset of the saved tree: for serving
-  (parameters without optimizer state) and for fine-tuning (init_from)."""
-
-  def __init__(self, workdir: str):
-    self.directory = epath.Path(_abspath(workdir)) / "checkpoints"
-    if not self.directory.is_dir():
-      raise FileNotFoundError(f"{workdir} has no checkpoints directory ({self.directory}).")
-    with _quiet_absl():
-      self.manager = ocp.CheckpointManager(
-          self.directory, item_handlers=ocp.PyTreeCheckpointHandler(),
-          options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0,
-                                               create=False))
-
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
-  def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
-
-  def metadata(self, step: int) -> dict:
-    """The saved tree ('params', 'opt_state', ...) of shape/dtype metadata."""
-    tree = self.manager.item_metadata(step)
-    return dict(getattr(tree, "tree", tree))
-
-  def restore(self, step: int, targets: dict) -> dict:
-    """Restores the leaves named in `targets` ({'params/a/b': ShapeDtypeStruct
-    with a sharding}); the rest of the tree is not read."""
-    def target(path, leaf):
-      return targets.get(optim.path_name(path), ocp.PLACEHOLDER)
-
-    item = jax.tree_util.tree_map_with_path(target, self.metadata(step))
-    restored = self.manager.restore(step, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
-    return {optim.path_name(p): leaf for p, leaf in
-            jax.tree_util.tree_flatten_with_path(restored)[0] if leaf is not ocp.PLACEHOLDER}
-
-  def restore_params(self, abstract_state: TrainState, shardings: TrainState,
-                     step: int | None = None) -> tuple:
-    """(params, model_state) of `step` (default: the latest) onto the given
-    shardings, checked against the run's shapes first; no optimizer state is read."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"No finished checkpoint in {self.directory}.")
-    wanted = {"params": abstract_state.params, "model_state": abstract_state.model_state}
-    saved = self.metadata(step)
-    diffs = describe_mismatch(_shapes({k: saved.get(k, {}) for k in wanted}), _shapes(wanted))
-    if diffs:
-      raise CheckpointMismatchError(
-          f"The checkpoint at step {step} in {self.directory} holds another model's "
-          "parameters than this config describes:\n  " + "\n  ".join(diffs) +
-          "\nUse the config the checkpoint was written with (WORKDIR/config.json).")
-    shard = {"params": shardings.params, "model_state": shardings.model_state}
-    targets = {optim.path_name(p): jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-               for (p, a), s in zip(jax.tree_util.tree_flatten_with_path(wanted)[0],
-                                    jax.tree.leaves(shard))}
-    flat = self.restore(step, targets)
-    leaves = [flat[optim.path_name(p)] for p, _ in jax.tree_util.tree_flatten_with_path(wanted)[0]]
-    out = jax.tree.unflatten(jax.tree.structure(wanted), leaves)
-    return out["params"], out["model_state"]
-
-  def restore_latest_intact_params(self, abstract_state: TrainState, shardings: TrainState,
-                                   report) -> tuple:
-    """(params, model_state, step) of the newest step that reads back as saved.
-    A damaged step is reported in one line (`report`) and skipped, never moved:
-    the reader is read-only. Raises CheckpointDamagedError if none is intact."""
-    problems = []
-    for step in reversed(self.all_steps()):
-      problem = self._problem(abstract_state, shardings, step)
-      if isinstance(problem, str):
-        report(f"Note: checkpoint step {step} in {self.directory} is damaged ({problem}); "
-               "trying the previous one.")
-        problems.append(f"step {step}")
-        continue
-      params, model_state = problem
-      return params, model_state, step
-    raise CheckpointDamagedError(
-        f"No intact checkpoint in {self.directory}: {', '.join(problems) or 'none'} damaged. "
-        "Wait for the run's next save, or put back a good copy of a step.")
-
-  def _problem(self, abstract_state, shardings, step: int):
-    """(params, model_state) of `step` if it reads back as saved, else a few
-    words saying what is wrong with it."""
-    problem = integrity.damage(self.directory / str(step))
-    if problem:
-      return problem
-    integrity.warn_if_unverified(self.directory / str(step))
-    try:
-      params, model_state = self.restore_params(abstract_state, shardings, step)
-    except (CheckpointMismatchError, KeyboardInterrupt):
-      raise
-    except Exception as e:  # pylint: disable=broad-except  # tensorstore: ValueError, ...
-      return f"reading it failed: {one_line(e, 200)}"
-    bad = integrity.first_nonfinite(params)
-    return f"params/{bad} holds NaN or Inf" if bad else (params, model_state)
-
-  def close(self):
-    self.manager.close()

@@ -85,7 +85,7 @@ def _mesh(config):
 
 def load_model(workdir: str):
   """(config, setup, model) with the latest checkpoint's parameters."""
-  from bigjax import checkpoint, steps, tasks
+  from bigjax import checkpoint_reader, steps, tasks
 
   config = load_config(workdir)
   ckpt_dir = epath.Path(workdir) / "checkpoints"
@@ -99,7 +99,7 @@ def load_model(workdir: str):
   setup = steps.make_setup(config, _mesh(config))
   # Read-only: a training run may still be writing (its unfinished save is not
   # listed), and the optimizer state is never read.
-  reader = checkpoint.CheckpointReader(workdir)
+  reader = checkpoint_reader.CheckpointReader(workdir)
   try:
     if reader.latest_step() is None:
       raise GenerateError(f"No finished checkpoint in {ckpt_dir}: train first, or wait for "

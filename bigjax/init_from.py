@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import jax.numpy as jnp
 
-from bigjax import checkpoint, layer_layout, optim, steps
+from bigjax import checkpoint_reader, layer_layout, optim, steps
 from bigjax import checkpoint_integrity as integrity
 from bigjax.checkpoint_errors import one_line
 from bigjax.config import ConfigError
@@ -72,7 +72,7 @@ def load(config, setup: steps.TrainSetup, state: steps.TrainState):
   cfg = config.init_from
   skip = re.compile(cfg.skip) if cfg.skip else None
   try:
-    reader = checkpoint.CheckpointReader(cfg.workdir)
+    reader = checkpoint_reader.CheckpointReader(cfg.workdir)
   except FileNotFoundError as e:
     _fail(str(e), "Point it at a finished training run's --workdir.")
   try:

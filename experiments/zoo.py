@@ -68,7 +68,7 @@ def linear_fit(workdir: str) -> str:
   import jax
   import numpy as np
 
-  from bigjax import checkpoint
+  from bigjax import checkpoint_reader
   from bigjax.data import examples
 
   with open(os.path.join(workdir, "config.json")) as f:
@@ -78,7 +78,7 @@ def linear_fit(workdir: str) -> str:
       feature_key=d["feature_key"], label_key=d["label_key"],
       feature_columns=d["feature_columns"], standardize_features=d["standardize"])
   fit, *_ = np.linalg.lstsq(np.c_[x.astype(np.float64), np.ones(len(x))], y, rcond=None)
-  reader = checkpoint.CheckpointReader(workdir)
+  reader = checkpoint_reader.CheckpointReader(workdir)
   try:
     step = reader.latest_step()
     if step is None:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bigjax import checkpoint, decode, sharding, steps
+from bigjax import checkpoint_reader, decode, sharding, steps
 from bigjax.data import tokenizer
 from bigjax.models import moe as moe_lib
 from bigjax.models import transformer
@@ -378,7 +378,7 @@ def _decode_in_memory(workdir: str, prompt: str, **kw) -> str:
   with open(os.path.join(workdir, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
   setup = steps.make_setup(config, sharding.make_mesh(dict(data=1), jax.devices()[:1]))
-  reader = checkpoint.CheckpointReader(workdir)
+  reader = checkpoint_reader.CheckpointReader(workdir)
   try:
     params, _, _ = reader.restore_latest_intact_params(setup.abstract_state,
                                                        setup.state_shardings, print)

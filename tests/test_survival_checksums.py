@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigjax import checkpoint, checkpoint_integrity, sharding, steps, train
+from bigjax import checkpoint, checkpoint_integrity, checkpoint_reader, sharding, steps, train
 from bigjax.data import pipeline
 from configs import lm
 from tests import checkpoint_damage
@@ -161,7 +161,7 @@ def test_steps_that_all_predate_checksum_records_restore_with_a_warning(tmp_path
 def test_the_reader_skips_a_step_without_its_checksum_record(tmp_path):
   """generate's path: the read-only reader notes the step and uses the one before."""
   step_dir = _two_steps_step2_without_record(tmp_path)
-  reader = checkpoint.CheckpointReader(str(tmp_path))
+  reader = checkpoint_reader.CheckpointReader(str(tmp_path))
   notes = []
   params, _, step = reader.restore_latest_intact_params(*_abstract(), notes.append)
   reader.close()
