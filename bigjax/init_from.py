@@ -184,15 +184,24 @@ def load(config, setup: steps.TrainSetup, state: steps.TrainState):
     whole = pieces[0] if rows[name][0][1] is None else jnp.stack(pieces)
     return jax.device_put(whole, wanted[name][1])
 
-  def listed(kind: str, what: str) -> str:
-    names = sorted(n for n, p in by_block.items() if p == kind)
-    return f"{len(names)} {what}" + (f" ({', '.join(names[:6])})" if kind != "copy" and names
-                                     else "")
+  def listed(names: list, what: str, show: bool = True) -> str:
+    more = f", ... {len(names) - 6} more" if len(names) > 6 else ""
+    return f"{len(names)} {what}" + (f" ({', '.join(sorted(names)[:6])}{more})"
+                                     if show and names else "")
+
+  def planned(kind: str) -> list:
+    return [n for n, p in by_block.items() if p == kind]
+
+  # Source parameters this model has no place for (fewer blocks, a dropped head).
+  unused = sorted(set(where) - {n for n, p in by_block.items() if p != "fresh"})
 
   params = jax.tree_util.tree_map_with_path(merge, state.params)
   model_state = jax.tree_util.tree_map_with_path(
       lambda path, fresh: loaded.get("model_state/" + optim.path_name(path), fresh),
       state.model_state)
   return state.replace(params=params, model_state=model_state), (
-      f"Initialised from {cfg.workdir} (step {step}): {listed('copy', 'parameters loaded')}, "
-      f"{listed('overlap', 'resized')}, {listed('fresh', 'freshly initialised')}.")
+      f"Initialised from {cfg.workdir} (step {step}): "
+      f"{listed(planned('copy'), 'parameters loaded', show=False)}, "
+      f"{listed(planned('overlap'), 'resized')}, "
+      f"{listed(planned('fresh'), 'freshly initialised')}"
+      + (f"; {listed(unused, 'of the source left unused')}." if unused else "."))

@@ -336,8 +336,9 @@ class Profile(Hook):
                  f"{self.trace_dir}.")
         return
       shutil.rmtree(self.trace_dir)
-    loop.log(f"Profile of steps {self.start_step}..{self.stop_step - 1} written to "
-             f"{self.dir}.")
+    # The run may end (or fail) inside the window: name the steps traced.
+    last = min(self.stop_step, loop.done) - 1
+    loop.log(f"Profile of steps {self.start_step}..{last} written to {self.dir}.")
 
   def close(self, loop):
     if self.tracing:  # The run ended (or failed) inside the window.

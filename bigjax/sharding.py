@@ -54,16 +54,20 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int, axes) -> dict:
     raise ValueError(f"config.mesh: more than one axis is -1 ({rest}). "
                      "Set at most one axis to -1.")
   known = math.prod(s for s in sizes.values() if s != -1)
+  # Too few devices on a CPU host: XLA can split it into more.
+  more = (f" On CPU, XLA_FLAGS=--xla_force_host_platform_device_count={known} gives "
+          f"{known} devices." if known > num_devices and jax.default_backend() == "cpu"
+          else "")
   if rest:
     if num_devices % known:
       raise ValueError(
           f"config.mesh: the fixed axes multiply to {known}, which does not divide "
-          f"the {num_devices} devices. Change the sizes so that -1 can take the rest.")
+          f"the {num_devices} devices. Change the sizes so that -1 can take the rest.{more}")
     sizes[rest[0]] = num_devices // known
   elif known != num_devices:
     raise ValueError(
         f"config.mesh: axis sizes {sizes} multiply to {known} but there are "
-        f"{num_devices} devices. Make them multiply to {num_devices} or set one to -1.")
+        f"{num_devices} devices. Make them multiply to {num_devices} or set one to -1.{more}")
   return sizes
 
 

@@ -49,7 +49,9 @@ def run_entry(name: str, config: str, root: str, extra: list[str]) -> float:
   return time.time() - start
 
 
-def table(root: str, times: dict) -> str:
+def table(root: str, times: dict, arg: str = "") -> str:
+  """The zoo's table; `arg` is the config arg the runs were given (shown with each
+  config, so a runlocal table never reads as the full runs')."""
   rows = ["| run | config | steps | result | wall s |", "|---|---|---|---|---:|"]
   for name, (config, key, label) in ENTRIES.items():
     path = os.path.join(root, name, "metrics.jsonl")
@@ -57,7 +59,7 @@ def table(root: str, times: dict) -> str:
     result = f"{label} {evals[-1][key]:.4g}" if evals else "no evaluation yet"
     steps = evals[-1]["step"] if evals else "-"
     wall = f"{times[name]:.0f}" if name in times else "-"
-    rows.append(f"| {name} | `{config}` | {steps} | {result} | {wall} |")
+    rows.append(f"| {name} | `{_with_arg(config, arg)}` | {steps} | {result} | {wall} |")
   return "\n".join(rows)
 
 
@@ -112,7 +114,7 @@ def main(argv=None):
     config = _with_arg(ENTRIES[name][0], args.arg)
     print(f"{name}: {config}", flush=True)
     times[name] = run_entry(name, config, args.root, extra)
-  print(table(args.root, times))
+  print(table(args.root, times, args.arg))
   for name in ENTRIES:  # Every linear model that has trained, as in the table.
     workdir = os.path.join(args.root, name)
     if os.path.exists(os.path.join(workdir, "config.json")):

@@ -95,6 +95,18 @@ def test_skip_reinitialises_and_new_parameters_start_fresh(source):
   assert "3 freshly initialised" in summary, summary
 
 
+def test_a_shallower_model_says_which_source_parameters_it_left_unused(source):
+  """Fine-tuning a 1-block model from the 2-block source: the summary names what
+  of the source had no place (block 1), so a dropped half is never silent."""
+  config = _config(source["data_dir"], num_layers=1)
+  config.init_from.workdir = source["workdir"]
+  fresh, loaded, summary = _fresh_and_loaded(config)
+  unused = sorted(n for n in source["params"] if n.startswith("decoder/blocks/1/"))
+  assert unused and not set(unused) & set(loaded)
+  assert f"; {len(unused)} of the source left unused ({', '.join(unused[:6])}, ... " \
+      f"{len(unused) - 6} more)." in summary, summary
+
+
 def test_frozen_parameters_never_change_under_another_optimizer(source):
   config = _config(source["data_dir"])
   config.init_from.workdir = source["workdir"]

@@ -165,6 +165,7 @@ def test_zoo_table_script_reads_results_back_from_workdirs(tmp_path):
           if line.startswith("| ")}
   for name, label in (("mlp_binary", "test accuracy"), ("linear_regression", "test MSE")):
     assert f"| 20 | {label} " in rows[name], rows[name]
+    assert ",runlocal`" in rows[name] or ":runlocal`" in rows[name], rows[name]
     evals = [r for r in metrics.read_jsonl(tmp_path / name / "metrics.jsonl")
              if "eval_loss" in r]
     assert evals[-1]["step"] == 20

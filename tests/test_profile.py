@@ -17,10 +17,14 @@ def _config(tmp_path, window):
   return config
 
 
-def test_a_profiled_run_writes_a_trace(tmp_path):
+@pytest.mark.parametrize("window, traced", [((1, 3), "1..2"), ((2, 9), "2..3")],
+                         ids=["inside the run", "past its end"])
+def test_a_profiled_run_writes_a_trace(tmp_path, capsys, window, traced):
   workdir = tmp_path / "run"
-  result = train.run(_config(tmp_path, (1, 3)), str(workdir))
+  result = train.run(_config(tmp_path, window), str(workdir))
   assert int(result.state.step) == 4
+  # A window past the run's end is cut there, and the message says so.
+  assert f"Profile of steps {traced} written to" in capsys.readouterr().out
   traces = glob.glob(os.path.join(workdir, "profile", "**", "*.xplane.pb"), recursive=True)
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 0, traces
   assert glob.glob(os.path.join(workdir, "profile", "**", "perfetto_trace.json.gz"),

@@ -162,6 +162,9 @@ def test_mesh_minus_one_takes_the_rest():
                                                                        fsdp=1, tensor=1)
   with pytest.raises(ValueError, match="multiply to 6"):
     sharding.make_mesh(dict(data=3, tensor=2))
+  # More than a CPU host has: the error says how to get that many.
+  with pytest.raises(ValueError, match="xla_force_host_platform_device_count=16 gives 16"):
+    sharding.make_mesh(dict(data=16))
 
 
 def _constraint_specs(fn, *args):
