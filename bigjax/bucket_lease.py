@@ -33,11 +33,12 @@ agree to well within LEASE_SECONDS.
 """
 import datetime
 import json
+import os
 import threading
 import time
 import uuid
 
-from bigjax.config import ConfigError, gcs_credentials_error, gcs_extra_error
+from bigjax.errors import ConfigError
 from bigjax.workdir_lock import (LOCK_NAME, WorkdirBusyError, WorkdirLock, alive, describe,
                                  this_process)
 
@@ -67,6 +68,51 @@ class WorkdirLeaseExpiredError(WorkdirLeaseLostError):
   """This run could not renew its lease in time: another run may take it over."""
 
 
+# What to do when no Google Cloud credentials are found.
+_GCS_CREDENTIALS_FIX = (
+    "Set up credentials: `gcloud auth application-default login`, or "
+    "GOOGLE_APPLICATION_CREDENTIALS=/path/to/service-account-key.json (or "
+    "STORAGE_EMULATOR_HOST=http://HOST:PORT for a local GCS emulator); or use a local "
+    "--workdir.")
+
+
+def _gcs_extra_error(workdir: str, error: ImportError) -> ConfigError:
+  return ConfigError(
+      f"--workdir={workdir}: cannot write there (gs:// workdirs need the gcs extra: "
+      f"{' '.join(str(error).split())}). Install it: pip install -e '.[gcs]' (gcsfs and "
+      "google-cloud-storage), or use a local --workdir.")
+
+
+def _gcs_credentials_error(workdir: str, error: Exception) -> ConfigError:
+  reason = " ".join(str(error).split())
+  reason = reason if len(reason) <= 200 else reason[:197] + "..."
+  return ConfigError(f"--workdir={workdir}: cannot write there (no Google Cloud credentials: "
+                     f"{reason}). {_GCS_CREDENTIALS_FIX}")
+
+
+def check_usable(workdir: str):
+  """A gs:// workdir needs the gcs extra and credentials (unless STORAGE_EMULATOR_HOST
+  points the clients at an emulator): checked here, before anything touches the
+  bucket, rather than found as an ImportError or google.auth's traceback. Whether
+  the bucket exists and may be written is found by the workdir lease's first write."""
+  _storage(workdir)  # The gcs extra.
+  if os.environ.get("STORAGE_EMULATOR_HOST"):  # The clients need no credentials there.
+    return
+  import logging
+
+  import google.auth
+  from google.auth import exceptions
+  logger = logging.getLogger("google.auth._default")  # Its warning would repeat ours.
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    google.auth.default()  # What storage.Client() and gcsfs look up.
+  except exceptions.DefaultCredentialsError as e:
+    raise _gcs_credentials_error(workdir, e) from None
+  finally:
+    logger.setLevel(level)
+
+
 def _storage(workdir: str):
   """(google.cloud.storage, google.api_core.exceptions); a ConfigError naming the
   workdir and the extra to install if the gcs extra is missing."""
@@ -75,7 +121,7 @@ def _storage(workdir: str):
     from google.api_core import exceptions
     from google.cloud import storage
   except ImportError as e:
-    raise gcs_extra_error(workdir, e) from None
+    raise _gcs_extra_error(workdir, e) from None
   return storage, exceptions
 
 
@@ -86,7 +132,7 @@ def _client(storage, workdir: str):
   try:
     return storage.Client()
   except auth_errors.DefaultCredentialsError as e:
-    raise gcs_credentials_error(workdir, e) from None
+    raise _gcs_credentials_error(workdir, e) from None
 
 
 def _utc(t: float) -> str:

@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from bigjax import checkpoint_integrity as integrity, layer_layout, optim
 from bigjax.checkpoint_errors import (CheckpointDamagedError, CheckpointMismatchError,
                                       CheckpointReadError, CheckpointSaveError,
-                                      OrbaxErrorCatcher, changed_fields, config_diff, mib,
+                                      OrbaxErrorCatcher, mib,
                                       one_line, quiet_abandoned_writes)
 from bigjax.config import ConfigError
 from bigjax.steps import TrainState
@@ -369,7 +369,9 @@ class Checkpointer:
           "nothing shows it is damaged, so it was left in place. Fix the cause (host "
           "memory, the network, permissions) and rerun the same command to resume "
           "from it.") from read_error
-    if state is not None and problem is None:
+    # The finiteness check is one program over the global state: every process
+    # runs it (all restored) or none does.
+    if _everywhere(problem is None):
       bad = integrity.first_nonfinite(_as_dict(state))
       problem = f"{bad} holds NaN or Inf" if bad else None
     if not _everywhere(problem is None):

@@ -113,7 +113,10 @@ class CheckpointReader:
   def _problem(self, abstract_state, shardings, step: int):
     """(params, model_state) of `step` if it reads back as saved, else a few
     words saying what is wrong with it."""
-    problem = integrity.damage(self.directory / str(step))
+    try:
+      problem = integrity.damage(self.directory / str(step))
+    except OSError as e:  # Not shown to be damaged, but not readable here either.
+      return f"its files could not be read: {one_line(e, 200)}"
     if problem:
       return problem
     integrity.warn_if_unverified(self.directory / str(step))

@@ -12,14 +12,11 @@ import os
 import re
 
 from bigjax import sharding
+from bigjax.errors import ConfigError
 
 REQUIRED_TOP_LEVEL = ("seed", "task", "total_steps", "log_every", "eval_every",
                       "checkpoint_every", "batch_size", "model", "optim", "mesh", "data",
                       "init_from", "mesh_axes", "sharding_rules")
-
-
-class ConfigError(ValueError):
-  pass
 
 
 class DataError(ConfigError):
@@ -91,7 +88,7 @@ def _validate_rules(config, mesh_axes: tuple):
   for i, rule in enumerate(rules):
     if not isinstance(rule, (list, tuple)) or len(rule) != 2 or not isinstance(rule[0], str):
       _fail(f"sharding_rules[{i}]", f"{rule!r} is not a [logical_name, mesh_axes] pair.",
-            "Write e.g. ['embed', 'fsdp'] or ['activation_batch', ['data', 'fsdp']].")
+            "Write e.g. ('embed', 'fsdp') or ('activation_batch', ('data', 'fsdp')).")
     axes = rule[1]
     axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
     if not isinstance(axes, (list, tuple)) or any(a not in mesh_axes for a in axes):
@@ -443,7 +440,8 @@ def validate_workdir(workdir: str):
   if not workdir or not str(workdir).strip():
     raise ConfigError("--workdir is empty. Pass the run's directory, e.g. --workdir=/tmp/run.")
   if workdir.startswith("gs://"):
-    _validate_bucket_workdir(workdir)
+    from bigjax import bucket_lease  # pylint: disable=import-outside-toplevel  # It imports this.
+    bucket_lease.check_usable(workdir)
   if "://" in workdir:  # Remote: whether it can be written is found by the first write.
     return
   parent = os.path.abspath(workdir)
@@ -455,52 +453,3 @@ def validate_workdir(workdir: str):
   if not os.access(parent, os.W_OK | os.X_OK):
     raise ConfigError(f"--workdir={workdir}: {parent} is not writable. "
                       "Choose a directory you can write to (or fix its permissions).")
-
-
-# What to do when no Google Cloud credentials are found (bigjax/bucket_lease.py too).
-GCS_CREDENTIALS_FIX = (
-    "Set up credentials: `gcloud auth application-default login`, or "
-    "GOOGLE_APPLICATION_CREDENTIALS=/path/to/service-account-key.json (or "
-    "STORAGE_EMULATOR_HOST=http://HOST:PORT for a local GCS emulator); or use a local "
-    "--workdir.")
-
-
-def gcs_extra_error(workdir: str, error: ImportError) -> ConfigError:
-  return ConfigError(
-      f"--workdir={workdir}: cannot write there (gs:// workdirs need the gcs extra: "
-      f"{' '.join(str(error).split())}). Install it: pip install -e '.[gcs]' (gcsfs and "
-      "google-cloud-storage), or use a local --workdir.")
-
-
-def gcs_credentials_error(workdir: str, error: Exception) -> ConfigError:
-  reason = " ".join(str(error).split())
-  reason = reason if len(reason) <= 200 else reason[:197] + "..."
-  return ConfigError(f"--workdir={workdir}: cannot write there (no Google Cloud credentials: "
-                     f"{reason}). {GCS_CREDENTIALS_FIX}")
-
-
-def _validate_bucket_workdir(workdir: str):
-  """A gs:// workdir needs the gcs extra and credentials (unless STORAGE_EMULATOR_HOST
-  points the clients at an emulator): checked here, before anything touches the
-  bucket, rather than found as an ImportError or google.auth's traceback. Whether
-  the bucket exists and may be written is found by the workdir lease's first write."""
-  try:
-    import gcsfs  # noqa: F401  # pylint: disable=unused-import  # epath's gs:// files.
-    from google.cloud import storage  # noqa: F401  # pylint: disable=unused-import  # The lease.
-  except ImportError as e:
-    raise gcs_extra_error(workdir, e) from None
-  if os.environ.get("STORAGE_EMULATOR_HOST"):  # The clients need no credentials there.
-    return
-  import logging
-
-  import google.auth
-  from google.auth import exceptions
-  logger = logging.getLogger("google.auth._default")  # Its warning would repeat ours.
-  level = logger.level
-  logger.setLevel(logging.ERROR)
-  try:
-    google.auth.default()  # What storage.Client() and gcsfs look up.
-  except exceptions.DefaultCredentialsError as e:
-    raise gcs_credentials_error(workdir, e) from None
-  finally:
-    logger.setLevel(level)

@@ -82,7 +82,7 @@ class Loop:
             "such updates.")
 
 
-def _from_process_0(flag: bool) -> bool:
+def from_process_0(flag: bool) -> bool:
   """Process 0's `flag` on every process (only it reads metrics.jsonl)."""
   if jax.process_count() == 1:
     return flag
@@ -183,7 +183,7 @@ class LogMetrics(Hook):
     for message in rewound.messages(loop.done):
       loop.log(message)
     # A kill after a checkpoint landed, before that step's evaluation was written.
-    loop.eval_lost = loop.done > 0 and not _from_process_0(rewound.evaluated)
+    loop.eval_lost = loop.done > 0 and not from_process_0(rewound.evaluated)
     items_per_step, unit = loop.setup.task.throughput(loop.config)
     loop.writer = metrics_lib.MetricWriter(self.workdir, resumed_at=loop.done)
     loop.progress = metrics_lib.Progress(loop.config.total_steps, loop.done, items_per_step,
@@ -237,7 +237,9 @@ def evaluate(setup: steps.TrainSetup, eval_step, state, batches) -> dict:
 
 class Evaluate(Hook):
   """Every config.eval_every steps (and at the end): the task's summary of the
-  eval batches. `baseline`: also before the first step (fine-tuning)."""
+  eval batches. `baseline`: also before the first step (fine-tuning). At the
+  start of a resumed run whose step's evaluation was lost (`loop.eval_lost`, a
+  kill between the checkpoint and the evaluation), that evaluation again."""
 
   def __init__(self, eval_batches: list, baseline: bool = False):
     self.batches, self.baseline, self.eval_step = eval_batches, baseline, None

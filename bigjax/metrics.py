@@ -146,6 +146,20 @@ def _row_step(raw: bytes) -> int | None:
     return None
 
 
+def _is_evaluation(raw: bytes) -> bool:
+  return b'"eval_' in raw
+
+
+def evaluated_at(workdir: str, step: int) -> bool:
+  """Whether metrics.jsonl holds the evaluation of `step` (process 0 reads it;
+  the others get False)."""
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if jax.process_index() != 0 or not path.exists():
+    return False
+  with path.open("rb") as f:
+    return any(_row_step(raw) == step and _is_evaluation(raw) for raw in f)
+
+
 def rewind_jsonl(workdir: str, step: int) -> Rewind:
   """Drops metrics.jsonl rows past `step` (the checkpoint a run resumes from;
   -1 for a fresh start) and every line that is not a complete row, so that the
@@ -161,7 +175,7 @@ def rewind_jsonl(workdir: str, step: int) -> Rewind:
       row_step = _row_step(raw)
       if row_step is not None and row_step <= step:
         keep.append(raw)
-        report.evaluated |= row_step == step and b'"eval_' in raw
+        report.evaluated |= row_step == step and _is_evaluation(raw)
       elif row_step is not None:
         report.past_rows += 1
       elif raw.strip():

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 from bigjax import layer_layout
-from bigjax.config import ConfigError
+from bigjax.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "adafactor", "lion")
 # Those that read optim.eps (Adafactor keeps optax's own 1e-30; Lion has none).

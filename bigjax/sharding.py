@@ -34,6 +34,9 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from bigjax.errors import ConfigError
+
+
 def resolve_mesh_shape(mesh_cfg, num_devices: int, axes) -> dict:
   """{axis: size} for every axis of `axes` (config.mesh_axes; absent sizes are 1),
   the single -1 replaced by the remaining devices. The one check of config.mesh:
@@ -119,7 +122,6 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules,
           choice = axes
           break
       if not matched:
-        from bigjax.config import ConfigError  # pylint: disable=import-outside-toplevel  # Cycle.
         raise ConfigError(f"config.sharding_rules: logical axis {name!r} has no entry; add "
                           f"a rule such as ({name!r}, None) (replicated).")
     if choice:

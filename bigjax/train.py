@@ -8,7 +8,7 @@ same pieces. The batch at step k is a pure function of (seed, k, process), and
 step RNG is fold_in(rng, step), so a resumed run needs nothing but the
 checkpointed state.
 
-What a run survives (each tested in tests/test_survival_*.py):
+What a run survives (each tested: tests/test_survival_*.py, test_checkpoint_resume.py):
 - SIGKILL / crash: rerunning resumes from the latest finished checkpoint and
   repeats the lost steps bit-identically (same topology). metrics.jsonl is
   rewound to that checkpoint on resume, so it holds each logged step (and
@@ -47,6 +47,7 @@ from etils import epath
 
 from bigjax import (checkpoint, config as config_lib, distributed, init_from, loop as loop_lib,
                     metrics as metrics_lib, optim, sharding, steps, tasks, workdir_lock)
+from bigjax.checkpoint_errors import changed_fields, config_diff
 
 
 def log(message: str):
@@ -152,7 +153,7 @@ def _prepare(config, workdir: str, lock: workdir_lock.WorkdirLock) -> Prepared:
       restored = ckpt.restore_latest_intact(setup.abstract_state, setup.state_shardings, log)
     except checkpoint.CheckpointMismatchError as e:
       raise checkpoint.CheckpointMismatchError(
-          str(e) + checkpoint.config_diff(workdir, config)) from None
+          str(e) + config_diff(workdir, config)) from None
     if restored is not None:
       state, start = restored
       log(f"Resumed from the checkpoint at step {start}.")
@@ -201,15 +202,19 @@ def _record_config(config, workdir: str, start: int):
   steps trained with as config.before_step_START.json."""
   path = epath.Path(workdir) / "config.json"
   text = config.to_json_best_effort(indent=2)
-  if start > 0 and path.exists():
-    old_text = path.read_text()
+  # The config that trained steps 1..start: kept by an earlier resume at `start`
+  # (whose settings then trained no step that was kept), else config.json.
+  kept = path.parent / f"config.before_step_{start}.json"
+  earlier = kept if kept.exists() else path
+  if start > 0 and earlier.exists():
+    old_text = earlier.read_text()
     try:
-      changed = checkpoint.changed_fields(json.loads(old_text), json.loads(text))
+      changed = changed_fields(json.loads(old_text), json.loads(text))
     except ValueError:  # Not JSON: kept as it is, for the record.
       changed = [("config.json", "unreadable", "rewritten")]
     if changed:
-      kept = path.parent / f"config.before_step_{start}.json"
-      _write_whole(kept, old_text)
+      if earlier is path:
+        _write_whole(kept, old_text)
       log(f"Resumed at step {start} with changed settings: " + "; ".join(
           f"{name}: {old!r} -> {new!r}" for name, old, new in changed) +
           f" (the earlier config is kept as {kept.name}).")
@@ -228,9 +233,12 @@ def _write_whole(path: epath.Path, text: str):
       f.write(text)
     os.replace(f"{path}.tmp", path)
   except OSError as e:
+    if not metrics_lib.is_remote(str(path)):
+      epath.Path(f"{path}.tmp").unlink(missing_ok=True)
     if e.filename is not None:
       raise
-    raise OSError(e.errno, e.strerror, str(path)) from e
+    # gcsfs raises with a message only (errno None): keep it as the reason.
+    raise OSError(e.errno, e.strerror or " ".join(str(e).split()), str(path)) from e
 
 
 def _load_data(config) -> tasks.TaskData:
@@ -252,10 +260,10 @@ def _nothing_to_train(config, workdir: str, p: Prepared) -> RunResult:
         f"config.total_steps: {config.total_steps} is below step {p.start}, where the run "
         f"in {workdir} already is (its latest checkpoint); nothing was changed. Pass "
         f"--config.total_steps above {p.start} to train further, or use a new --workdir.")
-  loop = loop_lib.run_loop(  # No steps: only the hooks that recover a lost evaluation.
-      loop_lib.Loop(p.setup, p.state, p.start, log),
-      p.data.train, [loop_lib.LogMetrics(workdir), loop_lib.Evaluate(p.data.eval)])
-  if loop.last_eval:
+  if not loop_lib.from_process_0(metrics_lib.evaluated_at(workdir, p.start)):
+    loop = loop_lib.run_loop(  # No steps: the hooks that redo the lost evaluation.
+        loop_lib.Loop(p.setup, p.state, p.start, log),
+        p.data.train, [loop_lib.LogMetrics(workdir), loop_lib.Evaluate(p.data.eval)])
     return RunResult(p.state, p.setup, loop.last_eval, p.data.stats)
   log(f"Nothing to train: the run in {workdir} already finished (its latest checkpoint is "
       f"at step {p.start} = config.total_steps). Pass a larger --config.total_steps to train "

@@ -50,8 +50,8 @@ def run_entry(name: str, config: str, root: str, extra: list[str]) -> float:
 
 
 def table(root: str, times: dict, arg: str = "") -> str:
-  """The zoo's table; `arg` is the config arg the runs were given (shown with each
-  config, so a runlocal table never reads as the full runs')."""
+  """The zoo's table; `arg` is the config arg this invocation gave its runs (shown
+  with their configs, so a runlocal table never reads as the full runs')."""
   rows = ["| run | config | steps | result | wall s |", "|---|---|---|---|---:|"]
   for name, (config, key, label) in ENTRIES.items():
     path = os.path.join(root, name, "metrics.jsonl")
@@ -59,7 +59,8 @@ def table(root: str, times: dict, arg: str = "") -> str:
     result = f"{label} {evals[-1][key]:.4g}" if evals else "no evaluation yet"
     steps = evals[-1]["step"] if evals else "-"
     wall = f"{times[name]:.0f}" if name in times else "-"
-    rows.append(f"| {name} | `{_with_arg(config, arg)}` | {steps} | {result} | {wall} |")
+    shown = _with_arg(config, arg) if name in times else config
+    rows.append(f"| {name} | `{shown}` | {steps} | {result} | {wall} |")
   return "\n".join(rows)
 
 

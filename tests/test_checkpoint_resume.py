@@ -99,3 +99,26 @@ def test_config_json_is_written_whole_or_not_at_all(tmp_path):
                      timeout=120)
   assert r.returncode != 0 and "File too large" in r.stderr, r.stderr[-2000:]
   assert (workdir / "config.json").read_text() == '{"total_steps": 7}'
+
+
+def test_config_that_trained_the_kept_steps_is_never_overwritten(tmp_path, capsys):
+  """Resumed at step 7 with total_steps 12, killed before the next checkpoint, then
+  resumed at 7 again with 20: config.before_step_7.json still holds the config
+  that trained steps 1-7, and the change is told against it."""
+  from bigjax import train
+
+  def record(total, start):
+    config = lm.get_config("runlocal")
+    config.total_steps = total
+    train._record_config(config, str(tmp_path), start)
+
+  record(7, 0)
+  record(12, 7)
+  record(20, 7)
+  with open(tmp_path / "config.before_step_7.json") as f:
+    assert json.load(f)["total_steps"] == 7
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["total_steps"] == 20
+  assert capsys.readouterr().out.splitlines()[-1].startswith(
+      "Resumed at step 7 with changed settings: total_steps: 7 -> 20 ")
+  assert not list(tmp_path.glob("*.tmp"))

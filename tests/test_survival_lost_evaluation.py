@@ -90,3 +90,6 @@ def test_rerun_of_a_finished_run_evaluates_nothing_again(finished, tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert "Nothing to train" in r.stdout and "eval at step" not in r.stdout
   assert _rows(workdir) == _rows(finished["workdir"])
+  # Nothing written: no TensorBoard event file either.
+  assert sorted(os.listdir(os.path.join(workdir, "tensorboard"))) == sorted(
+      os.listdir(os.path.join(finished["workdir"], "tensorboard")))

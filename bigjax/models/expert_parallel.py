@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from bigjax import sharding
-from bigjax.config import ConfigError
+from bigjax.errors import ConfigError
 
 EXCHANGES = ("auto", "ragged", "padded")
 

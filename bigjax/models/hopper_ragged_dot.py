@@ -23,7 +23,7 @@ dtype with float32 accumulation inside the kernel.
 import jax
 import jax.numpy as jnp
 
-from bigjax.config import ConfigError
+from bigjax.errors import ConfigError
 
 # The kernels' tiles: feature dims must be multiples of TILE; rows are padded to it.
 TILE = 128

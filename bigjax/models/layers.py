@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bigjax.config import ConfigError
+from bigjax.errors import ConfigError
 from bigjax.models import attention_core
 from bigjax.sharding import constrain
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigjax import sharding
-from bigjax.config import ConfigError
+from bigjax.errors import ConfigError
 from bigjax.models import (dataclass_from_config, expert_parallel, grouped_ffn,
                            hopper_ragged_dot, layers, routing)
 from bigjax.sharding import constrain

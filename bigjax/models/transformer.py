@@ -13,7 +13,6 @@ per-row positions, which are also their cache slots, and returns
 """
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
