@@ -10,8 +10,6 @@ import sys
 
 import pytest
 
-from bigjax.data import pipeline
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
@@ -23,16 +21,12 @@ def _main(workdir, data_dir, *flags):
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tmp_path_factory, corpus_data_dir):
   """runlocal to step 20: checkpoints and evaluations at steps 10 and 20."""
-  base = tmp_path_factory.mktemp("lost_eval")
-  data_dir = str(base / "data")
-  for split in ("train", "validation"):
-    pipeline.token_array("stdlib_py", split, data_dir)
-  workdir = str(base / "run")
-  r = _main(workdir, data_dir)
+  workdir = str(tmp_path_factory.mktemp("lost_eval") / "run")
+  r = _main(workdir, corpus_data_dir)
   assert r.returncode == 0, r.stderr[-3000:]
-  return {"workdir": workdir, "data_dir": data_dir}
+  return {"workdir": workdir, "data_dir": corpus_data_dir}
 
 
 def _rows(workdir):
