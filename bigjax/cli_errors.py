@@ -124,11 +124,15 @@ def os_error_line(error: OSError, workdir: str) -> str:
   """One line for an OSError out of a run: what failed, why, and what to do."""
   path = None if error.filename is None else os.fsdecode(error.filename)
   reason = error.strerror or " ".join(str(error).split()) or type(error).__name__
+  # A file outside the workdir (the data, an init_from source): another workdir
+  # would not help.
+  elsewhere = path is not None and not os.path.abspath(path).startswith(
+      os.path.join(os.path.abspath(workdir), ""))
   if error.errno in _NO_SPACE:
     what = f"writing {path}" if path else f"writing in --workdir={workdir}"
-    fix = "free space or choose another --workdir"
+    fix = "free space" + ("" if elsewhere else " or choose another --workdir")
   else:
     what = f"using {path}" if path else "a file operation"
-    fix = ("fix that (permissions, a read-only or failing disk, the network) or choose "
-           "another --workdir")
+    fix = ("fix that (permissions, a read-only or failing disk, the network)" +
+           ("" if elsewhere else " or choose another --workdir"))
   return f"Error: {what} failed ({reason}): {fix}; rerun the same command to resume."

@@ -214,3 +214,21 @@ def test_router_metrics_list_expert_loads_in_expert_order(tmp_path):
   assert header == "Router metrics at step 20:"
   shown = line.split("load=[")[1].split("]")[0].split()
   assert shown == [f"{e / 100:.2f}" for e in range(12)]
+
+
+def test_a_failed_file_outside_the_workdir_is_not_blamed_on_it():
+  """The one line for an OSError names the file; another --workdir is suggested
+  only for a file in the workdir (gs:// paths are used as they are)."""
+  import errno
+
+  from bigjax import cli_errors
+
+  denied = PermissionError(errno.EACCES, "Permission denied", "/data/tokens.npy")
+  line = cli_errors.os_error_line(denied, "/tmp/run")
+  assert line == ("Error: using /data/tokens.npy failed (Permission denied): fix that "
+                  "(permissions, a read-only or failing disk, the network); rerun the same "
+                  "command to resume.")
+  full = OSError(errno.ENOSPC, "No space left on device", "/tmp/run/config.json")
+  assert "free space or choose another --workdir" in cli_errors.os_error_line(full, "/tmp/run")
+  assert "another --workdir" in cli_errors.os_error_line(
+      OSError(errno.ENOSPC, "No space left on device"), "/tmp/run")
