@@ -200,15 +200,13 @@ def _gather_beams(x, idx):
 
 def _top_k(x, k: int):
   """jax.lax.top_k over the last axis of x [b, n]; under a mesh, per batch shard
-  (rows are independent): XLA's partitioner all-gathers a TopK's operand, here
-  every prompt's K * vocab candidates to every device at every step."""
+  (else every prompt's K * vocab candidates would go to every device each step)."""
   ctx = sharding.active_mesh_rules()
   if ctx is None:
     return jax.lax.top_k(x, k)
   mesh, rules = ctx
-  rows = sharding.logical_to_spec(sharding.BATCH, rules, mesh.axis_names)
-  return jax.shard_map(lambda v: tuple(jax.lax.top_k(v, k)), mesh=mesh, in_specs=rows,
-                       out_specs=(rows, rows))(x)
+  return sharding.top_k_per_shard(
+      x, k, mesh, sharding.logical_to_spec(sharding.BATCH, rules, mesh.axis_names))
 
 
 def _reorder_cache(cache, origin):

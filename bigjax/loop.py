@@ -179,11 +179,12 @@ class LogMetrics(Hook):
 
   def start(self, loop):
     # A fresh start drops every row (-1), a resume the rows past its checkpoint.
-    rewound = metrics_lib.rewind_jsonl(self.workdir, loop.done or -1)
-    for message in rewound.messages(loop.done):
+    for message in metrics_lib.rewind_jsonl(self.workdir, loop.done or -1).messages(
+        loop.done):
       loop.log(message)
     # A kill after a checkpoint landed, before that step's evaluation was written.
-    loop.eval_lost = loop.done > 0 and not from_process_0(rewound.evaluated)
+    loop.eval_lost = loop.done > 0 and not from_process_0(
+        metrics_lib.evaluated_at(self.workdir, loop.done))
     items_per_step, unit = loop.setup.task.throughput(loop.config)
     loop.writer = metrics_lib.MetricWriter(self.workdir, resumed_at=loop.done)
     loop.progress = metrics_lib.Progress(loop.config.total_steps, loop.done, items_per_step,

@@ -120,7 +120,6 @@ class Rewind:
   past_rows: int = 0
   unreadable: int = 0
   first_unreadable_line: int | None = None
-  evaluated: bool = False  # A kept row at the resumed step holds its evaluation.
 
   def messages(self, step: int) -> list[str]:
     out = []
@@ -146,10 +145,6 @@ def _row_step(raw: bytes) -> int | None:
     return None
 
 
-def _is_evaluation(raw: bytes) -> bool:
-  return b'"eval_' in raw
-
-
 def evaluated_at(workdir: str, step: int) -> bool:
   """Whether metrics.jsonl holds the evaluation of `step` (process 0 reads it;
   the others get False)."""
@@ -157,7 +152,7 @@ def evaluated_at(workdir: str, step: int) -> bool:
   if jax.process_index() != 0 or not path.exists():
     return False
   with path.open("rb") as f:
-    return any(_row_step(raw) == step and _is_evaluation(raw) for raw in f)
+    return any(_row_step(raw) == step and b'"eval_' in raw for raw in f)
 
 
 def rewind_jsonl(workdir: str, step: int) -> Rewind:
@@ -175,19 +170,34 @@ def rewind_jsonl(workdir: str, step: int) -> Rewind:
       row_step = _row_step(raw)
       if row_step is not None and row_step <= step:
         keep.append(raw)
-        report.evaluated |= row_step == step and _is_evaluation(raw)
       elif row_step is not None:
         report.past_rows += 1
       elif raw.strip():
         report.unreadable += 1
         report.first_unreadable_line = report.first_unreadable_line or number
-  if (report.past_rows or report.unreadable) and is_remote(workdir):
-    path.write_bytes(b"".join(keep))  # An object is replaced whole, atomically.
-  elif report.past_rows or report.unreadable:
-    with open(f"{path}.tmp", "wb") as f:
-      f.writelines(keep)
-    os.replace(f"{path}.tmp", path)
+  if report.past_rows or report.unreadable:
+    write_whole(path, b"".join(keep))
   return report
+
+
+def write_whole(path: epath.Path, data: bytes | str):
+  """`path` holds `data` or what it held before: written to a temporary file
+  renamed into place (a bucket's object is replaced whole anyway). A failed write
+  names the file (a write to an open file raises without one)."""
+  try:
+    if is_remote(str(path)):
+      path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
+      return
+    with open(f"{path}.tmp", "wb" if isinstance(data, bytes) else "w") as f:
+      f.write(data)
+    os.replace(f"{path}.tmp", path)
+  except OSError as e:
+    if not is_remote(str(path)):
+      epath.Path(f"{path}.tmp").unlink(missing_ok=True)
+    if e.filename is not None:
+      raise
+    # gcsfs raises with a message only (errno None): keep it as the reason.
+    raise OSError(e.errno, e.strerror or " ".join(str(e).split()), str(path)) from e
 
 
 def read_jsonl(path: str) -> list[dict]:

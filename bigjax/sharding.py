@@ -37,6 +37,14 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from bigjax.errors import ConfigError
 
 
+def top_k_per_shard(values: jax.Array, k: int, mesh: Mesh, rows: PartitionSpec):
+  """jax.lax.top_k over the last axis, run on each shard of the rows (`rows`: the
+  leading axis's spec): XLA's partitioner would all-gather a TopK's operand to
+  every device, though each row's top k needs that row alone."""
+  return jax.shard_map(lambda v: tuple(jax.lax.top_k(v, k)), mesh=mesh, in_specs=rows,
+                       out_specs=(rows, rows))(values)
+
+
 def resolve_mesh_shape(mesh_cfg, num_devices: int, axes) -> dict:
   """{axis: size} for every axis of `axes` (config.mesh_axes; absent sizes are 1),
   the single -1 replaced by the remaining devices. The one check of config.mesh:

@@ -38,7 +38,6 @@ What a run survives (each tested: tests/test_survival_*.py, test_checkpoint_resu
 """
 import dataclasses
 import json
-import os
 import signal
 import threading
 
@@ -214,31 +213,11 @@ def _record_config(config, workdir: str, start: int):
       changed = [("config.json", "unreadable", "rewritten")]
     if changed:
       if earlier is path:
-        _write_whole(kept, old_text)
+        metrics_lib.write_whole(kept, old_text)
       log(f"Resumed at step {start} with changed settings: " + "; ".join(
           f"{name}: {old!r} -> {new!r}" for name, old, new in changed) +
           f" (the earlier config is kept as {kept.name}).")
-  _write_whole(path, text)
-
-
-def _write_whole(path: epath.Path, text: str):
-  """`path` holds `text` or what it held before: written to a temporary file
-  renamed into place (a bucket's object is replaced whole anyway). A failed write
-  names the file (a write to an open file raises without one)."""
-  try:
-    if metrics_lib.is_remote(str(path)):
-      path.write_text(text)
-      return
-    with open(f"{path}.tmp", "w") as f:
-      f.write(text)
-    os.replace(f"{path}.tmp", path)
-  except OSError as e:
-    if not metrics_lib.is_remote(str(path)):
-      epath.Path(f"{path}.tmp").unlink(missing_ok=True)
-    if e.filename is not None:
-      raise
-    # gcsfs raises with a message only (errno None): keep it as the reason.
-    raise OSError(e.errno, e.strerror or " ".join(str(e).split()), str(path)) from e
+  metrics_lib.write_whole(path, text)
 
 
 def _load_data(config) -> tasks.TaskData:

@@ -117,14 +117,10 @@ def layout(token_shape, token_names, expert_weight_names, setting: str | None, *
 
 
 def token_top_k(layout: Layout) -> Callable:
-  """jax.lax.top_k over the last axis of per-token values [T, E], run per shard:
-  XLA's partitioner would all-gather every token's values for a TopK."""
+  """jax.lax.top_k over the last axis of per-token values [T, E], per token shard
+  (sharding.top_k_per_shard)."""
   tokens = PartitionSpec(_entry(_axes(layout.token_spec[0]) + _axes(layout.token_spec[1])))
-
-  def top_k(values, k):
-    return jax.shard_map(lambda v: tuple(jax.lax.top_k(v, k)), mesh=layout.mesh,
-                         in_specs=tokens, out_specs=(tokens, tokens))(values)
-  return top_k
+  return lambda values, k: sharding.top_k_per_shard(values, k, layout.mesh, tokens)
 
 
 class _Plan(NamedTuple):
