@@ -100,6 +100,30 @@ def config_mesh(config, devices: Sequence[Any] | None = None) -> Mesh:
   return make_mesh(config.mesh, devices, config.mesh_axes)
 
 
+def check_rows_per_process(batch_sharding: NamedSharding, batch_size: int,
+                           process_index: int, process_count: int,
+                           local_devices: Sequence[Any] | None = None):
+  """The input pipeline gives process p the rows [p·B/P, (p+1)·B/P) of every
+  global batch (pipeline.per_process). That is its part of the batch only when
+  the batch axes span the processes, the process axis outermost: where they do
+  not (tensor parallelism across hosts, say), jax would take the processes'
+  different rows for copies of one array. Raises a ConfigError unless the
+  devices of this process hold exactly those rows."""
+  if local_devices is None:
+    local_devices = [d for d in batch_sharding.device_set if d.process_index == process_index]
+  index = batch_sharding.devices_indices_map((batch_size,))
+  held = sorted({r for d in local_devices for r in range(*index[d][0].indices(batch_size))})
+  share = batch_size // process_count
+  if held != list(range(process_index * share, (process_index + 1) * share)):
+    mesh = batch_sharding.mesh
+    raise ConfigError(
+        f"config.mesh / config.mesh_axes: the devices of process {process_index} hold "
+        f"rows {held[0]}..{held[-1]} of each batch of {batch_size} on the mesh "
+        f"{dict(mesh.shape)}, but each of the {process_count} processes reads its own "
+        f"{share} rows. Make the batch's axes (the activation_batch rule: "
+        f"{batch_sharding.spec[0]}) span the processes, outermost in config.mesh_axes.")
+
+
 def _as_tuple(axes) -> tuple:
   if axes is None:
     return ()

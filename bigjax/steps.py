@@ -287,7 +287,8 @@ def make_eval_step(setup: TrainSetup) -> Callable:
     with sharding.use_mesh_rules(setup.mesh, setup.rules):
       sums = loss_sums(setup.task, setup.model(params, model_state), batch, None,
                        loss_chunk_len=setup.loss_chunk_len)
-      return {k: v for k, v in sums.items() if k in ("loss_sum", "weight_sum", "correct_sum")}
+      return {**{k: v for k, v in sums.items() if k in ("loss_sum", "weight_sum", "correct_sum")},
+              **setup.task.eval_sums(batch)}
 
   return jax.jit(traced, in_shardings=(setup.state_shardings.params,
                                        setup.state_shardings.model_state,

@@ -69,6 +69,11 @@ class Task:
                                        loss_chunk_len)
     return losses.pointwise_loss(self.loss, self.forward(model, batch, rng), batch["targets"])
 
+  def eval_sums(self, batch) -> dict:
+    """Sums over an eval batch (jnp, traced) that eval_summary needs beyond the
+    loss, weight and correct predictions."""
+    return {}
+
   def eval_summary(self, sums: dict) -> dict:
     """Eval metrics from the summed loss, weight and correct predictions."""
     weight = max(float(sums["weight_sum"]), 1.0)
@@ -178,11 +183,19 @@ class TokenTask(Task):
   def loss_chunk_len(self, config):
     return config.loss_chunk_len
 
+  def eval_sums(self, batch):
+    # The graded targets that are bytes: EOS and the other specials are graded
+    # (the model must predict where a document ends) but are not bytes of the text.
+    is_byte = batch["targets"] >= tokenizer.OFFSET
+    return {"byte_sum": (batch["weights"] * is_byte).astype("float32").sum()}
+
   def eval_summary(self, sums):
     out = super().eval_summary(sums)
     out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
-    # One token per byte (plus one EOS per document): nats/token -> bits/byte.
-    out["eval_bits_per_byte"] = out["eval_loss"] / math.log(2)
+    # Bits per byte of text: the summed loss over the bytes graded, as for
+    # published byte-level figures (not per token: EOS is a token, not a byte).
+    out["eval_bits_per_byte"] = (float(sums["loss_sum"]) / math.log(2)
+                                 / max(float(sums["byte_sum"]), 1.0))
     return out
 
   def report(self, config, eval_metrics, stats, setup, state):
@@ -273,6 +286,9 @@ class Direction(TokenTask):
 
   def loss_chunk_len(self, config):
     return 0  # One prediction per row: no vocabulary projection to chunk.
+
+  def eval_sums(self, batch):
+    return {}
 
   def eval_summary(self, sums):
     return Task.eval_summary(self, sums)  # Loss and accuracy; no bits per byte.

@@ -141,6 +141,8 @@ def _prepare(config, workdir: str, lock: workdir_lock.WorkdirLock) -> Prepared:
       f"{jax.process_count()} process(es).")
   data = _load_data(config)
   setup = steps.make_setup(config, mesh, data.example_shape)
+  sharding.check_rows_per_process(setup.batch_sharding(), config.batch_size,
+                                  jax.process_index(), jax.process_count())
   ckpt = checkpoint.Checkpointer(workdir, save_every=config.checkpoint_every,
                                  keep=config.keep_checkpoints,
                                  async_save=config.async_checkpoint)
@@ -216,8 +218,25 @@ def _record_config(config, workdir: str, start: int):
         metrics_lib.write_whole(kept, old_text)
       log(f"Resumed at step {start} with changed settings: " + "; ".join(
           f"{name}: {old!r} -> {new!r}" for name, old, new in changed) +
-          f" (the earlier config is kept as {kept.name}).")
+          f" (the earlier config is kept as {kept.name})." + _data_shift(changed, start))
   metrics_lib.write_whole(path, text)
+
+
+def _data_shift(changed, start: int) -> str:
+  """What a changed batch_size or seq_len does to the data a resumed run reads:
+  step k's batch is the training stream's examples [k·B, (k+1)·B), a pure
+  function of the step, not of what the earlier steps read."""
+  changed = {name: (old, new) for name, old, new in changed}
+  if "seq_len" in changed:
+    return (" The changed seq_len cuts the corpus into other chunks: the resumed run "
+            "reads another order than the earlier steps' (some chunks again, some never).")
+  if "batch_size" not in changed:
+    return ""
+  old, new = changed["batch_size"]
+  what = "skips" if new > old else "reads again"
+  first, last = sorted((start * old, start * new))
+  return (f" The changed batch_size {what} the training stream's examples {first} to "
+          f"{last - 1} (step k reads examples k x batch_size onwards).")
 
 
 def _load_data(config) -> tasks.TaskData:

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from bigjax import checkpoint, sharding, steps
+from bigjax import checkpoint, sharding, steps, tasks
 from configs import lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,3 +122,30 @@ def test_config_that_trained_the_kept_steps_is_never_overwritten(tmp_path, capsy
   assert capsys.readouterr().out.splitlines()[-1].startswith(
       "Resumed at step 7 with changed settings: total_steps: 7 -> 20 ")
   assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_resuming_with_another_batch_size_tells_which_examples_it_skips(tmp_path, capsys):
+  """Step k reads the training stream from example k x batch_size on: a run resumed
+  at step 7 with batch 16 instead of 8 starts at example 112, not 56."""
+  from bigjax import train
+  from bigjax.data import pipeline
+
+  def record(batch_size, start):
+    config = lm.get_config("runlocal")
+    config.batch_size = batch_size
+    train._record_config(config, str(tmp_path), start)
+
+  record(8, 0)
+  record(16, 7)
+  assert capsys.readouterr().out.splitlines()[-1].endswith(
+      "The changed batch_size skips the training stream's examples 56 to 111 (step k "
+      "reads examples k x batch_size onwards).")
+  tokens = np.arange(16 * 8 * 4 + 1, dtype=np.uint16)  # Chunk i starts with token 4·i.
+  read = lambda b: pipeline.LMBatches(tokens, global_batch_size=b, seq_len=4, seed=0,
+                                      shuffle=False, examples=tasks.next_token_examples())
+  assert read(16).batch(7)["inputs"][0, 0] == 4 * 112
+  assert read(8).batch(6)["inputs"][-1, 0] == 4 * 55
+  record(4, 14)
+  assert capsys.readouterr().out.splitlines()[-1].endswith(
+      "The changed batch_size reads again the training stream's examples 56 to 223 (step "
+      "k reads examples k x batch_size onwards).")

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import grain
 import tensorflow_datasets as tfds
 
 from bigjax import tasks
@@ -118,6 +119,12 @@ def test_stdlib_splits_disjoint_and_real_python(data_dir):
 def test_unknown_split(data_dir):
   with pytest.raises(ValueError, match=r"available splits: \['train', 'validation'\]"):
     corpora.prepared_source("stdlib_py", "test", data_dir)
+
+
+def test_split_all_is_every_split_as_in_tfds(data_dir):
+  sizes = {s: len(corpora.prepared_source("stdlib_py", s, data_dir))
+           for s in ("all", "train", "validation")}
+  assert sizes["all"] == sizes["train"] + sizes["validation"]
 
 
 def test_prepare_race(tmp_path):
@@ -338,6 +345,21 @@ def test_epochs_cover_chunks_and_reshuffle(tokens):
   assert not np.array_equal(epoch0, epoch1)
 
 
+def test_neighbouring_seeds_do_not_share_epoch_orders(tokens):
+  """grain shuffles epoch e with its seed + e: seeds passed through unmixed, seed
+  s + 1 would replay seed s's orders one epoch late. Seed 0 keeps its order."""
+  short = tokens[:8 * 32 * 3 + 1]  # 3 batches of chunks per epoch.
+  orders = lambda seed: [tuple(np.concatenate([_lm(short, seed=seed).batch(3 * e + s)["inputs"][:, 0]
+                                                for s in range(3)]))
+                         for e in range(6)]
+  by_seed = {seed: orders(seed) for seed in range(4)}
+  shared = {(a, b, i, j) for a in by_seed for b in by_seed if a < b
+            for i, x in enumerate(by_seed[a]) for j, y in enumerate(by_seed[b]) if x == y}
+  assert not shared
+  grain_seed0 = grain.MapDataset.range(24).shuffle(seed=0)
+  assert list(by_seed[0][0]) == [int(short[32 * i]) for i in grain_seed0]
+
+
 def test_reverse_task(tokens):
   x = _lm(tokens, task="reverse", shuffle=False).batch(0)
   src = np.asarray(tokens[:8 * 32 + 1], np.int64)
@@ -359,11 +381,23 @@ def test_eval_batches(tokens):
                                  process_count=2, **kw) for p in range(2)]
   _assert_batches_equal({k: np.concatenate([parts[0][1][k], parts[1][1][k]])
                          for k in ev[1]}, ev[1])
-  short = tokens[:8 * 32 * 2 + 1 + 40]  # Two whole global batches, then a bit.
-  assert len(pipeline.eval_batches(short, num_batches=5, **kw)) == 2
-  for p_count in (1, 4):
-    assert len(pipeline.eval_batches(short, num_batches=5, process_count=p_count,
-                                     process_index=p_count - 1, **kw)) == 2
+  # Two whole global batches and one chunk more: evaluated whole, the third
+  # batch's other 7 rows at weight 0, and as many batches on every process.
+  short = tokens[:8 * 32 * 2 + 1 + 40]
+  ev = pipeline.eval_batches(short, num_batches=5, **kw)
+  assert len(ev) == 3
+  every_chunk = _lm(short, global_batch_size=17, shuffle=False).batch(0)
+  real = ev[2]["weights"].any(axis=1)
+  np.testing.assert_array_equal(real, np.arange(8) < 1)
+  _assert_batches_equal({k: np.concatenate([ev[0][k], ev[1][k], ev[2][k][real]]) for k in ev[0]},
+                        every_chunk)
+  np.testing.assert_array_equal(ev[2]["inputs"][~real], np.repeat(ev[0]["inputs"][:1], 7, 0))
+  for p_count in (2, 4):
+    parts = [pipeline.eval_batches(short, num_batches=5, process_count=p_count,
+                                   process_index=p, **kw) for p in range(p_count)]
+    assert [len(part) for part in parts] == [3] * p_count
+    _assert_batches_equal({k: np.concatenate([part[2][k] for part in parts]) for k in ev[2]},
+                          ev[2])
 
 
 def test_errors(tokens):
@@ -480,3 +514,19 @@ def test_mlm_eval_batches_fixed():
 def test_mlm_bad_mask_rate(rate):
   with pytest.raises(ValueError, match=r"config\.data\.mask_rate"):
     tasks.masked_examples(rate)
+
+
+def test_bits_per_byte_divide_by_the_bytes_of_the_text():
+  """The eval loss covers every graded token, EOS included; bits per byte divide
+  its sum by the text's bytes alone (as published byte-level figures do)."""
+  docs = [b"def f():", b"x", b"return 1\n"]
+  ids = np.concatenate([np.append(tokenizer.encode(d), tokenizer.EOS_ID) for d in docs])
+  batch = {"targets": ids[None, :].astype(np.int32),
+           "weights": np.ones((1, ids.size), np.float32)}
+  nats = np.random.default_rng(0).uniform(0.1, 3.0, ids.size)
+  task = tasks.get("lm")
+  sums = {"loss_sum": nats.sum(), "weight_sum": float(ids.size), **task.eval_sums(batch)}
+  summary = task.eval_summary(sums)
+  text_bytes = sum(len(d) for d in docs)
+  assert summary["eval_bits_per_byte"] == pytest.approx(nats.sum() / np.log(2) / text_bytes)
+  assert summary["eval_loss"] == pytest.approx(nats.mean())

@@ -273,3 +273,29 @@ def test_an_indivisible_parameter_over_several_mesh_axes():
   kernel = steps.create_state(setup, 0).params["hidden"][0]["dense"]["kernel"]
   assert kernel.sharding.spec == jax.P(("fsdp", "tensor"), None)
   assert kernel.addressable_shards[0].data.shape == (8, 32)
+
+
+@pytest.mark.parametrize("mesh_axes, sizes, ok", [
+    (("data", "tensor"), dict(data=4, tensor=2), True),  # data outermost: blocks of rows
+    (("data", "fsdp"), dict(data=2, fsdp=4), True),
+    (("tensor", "data"), dict(tensor=2, data=4), False),  # each "process" holds every row
+    (("data", "tensor"), dict(data=1, tensor=8), False),
+])
+def test_each_process_must_hold_the_rows_the_pipeline_gives_it(mesh_axes, sizes, ok):
+  """Two processes of 4 devices each, simulated on 8: the pipeline gives process p
+  rows [p·B/2, (p+1)·B/2), which the batch sharding must put on p's devices."""
+  rules = tuple((name, axes) for name, axes in common.DEFAULT_RULES
+                if name == "activation_batch")
+  mesh = sharding.make_mesh(sizes, jax.devices()[:8], mesh_axes)
+  batch = sharding.named_sharding(mesh, sharding.BATCH, rules)
+  devices = list(mesh.devices.flat)  # make_mesh keeps the order it is given
+  assert devices == jax.devices()[:8]
+  for p in range(2):
+    check = lambda: sharding.check_rows_per_process(batch, 16, p, 2, devices[4 * p:4 * p + 4])
+    if ok:
+      check()
+    else:
+      with pytest.raises(config_lib.ConfigError, match=(
+          rf"config.mesh / config.mesh_axes: the devices of process {p} hold rows 0..15 of "
+          r"each batch of 16 .* each of the 2 processes reads its own 8 rows")):
+        check()

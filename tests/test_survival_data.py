@@ -25,7 +25,8 @@ class BigjaxOddBytes(tfds.core.GeneratorBasedBuilder):
 
   def _info(self):
     return tfds.core.DatasetInfo(
-        builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+        builder=self, features=tfds.features.FeaturesDict(
+            {"text": tfds.features.Text(), "size": tfds.features.Scalar(np.int64)}))
 
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples(60, 100),
@@ -35,7 +36,8 @@ class BigjaxOddBytes(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, n, size):
     rng = np.random.default_rng(n)
     for i in range(n):
-      yield i, {"text": _ODD + rng.integers(0, 256, size, dtype=np.uint8).tobytes()}
+      yield i, {"text": _ODD + rng.integers(0, 256, size, dtype=np.uint8).tobytes(),
+                "size": size}
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +60,9 @@ def no_compile(monkeypatch):
     (dict(train_split="test"), "Unknown split 'test' of dataset 'stdlib_py'"),
     (dict(eval_split="valid"), "Unknown split 'valid' of dataset 'stdlib_py'"),
     (dict(text_key="content"), "has no feature 'content'"),
+    (dict(dataset="bigjax_odd_bytes", text_key="size"),  # Not its zeros: an error.
+     r"Feature 'size' of dataset 'bigjax_odd_bytes' holds int, not text; its text "
+     r"features: \['text'\]"),
     (dict(dataset="bigjax_odd_bytes", train_split="short"),
      r"Split 'short' of 'bigjax_odd_bytes' has \d+ tokens, fewer than one batch"),
     (dict(dataset="bigjax_odd_bytes", eval_split="short"),
@@ -71,6 +76,26 @@ def test_bad_data_fails_clearly_before_compiling(tmp_path, data_dir, no_compile,
     train.run(config, str(tmp_path))
   assert str(e.value).startswith("config.data: ")
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_tfrecord_dataset_fails_clearly_before_compiling(tmp_path, no_compile):
+  """`tfds build` writes tfrecord by default, which has no random access. Writing
+  tfrecord needs TensorFlow, so the dataset's metadata is made to say tfrecord."""
+  d = str(tmp_path / "data")
+  builder = BigjaxOddBytes(data_dir=d, file_format="array_record")
+  builder.download_and_prepare()
+  info_path = os.path.join(builder.data_dir, "dataset_info.json")
+  with open(info_path) as f:
+    info = json.load(f)
+  assert info["fileFormat"] == "array_record"
+  with open(info_path, "w") as f:
+    json.dump({**info, "fileFormat": "tfrecord"}, f)
+  config = lm.get_config("runlocal")
+  config.data.update(data_dir=d, dataset="bigjax_odd_bytes")
+  with pytest.raises(config_lib.DataError, match=(
+      "Dataset 'bigjax_odd_bytes' in .* is prepared in the tfrecord file format, which "
+      "cannot be read at random.*--file_format=array_record")):
+    train.run(config, str(tmp_path / "run"))
 
 
 def test_empty_split_fails_clearly_before_compiling(tmp_path, no_compile):

@@ -234,8 +234,16 @@ def prepared_source(name: str, split: str, data_dir: str | None = None):
   if not is_mocked():  # Mocked builders know no splits; any split works there.
     known = sorted(builder.info.splits.keys())
     for part in split.split("+"):
-      if part.split("[")[0].strip() not in known:
+      if part.split("[")[0].strip() not in known + ["all"]:  # "all": tfds.Split.ALL
         raise ValueError(
             f"Unknown split {split!r} of dataset {name!r}; available splits: "
             f"{known}. Fix config.data.train_split / config.data.eval_split.")
-  return _BytesText(builder.as_data_source(split))
+  try:
+    return _BytesText(builder.as_data_source(split))
+  except NotImplementedError:  # Prepared as tfrecord (`tfds build`'s default).
+    fmt = getattr(builder.info.file_format, "value", builder.info.file_format)
+    raise ValueError(
+        f"Dataset {name!r} in {data_dir} is prepared in the {fmt} file format, which "
+        "cannot be read at random; bigjax reads array_record. Prepare it again with "
+        f"`tfds build {name} --data_dir={data_dir} --file_format=array_record` (needs "
+        "TensorFlow), or point config.data.data_dir at an array_record copy.") from None

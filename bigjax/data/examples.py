@@ -109,7 +109,7 @@ class ExampleBatches:
                        f"{global_batch_size}; lower config.batch_size.")
     ds = grain.MapDataset.range(n)
     if shuffle:
-      ds = ds.shuffle(seed=seed % 2**32)  # grain takes seeds in [0, 2**32).
+      ds = ds.shuffle(seed=pipeline.shuffle_seed(seed))
     ds = pipeline.per_process(ds.repeat(None), global_batch_size,
                                process_index, process_count)
     self._ds = ds.map(_gather(x, y))

@@ -41,7 +41,12 @@ _READ_BLOCK = 4096  # Examples read per __getitems__ call while tokenising.
 
 
 def _as_bytes(text) -> bytes:
-  return text.encode("utf-8") if isinstance(text, str) else bytes(text)
+  if isinstance(text, str):
+    return text.encode("utf-8")
+  if isinstance(text, bytes):
+    return text
+  raise TypeError(f"A text feature holds {type(text).__name__}, not text: fix "
+                  "config.data.text_key.")
 
 
 def _fingerprint(source, text_key: str) -> str:
@@ -127,6 +132,11 @@ def _token_cache(dataset: str, split: str, data_dir: str | None, text_key: str) 
   if text_key not in source[0]:
     raise ValueError(f"Dataset {dataset!r} has no feature {text_key!r}; its "
                      f"features: {sorted(source[0])}. Fix config.data.text_key.")
+  if not isinstance(source[0][text_key], (bytes, str)):  # bytes() would make an int zeros.
+    texts = sorted(k for k, v in source[0].items() if isinstance(v, (bytes, str)))
+    raise ValueError(f"Feature {text_key!r} of dataset {dataset!r} holds "
+                     f"{type(source[0][text_key]).__name__}, not text; its text features: "
+                     f"{texts}. Fix config.data.text_key.")
   cache_dir = os.path.join(data_dir, "bigjax_tokens")
   os.makedirs(cache_dir, exist_ok=True)
   safe = lambda s: "".join(c if c.isalnum() or c in "._" else "_" for c in s)
@@ -200,6 +210,16 @@ def _examples(ds, tokens, seq_len: int, examples: ChunkExamples, seed: int):
   return ds.random_map(lambda i, rng: examples.make(read(i), rng), seed=seed % 2**32)
 
 
+def shuffle_seed(seed: int) -> int:
+  """The grain shuffle seed of run seed `seed`. grain shuffles epoch e with seed
+  + e, so runs with seeds s and s + 1 would see the same orders one epoch
+  apart. Multiplying by 2**32/φ (Fibonacci hashing) puts seeds that differ by
+  d < 1,000 at least ~1.9M apart mod 2**32 (|d·φ - n| > 1/(√5·d), Hurwitz), so
+  no two such runs share an epoch's order in their first million epochs; seed 0
+  keeps its order."""
+  return (seed * 0x9E3779B9) % 2**32
+
+
 def per_process(ds, global_batch_size, process_index, process_count):
   """This process's batches of `ds`."""
   # Local batches k*P + p, p = 0..P-1, tile global batch k in process order,
@@ -224,7 +244,7 @@ class LMBatches:
                                   process_index, process_count, name)
     ds = grain.MapDataset.range(self.num_chunks)
     if shuffle:
-      ds = ds.shuffle(seed=seed % 2**32)  # grain takes seeds in [0, 2**32).
+      ds = ds.shuffle(seed=shuffle_seed(seed))
     ds = _examples(ds.repeat(None), tokens, seq_len, examples, seed)
     self._ds = per_process(ds, global_batch_size, process_index, process_count)
     self.local_batch_size = global_batch_size // process_count
@@ -245,11 +265,15 @@ def eval_batches(tokens, *, global_batch_size: int, seq_len: int, num_batches: i
                  name: str = "The token array") -> list[dict]:
   """The first `num_batches` global batches of the unshuffled chunks (this
   process's part of each), the same every call (random examples draw with a
-  fixed seed, so eval losses stay comparable). A split too short for that many
-  gives as many full batches as it holds; one that holds none raises."""
+  fixed seed, so eval losses stay comparable). A split shorter than that is
+  evaluated whole: its last batch is filled up with copies of chunk 0 at weight
+  0, as examples.eval_batches does, so that every process gets as many batches
+  (or their eval loops would disagree and hang in a collective) and no chunk is
+  left out. A split that holds no whole batch raises."""
   n = _num_chunks(tokens, global_batch_size, seq_len, process_index, process_count, name)
-  ds = _examples(grain.MapDataset.range(n), tokens, seq_len, examples, seed=0)
+  real = _examples(grain.MapDataset.range(n), tokens, seq_len, examples, seed=0)
+  total = min(num_batches, -(-n // global_batch_size)) * global_batch_size
+  unweighted = lambda e: {**e, "weights": np.zeros_like(e["weights"])}
+  ds = grain.MapDataset.range(total).map(lambda i: real[i] if i < n else unweighted(real[0]))
   ds = per_process(ds, global_batch_size, process_index, process_count)
-  # Whole global batches only: every process must get the same count, or the
-  # processes' eval loops would disagree and hang in a collective.
-  return [ds[i] for i in range(min(num_batches, n // global_batch_size))]
+  return [ds[i] for i in range(total // global_batch_size)]

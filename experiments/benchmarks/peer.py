@@ -64,7 +64,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from bigjax import config as config_lib  # noqa: E402
 from bigjax import flops, host_memory, loop, sharding, steps, tasks  # noqa: E402
-from bigjax.data import pipeline  # noqa: E402
+from bigjax.data import pipeline, tokenizer  # noqa: E402
 from configs import gpt2  # noqa: E402
 
 
@@ -182,9 +182,17 @@ def load_batches(config):
           pipeline.eval_batches(eval_tokens, num_batches=config.eval_batches, **kw))
 
 
+def bits_per_byte(side, evals) -> float:
+  """Validation bits per byte of text, as bigjax's eval reports it (tasks.py): the
+  loss summed over every target, EOS included, divided by the bytes graded."""
+  tokens = sum(float(b["weights"].sum()) for b in evals)
+  text = sum(float((b["weights"] * (b["targets"] >= tokenizer.OFFSET)).sum()) for b in evals)
+  return side.eval_loss(evals) * tokens / text / math.log(2)
+
+
 def train_curve(side, config, data, evals, eval_every):
   """[(step, seconds of training so far, validation bits per byte)]."""
-  curve, seconds = [(0, 0.0, side.eval_loss(evals) / math.log(2))], 0.0
+  curve, seconds = [(0, 0.0, bits_per_byte(side, evals))], 0.0
   side.sync(side.step(data.batch(0)))  # Compile / warm up outside the clock...
   side.reset()  # ...then start again from a fresh initialisation.
   for step in range(config.total_steps):
@@ -193,7 +201,7 @@ def train_curve(side, config, data, evals, eval_every):
     if (step + 1) % eval_every == 0 or step + 1 == config.total_steps:
       side.sync(metrics)
       seconds += time.perf_counter() - start
-      curve.append((step + 1, seconds, side.eval_loss(evals) / math.log(2)))
+      curve.append((step + 1, seconds, bits_per_byte(side, evals)))
       print(f"  {side.name} step {step + 1:5d}  {seconds:7.1f} s  "
             f"val {curve[-1][2]:.4f} bits/byte", flush=True)
     else:
