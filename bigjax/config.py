@@ -55,6 +55,15 @@ def _positive(config, *fields):
       _fail(field, f"must be a positive integer, got {value!r}.", "Set it to a value >= 1.")
 
 
+def _real(config, *fields):
+  """Numbers, before anything compares them (a None or a string from a config
+  file would otherwise be a TypeError naming no field)."""
+  for field in fields:
+    value = _get(config, field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      _fail(field, f"must be a number, got {value!r}.", "Set it to a number.")
+
+
 def _non_negative(config, *fields):
   for field in fields:
     value = _get(config, field)
@@ -338,6 +347,8 @@ def validate(config, *, num_devices: int, process_count: int = 1, workdir: str |
   if o.schedule not in optim.SCHEDULES:
     _fail("optim.schedule", f"unknown schedule {o.schedule!r}.",
           f"Choose one of {optim.SCHEDULES}.")
+  _real(config, *(f"optim.{k}" for k in ("lr", "clip_norm", "clip_value", "weight_decay",
+                                         "b1", "b2", "eps", "end_lr_factor")))
   if not o.lr > 0:
     _fail("optim.lr", f"must be > 0, got {o.lr}.", "Use e.g. 3e-4.")
   _non_negative(config, "optim.warmup_steps")

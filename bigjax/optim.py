@@ -65,14 +65,17 @@ def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-  """Weight decay on weight matrices only (GPT-2's and nanoGPT's convention):
-  norms' scales and biases are left alone. By rank, with two exceptions: a
-  stacked parameter's leading layers axis does not count, and attention's
-  per-head biases ([heads, head_dim]) are biases although they have two axes."""
+  """Weight decay on weight matrices and embeddings only (GPT-2's and nanoGPT's
+  convention): norms' scales and biases are left alone. By rank, with three
+  exceptions: a stacked parameter's leading layers axis does not count, and
+  attention's per-head biases ([heads, head_dim]) and T5's relative position
+  biases ([buckets, heads], `relative_bias/table`) are biases although they have
+  two axes."""
   def decays(path, p):
     name = path_name(path)
     return (p.ndim - layer_layout.is_stacked(name) >= 2
-            and not name.rsplit("/", 1)[-1].endswith("bias"))
+            and not name.rsplit("/", 1)[-1].endswith("bias")
+            and "relative_bias/" not in name)
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
@@ -143,19 +146,21 @@ def check_freeze(optim_cfg, params):
 _NEVER_GIVE_UP = int(jnp.iinfo(jnp.int32).max)
 
 
-def make_optimizer(optim_cfg, total_steps: int,
+def make_optimizer(optim_cfg, total_steps: int, stacked: bool = False,
                    known_finite: bool = False) -> optax.GradientTransformation:
-  """The optimizer of config.optim. `known_finite`: for gradients already known to
-  be finite (make_apply's common case): the same state, without the guard's check."""
+  """The optimizer of config.optim. `stacked`: the parameters include stacked
+  blocks ([layers, ...], model.scan_layers; `has_stacked`), which Adafactor then
+  treats block by block. `known_finite`: for gradients already known to be finite
+  (make_apply's common case): the same state, without the guard's check."""
   _guarded(optim_cfg, optim_cfg.lr)  # A bad name or policy raises here, not at init.
   # float32 whatever the parameters' dtype: a bfloat16 rate would be rounded.
   inject = optax.inject_hyperparams(
-      lambda learning_rate: _guarded(optim_cfg, learning_rate, known_finite),
+      lambda learning_rate: _guarded(optim_cfg, learning_rate, stacked, known_finite),
       hyperparam_dtype=jnp.float32)
   return inject(learning_rate=schedule(optim_cfg, total_steps))
 
 
-def make_apply(optim_cfg, total_steps: int):
+def make_apply(optim_cfg, total_steps: int, stacked: bool = False):
   """apply(grads, opt_state, params) -> (params, opt_state): one optimizer step
   with its state from make_optimizer's init.
 
@@ -168,7 +173,7 @@ def make_apply(optim_cfg, total_steps: int):
   (the clip multiplies by max_norm / norm where optax divides by the norm). Over
   84M parameters on CPU: 83.8 instead of 118.1 ms with _clip_by_global_norm
   (experiments/benchmarks/optimizer.py)."""
-  guarded = make_optimizer(optim_cfg, total_steps)
+  guarded = make_optimizer(optim_cfg, total_steps, stacked)
 
   def step(tx):
     def run(grads, opt_state, params):
@@ -178,7 +183,7 @@ def make_apply(optim_cfg, total_steps: int):
 
   if nan_policy(optim_cfg) != "skip":
     return step(guarded)
-  finite_step = step(make_optimizer(optim_cfg, total_steps, known_finite=True))
+  finite_step = step(make_optimizer(optim_cfg, total_steps, stacked, known_finite=True))
 
   def apply(grads, opt_state, params):
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
@@ -209,9 +214,47 @@ def _clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(optax.init_empty_state, update)
 
 
-def _guarded(optim_cfg, lr, known_finite=False) -> optax.GradientTransformation:
+def has_stacked(params) -> bool:
+  """Whether `params` (a pure dict) hold stacked blocks (model.scan_layers)."""
+  return any(layer_layout.is_stacked(path_name(path))
+             for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+
+
+def _per_block(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner` on each block of a stacked ([layers, ...]) parameter apart, as on
+  the unrolled blocks: Adafactor's factored moments and parameter scale (the RMS
+  of a weight) would otherwise span every layer's weights."""
+  def mapped(method):
+    def run(*trees):
+      # optax.tree_map_params inits with a placeholder, not arrays, to find the
+      # state's copies of the parameter tree: that needs no mapping.
+      if not any(hasattr(x, "shape") for x in jax.tree.leaves(trees[0])):
+        return method(*trees)
+      return jax.vmap(method)(*trees)
+    return run
+
+  def update(updates, state, params):
+    return mapped(inner.update)(updates, state, params)
+  blocks = optax.GradientTransformation(mapped(inner.init), update)
+  label = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: "blocks" if layer_layout.is_stacked(path_name(path)) else "rest", params)
+  return optax.multi_transform({"blocks": blocks, "rest": inner}, label)
+
+
+def _in_param_dtype(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner` with its updates in their parameters' dtype, and its state. The
+  float32 learning rate turns bfloat16 parameters' updates into float32; the
+  non-finite guard's two branches (updates, or zeros like the gradients) must
+  agree on the dtype. A no-op for float32."""
+  def update(updates, state, params):
+    updates, state = inner.update(updates, state, params)
+    return jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params), state
+  return optax.GradientTransformation(inner.init, update)
+
+
+def _guarded(optim_cfg, lr, stacked=False, known_finite=False) -> optax.GradientTransformation:
   """The optimizer at learning rate `lr`, with clipping, freezing and the
-  non-finite guard (see make_optimizer for `known_finite`)."""
+  non-finite guard (see make_optimizer for `stacked` and `known_finite`)."""
   name, wd = optim_cfg.name, optim_cfg.weight_decay
   if name == "sgd":
     opt = optax.sgd(lr)
@@ -225,7 +268,7 @@ def _guarded(optim_cfg, lr, known_finite=False) -> optax.GradientTransformation:
     opt = optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                       weight_decay=wd, mask=decay_mask)
   elif name == "adafactor":
-    opt = optax.adafactor(lr)
+    opt = _per_block(optax.adafactor(lr)) if stacked else optax.adafactor(lr)
     if wd:
       # optax.adafactor's own weight_decay_rate adds wd·p after the learning rate
       # is applied: it would remove wd of every weight each step, whatever the rate.
@@ -241,7 +284,7 @@ def _guarded(optim_cfg, lr, known_finite=False) -> optax.GradientTransformation:
     clips.append(optax.clip(optim_cfg.clip_value))
   if optim_cfg.clip_norm:
     clips.append(_clip_by_global_norm(optim_cfg.clip_norm))
-  tx = optax.chain(*clips, opt)
+  tx = optax.chain(*clips, _in_param_dtype(opt))
   freeze = optim_cfg.freeze
   if freeze:
     tx = optax.multi_transform(

@@ -88,7 +88,8 @@ def make_setup(config, mesh: Mesh, example_shape: tuple | None = None) -> TrainS
   check_divisible(abs_stats, mesh, rules)
   param_shardings = nnx.to_pure_dict(sharding.state_shardings(abs_params, mesh, rules))
   optim.check_freeze(config.optim, nnx.to_pure_dict(abs_params))
-  tx = optim.make_optimizer(config.optim, config.total_steps)
+  stacked = optim.has_stacked(nnx.to_pure_dict(abs_params))
+  tx = optim.make_optimizer(config.optim, config.total_steps, stacked)
 
   def init(rng):
     _, params, stats, _ = nnx.split(build(nnx.Rngs(params=rng)), nnx.Param, nnx.BatchStat, ...)
@@ -107,8 +108,8 @@ def make_setup(config, mesh: Mesh, example_shape: tuple | None = None) -> TrainS
   param_axes = {"/".join(map(str, path)): sharding.logical_axes_of(v)
                 for path, v in nnx.to_flat_state(abs_params)}
   return TrainSetup(config, tasks.get(config.task), mesh, rules, graphdef, rest, tx,
-                    optim.make_apply(config.optim, config.total_steps), shardings, abstract,
-                    init, param_axes)
+                    optim.make_apply(config.optim, config.total_steps, stacked), shardings,
+                    abstract, init, param_axes)
 
 
 def check_divisible(abs_state: nnx.State, mesh: Mesh, rules):
@@ -253,7 +254,8 @@ def make_train_step(setup: TrainSetup) -> Callable:
     if "router_loss_sum" in sums:
       finite &= jnp.isfinite(sums["router_loss_sum"])
     scale = jnp.where(finite, 1.0 / denom, jnp.nan)
-    grads = jax.tree.map(lambda g: g * scale, grads)  # XLA fuses a product.
+    # XLA fuses a product; in the gradients' dtype (bfloat16 parameters' too).
+    grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
     params, opt_state = setup.apply_updates(grads, state.opt_state, state.params)
     guard = optim.guard_state(opt_state)
     if guard is not None:  # An update the guard skipped keeps the BatchNorm statistics too.

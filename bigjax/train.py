@@ -139,6 +139,10 @@ def _prepare(config, workdir: str, lock: workdir_lock.WorkdirLock) -> Prepared:
   mesh = sharding.config_mesh(config)
   log(f"Mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
       f"{jax.process_count()} process(es).")
+  if config.optim.warmup_steps >= config.total_steps > 0:  # A shortened run, often.
+    log(f"Note: optim.warmup_steps={config.optim.warmup_steps} >= total_steps="
+        f"{config.total_steps}: the learning rate rises for the whole run and never reaches "
+        f"optim.lr={config.optim.lr:g}. Lower optim.warmup_steps to change that.")
   data = _load_data(config)
   setup = steps.make_setup(config, mesh, data.example_shape)
   sharding.check_rows_per_process(setup.batch_sharding(), config.batch_size,

@@ -89,6 +89,9 @@ def test_sharding_rules_are_overridden_from_the_command_line(tmp_path, corpus_da
   assert r.returncode == 0, r.stderr[-2000:]
   recorded = json.loads((tmp_path / "config.json").read_text())["sharding_rules"]
   assert recorded == json.loads(json.dumps(rules))
+  # Two steps of the runlocal config's 5-step warmup: said, not silently so.
+  assert ("Note: optim.warmup_steps=5 >= total_steps=2: the learning rate rises for the "
+          "whole run and never reaches optim.lr=0.003." in r.stdout), r.stdout[-2000:]
 
 
 @pytest.mark.parametrize("value, field", [

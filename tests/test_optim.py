@@ -137,6 +137,23 @@ def test_weight_decay_reaches_weight_matrices_only(scan):
     np.testing.assert_allclose(np.asarray(u), want, rtol=1e-6, err_msg=name)
 
 
+def test_t5_relative_position_biases_take_no_weight_decay():
+  """They are added to the attention logits: biases (HF's parameter groups leave
+  out every name with "bias"), although [buckets, heads] has two axes."""
+  from flax import nnx
+
+  from bigjax import steps
+  from configs import t5
+  config = t5.get_config("runlocal")
+  config.model.position = "relative"  # T5's own; the variant uses learned positions.
+  params = nnx.to_pure_dict(nnx.state(steps.build_model(config, nnx.Rngs(0)), nnx.Param))
+  decays = {optim.path_name(p): bool(d) for p, d in
+            jax.tree_util.tree_flatten_with_path(optim.decay_mask(params))[0]}
+  tables = [n for n in decays if "relative_bias" in n]
+  assert tables and not any(decays[n] for n in tables)
+  assert all(decays[n] for n in decays if n.endswith(("/query", "/wi", "embedding")))
+
+
 @pytest.mark.parametrize("policy", ["skip", "halt"])
 def test_apply_equals_optax_reference_step_finite_or_not(policy):
   # make_apply (one cond around the whole step; clipping by one scalar factor)
@@ -171,6 +188,35 @@ def test_apply_equals_optax_reference_step_finite_or_not(policy):
   if policy == "skip":
     assert int(optim.skipped_updates(ours[1])) == 2
     assert int(ours[1].count) == 6  # The schedule counted the skipped steps.
+
+
+@pytest.mark.parametrize("policy", ["skip", "halt"])
+@pytest.mark.parametrize("name", ["adamw", "adafactor", "lion", "momentum"])
+def test_bfloat16_parameters_keep_their_dtypes_and_take_the_float32_step(name, policy):
+  """bfloat16 parameters (model.param_dtype): the step runs (the guard's branches
+  agree on dtypes), the state keeps the dtypes it was made with, and the new
+  parameters are the float32 step's, rounded."""
+  cfg = _optim_config(name=name, lr=0.01, clip_norm=1.0, nan_policy=policy,
+                      weight_decay=0.1 if name in optim.DECAYING else 0.0)
+  rng = np.random.default_rng(0)
+  params32 = {"w": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
+              "b": jnp.asarray(rng.normal(size=8), jnp.float32)}
+  to16 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.bfloat16), tree)
+  params16 = to16(params32)
+  params32 = jax.tree.map(lambda a: a.astype(jnp.float32), params16)  # The same start.
+  apply = jax.jit(optim.make_apply(cfg, total_steps=10))
+  state16, state32 = (optim.make_optimizer(cfg, 10).init(p) for p in (params16, params32))
+  dtypes = lambda tree: [a.dtype for a in jax.tree.leaves(tree)]
+  before = dtypes(state16)
+  for _ in range(3):
+    grads = to16({"w": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
+                  "b": jnp.asarray(rng.normal(size=8), jnp.float32)})
+    params16, state16 = apply(grads, state16, params16)
+    params32, state32 = apply(jax.tree.map(lambda g: g.astype(jnp.float32), grads),
+                              state32, params32)
+  assert dtypes(state16) == before and dtypes(params16) == [jnp.bfloat16] * 2
+  for a, b in zip(jax.tree.leaves(params16), jax.tree.leaves(params32)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("name", optim.DECAYING)
@@ -211,3 +257,29 @@ def test_adafactor_decay_adds_to_optax_adafactor_step():
   np.testing.assert_allclose(ours["w"], theirs["w"] - lr * wd * params["w"], rtol=1e-5,
                              atol=1e-7)
   np.testing.assert_allclose(ours["b"], theirs["b"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["skip", "halt"])
+def test_a_bfloat16_model_trains_with_its_state_dtypes_kept(policy):
+  """The train step scales the summed gradients in their own dtype: a float32
+  factor would turn bfloat16 gradients, and with them momentum, into float32."""
+  from bigjax import sharding, steps
+  config = lm.get_config("runlocal")
+  config.model.update(param_dtype="bfloat16", dtype="bfloat16")
+  config.optim.update(name="momentum", weight_decay=0.0, nan_policy=policy)
+  setup = steps.make_setup(config, sharding.make_mesh({"data": 1}, jax.devices()[:1],
+                                                      config.mesh_axes))
+  state = steps.create_state(setup, 0)
+  dtypes = lambda s: [a.dtype for a in jax.tree.leaves((s.params, s.opt_state))]
+  before = dtypes(state)
+  rng = np.random.default_rng(0)
+  batch = {"inputs": rng.integers(3, 259, (8, 32), dtype=np.int32),
+           "targets": rng.integers(3, 259, (8, 32), dtype=np.int32),
+           "weights": np.ones((8, 32), np.float32)}
+  step = steps.make_train_step(setup)
+  losses = []
+  for _ in range(3):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert dtypes(state) == before
+  assert losses[-1] < losses[0]

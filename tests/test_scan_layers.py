@@ -125,11 +125,13 @@ def test_cached_decoding_gives_the_same_tokens(name):
   assert len({tuple(w) for w in want}) == len(want)  # Not trivially constant.
 
 
-def test_optimizer_update_and_freeze_regex_are_per_block_in_both_layouts():
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_optimizer_update_and_freeze_regex_are_per_block_in_both_layouts(name):
+  """Adafactor too: its factored moments and parameter scale are per block."""
   plain, scanned = _pair(**KINDS["moe"])
   cfg = lm.get_config().optim
   # eps well above float32 rounding of the gradients: Adam's first step is ~sign(g).
-  cfg.update(lr=1e-2, warmup_steps=0, weight_decay=0.5, clip_norm=0.05, eps=1e-3,
+  cfg.update(name=name, lr=1e-2, warmup_steps=0, weight_decay=0.5, clip_norm=0.05, eps=1e-3,
              freeze="^decoder/blocks/(0|3)/|ffn_norm")
   batch = _batch("decoder")
   shapes = {n: np.shape(v) for n, v in _flat(nnx.to_pure_dict(
@@ -138,7 +140,7 @@ def test_optimizer_update_and_freeze_regex_are_per_block_in_both_layouts():
   for model in (plain, scanned):
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     grads = _unflatten(params, _loss_and_grads(model, batch)[2])
-    tx = optim.make_optimizer(cfg, total_steps=10)
+    tx = optim.make_optimizer(cfg, total_steps=10, stacked=optim.has_stacked(params))
     u, _ = tx.update(grads, tx.init(params), params)
     updates.append(layer_layout.convert(_flat(u), shapes))
   want, got = updates

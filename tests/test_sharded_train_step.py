@@ -299,3 +299,22 @@ def test_each_process_must_hold_the_rows_the_pipeline_gives_it(mesh_axes, sizes,
           rf"config.mesh / config.mesh_axes: the devices of process {p} hold rows 0..15 of "
           r"each batch of 16 .* each of the 2 processes reads its own 8 rows")):
         check()
+
+
+def test_scanned_sharded_adafactor_steps_equal_one_device_unrolled():
+  """Adafactor on stacked blocks, sharded (its per-block state too): the unrolled
+  model's steps on one device."""
+  batches = [_batch(0), _batch(1)]
+  configs = [_config(scan_layers=scan, dropout_rate=0.0) for scan in (False, True)]
+  for config in configs:
+    config.optim.update(name="adafactor", lr=0.05, warmup_steps=0)
+  (ref, ref_losses), (state, losses) = (
+      _train(configs[0], dict(data=1), 1, batches),
+      _train(configs[1], MESHES["data2_fsdp2_tensor2"], 8, batches))
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  flat = lambda tree: {optim.path_name(p): v for p, v in
+                       jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+  want = flat(ref.params)
+  got = layer_layout.convert(flat(state.params), {n: v.shape for n, v in want.items()})
+  for name, value in want.items():
+    np.testing.assert_allclose(got[name], value, rtol=2e-5, atol=2e-6, err_msg=name)
