@@ -22,6 +22,7 @@ from etils import epath  # Local paths and gs:// alike.
 
 # `configs/` sits next to `bigjax/`, as for bigjax.main.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bigjax import recorded_config  # noqa: E402  (light: json and etils only)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text to continue (the encoder input for "
@@ -41,14 +42,6 @@ class GenerateError(Exception):
   """A problem with the command's input; the message says what to do."""
 
 
-# Transformer settings added after runs were recorded, with the value those runs
-# used, so that their config.json still loads.
-SETTINGS_OLDER_RUNS_USED = {"norm_eps": 1e-6, "attention_impl": "xla",
-                            # Before relative positions and classifier heads: none.
-                            "relative_buckets": 32, "relative_max_distance": 128,
-                            "num_classes": 0, "fold_query_scale": False}
-
-
 def load_config(workdir: str):
   import ml_collections
 
@@ -63,11 +56,7 @@ def load_config(workdir: str):
     values = json.loads(path.read_text())
   except (OSError, ValueError) as e:
     raise GenerateError(f"Cannot read {path}: {e}") from None
-  model = values.get("model")
-  if isinstance(model, dict) and "norm" in model:  # A Transformer's settings.
-    for key, value in SETTINGS_OLDER_RUNS_USED.items():
-      model.setdefault(key, value)
-  return ml_collections.ConfigDict(values)
+  return ml_collections.ConfigDict(recorded_config.fill_older(values))
 
 
 def _mesh(config):

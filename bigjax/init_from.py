@@ -9,8 +9,11 @@ behind, so the new run may use another optimizer, schedule and learning rate
     initialisation, and a shrunk table keeps the leading rows;
   - left at its fresh initialisation, when the source has no parameter at its
     path (e.g. a new head) or the path matches `init_from.skip` (a regex).
-Any other shape difference is an error naming the parameter. The source is
-opened read-only: nothing in its workdir is touched, even while it still runs.
+Any other shape difference is an error naming the parameter, and so is a model
+setting that would make the same parameters compute another function (the
+activation, the norm, the logits' scale, ...: SAME_FUNCTION, read from the
+source's config.json). The source is opened read-only: nothing in its workdir is
+touched, even while it still runs.
 
 Parameters are matched block by block (`bigjax.layer_layout`), so a run with
 model.scan_layers on can start from a run with it off and the other way round:
@@ -22,6 +25,7 @@ at the same path and shape: they belong to the parameters they normalise for.
 Only a run's first start reads the source: a resumed run restores its own
 checkpoint, which already holds the fine-tuned parameters.
 """
+import functools
 import re
 
 import jax
@@ -29,12 +33,21 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import jax.numpy as jnp
 
-from bigjax import checkpoint_reader, layer_layout, optim, steps
+from bigjax import checkpoint_reader, layer_layout, optim, recorded_config, steps
 from bigjax import checkpoint_integrity as integrity
 from bigjax.checkpoint_errors import one_line
 from bigjax.config import ConfigError
 
 RESIZABLE_AXES = ("vocab", "classes")
+# Model settings that change what the same parameters compute (HF's from_pretrained
+# takes them from the checkpoint's config): the source's trained function is only
+# carried over when they agree. Where both models have them: embed_init where both
+# tie their embeddings (it sets the logits' scale: d ** -0.5 for unit-variance
+# tables), the relative distance where both use relative positions, the routing
+# where both have MoE layers.
+SAME_FUNCTION = ("kind", "position", "fold_query_scale", "mlp_activation", "norm", "norm_eps")
+SAME_FUNCTION_WHERE = {"embed_init": "tie_embeddings", "relative_max_distance": "position",
+                       "moe.router": "moe_every", "moe.top_k": "moe_every"}
 
 
 def _fail(problem: str, fix: str):
@@ -67,6 +80,35 @@ def _overlap(fresh: jax.Array, loaded: jax.Array, sharding) -> jax.Array:
   return jax.jit(put, out_shardings=sharding)(fresh, loaded)
 
 
+def _check_same_function(config):
+  """A ConfigError naming every SAME_FUNCTION setting the source run recorded
+  otherwise, between two Transformers (a source without a readable config.json
+  is not checked: its shapes still are)."""
+  try:
+    source = recorded_config.read(config.init_from.workdir)["model"]
+  except (OSError, ValueError, KeyError):
+    return
+  here = config.model.to_dict()
+  if "norm" not in source or "norm" not in here:  # A zoo model: no such settings.
+    return
+  value = lambda model, key: functools.reduce(
+      lambda d, k: d.get(k) if isinstance(d, dict) else None, key.split("."), model)
+
+  def in_use(by: str) -> bool:
+    if by == "position":
+      return source["position"] == here["position"] == "relative"
+    return bool(source[by]) and bool(here[by])
+  keys = SAME_FUNCTION + tuple(k for k, by in SAME_FUNCTION_WHERE.items() if in_use(by))
+  differ = [(k, value(source, k), value(here, k)) for k in keys
+            if value(source, k) != value(here, k)]
+  if differ:
+    raise ConfigError(
+        "config.init_from: this model would compute another function with the source's "
+        "parameters: " + "; ".join(f"model.{k} is {a!r} there, {b!r} here" for k, a, b in differ)
+        + ". Set " + ", ".join(f"--config.model.{k}={a}" for k, a, _ in differ)
+        + " (the source's config.json).")
+
+
 def load(config, setup: steps.TrainSetup, state: steps.TrainState):
   """Returns (state with the source's parameters put in, a one-line summary)."""
   cfg = config.init_from
@@ -89,6 +131,7 @@ def load(config, setup: steps.TrainSetup, state: steps.TrainState):
             f"Set init_from.step to another of its steps ({reader.all_steps()}), or put "
             "back a good copy of that step.")
     integrity.warn_if_unverified(reader.directory / str(step))
+    _check_same_function(config)
     tree = reader.metadata(step)
     if "params" not in tree:
       _fail(f"the checkpoint at step {step} in {cfg.workdir} holds no parameters.",
@@ -127,9 +170,12 @@ def load(config, setup: steps.TrainSetup, state: steps.TrainState):
     # this run's sharding; every other one the new parameter reads from (split,
     # stacked or resized) comes whole, replicated, and is assembled below.
     replicated = NamedSharding(setup.mesh, PartitionSpec())
+    # Same name and shape can still hold other blocks: scanned units of another
+    # size (moe_every) stack other layers under "scanned/<j>".
     direct = {name for name, (want, _) in wanted.items()
               if plan[name] == ["copy"] * len(plan[name]) and name in source
-              and tuple(source[name].shape) == tuple(want.shape)}
+              and tuple(source[name].shape) == tuple(want.shape)
+              and all(where.get(block) == (name, row) for block, row in rows[name])}
     targets = {}
     for name in direct:
       want, sharding = wanted[name]

@@ -387,3 +387,16 @@ def _decode_in_memory(workdir: str, prompt: str, **kw) -> str:
   out = decode.generate(setup.model(params), [list(tokenizer.encode(prompt))],
                         max_len=config.model.max_len, eos_id=tokenizer.EOS_ID, **kw)[0]
   return tokenizer.decode(out)
+
+
+def test_an_moe_run_recorded_before_capacity_dispatch_still_loads(tmp_path):
+  """GShard's einsums were its only dispatch then: the recorded config gets that,
+  and validates as today's configs do."""
+  from bigjax import config as config_lib, generate
+  from configs import lm_moe
+  values = json.loads(lm_moe.get_config("runlocal").to_json())
+  assert values["model"]["moe"].pop("capacity_dispatch") == "auto"
+  (tmp_path / "config.json").write_text(json.dumps(values))
+  config = generate.load_config(str(tmp_path))
+  assert config.model.moe.capacity_dispatch == "einsum"
+  config_lib.validate(config, num_devices=jax.device_count())

@@ -181,6 +181,24 @@ def test_incompatible_sources_fail_naming_the_parameter(source):
     init_from.load(config, setup, steps.create_state(setup, 0))
 
 
+@pytest.mark.parametrize("model, message", [
+    (dict(mlp_activation="relu"), "model.mlp_activation is 'gelu' there, 'relu' here"),
+    (dict(fold_query_scale=True), "model.fold_query_scale is False there, True here"),
+    # Tied logits scaled by d ** -0.5: the source's trained logits would shrink.
+    (dict(embed_init="unit"), "model.embed_init is 'normal' there, 'unit' here"),
+    (dict(norm="rmsnorm"), "model.norm is 'layernorm' there, 'rmsnorm' here"),
+])
+def test_a_model_that_computes_another_function_is_refused(source, model, message):
+  """The same shapes, another function: the source's logits and loss would not
+  carry over (the settings HF's from_pretrained takes from the checkpoint)."""
+  config = _config(source["data_dir"], **model)
+  config.init_from.workdir = source["workdir"]
+  with pytest.raises(config_lib.ConfigError, match=(
+      "config.init_from: this model would compute another function with the source's "
+      f"parameters: {message}. Set --config.model.")):
+    _fresh_and_loaded(config)
+
+
 def test_bad_init_from_settings_are_config_errors(source, tmp_path):
   config = _config(source["data_dir"])
   config.init_from.workdir = str(tmp_path / "nothing")

@@ -194,6 +194,34 @@ def test_init_from_converts_between_layouts(tmp_path, source_scan):
     assert v.sharding == _flat(target_task.state_shardings.params)[n], n
 
 
+def test_init_from_reads_each_block_from_its_own_layer_whatever_the_unit_size(tmp_path):
+  """A scanned MoE source (moe_every=2: "scanned/0" stacks blocks 0 and 2) into a
+  scanned dense model ("scanned/0" stacks blocks 0 and 1): the same name and shape,
+  other blocks. Block 1 reads the source's block 1, not its block 2."""
+  source = _config(scan_layers=True, moe_every=2)
+  source.model.moe.update(num_experts=4, router="gshard_top2", group_size=8)
+  _, state = _task_state(source)
+  saver = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=1, async_save=False)
+  saver.save(3, state, force=True)
+  saver.close()
+  target = _config(scan_layers=True)
+  target.model.num_layers = 2
+  target.seed = 7
+  target.init_from.update(workdir=str(tmp_path), skip="blocks/1/ffn/")  # The source's: MoE.
+  target_task, fresh = _task_state(target)
+  loaded, _ = init_from.load(target, target_task, fresh)
+  flat_src, got = _flat(jax.device_get(state.params)), _flat(jax.device_get(loaded.params))
+  assert np.shape(flat_src["decoder/scanned/0/attn/query"]) == np.shape(
+      got["decoder/scanned/0/attn/query"])
+  src = layer_layout.per_block({n: np.shape(v) for n, v in flat_src.items()})
+  where = layer_layout.per_block({n: np.shape(v) for n, v in got.items()})
+  flat_fresh = _flat(jax.device_get(fresh.params))
+  for block, at in where.items():
+    want = (layer_layout.row_of(flat_fresh, at) if "blocks/1/ffn/" in block
+            else layer_layout.row_of(flat_src, src[block]))
+    np.testing.assert_array_equal(layer_layout.row_of(got, at), want, err_msg=block)
+
+
 def test_resuming_the_other_layout_names_the_setting(tmp_path):
   saved = {"params/decoder/blocks/0/attn/query": (8, 4, 2)}
   wanted = {"params/decoder/scanned/0/attn/query": (2, 8, 4, 2)}
