@@ -361,8 +361,10 @@ def _prepare(model, prompts, max_new_tokens: int, max_len: int | None, mesh, rul
     cache_len = 1 + max_new_tokens
   else:
     if max_len is not None and longest + max_new_tokens > max_len:
+      fix = (f"lower max_new_tokens to {max_len - longest} or less" if longest < max_len
+             else f"shorten the prompt to fewer than {max_len} tokens")
       raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
-                       f"exceeds the model's max_len={max_len}; shorten one of them.")
+                       f"exceeds the model's max_len={max_len}; {fix}.")
     cache_len = longest + max_new_tokens
   num = len(prompts)
   rows = num

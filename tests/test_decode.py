@@ -283,8 +283,10 @@ def test_sample_keeps_its_signature(models):
                       seed=0, eos_id=None)  # eos_id=None: shares a compilation
   assert out == decode.generate(model, prompts, max_new_tokens=NEW, temperature=0.7, seed=0,
                                 eos_id=None)
-  with pytest.raises(ValueError, match="max_len"):
+  with pytest.raises(ValueError, match=r"max_len=40; lower max_new_tokens to 37 or less"):
     decode.sample(model, [[5, 6, 7]], max_new_tokens=40, max_len=40)
+  with pytest.raises(ValueError, match=r"shorten the prompt to fewer than 40 tokens"):
+    decode.sample(model, [[5] * 40], max_new_tokens=1, max_len=40)
 
 
 def test_invalid_settings_are_rejected(models):
