@@ -287,6 +287,10 @@ def _validate_zoo(config):
           f"Choose one of {tuple(layers.ACTIVATIONS)}.")
   if m.init not in zoo.INITS:
     _fail("model.init", f"unknown value {m.init!r}.", f"Choose one of {zoo.INITS}.")
+  if m.init == "zeros" and m.kind != "linear" and (m.hidden_dims or m.conv_features):
+    # Zero kernels and biases: every hidden unit is 0 and gets no gradient.
+    _fail("model.init", "'zeros' leaves hidden layers dead: they output 0 and never get a "
+          "gradient.", "Use 'lecun', 'xavier' or 'he'.")
   if not 0.0 <= m.dropout_rate < 1.0:
     _fail("model.dropout_rate", f"{m.dropout_rate} is outside [0, 1).", "Use e.g. 0.1.")
   if m.kind == "linear" and (m.hidden_dims or m.batch_norm):

@@ -47,6 +47,7 @@ from etils import epath
 from bigjax import (checkpoint, config as config_lib, distributed, init_from, loop as loop_lib,
                     metrics as metrics_lib, optim, sharding, steps, tasks, workdir_lock)
 from bigjax.checkpoint_errors import changed_fields, config_diff
+from bigjax.models import zoo
 
 
 def log(message: str):
@@ -139,10 +140,8 @@ def _prepare(config, workdir: str, lock: workdir_lock.WorkdirLock) -> Prepared:
   mesh = sharding.config_mesh(config)
   log(f"Mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
       f"{jax.process_count()} process(es).")
-  if config.optim.warmup_steps >= config.total_steps > 0:  # A shortened run, often.
-    log(f"Note: optim.warmup_steps={config.optim.warmup_steps} >= total_steps="
-        f"{config.total_steps}: the learning rate rises for the whole run and never reaches "
-        f"optim.lr={config.optim.lr:g}. Lower optim.warmup_steps to change that.")
+  for note in _notes(config):
+    log("Note: " + note)
   data = _load_data(config)
   setup = steps.make_setup(config, mesh, data.example_shape)
   sharding.check_rows_per_process(setup.batch_sharding(), config.batch_size,
@@ -171,6 +170,21 @@ def _prepare(config, workdir: str, lock: workdir_lock.WorkdirLock) -> Prepared:
     ckpt.close()
     raise
   return Prepared(data, setup, ckpt, state, start, fine_tuning, lock)
+
+
+def _notes(config) -> list[str]:
+  """Settings that are valid but do something a researcher may not expect."""
+  notes = []
+  if config.optim.warmup_steps >= config.total_steps > 0:  # A shortened run, often.
+    notes.append(f"optim.warmup_steps={config.optim.warmup_steps} >= total_steps="
+                 f"{config.total_steps}: the learning rate rises for the whole run and never "
+                 f"reaches optim.lr={config.optim.lr:g}. Lower optim.warmup_steps to change that.")
+  if (config.grad_accum_steps > 1 and config.model.kind in zoo.KINDS
+      and config.model.batch_norm):
+    notes.append(f"grad_accum_steps={config.grad_accum_steps} with BatchNorm: each microbatch "
+                 "is normalised by its own statistics, and the running averages move once "
+                 "per microbatch, so the step is not one big batch's.")
+  return notes
 
 
 def usual_hooks(config, workdir: str, prepared: Prepared,

@@ -5,8 +5,8 @@ r"""Trains the classic model-zoo configs and prints their results as a table.
 
 Each entry runs `python -m bigjax.main` into ROOT/NAME and is read back from its
 workdir (metrics.jsonl), like any run: a finished entry is skipped on rerun
-(training resumes from its checkpoint and stops at once), so the table can be
-rebuilt for free. Extra `--config.*` overrides go after `--` and apply to every entry.
+(training resumes from its checkpoint and stops at once; its wall time shows as
+-), so the table can be rebuilt for free. Extra `--config.*` overrides go after `--` and apply to every entry.
 Below the table, one line per trained linear model: its w and b (from its latest
 checkpoint) and numpy's least-squares fit to the same training data,
   linear_regression (step S): w = W, b = B; least squares: W_LS, B_LS
@@ -38,28 +38,30 @@ def _with_arg(config: str, arg: str) -> str:
   return f"{config},{arg}" if ":" in config else f"{config}:{arg}"
 
 
-def run_entry(name: str, config: str, root: str, extra: list[str]) -> float:
-  """Trains one entry (or resumes it); returns the wall time in seconds."""
+def run_entry(name: str, config: str, root: str, extra: list[str]) -> float | None:
+  """Trains one entry (or resumes it); returns the wall time in seconds, or None
+  when the run had already finished (its time is not this invocation's)."""
   start = time.time()
   cmd = [sys.executable, "-m", "bigjax.main", f"--config={config}",
          f"--workdir={os.path.join(root, name)}", *extra]
   done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   if done.returncode:
     raise SystemExit(f"{name} failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
-  return time.time() - start
+  return None if "Nothing to train: " in done.stdout else time.time() - start
 
 
-def table(root: str, times: dict, arg: str = "") -> str:
-  """The zoo's table; `arg` is the config arg this invocation gave its runs (shown
-  with their configs, so a runlocal table never reads as the full runs')."""
+def table(root: str, times: dict, arg: str = "", extra: tuple = ()) -> str:
+  """The zoo's table; `arg` and `extra` are the config arg and overrides this
+  invocation gave its runs (shown with their configs, so a runlocal table never
+  reads as the full runs'). A run that had finished before shows no wall time."""
   rows = ["| run | config | steps | result | wall s |", "|---|---|---|---|---:|"]
   for name, (config, key, label) in ENTRIES.items():
     path = os.path.join(root, name, "metrics.jsonl")
     evals = [r for r in metrics.read_jsonl(path) if key in r] if os.path.exists(path) else []
     result = f"{label} {evals[-1][key]:.4g}" if evals else "no evaluation yet"
     steps = evals[-1]["step"] if evals else "-"
-    wall = f"{times[name]:.0f}" if name in times else "-"
-    shown = _with_arg(config, arg) if name in times else config
+    wall = "-" if times.get(name) is None else f"{times[name]:.0f}"
+    shown = " ".join([_with_arg(config, arg), *extra]) if name in times else config
     rows.append(f"| {name} | `{shown}` | {steps} | {result} | {wall} |")
   return "\n".join(rows)
 
@@ -115,7 +117,7 @@ def main(argv=None):
     config = _with_arg(ENTRIES[name][0], args.arg)
     print(f"{name}: {config}", flush=True)
     times[name] = run_entry(name, config, args.root, extra)
-  print(table(args.root, times, args.arg))
+  print(table(args.root, times, args.arg, extra))
   for name in ENTRIES:  # Every linear model that has trained, as in the table.
     workdir = os.path.join(args.root, name)
     if os.path.exists(os.path.join(workdir, "config.json")):

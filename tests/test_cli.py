@@ -170,6 +170,24 @@ def test_settings_found_wrong_while_building_are_one_line_errors(tmp_path, flag,
   assert "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.parametrize("config, flags, message", [
+    ("cnn.py:runlocal", ["--config.model.conv_features=(8, 16, 32, 64)"],
+     "config.model.conv_features: 4 conv stages halve the 8x8 images to nothing. Use at "
+     "most 3 stages."),
+    ("mlp.py:variant=binary,runlocal", ["--config.model.kind=cnn",
+                                        "--config.model.conv_features=(8,)"],
+     "config.model.kind: 'cnn' needs images [H, W, C]"),
+])
+def test_a_zoo_model_that_does_not_fit_its_data_is_one_line(tmp_path, config, flags, message):
+  """Found when the model is built for the data's shape: still one line, before training."""
+  cmd = [sys.executable, "-m", "bigjax.main", f"--config=configs/{config}",
+         f"--workdir={tmp_path}", *flags]
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0
+  assert r.stderr.strip().splitlines()[-1].startswith(f"Invalid config: {message}"), r.stderr
+  assert "Traceback" not in r.stderr and not (tmp_path / "checkpoints").exists()
+
+
 def test_unknown_config_arg(tmp_path):
   cmd = [sys.executable, "-m", "bigjax.main", "--config=configs/lm.py:runlokal",
          f"--workdir={tmp_path}"]

@@ -238,6 +238,7 @@ CASES = [
     (_zoo(model__hidden_dims=(64, 0)), "model.hidden_dims"),
     (_zoo(model__activation="tanh2"), "model.activation"),
     (_zoo(model__init="orthogonal"), "model.init"),
+    (_zoo(model__init="zeros"), "model.init"),  # Dead hidden layers: no gradient reaches them.
     (_zoo(model__dropout_rate=1.0), "model.dropout_rate"),
     (_config(mlp, "variant=binary", model__num_outputs=2), "model.num_outputs"),
     (_config(linear_regression, "", model__hidden_dims=(8,)), "model.hidden_dims"),

@@ -165,7 +165,8 @@ def test_zoo_table_script_reads_results_back_from_workdirs(tmp_path):
           if line.startswith("| ")}
   for name, label in (("mlp_binary", "test accuracy"), ("linear_regression", "test MSE")):
     assert f"| 20 | {label} " in rows[name], rows[name]
-    assert ",runlocal`" in rows[name] or ":runlocal`" in rows[name], rows[name]
+    assert ",runlocal --config.total_steps=20`" in rows[name] or (
+        ":runlocal --config.total_steps=20`" in rows[name]), rows[name]
     evals = [r for r in metrics.read_jsonl(tmp_path / name / "metrics.jsonl")
              if "eval_loss" in r]
     assert evals[-1]["step"] == 20
@@ -193,3 +194,17 @@ def test_zoo_table_script_reads_results_back_from_workdirs(tmp_path):
   again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
   strip = lambda out: [l.rsplit("|", 2)[0] for l in out.splitlines() if l.startswith("| ")]
   assert strip(again.stdout) == strip(first.stdout)
+  walls = lambda out: {l.split("|")[1].strip(): l.rsplit("|", 2)[1].strip()
+                       for l in out.splitlines() if l.startswith("| ") and "---" not in l}
+  assert walls(first.stdout)["mlp_binary"].isdigit()
+  assert walls(again.stdout)["mlp_binary"] == "-"  # Not trained by this invocation.
+
+
+def test_gradient_accumulation_with_batchnorm_is_said_not_to_be_one_big_batch():
+  from bigjax import train
+  config = mlp.get_config("variant=deep,runlocal")
+  config.grad_accum_steps = 2
+  assert any(n.startswith("grad_accum_steps=2 with BatchNorm: each microbatch is normalised "
+                          "by its own statistics") for n in train._notes(config))
+  config.model.batch_norm = False
+  assert not any("BatchNorm" in n for n in train._notes(config))

@@ -16,6 +16,7 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
+from bigjax.errors import ConfigError
 from bigjax.models import dataclass_from_config, layers
 
 KINDS = ("mlp", "cnn", "linear")
@@ -108,11 +109,17 @@ class CNN(nnx.Module):
   entry, then the MLP's hidden layers and head. Inputs are [batch, H, W, C]."""
 
   def __init__(self, cfg: ZooConfig, input_shape: tuple, *, rngs: nnx.Rngs):
+    # ConfigErrors: found once the data's shape is known, they are still the config's.
     if len(input_shape) != 3:
-      raise ValueError(f"model.kind='cnn' needs images [H, W, C]; the data's features have "
-                       f"shape {tuple(input_shape)}. Use model.kind='mlp' for flat features.")
+      raise ConfigError(f"config.model.kind: 'cnn' needs images [H, W, C]; the data's features "
+                        f"have shape {tuple(input_shape)}. Use model.kind='mlp' for flat "
+                        "features.")
     self.cfg = cfg
     h, w, c = input_shape
+    if min(h, w) >> len(cfg.conv_features) == 0:  # Each stage's pooling halves the image.
+      raise ConfigError(
+          f"config.model.conv_features: {len(cfg.conv_features)} conv stages halve the "
+          f"{h}x{w} images to nothing. Use at most {min(h, w).bit_length() - 1} stages.")
     self.convs, self.norms = nnx.List(), nnx.List()
     for features in cfg.conv_features:
       self.convs.append(nnx.Conv(c, features, (3, 3), padding="SAME",
@@ -148,5 +155,6 @@ def build(cfg: ZooConfig, input_shape: tuple, rngs: nnx.Rngs) -> nnx.Module:
   """The model for `cfg.kind`; `input_shape` is one example's feature shape."""
   cls = {"mlp": MLP, "cnn": CNN, "linear": LinearRegression}.get(cfg.kind)
   if cls is None:
-    raise ValueError(f"model.kind={cfg.kind!r}; choose one of {KINDS}.")
+    raise ConfigError(f"config.model.kind: {cfg.kind!r} is not a zoo model; choose one of "
+                      f"{KINDS}.")
   return cls(cfg, tuple(input_shape), rngs=rngs)
