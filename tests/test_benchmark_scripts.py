@@ -41,3 +41,24 @@ def test_benchmark_runs_at_smoke_size(script):
   assert done.returncode == 0, done.stderr[-3000:]
   for text in expected:
     assert text in done.stdout, done.stdout
+
+
+def test_round_order_puts_every_run_in_every_place_equally_often():
+  from experiments.benchmarks import timing
+  for n in (2, 3, 4):
+    items = [f"run{j}" for j in range(n)]
+    rounds = [timing.round_order(items, i) for i in range(2 * n)]
+    assert all(sorted(r) == items for r in rounds)
+    for place in range(n):
+      assert sorted(r[place] for r in rounds) == sorted(items * 2), (n, place)
+  assert [timing.round_order("ab", i) for i in range(4)] == [
+      ["a", "b"], ["b", "a"], ["b", "a"], ["a", "b"]]
+
+
+def test_equal_wall_time_reads_the_curve_at_that_time():
+  pytest.importorskip("torch")
+  from experiments.benchmarks import peer
+  curve = [(0, 0.0, 8.0), (250, 12.0, 4.0), (500, 24.0, 3.0)]
+  assert peer.at_time(curve, 24.0) == (500, 3.0)
+  step, bits = peer.at_time(curve, 18.0)  # Halfway between the evaluations at 250 and 500.
+  assert step == pytest.approx(375) and bits == pytest.approx(3.5)

@@ -37,7 +37,6 @@ def _tiny_config(arch):
                       vocab_size=64, dropout_rate=0.0, dtype="float32")
   if arch in ("mixtral", "llama"):
     config = hf_models.mixtral_like(config)
-    config.model.use_bias = False  # Mixtral has no biases.
   if arch == "llama":  # Dense, with 2 key/value heads for 4 query heads.
     config.model.update(moe_every=0, num_kv_heads=2)
   return config

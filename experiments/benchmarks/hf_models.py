@@ -35,7 +35,7 @@ ARCHS = ("gpt2", "mixtral", "llama", "t5", "switch")
 def mixtral_like(config):
   """bigjax's expression of Mixtral's block on top of a GPT-2-shaped `config`."""
   config.model.update(norm="rmsnorm", position="rotary", mlp_activation="silu",
-                      gated_mlp=True, tie_embeddings=False, moe_every=1)
+                      gated_mlp=True, tie_embeddings=False, moe_every=1, use_bias=False)
   config.model.moe.update(num_experts=8, router="dropless", top_k=2,
                           dropless_impl="sorted_blocks")
   return config
@@ -121,6 +121,11 @@ def lr_scheduler(optimizer, optim_cfg, total_steps: int):
     return transformers.get_constant_schedule_with_warmup(optimizer, o.warmup_steps)
   raise ValueError(f"optim.schedule={o.schedule!r}: hf_models.lr_scheduler maps "
                    "'cosine' and 'constant'.")
+
+
+def _size(tree) -> int:
+  return (sum(_size(v) for v in tree.values()) if isinstance(tree, dict)
+          else int(np.size(tree)))
 
 
 def _t(x):
@@ -260,6 +265,12 @@ def load(arch: str, params, model, fold_query_scale: bool | None = None):
   unknown = [k for k in ours if k not in theirs]
   if missing or unknown:
     raise KeyError(f"Unmapped HF tensors {missing}; unknown names {unknown}.")
+  # Every bigjax value must have a place: a tensor the mapping leaves out (biases
+  # HF's model has no slot for) would make the two compute different functions.
+  left_out = _size(params) - sum(v.numel() for v in ours.values())
+  if left_out:
+    raise ValueError(f"{left_out} bigjax parameter values have no place in HF's {arch} "
+                     "(e.g. biases it lacks): the two would compute different functions.")
   for k, v in theirs.items():
     if k not in ours and k.endswith(".bias"):
       ours[k] = torch.zeros_like(v)

@@ -210,7 +210,14 @@ def train_curve(side, config, data, evals, eval_every):
 
 
 def at_time(curve, seconds):
-  return [c for c in curve if c[1] <= seconds][-1]
+  """(step reached, bits per byte) after `seconds` of training: linear between the
+  evaluations on either side of it (the curve's points are (step, seconds, bits)).
+  The last evaluation before it would compare the slower side at an earlier time."""
+  for (s0, t0, b0), (s1, t1, b1) in zip(curve, curve[1:]):
+    if t0 <= seconds <= t1:
+      f = (seconds - t0) / (t1 - t0) if t1 > t0 else 1.0
+      return s0 + f * (s1 - s0), b0 + f * (b1 - b0)
+  return curve[-1][0], curve[-1][2]
 
 
 def quality(args):
@@ -240,11 +247,12 @@ def quality(args):
         f"along the curve {gap:.4f}")
   (_, tj, bj), (_, tt, bt) = runs["bigjax"][0][-1], runs["pytorch"][0][-1]
   wall = min(tj, tt)
-  (sj, _, wj), (st, _, wt) = at_time(runs["bigjax"][0], wall), at_time(runs["pytorch"][0], wall)
+  (sj, wj), (st, wt) = at_time(runs["bigjax"][0], wall), at_time(runs["pytorch"][0], wall)
   print(f"equal steps ({config.total_steps}), seed 0: bigjax {bj:.4f}, pytorch {bt:.4f} "
         f"bits/byte ({bj - bt:+.4f}); training time bigjax {tj:.1f} s, pytorch {tt:.1f} s")
-  print(f"equal wall time ({wall:.0f} s), seed 0: bigjax {wj:.4f} (step {sj}), "
-        f"pytorch {wt:.4f} (step {st}) bits/byte")
+  print(f"equal wall time ({wall:.1f} s), seed 0: bigjax {wj:.4f} (step {sj:.0f}), "
+        f"pytorch {wt:.4f} (step {st:.0f}) bits/byte (the slower side's figures "
+        "interpolated between its evaluations)")
   if args.seeds > 1:
     final = {name: [c[-1][2] for c in curves] for name, curves in runs.items()}
     for name, values in final.items():
@@ -284,26 +292,37 @@ def matmul_graph(args, step_seconds=None):
   GPT-2 step's seconds}) each step is split into these matmuls and the rest."""
   layers_, e, _, m, seq, batch = (int(x) for x in args.speed_shape.split(","))
   n = seq * batch
-  flops_ = 3 * 2 * n * (4 * e * e + 2 * e * m) * layers_  # Forward + 2x backward.
+  # Forward + 2x backward, less the first layer's q/k/v input gradients (the
+  # graph's input is not differentiated, on either side).
+  flops_ = 3 * 2 * n * (4 * e * e + 2 * e * m) * layers_ - 3 * 2 * n * e * e
   shapes = [(e, e)] * 4 + [(e, m), (m, e)]
   rng = np.random.default_rng(0)
   weights = [[(rng.normal(size=s) * 0.02).astype(np.float32) for s in shapes]
              for _ in range(layers_)]
   x = rng.normal(size=(n, e)).astype(np.float32)
+  # q, k and v read differently scaled inputs, as the step's read one input into
+  # three different uses: with one input their weight gradients would be the same
+  # product, which XLA computes once and torch three times.
+  scale_k, scale_v = (rng.uniform(0.5, 1.5, size=e).astype(np.float32) for _ in range(2))
 
-  def graph(ws, x, gelu):
+  def graph(ws, x, gelu, sk, sv):
     for q, k, v, o, wi, wo in ws:
-      x = x + gelu(x @ q + x @ k + x @ v) @ o
+      x = x + gelu(x @ q + (x * sk) @ k + (x * sv) @ v) @ o
       x = x + gelu(x @ wi) @ wo
     return (x * x).mean()
 
-  xla = jax.jit(jax.grad(lambda ws, x: graph(ws, x, jax.nn.gelu)))
+  xla = jax.jit(jax.grad(lambda ws, x: graph(ws, x, jax.nn.gelu, scale_k, scale_v)))
   jw, jx = jax.tree.map(jnp.asarray, weights), jnp.asarray(x)
   tw = [[torch.tensor(w, requires_grad=True) for w in ws] for ws in weights]
-  tx = torch.tensor(x)
+  tx, tk, tv = (torch.tensor(a) for a in (x, scale_k, scale_v))
   tgelu = lambda z: torch.nn.functional.gelu(z, approximate="tanh")  # noqa: E731
+
+  def torch_run():
+    for w in (w for ws in tw for w in ws):  # Fresh gradients, as jax.grad returns.
+      w.grad = None
+    graph(tw, tx, tgelu, tk, tv).backward()
   seconds = _median_seconds({"bigjax (XLA)": lambda: jax.block_until_ready(xla(jw, jx)),
-                             "pytorch": lambda: graph(tw, tx, tgelu).backward()}, args.rounds)
+                             "pytorch": torch_run}, args.rounds)
   rate = {name: flops_ / t for name, t in seconds.items()}
   print(f"The step's matmuls alone ({layers_} layers of 4 projections {e}x{e} and MLP "
         f"{e}x{m}x{e} over {n} rows, forward+backward, median of {args.rounds} "
@@ -341,6 +360,8 @@ def moe_layer(args, config, step_seconds):
   tup = torch.tensor(upstream)
 
   def torch_run():
+    block.zero_grad(set_to_none=True)  # Fresh gradients, as jax.grad returns.
+    tx.grad = None
     out = block(tx)
     ((out[0] if isinstance(out, tuple) else out) * tup).sum().backward()
 
@@ -395,7 +416,7 @@ def speed(args, arch: str):
   config = speed_config(args.speed_shape)
   if arch == "mixtral":
     config = hf_models.mixtral_like(config)
-    config.model.mlp_dim //= 2  # Top-2 of half-size experts: the dense model's FLOPs.
+    config.model.mlp_dim //= 2  # Top-2 of half-size SwiGLU experts: 1.5x the GELU MLP's FLOPs.
   data, evals = load_batches(config)
   equivalence(arch, config, evals[0])
   sides = [BigjaxSide(config), TorchSide(config, arch=arch)]
