@@ -86,6 +86,13 @@ def initialize_from_env(environ=None) -> bool:
            "single process")
     raise EnvError(f"{' and '.join(stray)} set without {ENV_COORDINATOR}: {fix}.")
   if use_auto:
-    jax.distributed.initialize(**kwargs)
+    try:
+      jax.distributed.initialize(**kwargs)
+    except ValueError as e:  # Nothing to detect: no TPU slice, SLURM or MPI job here.
+      raise EnvError(
+          f"{ENV_AUTO}=auto: JAX found no cluster to join here ({e}). It detects TPU "
+          f"slices, SLURM and Open MPI jobs; elsewhere set {ENV_COORDINATOR}, "
+          f"{ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} instead "
+          "(experiments/launch_multihost.py sets them).") from None
     return True
   return False

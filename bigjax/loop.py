@@ -301,13 +301,17 @@ class SaveCheckpoints(Hook):
 class Profile(Hook):
   """config.profile_steps = (start, stop): a jax.profiler trace of steps
   start..stop-1 into WORKDIR/profile: *.xplane.pb (TensorBoard's profile
-  plugin, XProf) and perfetto_trace.json.gz (ui.perfetto.dev). On a bucket
-  workdir the profiler writes to a local directory first (it writes through its
-  own file layer, not the workdir's), copied into the bucket when the window
-  closes."""
+  plugin, XProf) and perfetto_trace.json.gz (ui.perfetto.dev); each process of
+  a multi-process job into WORKDIR/profile/process_<i> (the perfetto copy wants
+  one trace per folder). On a bucket workdir the profiler writes to a local
+  directory first (it writes through its own file layer, not the workdir's),
+  copied into the bucket when the window closes. A profile that fails is said,
+  and never stops the run."""
 
   def __init__(self, workdir: str, start: int, stop: int):
     self.dir = epath.Path(workdir) / "profile"
+    if jax.process_count() > 1:
+      self.dir = self.dir / f"process_{jax.process_index()}"
     self.start_step, self.stop_step = start, stop
     self.tracing = False
     self.trace_dir = None  # Where the profiler writes: self.dir, or a local stand-in.
@@ -326,8 +330,12 @@ class Profile(Hook):
 
   def _stop(self, loop):
     jax.block_until_ready(loop.state)  # The traced steps' device work, whole.
-    jax.profiler.stop_trace()
-    self.tracing = False
+    self.tracing = False  # Not stopped twice (close) if stopping fails.
+    try:
+      jax.profiler.stop_trace()
+    except Exception as e:  # noqa: BLE001  A profile never stops (or hides) the run's end.
+      loop.log(f"Profile failed ({type(e).__name__}: {e}); training goes on.")
+      return
     if self.trace_dir != self.dir:
       try:
         for folder, _, names in os.walk(self.trace_dir):

@@ -8,6 +8,7 @@ checkpoint. Unknown or mistyped --config.* keys are errors (the config is locked
 """
 import os
 import sys
+import traceback
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -93,6 +94,20 @@ def _exit_unloadable(config_arg: str, error: OSError):
   sys.exit(f"Error: --config={config_arg}: {problem}.")
 
 
+def _exit(message: str):
+  """sys.exit(message), but at once in a multi-process job (os._exit): at
+  interpreter exit jax.distributed's shutdown barrier would wait for the other
+  processes, which wait for this one in their next collective, so the job would
+  hang until the barrier's timeout (minutes) and then abort. The launcher, or the
+  cluster, sees this process end and stops the others."""
+  import jax
+  if not jax.distributed.is_initialized():
+    sys.exit(message)
+  print(message, file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(1)
+
+
 def main(argv):
   del argv
   from bigjax import checkpoint, config as config_lib, host_memory, loop, train, workdir_lock
@@ -111,14 +126,20 @@ def main(argv):
           checkpoint.CheckpointDamagedError,  # No intact checkpoint is left.
           checkpoint.CheckpointReadError,  # An intact one could not be read (memory, ...).
           checkpoint.CheckpointSaveError) as e:  # A save failed (a full disk).
-    sys.exit(f"Error: {e}")
+    _exit(f"Error: {e}")
   except config_lib.ConfigError as e:  # Bad input: the message says what to fix.
-    sys.exit(f"Invalid config: {e}")
+    _exit(f"Invalid config: {e}")
   except loop.NonFiniteError as e:  # nan_policy="halt"
-    sys.exit(f"Halted: {e}")
+    _exit(f"Halted: {e}")
   except OSError as e:  # A write in the workdir failed (config.json, metrics.jsonl): a full disk.
     cli_errors.quiet_follow_on_errors()
-    sys.exit(cli_errors.os_error_line(e, workdir))
+    _exit(cli_errors.os_error_line(e, workdir))
+  except Exception:  # A bug: in a multi-process job, its traceback and out at once (_exit).
+    import jax
+    if not jax.distributed.is_initialized():
+      raise
+    traceback.print_exc()
+    _exit("Error: this process failed (traceback above).")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,36 @@ class _BucketEventFiles:
     pass  # A bucket has no directories to make.
 
 
+class _EventFile:
+  """TensorBoard scalars, each row on disk (or in the bucket) once written.
+  tensorboardX's SummaryWriter hands events to a background thread whose queue
+  its flush does not drain, so a kill lost the points a resume never writes
+  again (it purges only past its checkpoint). The file starts with TensorBoard's
+  purge marker at `purge_step`: the earlier attempts' points from there on are
+  dropped, as metrics.jsonl is rewound."""
+
+  def __init__(self, logdir: str, purge_step: int):
+    from tensorboardX import record_writer  # Pure Python; no TensorFlow.
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto import event_pb2
+    record_writer.register_writer_factory("gs", _BucketEventFiles())
+    record_writer.directory_check(logdir)
+    self._event, self._writer = event_pb2.Event, EventsWriter(os.path.join(logdir, "events"))
+    self._writer.write_event(event_pb2.Event(
+        step=purge_step, wall_time=time.time(),
+        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+
+  def write(self, step: int, scalars: dict):
+    from tensorboardX import summary
+    for k, v in scalars.items():
+      self._writer.write_event(self._event(step=step, wall_time=time.time(),
+                                           summary=summary.scalar(k, v)))
+    self._writer.flush()
+
+  def close(self):
+    self._writer.close()
+
+
 def _scalar(v):
   v = float(np.asarray(v))
   return v if math.isfinite(v) else str(v)  # JSON has no NaN/Inf literals.
@@ -93,18 +123,17 @@ class MetricWriter:
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
     if self.enabled:
-      from tensorboardX import SummaryWriter, record_writer  # Pure Python; no TensorFlow.
-      record_writer.register_writer_factory("gs", _BucketEventFiles())
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                               purge_step=resumed_at + 1 if resumed_at else None)
+      # A fresh start purges from step 0: an earlier attempt that saved no
+      # checkpoint has its points dropped, as its metrics.jsonl rows are.
+      self._tb = _EventFile(os.path.join(workdir, "tensorboard"),
+                            purge_step=resumed_at + 1 if resumed_at else 0)
 
   def write(self, step: int, scalars: dict):
     if not self.enabled:
       return
     row = {"step": int(step), **{k: _scalar(v) for k, v in scalars.items()}}
     self._jsonl.write(json.dumps(row) + "\n")
-    for k, v in scalars.items():
-      self._tb.add_scalar(k, float(np.asarray(v)), int(step))
+    self._tb.write(int(step), {k: float(np.asarray(v)) for k, v in scalars.items()})
 
   def close(self):
     if self.enabled:
@@ -221,14 +250,14 @@ class Progress:
     previous update."""
     now = time.perf_counter()
     rate = (step - self._last_step) * self.tokens_per_step / max(now - self._last_time, 1e-9)
+    shown = {k: f"{float(v):.4g}" for k, v in (scalars or {}).items()}
+    if scalars:  # Before the update, which draws the bar: this row's figures, not the last's.
+      self.bar.set_postfix(shown | {f"{self.unit}/s": f"{rate:,.0f}"}, refresh=False)
     self.bar.update(step - self._last_step)
     self._last_step, self._last_time = step, now
-    if scalars:
-      shown = {k: f"{float(v):.4g}" for k, v in scalars.items()}
-      self.bar.set_postfix(shown | {f"{self.unit}/s": f"{rate:,.0f}"}, refresh=False)
-      if self.enabled and self.bar.disable:
-        print(f"step {step}: " + ", ".join(f"{k}={v}" for k, v in shown.items()) +
-              f", {self.unit}/s={rate:,.0f}", flush=True)
+    if scalars and self.enabled and self.bar.disable:
+      print(f"step {step}: " + ", ".join(f"{k}={v}" for k, v in shown.items()) +
+            f", {self.unit}/s={rate:,.0f}", flush=True)
     return rate
 
   def reset_clock(self):

@@ -39,9 +39,11 @@ What a run survives (each tested: tests/test_survival_*.py, test_checkpoint_resu
 import dataclasses
 import json
 import signal
+import sys
 import threading
 
 import jax
+import tqdm
 from etils import epath
 
 from bigjax import (checkpoint, config as config_lib, distributed, init_from, loop as loop_lib,
@@ -52,7 +54,8 @@ from bigjax.models import zoo
 
 def log(message: str):
   if jax.process_index() == 0:
-    print(message, flush=True)
+    tqdm.tqdm.write(message)  # Above the progress bar on a terminal, not glued to it.
+    sys.stdout.flush()
 
 
 @dataclasses.dataclass

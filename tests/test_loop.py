@@ -155,7 +155,8 @@ def test_tensorboard_is_told_to_purge_the_points_a_resume_repeats(tmp_path):
   """A run that crashed after step 10 and resumed from its step-5 checkpoint. Its
   new event file starts with TensorBoard's purge marker at step 6 (SessionLog
   START: TensorBoard then drops the earlier file's points from step 6 on, as
-  metrics.jsonl is rewound); a fresh run's has none."""
+  metrics.jsonl is rewound); a fresh run's at step 0 (an earlier attempt without a
+  checkpoint left nothing to keep)."""
   from tensorboardX.proto import event_pb2
 
   first = metrics.MetricWriter(str(tmp_path), enabled=True)
@@ -170,8 +171,38 @@ def test_tensorboard_is_told_to_purge_the_points_a_resume_repeats(tmp_path):
   rerun.close()
   (second_file,) = set((tmp_path / "tensorboard").iterdir()) - {first_file}
   start = event_pb2.SessionLog.START
-  assert not [e for e in _events(first_file) if e.session_log.status == start]
+  assert [e.step for e in _events(first_file) if e.session_log.status == start] == [0]
   marks = [e.step for e in _events(second_file) if e.session_log.status == start]
   assert marks == [6]
   assert [(e.step, e.summary.value[0].simple_value) for e in _events(second_file)
           if e.summary.value] == [(s, -float(s)) for s in range(6, 9)]
+
+
+def test_tensorboard_points_are_on_disk_with_their_metrics_row(tmp_path):
+  """Before the writer closes (a kill): the resumed run purges only past its
+  checkpoint, so points still in a buffer would be lost for good."""
+  writer = metrics.MetricWriter(str(tmp_path), enabled=True)
+  for step in (5, 10):
+    writer.write(step, {"loss": 1.0 * step})
+  (events_file,) = list((tmp_path / "tensorboard").iterdir())
+  assert [(e.step, e.summary.value[0].simple_value) for e in _events(events_file)
+          if e.summary.value] == [(5, 5.0), (10, 10.0)]
+  writer.close()
+
+
+def test_the_progress_bar_shows_the_row_it_was_drawn_for(monkeypatch):
+  """On a terminal: the figures set before the bar is drawn, not the last row's."""
+  import io
+
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+  screen = Terminal()
+  monkeypatch.setattr("sys.stderr", screen)
+  progress = metrics.Progress(total=20, initial=0, tokens_per_step=10)
+  for step, loss in ((5, 1.5), (10, 2.5)):
+    time.sleep(0.15)  # Past tqdm's minimum interval between draws.
+    progress.update(step, {"loss": loss})
+    drawn = screen.getvalue().rsplit("\r", 1)[-1]
+    assert f"{step}/20" in drawn and f"loss={loss}" in drawn, drawn
+  progress.close()

@@ -45,6 +45,25 @@ def test_a_profiled_run_on_a_bucket_workdir_writes_its_trace_into_the_bucket(
   assert all(p.stat().length > 0 for p in files)
 
 
+def test_a_profile_that_fails_to_stop_is_said_and_the_run_goes_on(tmp_path, capsys,
+                                                                   monkeypatch):
+  """As when several processes' traces share a folder (the perfetto copy then
+  raises): said in one line, stopped once, and the run trains to its end."""
+  import jax
+  stop = jax.profiler.stop_trace
+  calls = []
+
+  def failing():
+    calls.append(1)
+    stop()
+    raise ValueError("Invalid trace folder")
+  monkeypatch.setattr(jax.profiler, "stop_trace", failing)
+  result = train.run(_config(tmp_path, (1, 3)), str(tmp_path / "run"))
+  assert int(result.state.step) == 4 and len(calls) == 1
+  assert ("Profile failed (ValueError: Invalid trace folder); training goes on."
+          in capsys.readouterr().out)
+
+
 def test_no_window_writes_no_trace(tmp_path):
   workdir = tmp_path / "run"
   train.run(_config(tmp_path, ()), str(workdir))

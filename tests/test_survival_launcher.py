@@ -46,6 +46,11 @@ def test_distributed_env_checks():
                                      "BIGJAX_NUM_PROCESSES": "2", "BIGJAX_PROCESS_ID": "2"})
   with pytest.raises(ValueError, match="BIGJAX_DISTRIBUTED='maybe'"):
     distributed.initialize_from_env({"BIGJAX_DISTRIBUTED": "maybe"})
+  # auto, where there is no cluster to detect (this machine): one line, what to set.
+  with pytest.raises(distributed.EnvError, match=(
+      "BIGJAX_DISTRIBUTED=auto: JAX found no cluster to join here .* set BIGJAX_COORDINATOR, "
+      "BIGJAX_NUM_PROCESSES and BIGJAX_PROCESS_ID instead")):
+    distributed.initialize_from_env({"BIGJAX_DISTRIBUTED": "auto"})
 
 
 COORD = {"BIGJAX_COORDINATOR": "127.0.0.1:1"}

@@ -13,6 +13,7 @@ must reproduce:
 Subprocesses share a persistent XLA compilation cache, so only the first of
 each topology compiles.
 """
+import glob
 import json
 import os
 import pickle
@@ -246,6 +247,49 @@ def test_multihost_ctrl_c_saves_a_checkpoint_on_every_process(env):
   stops = [int(s) for s in re.findall(r"Preempted: checkpoint saved at step (\d+)", out)]
   assert len(stops) == 2 and stops[0] == stops[1], out[-4000:]  # Both hosts, same step.
   assert stops[0] in _checkpoints(workdir)[0]
+
+
+# Imported by every Python process started with its folder on PYTHONPATH: process
+# 0's metrics writes fail from step 3 on, as on a full disk.
+FULL_DISK_ON_PROCESS_0 = """
+import errno, os
+if os.environ.get("BIGJAX_PROCESS_ID") == "0":
+  from bigjax import metrics
+  write = metrics.MetricWriter.write
+  def failing(self, step, scalars):
+    if step >= 3:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return write(self, step, scalars)
+  metrics.MetricWriter.write = failing
+"""
+
+
+def test_multihost_failure_on_one_process_ends_the_job_at_once(env, tmp_path):
+  """Its one-line error, exit 1, the others stopped by the launcher: not a hang in
+  jax.distributed's shutdown barrier (minutes), then an abort (exit 134)."""
+  (tmp_path / "sitecustomize.py").write_text(FULL_DISK_ON_PROCESS_0)
+  faulty = dict(env, env=dict(env["env"], PYTHONPATH=os.pathsep.join(
+      filter(None, [str(tmp_path), env["env"].get("PYTHONPATH")]))))
+  workdir = str(tmp_path / "run")
+  proc = _start(faulty, workdir, launcher_args=["--num_processes=2", "--devices_per_process=4"])
+  out = _finish(proc, timeout=200)
+  assert proc.returncode == 1, out[-4000:]
+  assert "Error: writing in --workdir=" in out, out[-4000:]
+  assert "failed (No space left on device)" in out, out[-4000:]
+  # (The other process may report the lost coordinator before it is stopped.)
+  assert "launch_multihost: a process exited with code 1; stopped the others." in out
+
+
+def test_multihost_profile_writes_one_trace_per_process(env, tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = _start(env, workdir, "--config.total_steps=6", "--config.profile_steps=(3, 5)",
+                launcher_args=["--num_processes=2", "--devices_per_process=4"])
+  out = _finish(proc)
+  assert proc.returncode == 0, out[-4000:]
+  for p in range(2):
+    traces = glob.glob(os.path.join(workdir, "profile", f"process_{p}", "**",
+                                    "perfetto_trace.json.gz"), recursive=True)
+    assert len(traces) == 1, (p, traces, out[-3000:])
 
 
 def test_cli_resumes_on_4_devices_as_data2_tensor2(env, reference):
