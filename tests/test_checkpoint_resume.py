@@ -101,17 +101,19 @@ def test_config_json_is_written_whole_or_not_at_all(tmp_path):
   assert (workdir / "config.json").read_text() == '{"total_steps": 7}'
 
 
+def _record(workdir, start: int, **settings):
+  """What a (re)start at `start` writes as config.json, for lm.py:runlocal with `settings`."""
+  from bigjax import train
+  config = lm.get_config("runlocal")
+  config.update(settings)
+  train._record_config(config, str(workdir), start)
+
+
 def test_config_that_trained_the_kept_steps_is_never_overwritten(tmp_path, capsys):
   """Resumed at step 7 with total_steps 12, killed before the next checkpoint, then
   resumed at 7 again with 20: config.before_step_7.json still holds the config
   that trained steps 1-7, and the change is told against it."""
-  from bigjax import train
-
-  def record(total, start):
-    config = lm.get_config("runlocal")
-    config.total_steps = total
-    train._record_config(config, str(tmp_path), start)
-
+  record = lambda total, start: _record(tmp_path, start, total_steps=total)
   record(7, 0)
   record(12, 7)
   record(20, 7)
@@ -127,14 +129,9 @@ def test_config_that_trained_the_kept_steps_is_never_overwritten(tmp_path, capsy
 def test_resuming_with_another_batch_size_tells_which_examples_it_skips(tmp_path, capsys):
   """Step k reads the training stream from example k x batch_size on: a run resumed
   at step 7 with batch 16 instead of 8 starts at example 112, not 56."""
-  from bigjax import train
   from bigjax.data import pipeline
 
-  def record(batch_size, start):
-    config = lm.get_config("runlocal")
-    config.batch_size = batch_size
-    train._record_config(config, str(tmp_path), start)
-
+  record = lambda batch_size, start: _record(tmp_path, start, batch_size=batch_size)
   record(8, 0)
   record(16, 7)
   assert capsys.readouterr().out.splitlines()[-1].endswith(
