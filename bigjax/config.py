@@ -7,6 +7,7 @@ short for one batch) are raised by `train.run` as DataError, also before
 anything compiles; a checkpoint written by another model raises
 checkpoint.CheckpointMismatchError. Both are ConfigErrors.
 """
+import math
 import numbers
 import os
 import re
@@ -60,8 +61,9 @@ def _real(config, *fields):
   file would otherwise be a TypeError naming no field)."""
   for field in fields:
     value = _get(config, field)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-      _fail(field, f"must be a number, got {value!r}.", "Set it to a number.")
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+        or not math.isfinite(value)):  # A NaN passes every comparison below.
+      _fail(field, f"must be a finite number, got {value!r}.", "Set it to a number.")
 
 
 def _non_negative(config, *fields):
@@ -287,7 +289,8 @@ def _validate_zoo(config):
           f"Choose one of {tuple(layers.ACTIVATIONS)}.")
   if m.init not in zoo.INITS:
     _fail("model.init", f"unknown value {m.init!r}.", f"Choose one of {zoo.INITS}.")
-  if m.init == "zeros" and m.kind != "linear" and (m.hidden_dims or m.conv_features):
+  if m.init == "zeros" and (m.kind in ("mlp", "cnn") and m.hidden_dims
+                            or m.kind == "cnn" and m.conv_features):
     # Zero kernels and biases: every hidden unit is 0 and gets no gradient.
     _fail("model.init", "'zeros' leaves hidden layers dead: they output 0 and never get a "
           "gradient.", "Use 'lecun', 'xavier' or 'he'.")

@@ -362,7 +362,7 @@ def _prepare(model, prompts, max_new_tokens: int, max_len: int | None, mesh, rul
   else:
     if max_len is not None and longest + max_new_tokens > max_len:
       fix = (f"lower max_new_tokens to {max_len - longest} or less" if longest < max_len
-             else f"shorten the prompt to fewer than {max_len} tokens")
+             else f"shorten the prompt to {max(max_len - max_new_tokens, 1)} tokens or less")
       raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
                        f"exceeds the model's max_len={max_len}; {fix}.")
     cache_len = longest + max_new_tokens

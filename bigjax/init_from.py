@@ -39,15 +39,15 @@ from bigjax.checkpoint_errors import one_line
 from bigjax.config import ConfigError
 
 RESIZABLE_AXES = ("vocab", "classes")
-# Model settings that change what the same parameters compute (HF's from_pretrained
-# takes them from the checkpoint's config): the source's trained function is only
-# carried over when they agree. Where both models have them: embed_init where both
-# tie their embeddings (it sets the logits' scale: d ** -0.5 for unit-variance
-# tables), the relative distance where both use relative positions, the routing
-# where both have MoE layers.
+# Transformer settings that change what the same parameters compute (HF's
+# from_pretrained takes them from the checkpoint's config): the source's trained
+# function is only carried over when they agree. Where both models use them:
+# embed_init where both tie their embeddings (it sets the logits' scale: d ** -0.5
+# for unit-variance tables), the relative distance where both use relative
+# positions, the router where both have MoE layers, top_k where both route dropless.
 SAME_FUNCTION = ("kind", "position", "fold_query_scale", "mlp_activation", "norm", "norm_eps")
 SAME_FUNCTION_WHERE = {"embed_init": "tie_embeddings", "relative_max_distance": "position",
-                       "moe.router": "moe_every", "moe.top_k": "moe_every"}
+                       "moe.router": "moe_every", "moe.top_k": "moe.router"}
 
 
 def _fail(problem: str, fix: str):
@@ -97,6 +97,8 @@ def _check_same_function(config):
   def in_use(by: str) -> bool:
     if by == "position":
       return source["position"] == here["position"] == "relative"
+    if by == "moe.router":  # top_k: the dropless router's alone.
+      return value(source, by) == value(here, by) == "dropless"
     return bool(source[by]) and bool(here[by])
   keys = SAME_FUNCTION + tuple(k for k, by in SAME_FUNCTION_WHERE.items() if in_use(by))
   differ = [(k, value(source, k), value(here, k)) for k in keys

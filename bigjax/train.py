@@ -254,10 +254,10 @@ def _data_shift(changed, start: int) -> str:
   if "batch_size" not in changed:
     return ""
   old, new = changed["batch_size"]
-  what = "skips" if new > old else "reads again"
-  first, last = sorted((start * old, start * new))
-  return (f" The changed batch_size {what} the training stream's examples {first} to "
-          f"{last - 1} (step k reads examples k x batch_size onwards).")
+  between = "skipped" if new > old else "read again"
+  return (f" Step k reads the training stream from example k x batch_size, so this run "
+          f"reads from example {start * new}, where batch_size {old} would have read from "
+          f"{start * old}: the examples between are {between}.")
 
 
 def _load_data(config) -> tasks.TaskData:

@@ -135,8 +135,9 @@ def test_resuming_with_another_batch_size_tells_which_examples_it_skips(tmp_path
   record(8, 0)
   record(16, 7)
   assert capsys.readouterr().out.splitlines()[-1].endswith(
-      "The changed batch_size skips the training stream's examples 56 to 111 (step k "
-      "reads examples k x batch_size onwards).")
+      "Step k reads the training stream from example k x batch_size, so this run reads "
+      "from example 112, where batch_size 8 would have read from 56: the examples "
+      "between are skipped.")
   tokens = np.arange(16 * 8 * 4 + 1, dtype=np.uint16)  # Chunk i starts with token 4·i.
   read = lambda b: pipeline.LMBatches(tokens, global_batch_size=b, seq_len=4, seed=0,
                                       shuffle=False, examples=tasks.next_token_examples())
@@ -144,5 +145,5 @@ def test_resuming_with_another_batch_size_tells_which_examples_it_skips(tmp_path
   assert read(8).batch(6)["inputs"][-1, 0] == 4 * 55
   record(4, 14)
   assert capsys.readouterr().out.splitlines()[-1].endswith(
-      "The changed batch_size reads again the training stream's examples 56 to 223 (step "
-      "k reads examples k x batch_size onwards).")
+      "so this run reads from example 56, where batch_size 16 would have read from 224: "
+      "the examples between are read again.")

@@ -141,6 +141,7 @@ CASES = [
     (_with(optim__clip_norm=-1.0), "optim.clip_norm"),
     (_with(optim__clip_norm=None), "optim.clip_norm"),  # A Python config's None
     (_with(optim__weight_decay=None), "optim.weight_decay"),
+    (_with(optim__weight_decay=float("nan")), "optim.weight_decay"),  # NaN < 0 is False.
     (_with(optim__clip_value=-0.5), "optim.clip_value"),
     (_with(optim__weight_decay=-0.1), "optim.weight_decay"),
     (_with(optim__b1=1.0), "optim.b1"),

@@ -285,7 +285,7 @@ def test_sample_keeps_its_signature(models):
                                 eos_id=None)
   with pytest.raises(ValueError, match=r"max_len=40; lower max_new_tokens to 37 or less"):
     decode.sample(model, [[5, 6, 7]], max_new_tokens=40, max_len=40)
-  with pytest.raises(ValueError, match=r"shorten the prompt to fewer than 40 tokens"):
+  with pytest.raises(ValueError, match=r"shorten the prompt to 39 tokens or less"):
     decode.sample(model, [[5] * 40], max_new_tokens=1, max_len=40)
 
 

@@ -268,3 +268,22 @@ def test_new_classification_head_and_batchnorm_statistics(tmp_path):
   for name in stats:
     np.testing.assert_array_equal(stats[name], src_stats[name], err_msg=name)
   assert "2 resized" in summary, summary
+
+
+def test_top_k_is_compared_only_where_both_route_dropless(tmp_path):
+  """GShard's and Switch's routers fix their own k: a top_k they ignore is no
+  difference; the dropless router's is."""
+  from bigjax import init_from
+  from configs import lm_moe
+  source = lm_moe.get_config("runlocal")
+  here = lm_moe.get_config("runlocal")
+  here.init_from.workdir = str(tmp_path)
+  for router, refused in (("gshard_top2", False), ("dropless", True)):
+    source.model.moe.update(router=router, top_k=2)
+    here.model.moe.update(router=router, top_k=1)
+    (tmp_path / "config.json").write_text(source.to_json())
+    if refused:
+      with pytest.raises(config_lib.ConfigError, match="model.moe.top_k is 2 there, 1 here"):
+        init_from._check_same_function(here)
+    else:
+      init_from._check_same_function(here)

@@ -41,12 +41,7 @@ _READ_BLOCK = 4096  # Examples read per __getitems__ call while tokenising.
 
 
 def _as_bytes(text) -> bytes:
-  if isinstance(text, str):
-    return text.encode("utf-8")
-  if isinstance(text, bytes):
-    return text
-  raise TypeError(f"A text feature holds {type(text).__name__}, not text: fix "
-                  "config.data.text_key.")
+  return text.encode("utf-8") if isinstance(text, str) else bytes(text)
 
 
 def _fingerprint(source, text_key: str) -> str:
