@@ -46,11 +46,22 @@ def test_distributed_env_checks():
                                      "BIGJAX_NUM_PROCESSES": "2", "BIGJAX_PROCESS_ID": "2"})
   with pytest.raises(ValueError, match="BIGJAX_DISTRIBUTED='maybe'"):
     distributed.initialize_from_env({"BIGJAX_DISTRIBUTED": "maybe"})
-  # auto, where there is no cluster to detect (this machine): one line, what to set.
-  with pytest.raises(distributed.EnvError, match=(
-      "BIGJAX_DISTRIBUTED=auto: JAX found no cluster to join here .* set BIGJAX_COORDINATOR, "
-      "BIGJAX_NUM_PROCESSES and BIGJAX_PROCESS_ID instead")):
-    distributed.initialize_from_env({"BIGJAX_DISTRIBUTED": "auto"})
+
+
+def test_auto_without_a_cluster_says_what_to_set():
+  """This machine has no TPU slice, SLURM or MPI job to detect. In a fresh process:
+  jax.distributed.initialize refuses to run once this one's backend is up."""
+  script = ("from bigjax import distributed\n"
+            "try:\n"
+            "  distributed.initialize_from_env({'BIGJAX_DISTRIBUTED': 'auto'})\n"
+            "except distributed.EnvError as e:\n"
+            "  print(e)\n")
+  r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.startswith("BIGJAX_DISTRIBUTED=auto: JAX found no cluster to join here ")
+  assert ("set BIGJAX_COORDINATOR, BIGJAX_NUM_PROCESSES and BIGJAX_PROCESS_ID instead"
+          in r.stdout), r.stdout
 
 
 COORD = {"BIGJAX_COORDINATOR": "127.0.0.1:1"}
