@@ -103,18 +103,19 @@ def config_mesh(config, devices: Sequence[Any] | None = None) -> Mesh:
 def check_rows_per_process(batch_sharding: NamedSharding, batch_size: int,
                            process_index: int, process_count: int,
                            local_devices: Sequence[Any] | None = None):
-  """The input pipeline gives process p the rows [p·B/P, (p+1)·B/P) of every
-  global batch (pipeline.per_process). That is its part of the batch only when
-  the batch axes span the processes, the process axis outermost: where they do
+  """The input pipeline gives each process its own B/P rows of every global
+  batch (pipeline.per_process), which jax places at the rows the process's
+  devices hold. That needs those to be one block of B/P rows, as when the batch
+  axes span the processes (on a TPU slice the block may be another process's
+  index: the batch's rows are then permuted, the same examples). Where they do
   not (tensor parallelism across hosts, say), jax would take the processes'
-  different rows for copies of one array. Raises a ConfigError unless the
-  devices of this process hold exactly those rows."""
+  different rows for copies of one array. Raises a ConfigError then."""
   if local_devices is None:
     local_devices = [d for d in batch_sharding.device_set if d.process_index == process_index]
   index = batch_sharding.devices_indices_map((batch_size,))
   held = sorted({r for d in local_devices for r in range(*index[d][0].indices(batch_size))})
   share = batch_size // process_count
-  if held != list(range(process_index * share, (process_index + 1) * share)):
+  if len(held) != share or held[-1] - held[0] != share - 1:
     mesh = batch_sharding.mesh
     raise ConfigError(
         f"config.mesh / config.mesh_axes: the devices of process {process_index} hold "

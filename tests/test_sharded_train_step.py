@@ -280,16 +280,19 @@ def test_an_indivisible_parameter_over_several_mesh_axes():
     (("data", "fsdp"), dict(data=2, fsdp=4), True),
     (("tensor", "data"), dict(tensor=2, data=4), False),  # each "process" holds every row
     (("data", "tensor"), dict(data=1, tensor=8), False),
+    (("data",), dict(data=8), "reversed"),  # Process 0 holds rows 8..15: permuted, fine.
 ])
 def test_each_process_must_hold_the_rows_the_pipeline_gives_it(mesh_axes, sizes, ok):
-  """Two processes of 4 devices each, simulated on 8: the pipeline gives process p
-  rows [p·B/2, (p+1)·B/2), which the batch sharding must put on p's devices."""
+  """Two processes of 4 devices each, simulated on 8: the pipeline gives each its
+  own 8 rows, which the batch sharding must put on one block of 8 rows of its devices."""
   rules = tuple((name, axes) for name, axes in common.DEFAULT_RULES
                 if name == "activation_batch")
   mesh = sharding.make_mesh(sizes, jax.devices()[:8], mesh_axes)
   batch = sharding.named_sharding(mesh, sharding.BATCH, rules)
   devices = list(mesh.devices.flat)  # make_mesh keeps the order it is given
   assert devices == jax.devices()[:8]
+  if ok == "reversed":
+    devices = devices[4:] + devices[:4]
   for p in range(2):
     check = lambda: sharding.check_rows_per_process(batch, 16, p, 2, devices[4 * p:4 * p + 4])
     if ok:
