@@ -64,7 +64,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from bigjax import config as config_lib  # noqa: E402
 from bigjax import flops, host_memory, loop, sharding, steps, tasks  # noqa: E402
-from bigjax.data import pipeline, tokenizer  # noqa: E402
+from bigjax.data import pipeline  # noqa: E402
 from configs import gpt2  # noqa: E402
 
 
@@ -185,8 +185,9 @@ def load_batches(config):
 def bits_per_byte(side, evals) -> float:
   """Validation bits per byte of text, as bigjax's eval reports it (tasks.py): the
   loss summed over every target, EOS included, divided by the bytes graded."""
+  task = tasks.get("lm")  # Its eval_sums count the bytes graded, as bigjax's eval does.
   tokens = sum(float(b["weights"].sum()) for b in evals)
-  text = sum(float((b["weights"] * (b["targets"] >= tokenizer.OFFSET)).sum()) for b in evals)
+  text = sum(float(task.eval_sums(b)["byte_sum"]) for b in evals)
   return side.eval_loss(evals) * tokens / text / math.log(2)
 
 
