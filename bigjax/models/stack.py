@@ -123,11 +123,15 @@ class Stack(nnx.Module):
   parameters are stacked along a leading `layers` axis: the compiled program
   holds one unit whatever the depth. Both layouts draw the same initial weights
   and dropout keys; `bigjax.layer_layout` maps parameter names between them.
+
+  With `final_dropout` (T5's stacks, as in T5X and HF), the final norm's output
+  is dropped out too; GPT-2 leaves it whole.
   """
 
   def __init__(self, cfg: layers.LayerConfig, num_layers: int, *, cross_attention: bool,
                causal: bool, remat: str, rngs: nnx.Rngs,
-               moe: moe_lib.MoEConfig | None = None, moe_every: int = 0, scan: bool = False):
+               moe: moe_lib.MoEConfig | None = None, moe_every: int = 0, scan: bool = False,
+               final_dropout: bool = False):
     # GShard places MoE in every other block: with moe_every=2, blocks 1, 3, ...
     blocks = [Block(cfg, cross_attention=cross_attention, causal=causal, rngs=rngs,
                     moe=moe if moe_every and (i + 1) % moe_every == 0 else None)
@@ -146,6 +150,7 @@ class Stack(nnx.Module):
         relative_position.RelativePositionBias(cfg, bidirectional=not causal, rngs=rngs)
         if cfg.position == "relative" else None)
     self.final_norm = layers.Norm(cfg, rngs=rngs)
+    self.final_dropout_rate = cfg.dropout_rate if final_dropout else 0.0
     self.remat, self.remat_policy = remat_policy(remat)
 
   def __call__(self, x, mask, positions, encoded=None, cross_mask=None, rng=None,
@@ -159,21 +164,26 @@ class Stack(nnx.Module):
       bias = self.relative_bias(positions, keys)
     if self.scanned is not None:
       x, cache = self._scan(x, mask, positions, encoded, cross_mask, rng, cache, bias)
-      x = self.final_norm(x)
+      x = self._final(x, rng)
       return x if cache is None else (x, cache)
     if cache is not None:  # Decoding: no gradients, so no remat.
       new_cache = []
       for block, c, r in zip(self.blocks, cache, layers.split_rng(rng, len(self.blocks))):
         x, c = block(x, mask, positions, encoded, cross_mask, r, cache=c, bias=bias)
         new_cache.append(c)
-      return self.final_norm(x), tuple(new_cache)
+      return self._final(x, rng), tuple(new_cache)
     for block, r in zip(self.blocks, layers.split_rng(rng, len(self.blocks))):
       if self.remat:
         x = nnx.remat(lambda b, *a: b(*a), policy=self.remat_policy)(
             block, x, mask, positions, encoded, cross_mask, r, None, bias)
       else:
         x = block(x, mask, positions, encoded, cross_mask, r, bias=bias)
-    return self.final_norm(x)
+    return self._final(x, rng)
+
+  def _final(self, x, rng):
+    # A key of its own (not one more split), so the blocks keep their keys.
+    key = None if rng is None else jax.random.fold_in(rng, self.num_layers)
+    return layers.dropout(self.final_norm(x), self.final_dropout_rate, key)
 
   def _scan(self, x, mask, positions, encoded, cross_mask, rng, cache, bias):
     """The scanned stack: (x, updated cache or None). Router metrics of MoE blocks

@@ -228,7 +228,8 @@ class Encoder(nnx.Module):
     self.embedder = _Embedder(cfg, cfg.layer_config(), rngs=rngs)
     self.encoder = Stack(cfg.layer_config(cfg.num_layers), cfg.num_layers,
                          cross_attention=False, causal=False, remat=cfg.remat_policy,
-                         scan=cfg.scan_layers, rngs=rngs, moe=cfg.moe, moe_every=cfg.moe_every)
+                         scan=cfg.scan_layers, rngs=rngs, moe=cfg.moe, moe_every=cfg.moe_every,
+                         final_dropout=cfg.kind == "encdec")
     # Only the encoder itself takes the head: an encoder-decoder has its decoder.
     self.classifier = nnx.data(_ClassifierHead(cfg, cfg.layer_config(), rngs=rngs)
                                if cfg.num_classes and cfg.kind == "encoder" else None)
@@ -263,7 +264,7 @@ class EncoderDecoder(Encoder):
     self.decoder = Stack(cfg.layer_config(num_decoder_layers, cross_attention=True),
                          num_decoder_layers, cross_attention=True, causal=True,
                          remat=cfg.remat_policy, scan=cfg.scan_layers, rngs=rngs,
-                         moe=cfg.moe, moe_every=cfg.moe_every)
+                         moe=cfg.moe, moe_every=cfg.moe_every, final_dropout=True)
 
   def decode(self, encoded, encoder_tokens, decoder_tokens, positions=None, rng=None):
     return self.embedder.logits(self.decode_features(encoded, encoder_tokens, decoder_tokens,
