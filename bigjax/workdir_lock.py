@@ -76,19 +76,34 @@ def _process_start(pid: int) -> str | None:
     return None
 
 
+def _pid_space() -> str | None:
+  """Which pids this process can see (Linux): its boot and pid namespace. Two
+  containers sharing a hostname (docker --uts=host, Kubernetes hostNetwork) but
+  not their pids cannot tell whether the other's processes run."""
+  try:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+      return f"{f.read().strip()} {os.readlink('/proc/self/ns/pid')}"
+  except OSError:
+    return None
+
+
 def this_process() -> dict:
   """The record naming a holder: who it is, and how to tell it from a later
   process that reuses its pid."""
   pid = os.getpid()
-  return {"pid": pid, "host": socket.gethostname(), "process_start": _process_start(pid),
+  return {"pid": pid, "host": socket.gethostname(), "pid_space": _pid_space(),
+          "process_start": _process_start(pid),
           "started": datetime.datetime.now(datetime.timezone.utc).strftime(
               "%Y-%m-%d %H:%M:%S UTC"),
           "command": " ".join([os.path.basename(sys.executable), *sys.argv])[:300]}
 
 
 def alive(holder: dict) -> bool:
-  """Whether the recorded holder still runs (unknowable on another host: yes)."""
+  """Whether the recorded holder still runs (unknowable on another host or from
+  another pid namespace: yes)."""
   if holder.get("host") != socket.gethostname():
+    return True
+  if holder.get("pid_space", _pid_space()) != _pid_space():
     return True
   pid = holder.get("pid")
   if not isinstance(pid, int):

@@ -138,3 +138,29 @@ def test_train_prepare_is_refused_while_a_run_holds_the_workdir(tmp_path, corpus
   prepared.close()
   with open(os.path.join(workdir, workdir_lock.LOCK_NAME)) as f:
     assert f.read() == ""  # Released: a clean end empties the record.
+
+
+def test_live_holder_in_another_pid_namespace_on_the_same_host_is_not_taken_over(tmp_path):
+  # Containers sharing the hostname but not their pids: the holder's pid (1 in its
+  # own namespace) means nothing here, so its held lock must be respected.
+  workdir = str(tmp_path)
+  if subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                    capture_output=True).returncode:
+    pytest.skip("needs unshare --pid (Linux, privileged)")
+  proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+                           _HOLDER, workdir, "sleep"], cwd=ROOT, stdout=subprocess.PIPE,
+                          text=True, start_new_session=True)
+  try:
+    assert int(proc.stdout.readline()) == 1  # The first process of its namespace.
+    with pytest.raises(workdir_lock.WorkdirBusyError, match="pid 1 "):
+      workdir_lock.LocalWorkdirLock(workdir).acquire()
+  finally:
+    _stop(proc)
+
+
+def test_a_holder_seen_from_another_pid_namespace_counts_as_alive():
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  here = {**workdir_lock.this_process(), "pid": dead.pid, "process_start": None}
+  assert not workdir_lock.alive(here)
+  assert workdir_lock.alive({**here, "pid_space": "another boot or pid namespace"})
