@@ -406,8 +406,15 @@ class Checkpointer:
     """Waits for the save in flight and closes; a failure is for `wait_and_check`
     (close runs on the way out of errors, which it must not hide)."""
     self._wait()
-    self.manager.close()
-    logging.getLogger("absl").removeFilter(self._errors)
-    if self._abandoned is not None and jax.process_index() == 0:
-      # A failed save's other writes end by manager.close; what they wrote goes too.
-      self._abandoned.rmtree(missing_ok=True)
+    try:
+      self.manager.close()
+    except Exception:  # pylint: disable=broad-except
+      # orbax re-raises a failed save's other errors here (on a full disk every
+      # write fails): that failure is being reported already, in one line.
+      if self._abandoned is None:
+        raise
+    finally:
+      logging.getLogger("absl").removeFilter(self._errors)
+      if self._abandoned is not None and jax.process_index() == 0:
+        # A failed save's other writes end by manager.close; what they wrote goes too.
+        self._abandoned.rmtree(missing_ok=True)

@@ -108,3 +108,53 @@ def test_one_line_keeps_the_reason_of_a_real_tensorstore_write_error(tmp_path):
   raw, short = out.stdout.strip().split("\n")
   assert "File too large" in raw and "tensorstore_spec" in raw, raw  # The real error.
   assert "File too large" in short and len(short) <= 205, short
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 24 MiB tmpfs: a real disk that fills (needs mount rights, else skipped)."""
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
+                    capture_output=True).returncode:
+    pytest.skip("needs mount rights for a tmpfs")
+  try:
+    yield mount
+  finally:
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+_FILLED = textwrap.dedent("""
+    import runpy, subprocess, sys
+    from bigjax import checkpoint
+    from_step, filler = int(sys.argv[1]), sys.argv[2]
+    real_save = checkpoint.Checkpointer.save
+
+    def save(self, step, *args, **kwargs):
+      if step == from_step:
+        self.wait_and_check()  # Step 10's save has landed; now the disk is full.
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)
+      return real_save(self, step, *args, **kwargs)
+
+    checkpoint.Checkpointer.save = save
+    sys.argv = ["bigjax.main", *sys.argv[3:]]
+    runpy.run_module("bigjax.main", run_name="__main__", alter_sys=True)
+""")
+
+
+def test_a_full_disk_failing_every_write_is_one_line_and_its_unfinished_save_goes(
+    tmp_path, small_disk):
+  data_dir = str(tmp_path / "data")
+  for split in ("train", "validation"):
+    pipeline.token_array("stdlib_py", split, data_dir)
+  workdir = str(small_disk / "run")
+  full = subprocess.run([sys.executable, "-c", _FILLED, "20", str(small_disk / "filler"),
+                         *_flags(workdir, data_dir)],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-3000:]
+  lines = [line for line in full.stderr.splitlines() if line.strip()]
+  assert "Traceback" not in full.stderr and len(lines) == 1, full.stderr[-3000:]
+  assert lines[0].startswith("Error: Saving the checkpoint at step 20 failed: "), lines[0]
+  assert "No space left on device" in lines[0], lines[0]
+  assert "The last good checkpoint is step 10" in lines[0], lines[0]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10"]
