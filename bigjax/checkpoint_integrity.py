@@ -61,11 +61,18 @@ def write(step_dir: epath.Path, *, good: bool):
 
 
 def read(step_dir: epath.Path) -> dict | None:
-  """The step's record, or None if it has none; raises if it is unreadable."""
+  """The step's record, or None if it has none; ValueError if it is unreadable
+  (not JSON, or JSON of another shape: a flipped byte can leave valid JSON)."""
   try:
-    return json.loads((step_dir / CHECKSUMS).read_text())
+    record = json.loads((step_dir / CHECKSUMS).read_text())
   except FileNotFoundError:
     return None
+  files = record.get("files") if isinstance(record, dict) else None
+  if not (isinstance(files, dict) and isinstance(record.get("good", True), bool) and all(
+      isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int)
+      and isinstance(entry[1], str) for entry in files.values())):
+    raise ValueError("not a record of {'good': bool, 'files': {name: [size, crc]}}")
+  return record
 
 
 def unverified(step_dir: epath.Path) -> bool:

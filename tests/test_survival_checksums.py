@@ -169,3 +169,24 @@ def test_the_reader_skips_a_step_without_its_checksum_record(tmp_path):
   np.testing.assert_array_equal(params["w"], _state(1).params["w"])
   assert len(notes) == 1 and "step 2" in notes[0] and "bigjax_checksums.json is missing" in notes[0]
   assert step_dir.is_dir()  # The reader never moves anything.
+
+
+@pytest.mark.parametrize("text", ['{"format": 1, "good": true, "filfs": {}}', "[]",
+                                  '{"format": 1, "good": true, "files": {"a": 5}}'])
+def test_a_checksum_record_of_another_shape_is_damage_and_the_step_before_restores(
+    tmp_path, text):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=3)
+  ckpt.save(1, _state(1))
+  ckpt.save(2, _state(2))
+  ckpt.close()
+  # Valid JSON still, as a flipped byte in a key leaves it.
+  (tmp_path / "checkpoints" / "2" / checkpoint_integrity.CHECKSUMS).write_text(text)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=3)
+  assert ckpt.newest_good_step() == 1
+  reports = []
+  state, step = ckpt.restore_latest_intact(*_abstract(), reports.append)
+  ckpt.close()
+  assert step == 1 and int(state.step) == 1
+  assert len(reports) == 1 and reports[0].startswith(
+      "Checkpoint step 2 is damaged (its bigjax_checksums.json is unreadable"), reports
+  assert _saved_steps(tmp_path) == [1]
