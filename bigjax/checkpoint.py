@@ -1,8 +1,9 @@
 """Orbax checkpoints: periodic async saves, keep-K, resume, restore onto any mesh.
 
 Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it only
-when the save is complete, so a half-written checkpoint (a process killed during
-an async save) is never listed or restored. The Checkpointer removes such
+when the save is complete (on a bucket, which cannot rename, into `<step>/`, and
+writes `commit_success.txt` last), so a half-written checkpoint (a process
+killed during an async save) is never listed or restored. The Checkpointer removes such
 leftovers when it opens and reports them (`unfinished_removed`); the previous
 finished step is then the latest.
 
@@ -36,6 +37,7 @@ from bigjax.config import ConfigError
 from bigjax.steps import TrainState
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
+COMMIT_MARKER = "commit_success.txt"  # A bucket's finished step holds it.
 DAMAGED_DIR = "damaged_checkpoints"  # WORKDIR/damaged_checkpoints/STEP: set aside, kept.
 
 
@@ -165,13 +167,23 @@ class Checkpointer:
     """orbax's post-write hook (background thread, process 0): every file of the
     save is written; it is not yet renamed into place."""
     step, good = self._in_flight
-    unfinished = self.directory / f"{step}{TMP_MARKER}"
+    unfinished = self._unfinished(step)
     integrity.write(unfinished if unfinished.exists() else self.directory / str(step),
                     good=good)
+
+  def _on_bucket(self) -> bool:
+    return str(self.directory).startswith("gs://")
+
+  def _unfinished(self, step: int) -> epath.Path:
+    """Where a save of `step` is written until it is finished."""
+    return self.directory / (str(step) if self._on_bucket() else f"{step}{TMP_MARKER}")
 
   def _temporary_dirs(self) -> list[str]:
     if not self.directory.is_dir():
       return []
+    if self._on_bucket():
+      return sorted((p.name for p in self.directory.iterdir()
+                     if p.name.isdigit() and not (p / COMMIT_MARKER).exists()), key=int)
     return sorted(p.name for p in self.directory.iterdir() if TMP_MARKER in p.name)
 
   def _remove_unfinished(self) -> list[str]:
@@ -254,7 +266,7 @@ class Checkpointer:
     """What failed, where, how much space a checkpoint takes, and the step to
     resume from. The unfinished save is removed: it only takes space."""
     error, self._errors.error = self._errors.error, None
-    unfinished = self.directory / f"{step}{TMP_MARKER}"
+    unfinished = self._unfinished(step)
     if jax.process_index() == 0:
       unfinished.rmtree(missing_ok=True)
     self._abandoned = unfinished  # Writes still in flight may recreate it: see close.

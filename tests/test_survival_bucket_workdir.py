@@ -199,3 +199,51 @@ def test_bucket_lease_without_credentials_is_a_config_error(tmp_path, monkeypatc
                      r"there \(no Google Cloud credentials: File .*no-such-key.json was not "
                      r"found.\)\. Set up credentials: `gcloud auth application-default login`"):
     bucket_lease.BucketLease("gs://no-such-bucket/run")
+
+
+def _small_state(step):
+  from bigjax import steps
+  key = jax.random.PRNGKey(0)
+  return steps.TrainState(step=jax.numpy.int32(step), params={"w": jax.numpy.full(64, step)},
+                          opt_state={"count": jax.numpy.int32(step)}, rng=key)
+
+
+def _bucket_steps(directory):
+  return sorted(p.name for p in epath.Path(directory).iterdir())
+
+
+def test_bucket_save_cut_before_its_commit_file_is_reported_and_removed(gcs_bucket):
+  # On a bucket orbax writes into <step>/ and marks it finished with
+  # commit_success.txt: a save killed before then is unfinished, not a step.
+  from bigjax import checkpoint
+  workdir = f"{gcs_bucket}/cut-{uuid.uuid4().hex[:8]}"
+  ckpt = checkpoint.Checkpointer(workdir, save_every=1, keep=3)
+  ckpt.save(1, _small_state(1))
+  ckpt.save(2, _small_state(2))
+  ckpt.close()
+  directory = f"{workdir}/checkpoints"
+  (epath.Path(directory) / "2" / checkpoint.COMMIT_MARKER).unlink()
+  ckpt = checkpoint.Checkpointer(workdir, save_every=1, keep=3)
+  assert ckpt.unfinished_removed == ["2"]
+  assert _bucket_steps(directory) == ["1"] and ckpt.all_steps() == [1]
+  ckpt.close()
+
+
+def test_failed_bucket_save_names_and_removes_its_own_directory(gcs_bucket, monkeypatch):
+  from bigjax import checkpoint, checkpoint_errors, checkpoint_integrity
+  workdir = f"{gcs_bucket}/fail-{uuid.uuid4().hex[:8]}"
+  ckpt = checkpoint.Checkpointer(workdir, save_every=1, keep=3)
+  ckpt.save(1, _small_state(1))
+  ckpt.wait_and_check()
+
+  def full(step_dir, *, good):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(checkpoint_integrity, "write", full)
+  ckpt.save(2, _small_state(2))
+  with pytest.raises(checkpoint_errors.CheckpointSaveError) as failure:
+    ckpt.wait_and_check()
+  ckpt.close()
+  assert f"(writing {workdir}/checkpoints/2;" in str(failure.value), failure.value
+  assert "The last good checkpoint is step 1" in str(failure.value)
+  assert _bucket_steps(f"{workdir}/checkpoints") == ["1"]
