@@ -128,6 +128,9 @@ def _validate_moe(config):
             "dense model.")
   _positive(config, "model.moe.num_experts", "model.moe.group_size", "model.moe.top_k",
             "model.moe.block_size")
+  _real(config, *(f"model.moe.{field}" for field in (
+      "capacity_factor", "eval_capacity_factor", "jitter_noise", "aux_loss_weight",
+      "z_loss_weight")))
   if e.router not in routing.ROUTERS:
     _fail("model.moe.router", f"unknown router {e.router!r}.", f"Choose one of {routing.ROUTERS}.")
   if e.dropless_impl not in moe.DROPLESS_IMPLS:
@@ -143,9 +146,13 @@ def _validate_moe(config):
     if not e[field] > 0:
       _fail(f"model.moe.{field}", f"must be > 0, got {e[field]}.", "Use e.g. 1.25.")
   k = routing.choices_per_token(e.router, e.top_k)
-  if k > e.num_experts:
+  if k > e.num_experts and e.router == "dropless":
     _fail("model.moe.top_k", f"top-{k} routing needs at least {k} experts, got "
           f"num_experts={e.num_experts}.", "Lower top_k or add experts.")
+  if k > e.num_experts:  # top_k is dropless's: this router's k is fixed.
+    _fail("model.moe.num_experts", f"router {e.router!r} sends each token to {k} distinct "
+          f"experts, so it needs at least {k}, got {e.num_experts}.",
+          "Add experts, or use router='switch_top1' (one expert per token).")
   if e.router == "expert_choice" and m.kind != "encoder":
     _fail("model.moe.router", "expert_choice routing looks at future tokens, so it only "
           "suits encoders.", "Use model.kind='encoder' or another router.")

@@ -245,7 +245,8 @@ def make_train_step(setup: TrainSetup) -> Callable:
       ((sums, grads), model_state), _ = jax.lax.scan(
           body, (zero, state.model_state), (jnp.arange(accum), _microbatches(batch, accum)))
     # Gradients of the summed loss, normalised once by the global token count,
-    # so accumulation over microbatches equals one big batch exactly.
+    # so accumulation over microbatches equals one big batch exactly (the README
+    # lists what cannot: BatchNorm, random draws, the dropless balance loss).
     denom = jnp.maximum(sums["weight_sum"], 1.0)
     # A non-finite loss can come with finite gradients (an out-of-range label: its
     # cross-entropy is NaN, its gradient not). The guard looks at the gradients, so

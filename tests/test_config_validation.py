@@ -189,7 +189,12 @@ CASES = [
     (_moe(**{"model.moe.eval_capacity_factor": 0.0}), "model.moe.eval_capacity_factor"),
     (_moe(**{"model.moe.router": "dropless", "model.moe.top_k": 3,
              "model.moe.num_experts": 2}), "model.moe.top_k"),  # top-k > experts
-    (_moe(**{"model.moe.num_experts": 1}), "model.moe.top_k"),  # top-2 of 1 expert
+    (_moe(**{"model.moe.num_experts": 1}), "model.moe.num_experts"),  # top-2 of 1 expert
+    (_moe(**{"model.moe.capacity_factor": float("inf")}), "model.moe.capacity_factor"),
+    (_moe(**{"model.moe.eval_capacity_factor": None}), "model.moe.eval_capacity_factor"),
+    (_moe(**{"model.moe.aux_loss_weight": float("nan")}), "model.moe.aux_loss_weight"),
+    (_moe(**{"model.moe.z_loss_weight": float("inf")}), "model.moe.z_loss_weight"),
+    (_moe(**{"model.moe.jitter_noise": None}), "model.moe.jitter_noise"),
     (_moe(**{"model.moe.router": "expert_choice"}), "model.moe.router"),  # decoder
     (_moe(**{"model.moe.group_size": 24}), "model.moe.group_size"),  # 24 ∤ seq_len 32
     (_moe(**{"model.moe.group_size": 0}), "model.moe.group_size"),
@@ -302,7 +307,7 @@ def test_expert_choice_counts_one_choice_per_token_in_validation_as_in_the_layer
   config_lib.validate(config, num_devices=8)
   moe_cfg = steps.model_config(config).moe
   assert moe_cfg.k == 1
-  with pytest.raises(config_lib.ConfigError, match=r"config\.model\.moe\.top_k"):
+  with pytest.raises(config_lib.ConfigError, match=r"config\.model\.moe\.num_experts"):
     config.model.moe.router = "gshard_top2"  # Two distinct experts per token: not with one.
     config_lib.validate(config, num_devices=8)
 

@@ -307,6 +307,9 @@ def test_capacity_rounding():
   assert routing.capacity(256, 8, 2, 1.25) == 80
   assert routing.capacity(32, 8, 2, 0.5) == 4
   assert routing.capacity(8, 8, 1, 1.0) == 1
+  # Never more slots than the group's tokens: an expert gets each token at most once.
+  assert routing.capacity(8, 2, 2, 2.0) == 8  # not 16
+  assert routing.capacity(4, 1, 1, 1.5) == 4
 
 
 def test_capacity_is_never_below_one():

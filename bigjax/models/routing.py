@@ -40,10 +40,13 @@ class Routing(NamedTuple):
 
 
 def capacity(group_size: int, num_experts: int, k: int, capacity_factor: float) -> int:
-  """Expert capacity C = ceil(k * capacity_factor * S / E), at least 1."""
+  """Expert capacity C = ceil(k * capacity_factor * S / E), at least 1 and at
+  most S: a token's k choices are distinct experts, so no expert is sent more
+  than the group's S tokens, and slots past S would only be computed empty."""
   # The epsilon keeps float noise (1.1 * 10 / 11 = 1.0000000000000002) from
   # rounding a whole number of slots up by one.
-  return max(1, math.ceil(k * capacity_factor * group_size / num_experts - 1e-9))
+  return min(group_size,
+             max(1, math.ceil(k * capacity_factor * group_size / num_experts - 1e-9)))
 
 
 def z_loss(logits: jax.Array) -> jax.Array:
