@@ -84,7 +84,10 @@ def _missing(config, arg: str, path: str) -> str | None:
           return f"{name} has no key {part!r}. Did you mean {fixed_arg}?"
         return f"{name} has no key {part!r} (did you mean {close[0]!r}?), and {further}"
       return f"{name} has no key {part!r}. Its keys: {', '.join(keys)}."
-    if isinstance(node, (list, tuple)) and isinstance(part, int):
+    if isinstance(node, tuple) and isinstance(part, int):
+      return (f"{name} is a tuple, whose entries cannot be set one by one. Override it "
+              f"whole: --{name}=(...).")
+    if isinstance(node, list) and isinstance(part, int):
       if -len(node) <= part < len(node):
         node = node[part]
         continue

@@ -171,8 +171,8 @@ def _validate_profile_steps(config):
   if window is None or (isinstance(window, (tuple, list)) and not window):
     return  # No profile.
   if not (isinstance(window, (tuple, list)) and len(window) == 2 and
-          all(_is_int(s) for s in window) and 0 <= window[0] < window[1]):
-    _fail("profile_steps", f"must be two step numbers (start, stop) with 0 <= start < stop, "
+          all(_is_int(s) for s in window) and 1 <= window[0] < window[1]):
+    _fail("profile_steps", f"must be two step numbers (start, stop) with 1 <= start < stop, "
           f"got {window!r}.", "Use e.g. (10, 13) to trace steps 10, 11 and 12, or () for none.")
 
 

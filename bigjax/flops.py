@@ -7,16 +7,19 @@ mask leaves half the score matrix unused (Levanter and Megatron count it whole).
 Bidirectional attention (an encoder's, and cross-attention) uses the whole score
 matrix and counts the whole 12 x L x H x Q x T.
 A MoE layer counts its router and the k experts each token is routed to, not
-all E. XLA's own counted FLOPs are not used: they count a scanned layer once and
+all E; with expert choice, where each expert takes capacity_factor x S / E of a
+group's S tokens, capacity_factor experts per token on average. XLA's own counted FLOPs are not used: they count a scanned layer once and
 rematerialised work twice.
 """
 from bigjax.models import transformer
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' sheets (without sparsity).
 # Matched as substrings of jax's device_kind in this order: a v5p reports plain
-# "TPU v5", so that key comes after the v5 lite ones.
+# "TPU v5", so that key comes after the v5 lite ones; the PCIe and NVL cards
+# ("NVIDIA H100 PCIe") before the SXM ones' plain names.
 PEAK_BF16 = {"tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12,
-             "tpu v5": 459e12, "tpu v6 lite": 918e12, "tpu v6e": 918e12, "h100": 989e12,
+             "tpu v5": 459e12, "tpu v6 lite": 918e12, "tpu v6e": 918e12,
+             "h100 pcie": 756e12, "h100 nvl": 835e12, "h200 nvl": 835e12, "h100": 989e12,
              "h200": 989e12, "a100": 312e12}
 
 
@@ -29,7 +32,9 @@ def _layer_matmul_params(cfg: transformer.TransformerConfig, moe: bool,
     attention *= 2
   mlp = e * cfg.mlp_dim * (3 if cfg.gated_mlp else 2)
   if moe:
-    mlp = mlp * cfg.moe.k + e * cfg.moe.num_experts  # k active experts + the router
+    per_token = (cfg.moe.capacity_factor if cfg.moe.router == "expert_choice"
+                 else cfg.moe.k)
+    mlp = mlp * per_token + e * cfg.moe.num_experts  # active experts + the router
   return attention + mlp
 
 

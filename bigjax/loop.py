@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from typing import Any, Callable
 
 import grain
@@ -80,6 +81,18 @@ class Loop:
             f"config.optim.nan_policy='halt': the run stops ({where}). Lower optim.lr, set "
             "optim.clip_norm, check the data, or set config.optim.nan_policy='skip' to drop "
             "such updates.")
+
+
+def untimed(loop: Loop, work: Callable[[], Any]):
+  """work()'s result, its time left out of the logged throughput. The steps
+  dispatched before it finish first: their time is training."""
+  jax.block_until_ready(loop.state)
+  start = time.perf_counter()
+  try:
+    return work()
+  finally:
+    if loop.progress is not None:
+      loop.progress.exclude(time.perf_counter() - start)
 
 
 def from_process_0(flag: bool) -> bool:
@@ -175,9 +188,11 @@ class LogMetrics(Hook):
   (Evaluate) come after it in the list."""
 
   def __init__(self, workdir: str):
-    self.workdir, self.skipped_logged = workdir, None
+    self.workdir, self.skipped_logged = workdir, 0
 
   def start(self, loop):
+    skipped = optim.skipped_updates(loop.state.opt_state)  # Before this (re)start.
+    self.skipped_logged = 0 if skipped is None else int(jax.device_get(skipped))
     # A fresh start drops every row (-1), a resume the rows past its checkpoint.
     for message in metrics_lib.rewind_jsonl(self.workdir, loop.done or -1).messages(
         loop.done):
@@ -218,7 +233,7 @@ class LogMetrics(Hook):
     skipped = optim.skipped_updates(loop.state.opt_state)
     if skipped is not None:
       scalars["skipped_updates"] = skipped = int(jax.device_get(skipped))
-      if self.skipped_logged is not None and skipped > self.skipped_logged:
+      if skipped > self.skipped_logged:
         loop.log(f"step {loop.done}: skipped {skipped - self.skipped_logged} update(s) with "
                  f"non-finite gradients ({skipped} in total).")
       self.skipped_logged = skipped
@@ -247,11 +262,12 @@ class Evaluate(Hook):
 
   def _run(self, loop, what: str):
     self.eval_step = self.eval_step or steps.make_eval_step(loop.setup)
-    loop.last_eval = evaluate(loop.setup, self.eval_step, loop.state, self.batches)
+    # Throughput counts training time only.
+    loop.last_eval = untimed(loop, lambda: evaluate(loop.setup, self.eval_step, loop.state,
+                                                    self.batches))
     loop.log(f"{what}: " + ", ".join(f"{k}={v:.4f}" for k, v in loop.last_eval.items()))
     if loop.writer is not None:
       loop.writer.write(loop.done, loop.last_eval)
-      loop.progress.reset_clock()  # Throughput counts training time only.
 
   def start(self, loop):
     if self.baseline and loop.done == 0:
@@ -260,7 +276,9 @@ class Evaluate(Hook):
       self._run(loop, f"eval at step {loop.done} (again: the run stopped before writing it)")
 
   def after_step(self, loop):
-    if loop.every(loop.config.eval_every):
+    # Not after a preemption save: the grace period is short, and the rerun
+    # evaluates this step (eval_lost).
+    if loop.every(loop.config.eval_every) and not loop.stop:
       self._run(loop, f"eval at step {loop.done}")
 
 
@@ -280,14 +298,16 @@ class SaveCheckpoints(Hook):
     self.ckpt.raise_if_save_failed()
 
   def after_step(self, loop):
-    stop = self.sigterm_raised() or self.ckpt.reached_preemption(loop.done)
+    # A preemption at the last step: the run is done, and ends as usual.
+    stop = ((self.sigterm_raised() or self.ckpt.reached_preemption(loop.done))
+            and not loop.is_last())
     if not (stop or loop.every(loop.config.checkpoint_every)):
       return
     loop.check_finite()  # No non-finite state is checkpointed under 'halt'.
     # A state whose loss is not finite may be broken: its saves must not rotate
     # out the newest good checkpoint (one host sync per save).
     good = math.isfinite(float(loop.last_metrics["loss"]))
-    self.ckpt.save(loop.done, loop.state, force=True, good=good)
+    untimed(loop, lambda: self.ckpt.save(loop.done, loop.state, force=True, good=good))
     if stop:
       self.ckpt.wait_and_check()
       print(f"Preempted: checkpoint saved at step {loop.done}; rerun the same command to "
@@ -300,7 +320,8 @@ class SaveCheckpoints(Hook):
 
 class Profile(Hook):
   """config.profile_steps = (start, stop): a jax.profiler trace of steps
-  start..stop-1 into WORKDIR/profile: *.xplane.pb (TensorBoard's profile
+  start..stop-1, numbered as metrics.jsonl numbers them (step N: the update
+  after which N are done), into WORKDIR/profile: *.xplane.pb (TensorBoard's profile
   plugin, XProf) and perfetto_trace.json.gz (ui.perfetto.dev); each process of
   a multi-process job into WORKDIR/profile/process_<i> (the perfetto copy wants
   one trace per folder). On a bucket workdir the profiler writes to a local
@@ -313,11 +334,19 @@ class Profile(Hook):
     if jax.process_count() > 1:
       self.dir = self.dir / f"process_{jax.process_index()}"
     self.start_step, self.stop_step = start, stop
-    self.tracing = False
+    self.tracing, self.first = False, None
     self.trace_dir = None  # Where the profiler writes: self.dir, or a local stand-in.
 
+  def start(self, loop):
+    first, last = loop.done + 1, loop.config.total_steps
+    if self.stop_step <= first or self.start_step > last:
+      loop.log(f"Note: profile_steps=({self.start_step}, {self.stop_step}) lies outside the "
+               f"steps this run trains ({first}..{last}): no profile.")
+
   def before_step(self, loop, step):
-    if step == self.start_step:
+    # A resumed run may start inside the window: it traces from its first step.
+    if self.first is None and self.start_step <= step + 1 < self.stop_step:
+      self.first = step + 1
       self.trace_dir = (self.dir if "://" not in str(self.dir)
                         else tempfile.mkdtemp(prefix="bigjax_profile_"))
       # The xplane.pb for TensorBoard / XProf, and a Perfetto-ready copy.
@@ -325,7 +354,7 @@ class Profile(Hook):
       self.tracing = True
 
   def after_step(self, loop):
-    if self.tracing and loop.done == self.stop_step:
+    if self.tracing and loop.done == self.stop_step - 1:
       self._stop(loop)
 
   def _stop(self, loop):
@@ -348,8 +377,8 @@ class Profile(Hook):
         return
       shutil.rmtree(self.trace_dir)
     # The run may end (or fail) inside the window: name the steps traced.
-    last = min(self.stop_step, loop.done) - 1
-    loop.log(f"Profile of steps {self.start_step}..{last} written to {self.dir}.")
+    last = min(self.stop_step - 1, loop.done)
+    loop.log(f"Profile of steps {self.first}..{last} written to {self.dir}.")
 
   def close(self, loop):
     if self.tracing:  # The run ended (or failed) inside the window.

@@ -107,6 +107,8 @@ class _EventFile:
 
 
 def _scalar(v):
+  if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+    return int(v)  # Counts (skipped_updates, steps_averaged) stay whole numbers.
   v = float(np.asarray(v))
   return v if math.isfinite(v) else str(v)  # JSON has no NaN/Inf literals.
 
@@ -262,9 +264,10 @@ class Progress:
             f", {self.unit}/s={rate:,.0f}", flush=True)
     return rate
 
-  def reset_clock(self):
-    """Excludes time spent outside training (eval, checkpoints) from throughput."""
-    self._last_time = time.perf_counter()
+  def exclude(self, seconds: float):
+    """Takes `seconds` spent outside training (an evaluation, a checkpoint save)
+    out of the throughput of the window they fell in."""
+    self._last_time += seconds
 
   def close(self):
     self.bar.close()

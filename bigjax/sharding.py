@@ -53,6 +53,8 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int, axes) -> dict:
   axes = tuple(axes)
   for axis in mesh_cfg:
     size = mesh_cfg[axis]
+    if axis not in axes and size == 1:
+      continue  # An axis left out of mesh_axes: size 1 is what leaving it out means.
     if axis not in axes:
       raise ValueError(f"config.mesh.{axis}: is not a mesh axis. Use the axes {axes}, or "
                        "declare it in config.mesh_axes (and give it sharding rules).")
@@ -63,7 +65,8 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int, axes) -> dict:
   rest = [a for a, s in sizes.items() if s == -1]
   if len(rest) > 1:
     raise ValueError(f"config.mesh: more than one axis is -1 ({rest}). "
-                     "Set at most one axis to -1.")
+                     f"Set at most one axis to -1, e.g. --config.mesh.{rest[0]}=1 (the "
+                     "default mesh gives data the remaining devices).")
   known = math.prod(s for s in sizes.values() if s != -1)
   # Too few devices on a CPU host: XLA can split it into more.
   more = (f" On CPU, XLA_FLAGS=--xla_force_host_platform_device_count={known} gives "

@@ -154,6 +154,7 @@ class TokenTask(Task):
   """Batches of config.seq_len-token chunks of config.data's text corpus."""
   vocab_needed: int = tokenizer.VOCAB_SIZE
   metric_unit = "bits per byte"  # What eval_bits_per_byte counts, for the report.
+  sample_prompt: str | None = None  # What the end-of-run sample continues; None: no sample.
 
   def chunk_examples(self, config) -> pipeline.ChunkExamples:
     raise NotImplementedError
@@ -163,6 +164,9 @@ class TokenTask(Task):
       _fail("model.vocab_size", f"{config.model.vocab_size} is smaller than the "
             f"{self.vocab_needed} ids task={self.name!r} uses.", f"Use at least "
             f"{self.vocab_needed}.")
+    if config.sample_tokens and self.sample_prompt is None:
+      _fail("sample_tokens", f"task={self.name!r} draws no sample at the end of training.",
+            "Set sample_tokens=0, and decode the trained run with python -m bigjax.generate.")
 
   def load_data(self, config, process_index, process_count):
     d = config.data
@@ -229,7 +233,10 @@ class NextToken(TokenTask):
     # multi-process runs sample afterwards with `python -m bigjax.generate`.
     import jax
     from bigjax import decode  # Decoding sits above the tasks; only the report needs it.
-    if config.sample_tokens and jax.process_count() == 1:
+    if config.sample_tokens and jax.process_count() > 1:
+      lines.append("No sample in a multi-process run: python -m bigjax.generate "
+                   "--workdir=... draws one from its checkpoint.")
+    elif config.sample_tokens:
       prompt = self.sample_prompt
       out = decode.sample(setup.model(state.params), [list(tokenizer.encode(prompt))],
                           max_new_tokens=config.sample_tokens,

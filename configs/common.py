@@ -19,7 +19,12 @@ def parse_arg(arg, lazy=False, **spec):
     if not value:
       out[key] = True
     elif isinstance(default, bool):
-      out[key] = value.lower() in ("1", "true", "yes")
+      words = {"1": True, "true": True, "yes": True, "on": True,
+               "0": False, "false": False, "no": False, "off": False}
+      if value.lower() not in words:
+        raise ValueError(f"Config arg {key}={value!r} is not a boolean; use {key}=true or "
+                         f"{key}=false (or the bare word {key}).")
+      out[key] = words[value.lower()]
     elif default is not None:
       out[key] = type(default)(value)
     else:

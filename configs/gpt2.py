@@ -10,7 +10,7 @@ on the other half (a fresh optimizer and learning rate; only parameters are read
   python -m bigjax.main --config=configs/gpt2.py:finetune,runlocal \
       --config.init_from.workdir=/tmp/gpt2_pre --workdir=/tmp/gpt2_ft
 Add --config.optim.freeze='^embedder/' to keep the embeddings fixed. Then sample:
-  python -m bigjax.generate --workdir=/tmp/gpt2_ft --prompt="def " --max_new_tokens=64
+  python -m bigjax.generate --workdir=/tmp/gpt2_ft --prompt="def " --max_new_tokens=24
 
 `baby` is nanoGPT's "baby GPT on CPU" recipe (4 layers, 4 heads, width 128,
 64-byte context, batch 12, 2,000 steps of AdamW 1e-3 -> 1e-4 cosine after 100

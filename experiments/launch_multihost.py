@@ -20,7 +20,8 @@ plain `jax.distributed.initialize()` finds the slice by itself:
 
   gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=all --command="cd bigjax && \
       python experiments/launch_multihost.py --auto -- \
-      --config=configs/lm.py --workdir=gs://BUCKET/lm --config.mesh.fsdp=-1"
+      --config=configs/lm.py --workdir=gs://BUCKET/lm \
+      --config.mesh.data=1 --config.mesh.fsdp=-1"
 
 (equivalently: `BIGJAX_DISTRIBUTED=auto python -m bigjax.main ...` on every worker).
 On hosts you address yourself, set the three BIGJAX_* variables per host instead,

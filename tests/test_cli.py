@@ -195,6 +195,32 @@ def test_unknown_config_arg(tmp_path):
   assert r.returncode != 0 and "runlokal" in r.stderr
 
 
+def test_a_config_arg_that_is_not_a_boolean_is_refused():
+  # runlocal=on would otherwise have loaded the full-size config, silently.
+  assert common.parse_arg("runlocal=off", runlocal=True).runlocal is False
+  assert common.parse_arg("runlocal=Yes", runlocal=False).runlocal is True
+  with pytest.raises(ValueError, match="runlocal='ture' is not a boolean"):
+    common.parse_arg("runlocal=ture", runlocal=False)
+
+
+def test_an_entry_of_a_tuple_setting_names_the_whole_override(tmp_path):
+  r = _run(f"--workdir={tmp_path}", "--config.sharding_rules[0]=('vocab',None)")
+  assert r.returncode == 1
+  assert _last_line(r) == ("Error: --config.sharding_rules[0]=('vocab',None): "
+                           "config.sharding_rules is a tuple, whose entries cannot be set one "
+                           "by one. Override it whole: --config.sharding_rules=(...)."), r.stderr
+
+
+def test_a_task_that_draws_no_sample_refuses_sample_tokens():
+  from bigjax import config as config_lib
+  from configs import t5
+  config = t5.get_config("runlocal")
+  config.sample_tokens = 6
+  with pytest.raises(config_lib.ConfigError, match=r"config\.sample_tokens: task='reverse' "
+                     "draws no sample"):
+    config_lib.validate(config, num_devices=1)
+
+
 def test_sample_longer_than_max_len_is_rejected_before_training(tmp_path):
   # runlocal: max_len=32; the end-of-run sample continues a 4-byte prompt.
   r = _run(f"--workdir={tmp_path}", "--config.sample_tokens=29")

@@ -355,6 +355,16 @@ def test_a_mesh_may_leave_out_an_axis(axis):
     config = _without_axis(config, axis)
     config_lib.validate(config, num_devices=8)
     assert axis not in sharding.config_mesh(config).shape
+  # From the command line a key cannot be deleted: size 1 leaves it out as well.
+  config = _without_axis(lm_moe.get_config("runlocal"), axis)
+  with config.unlocked():
+    config.mesh[axis] = 1
+  config_lib.validate(config, num_devices=8)
+  assert axis not in sharding.config_mesh(config).shape
+  with config.unlocked():
+    config.mesh[axis] = 2  # A size > 1 for an axis that is not declared is refused.
+  with pytest.raises(config_lib.ConfigError, match=rf"config\.mesh\.{axis}: is not a mesh"):
+    config_lib.validate(config, num_devices=8)
   # The axes that are there are still checked.
   config = _without_axis(lm.get_config("runlocal"), axis)
   if axis == "tensor":  # 60 does not split over fsdp=8.

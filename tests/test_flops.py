@@ -74,4 +74,30 @@ def test_peak_flops_by_device_kind():
   assert flops.peak_flops("TPU v5 lite") == 197e12
   assert flops.peak_flops("TPU v5") == 459e12
   assert flops.peak_flops("NVIDIA H200") == 989e12
+  assert flops.peak_flops("NVIDIA H100 80GB HBM3") == 989e12  # SXM
+  assert flops.peak_flops("NVIDIA H100 PCIe") == 756e12
+  assert flops.peak_flops("NVIDIA H100 NVL") == 835e12
   assert flops.peak_flops("cpu") is None
+
+
+@pytest.mark.parametrize("router, factor", [("gshard_top2", 1.0), ("expert_choice", 1.0),
+                                            ("expert_choice", 2.0)])
+def test_moe_flops_match_xla_count_with_gather_dispatch(router, factor):
+  # With the gather dispatch XLA counts only the experts' real work: k experts per
+  # token for top-k routing, capacity_factor on average for expert choice (each
+  # expert takes capacity_factor·S/E of a group's S tokens).
+  config = bert.get_config("runlocal")
+  config.update(batch_size=2, seq_len=256)
+  config.model.update(num_layers=2, emb_dim=64, num_heads=4, mlp_dim=512, max_len=256,
+                      dropout_rate=0.0, moe_every=1)
+  config.model.moe.update(router=router, capacity_factor=factor, group_size=256,
+                          capacity_dispatch="gather", random_routing=False, num_experts=8)
+  config.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
+  setup = steps.make_setup(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+  shape = (config.batch_size, config.seq_len)
+  batch = {"inputs": jnp.ones(shape, jnp.int32), "targets": jnp.ones(shape, jnp.int32),
+           "weights": jnp.ones(shape, jnp.float32)}
+  state = jax.eval_shape(lambda: steps.create_state(setup, 0))
+  counted = steps.make_train_step(setup).lower(state, batch).compile().cost_analysis()["flops"]
+  ours = flops.training_flops_per_token(steps.model_config(config), config.seq_len)
+  assert abs(counted / (ours * shape[0] * shape[1]) - 1) < 0.1, (counted, ours)

@@ -137,6 +137,58 @@ def test_the_first_row_after_a_crash_says_it_averages_fewer_steps(tmp_path):
   assert [(r["step"], r.get("steps_averaged")) for r in rows] == [(4, None), (8, 2), (12, None)]
 
 
+def _eval_steps(workdir) -> list[int]:
+  return [r["step"] for r in metrics.read_jsonl(f"{workdir}/metrics.jsonl")
+          if "eval_loss" in r]
+
+
+def test_a_preemption_at_an_evaluation_step_saves_and_leaves_the_evaluation_to_the_rerun(
+    tmp_path):
+  config = _config(tmp_path, eval_every=4)
+  workdir = str(tmp_path / "run")
+  _train(config, workdir, StopAt(8))  # Grace time goes to the save alone.
+  assert _eval_steps(workdir) == [4]
+  _train(config, workdir)  # The rerun evaluates step 8 first (it was lost), then goes on.
+  assert _eval_steps(workdir) == [4, 8, 12]
+
+
+def test_a_preemption_at_the_last_step_ends_the_run_as_usual(tmp_path):
+  config = _config(tmp_path, eval_every=4)
+  workdir = str(tmp_path / "run")
+  prepared = train.prepare(config, workdir)
+  stop = StopAt(12)
+  hooks = train.usual_hooks(config, workdir, prepared, sigterm_raised=lambda: stop.raised)
+  try:
+    done = loop.run_loop(loop.Loop(prepared.setup, prepared.state, 0), prepared.data.train,
+                         [stop, *hooks])
+  finally:
+    prepared.close()
+  # Not "preempted": nothing is left for a rerun, so this run prints its summary.
+  assert not done.preempted and done.done == 12 and done.last_eval
+  assert _eval_steps(workdir) == [4, 8, 12]
+
+
+def test_evaluations_and_saves_are_left_out_of_the_throughput(tmp_path, monkeypatch):
+  excluded = []
+  monkeypatch.setattr(metrics.Progress, "exclude",
+                      lambda self, seconds: excluded.append(seconds))
+  real_evaluate, real_save = loop.evaluate, loop.checkpoint.Checkpointer.save
+
+  def slow_evaluate(*args):
+    time.sleep(0.3)
+    return real_evaluate(*args)
+
+  def slow_save(self, *args, **kwargs):
+    time.sleep(0.3)
+    return real_save(self, *args, **kwargs)
+
+  monkeypatch.setattr(loop, "evaluate", slow_evaluate)
+  monkeypatch.setattr(loop.checkpoint.Checkpointer, "save", slow_save)
+  _train(_config(tmp_path, eval_every=6, checkpoint_every=4), str(tmp_path / "run"))
+  # Evaluations at 6 and 12, saves at 4, 8 and 12: each one's time taken out.
+  assert len(excluded) == 5 and min(excluded) >= 0.3, excluded
+
+
 def _events(path):
   """The Event protos of one TensorBoard event file (TFRecord framing: length,
   its CRC, the bytes, their CRC)."""

@@ -17,7 +17,7 @@ def _config(tmp_path, window):
   return config
 
 
-@pytest.mark.parametrize("window, traced", [((1, 3), "1..2"), ((2, 9), "2..3")],
+@pytest.mark.parametrize("window, traced", [((1, 3), "1..2"), ((2, 9), "2..4")],
                          ids=["inside the run", "past its end"])
 def test_a_profiled_run_writes_a_trace(tmp_path, capsys, window, traced):
   workdir = tmp_path / "run"
@@ -70,9 +70,30 @@ def test_no_window_writes_no_trace(tmp_path):
   assert not os.path.exists(workdir / "profile")
 
 
-@pytest.mark.parametrize("window", [(3, 3), (4, 2), (-1, 2), (1,), (1, 2, 3), (1.0, 2)])
+@pytest.mark.parametrize("window", [(3, 3), (4, 2), (-1, 2), (0, 2), (1,), (1, 2, 3),
+                                    (1.0, 2)])
 def test_bad_windows_are_refused(tmp_path, window):
   config = _config(tmp_path, ())
   config.profile_steps = window
   with pytest.raises(config_lib.ConfigError, match=r"config\.profile_steps: .*start < stop"):
     config_lib.validate(config, num_devices=8)
+
+
+def test_the_window_counts_steps_as_metrics_rows_do_and_a_resume_inside_it_traces(
+    tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  config = _config(tmp_path, (2, 4))
+  config.update(total_steps=2, checkpoint_every=1)
+  train.run(config, workdir)  # Ends at step 2, inside the window: traces step 2.
+  assert "Profile of steps 2..2 written to" in capsys.readouterr().out
+  config.total_steps = 4
+  train.run(config, workdir)  # Resumes at 2: traces 3 (the window ends before 4).
+  assert "Profile of steps 3..3 written to" in capsys.readouterr().out
+
+
+def test_a_window_outside_the_run_is_said_at_the_start(tmp_path, capsys):
+  train.run(_config(tmp_path, (6, 8)), str(tmp_path / "run"))
+  out = capsys.readouterr().out
+  assert ("Note: profile_steps=(6, 8) lies outside the steps this run trains (1..4): no "
+          "profile.") in out
+  assert not os.path.exists(tmp_path / "run" / "profile")

@@ -99,6 +99,21 @@ def test_skip_policy_drops_the_update_and_counts_it(tmp_path, corpus_data_dir, m
 
 
 @pytest.mark.slow
+def test_a_skip_in_the_first_window_is_said_like_any_other(tmp_path, corpus_data_dir,
+                                                          monkeypatch, capsys):
+  _inject_nan_at(monkeypatch, 1, {})  # The second update: the first row's window.
+  config = _config(corpus_data_dir, "skip", total_steps=4, log_every=2, eval_every=4,
+                   checkpoint_every=4)
+  train.run(config, str(tmp_path))
+  out = capsys.readouterr().out
+  assert "step 2: skipped 1 update(s) with non-finite gradients (1 in total)." in out, out
+  assert "step 4: skipped" not in out  # Said once, not again at the next row.
+  rows = [r for r in _rows(str(tmp_path)) if "loss" in r]
+  assert [r["skipped_updates"] for r in rows] == [1, 1]
+  assert all(type(r["skipped_updates"]) is int for r in rows)  # A count: 1, not 1.0.
+
+
+@pytest.mark.slow
 def test_halt_policy_stops_before_saving_a_nonfinite_state(tmp_path, corpus_data_dir, monkeypatch):
   record = {}
   _inject_nan_at(monkeypatch, 4, record)  # Update number 5.
