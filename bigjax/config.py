@@ -312,26 +312,31 @@ def _validate_zoo(config):
   _get(config, "data.standardize")
 
 
-def _axis_size(sizes: dict, axis: str) -> int:
-  """A mesh axis's size; 1 for an axis config.mesh_axes leaves out: the sharding
-  rules cannot name it (_validate_rules), so nothing is split over it."""
-  return sizes[axis] if axis in sizes else 1
+def _check_splits(config, sizes: dict, dims):
+  """Each (field, size, logical name) of `dims` splits evenly over the mesh axes
+  config.sharding_rules map that name to (as steps.check_divisible checks every
+  parameter once the model is built; here, before anything is)."""
+  from bigjax import sharding  # noqa: keeps this module's import light for configs.
+  rules = [tuple(rule) for rule in config.sharding_rules]
+  for field, size, name in dims:
+    axes = sharding.logical_to_spec((name,), rules, tuple(sizes))[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    split = math.prod(sizes[a] for a in axes)
+    if size % split:
+      over = " × ".join(f"mesh.{a}={sizes[a]}" for a in axes)
+      _fail(field, f"{size} does not split over {over} (config.sharding_rules shard its "
+            f"logical axis {name!r} there).", "Change it, the mesh, or that rule.")
 
 
-def _validate_transformer_mesh(m, sizes):
-  tensor, kv_heads = _axis_size(sizes, "tensor"), m.num_kv_heads or m.num_heads
-  for field, value in (("model.num_heads", m.num_heads), ("model.num_kv_heads", kv_heads),
-                       ("model.mlp_dim", m.mlp_dim), ("model.vocab_size", m.vocab_size)):
-    if value % tensor:
-      _fail(field, f"{value} is not divisible by mesh.tensor={tensor}.",
-            "Change it or the tensor-parallel size.")
-  expert, fsdp = _axis_size(sizes, "expert"), _axis_size(sizes, "fsdp")
-  if m.moe_every and m.moe.num_experts % expert:
-    _fail("model.moe.num_experts", f"{m.moe.num_experts} experts do not split over "
-          f"mesh.expert={expert}.", "Use a multiple of the expert-parallel size.")
-  if m.emb_dim % fsdp:
-    _fail("model.emb_dim", f"{m.emb_dim} is not divisible by mesh.fsdp={fsdp}.",
-          "Change it or the fsdp size.")
+def _validate_transformer_mesh(config, sizes):
+  m = config.model
+  dims = [("model.num_heads", m.num_heads, "heads"),
+          ("model.num_kv_heads", m.num_kv_heads or m.num_heads, "heads"),
+          ("model.mlp_dim", m.mlp_dim, "mlp"), ("model.vocab_size", m.vocab_size, "vocab"),
+          ("model.emb_dim", m.emb_dim, "embed")]
+  if m.moe_every:
+    dims.append(("model.moe.num_experts", m.moe.num_experts, "exp"))
+  _check_splits(config, sizes, dims)
 
 
 def validate(config, *, num_devices: int, process_count: int = 1, workdir: str | None = None):
@@ -426,14 +431,11 @@ def validate(config, *, num_devices: int, process_count: int = 1, workdir: str |
           f"Use a multiple of {process_count}.")
   m = config.model
   if transformer:
-    _validate_transformer_mesh(m, sizes)
+    _validate_transformer_mesh(config, sizes)
   else:  # The input features' width is known from the data only: steps.make_setup.
-    tensor = _axis_size(sizes, "tensor")
-    for field in ("hidden_dims", "conv_features"):
-      for width in m[field]:
-        if width % tensor:
-          _fail(f"model.{field}", f"width {width} is not divisible by mesh.tensor="
-                f"{tensor}.", "Change it or the tensor-parallel size.")
+    _check_splits(config, sizes, [(f"model.{field}", width, "mlp")
+                                  for field in ("hidden_dims", "conv_features")
+                                  for width in m[field]])
 
   _validate_init_from(config, workdir)
   if workdir is not None:

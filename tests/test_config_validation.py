@@ -443,3 +443,24 @@ def test_checkpoint_of_a_different_model_names_the_mismatch(tmp_path):
                    r"\([^)]*\b64\b[^)]*\) in this run", msg)
   assert "new --workdir" in msg
   assert isinstance(e.value, config_lib.ConfigError)
+
+
+def test_mesh_divisibility_follows_the_sharding_rules_not_fixed_axis_names():
+  # A vocabulary the rules keep whole need not divide the tensor size...
+  config = lm.get_config("runlocal")
+  config.mesh.update(dict(data=-1, tensor=2))
+  config.model.vocab_size = 385
+  with pytest.raises(config_lib.ConfigError, match=r"config\.model\.vocab_size: 385 does not "
+                     r"split over mesh\.tensor=2"):
+    config_lib.validate(config, num_devices=8)
+  config.sharding_rules = [[n, None if n in ("vocab", "activation_vocab") else a]
+                           for n, a in config.sharding_rules]
+  config_lib.validate(config, num_devices=8)
+  # ...and an mlp the rules send over fsdp must divide it.
+  config = lm.get_config("runlocal")
+  config.mesh.update(dict(data=1, fsdp=8))
+  config.model.mlp_dim = 132
+  config.sharding_rules = [[n, "fsdp" if n == "mlp" else a] for n, a in config.sharding_rules]
+  with pytest.raises(config_lib.ConfigError, match=r"config\.model\.mlp_dim: 132 does not "
+                     r"split over mesh\.fsdp=8"):
+    config_lib.validate(config, num_devices=8)
