@@ -17,7 +17,7 @@ from bigjax.errors import ConfigError
 
 REQUIRED_TOP_LEVEL = ("seed", "task", "total_steps", "log_every", "eval_every",
                       "checkpoint_every", "batch_size", "model", "optim", "mesh", "data",
-                      "init_from", "mesh_axes", "sharding_rules")
+                      "init_from", "mesh_axes", "sharding_rules", "async_checkpoint")
 
 
 class DataError(ConfigError):
@@ -66,7 +66,7 @@ def _real(config, *fields):
       _fail(field, f"must be a finite number, got {value!r}.", "Set it to a number.")
 
 
-def _non_negative(config, *fields):
+def non_negative_ints(config, *fields):
   for field in fields:
     value = _get(config, field)
     if not _is_int(value) or value < 0:
@@ -199,7 +199,7 @@ def _validate_transformer(config):
   from bigjax.models import layers, transformer
 
   _positive(config, "seq_len")
-  _non_negative(config, "loss_chunk_len")
+  non_negative_ints(config, "loss_chunk_len")
   _from_dict(transformer.TransformerConfig, config.model)
   if config.loss_chunk_len and config.seq_len % config.loss_chunk_len:
     _fail("loss_chunk_len", f"{config.loss_chunk_len} does not divide "
@@ -207,7 +207,7 @@ def _validate_transformer(config):
   m = config.model
   _positive(config, "model.vocab_size", "model.num_layers", "model.emb_dim",
             "model.num_heads", "model.mlp_dim", "model.max_len")
-  _non_negative(config, "model.num_kv_heads", "model.head_dim", "model.num_decoder_layers",
+  non_negative_ints(config, "model.num_kv_heads", "model.head_dim", "model.num_decoder_layers",
                 "model.num_classes")
   if m.num_classes and m.kind != "encoder":
     _fail("model.num_classes", f"a classifier head is for encoders; model.kind={m.kind!r}.",
@@ -349,8 +349,9 @@ def validate(config, *, num_devices: int, process_count: int = 1, workdir: str |
             "batch_size", "grad_accum_steps", "keep_checkpoints", "eval_batches")
   if not _is_int(config.seed):
     _fail("seed", f"must be an integer, got {config.seed!r}.", "Use e.g. 0.")
-  if "sample_tokens" in config:
-    _non_negative(config, "sample_tokens")
+  if not isinstance(config.async_checkpoint, bool):
+    _fail("async_checkpoint", f"must be True or False, got {config.async_checkpoint!r}.",
+          "Set it to a bool.")
   _validate_profile_steps(config)
   task = _validate_task(config)
   transformer = config.model.kind not in _zoo_kinds()
@@ -370,7 +371,7 @@ def validate(config, *, num_devices: int, process_count: int = 1, workdir: str |
                                          "b1", "b2", "eps", "end_lr_factor")))
   if not o.lr > 0:
     _fail("optim.lr", f"must be > 0, got {o.lr}.", "Use e.g. 3e-4.")
-  _non_negative(config, "optim.warmup_steps")
+  non_negative_ints(config, "optim.warmup_steps")
   for field in ("clip_norm", "clip_value", "weight_decay"):
     if o[field] < 0:
       _fail(f"optim.{field}", f"must be >= 0, got {o[field]}.", "Use 0 to disable it.")

@@ -5,19 +5,29 @@ import jax
 import jax.numpy as jnp
 import optax
 
-LOSSES = ("softmax", "sigmoid", "mse")
+def _softmax(outputs, targets):
+  ce = optax.softmax_cross_entropy_with_integer_labels(outputs, targets)
+  return ce, jnp.argmax(outputs, -1) == targets
+
+
+def _sigmoid(outputs, targets):
+  value, targets = outputs[..., 0], targets.astype(jnp.float32)
+  return optax.sigmoid_binary_cross_entropy(value, targets), (value > 0) == (targets > 0.5)
+
+
+def _mse(outputs, targets):
+  return jnp.square(outputs[..., 0] - targets.astype(jnp.float32)), None
+
+
+# name -> (outputs, targets) -> (loss, correct-or-None) per target.
+_LOSS_FNS = {"softmax": _softmax, "sigmoid": _sigmoid, "mse": _mse}
+LOSSES = tuple(_LOSS_FNS)
 
 
 def pointwise_loss(loss: str, outputs, targets):
   """(loss, correct-or-None) per target: softmax cross-entropy over integer
   targets, sigmoid cross-entropy of one logit against 0/1, or squared error."""
-  if loss == "softmax":
-    ce = optax.softmax_cross_entropy_with_integer_labels(outputs, targets)
-    return ce, jnp.argmax(outputs, -1) == targets
-  value, targets = outputs[..., 0], targets.astype(jnp.float32)
-  if loss == "sigmoid":
-    return optax.sigmoid_binary_cross_entropy(value, targets), (value > 0) == (targets > 0.5)
-  return jnp.square(value - targets), None
+  return _LOSS_FNS[loss](outputs, targets)
 
 
 def chunked_softmax_ce(project, features, targets, chunk_len: int):

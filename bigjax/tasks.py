@@ -164,6 +164,7 @@ class TokenTask(Task):
       _fail("model.vocab_size", f"{config.model.vocab_size} is smaller than the "
             f"{self.vocab_needed} ids task={self.name!r} uses.", f"Use at least "
             f"{self.vocab_needed}.")
+    config_lib.non_negative_ints(config, "sample_tokens")
     if config.sample_tokens and self.sample_prompt is None:
       _fail("sample_tokens", f"task={self.name!r} draws no sample at the end of training.",
             "Set sample_tokens=0, and decode the trained run with python -m bigjax.generate.")

@@ -205,6 +205,9 @@ CASES = [
     # Structure.
     (_delete("seed"), "seed"),
     (_delete("grad_accum_steps"), "grad_accum_steps"),
+    (_delete("sample_tokens"), "sample_tokens"),
+    (_delete("async_checkpoint"), "async_checkpoint"),
+    (_with(sample_tokens=-1), "sample_tokens"),
     (_with(sharding_rules=[["vocab", "tensor"], ["embed", "fsdp"]]), "sharding_rules"),
     (_with(sharding_rules=[["batch", ["data", "model"]]]), "sharding_rules[0]"),
     (_with(sharding_rules=[["batch"]]), "sharding_rules[0]"),

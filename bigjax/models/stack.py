@@ -18,24 +18,26 @@ from bigjax.sharding import constrain
 # outputs but not the attention scores/probabilities (batched dots).
 # "offload_dot_with_no_batch_dims": those projections, moved to host memory
 # between the passes (backends with a pinned_host memory).
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                  "offload_dot_with_no_batch_dims")
+_POLICIES = {  # name -> the jax.checkpoint policy (offload: built for the device).
+    "none": None, "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload_dot_with_no_batch_dims": None}
+REMAT_POLICIES = tuple(_POLICIES)
 
 
 def remat_policy(name: str):
   """(whether to rematerialise, the jax.checkpoint policy) for model.remat_policy."""
   if name not in REMAT_POLICIES:
     raise ValueError(f"model.remat_policy={name!r}; choose one of {REMAT_POLICIES}.")
-  policies = jax.checkpoint_policies
   if name == "offload_dot_with_no_batch_dims":
     kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
     if "pinned_host" not in kinds:
       raise ValueError(f"model.remat_policy={name!r} offloads to host memory, which the "
                        f"{jax.default_backend()} backend lacks (it has {sorted(kinds)}); "
                        "use 'dots_with_no_batch_dims_saveable' instead.")
-    return True, policies.offload_dot_with_no_batch_dims("device", "pinned_host")
-  return name != "none", {"none": None, "full": policies.nothing_saveable}.get(
-      name, getattr(policies, name, None))
+    return True, jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+  return name != "none", _POLICIES[name]
 
 
 class Block(nnx.Module):
