@@ -16,6 +16,7 @@ import warnings
 
 from etils import epath
 
+from bigjax import recorded_config
 from bigjax.config import ConfigError
 
 
@@ -41,7 +42,7 @@ def config_diff(workdir: str, config) -> str:
   `config` that differ from the run's WORKDIR/config.json, as '\nConfig fields
   that differ ...: model.emb_dim: 64 in config.json, 128 now; ...', or ''."""
   try:
-    old = json.loads((epath.Path(workdir) / "config.json").read_text())
+    old = recorded_config.read(workdir)  # With the settings an older run predates.
   except (OSError, ValueError):
     return ""
   new = json.loads(config.to_json_best_effort())

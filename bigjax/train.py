@@ -47,7 +47,8 @@ import tqdm
 from etils import epath
 
 from bigjax import (checkpoint, config as config_lib, distributed, init_from, loop as loop_lib,
-                    metrics as metrics_lib, optim, sharding, steps, tasks, workdir_lock)
+                    metrics as metrics_lib, optim, recorded_config, sharding, steps, tasks,
+                    workdir_lock)
 from bigjax.checkpoint_errors import changed_fields, config_diff
 from bigjax.models import zoo
 
@@ -231,7 +232,9 @@ def _record_config(config, workdir: str, start: int):
   if start > 0 and earlier.exists():
     old_text = earlier.read_text()
     try:
-      changed = changed_fields(json.loads(old_text), json.loads(text))
+      # With the settings an older run predates filled in: they did not change.
+      changed = changed_fields(recorded_config.fill_older(json.loads(old_text)),
+                               json.loads(text))
     except ValueError:  # Not JSON: kept as it is, for the record.
       changed = [("config.json", "unreadable", "rewritten")]
     if changed:
