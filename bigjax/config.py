@@ -116,8 +116,8 @@ def _validate_moe(config):
   m, e = config.model, config.model.moe
   if m.moe_every < 0:
     _fail("model.moe_every", f"must be >= 0, got {m.moe_every}.", "Use 0 to disable MoE.")
-  # Block i is MoE when (i + 1) % moe_every == 0: a stack shallower than
-  # moe_every would have none (encdec: both stacks get MoE blocks).
+  # Block i is MoE when (i + 1) % moe_every == 0 (stack.is_moe_block): a stack
+  # shallower than moe_every would have none (encdec: both stacks get MoE blocks).
   stacks = {"num_layers": m.num_layers}
   if m.kind == "encdec":
     stacks["num_decoder_layers"] = m.num_decoder_layers or m.num_layers
@@ -222,8 +222,7 @@ def _validate_transformer(config):
                          ("embed_init", layers.EMBED_INITS),
                          ("position", transformer.POSITIONS),
                          ("attention_impl", layers.ATTENTION_IMPLS),
-                         ("dtype", ("float32", "bfloat16", "float16")),
-                         ("param_dtype", ("float32", "bfloat16"))):
+                         ("dtype", layers.DTYPES), ("param_dtype", layers.PARAM_DTYPES)):
     if m[field] not in allowed:
       _fail(f"model.{field}", f"unknown value {m[field]!r}.", f"Choose one of {allowed}.")
   kv_heads = m.num_kv_heads or m.num_heads
@@ -296,6 +295,9 @@ def _validate_zoo(config):
           f"Choose one of {tuple(layers.ACTIVATIONS)}.")
   if m.init not in zoo.INITS:
     _fail("model.init", f"unknown value {m.init!r}.", f"Choose one of {zoo.INITS}.")
+  for field, allowed in (("dtype", layers.DTYPES), ("param_dtype", layers.PARAM_DTYPES)):
+    if m[field] not in allowed:
+      _fail(f"model.{field}", f"unknown value {m[field]!r}.", f"Choose one of {allowed}.")
   if m.init == "zeros" and (m.kind in ("mlp", "cnn") and m.hidden_dims
                             or m.kind == "cnn" and m.conv_features):
     # Zero kernels and biases: every hidden unit is 0 and gets no gradient.

@@ -11,7 +11,7 @@ all E; with expert choice, where each expert takes capacity_factor x S / E of a
 group's S tokens, capacity_factor experts per token on average. XLA's own counted FLOPs are not used: they count a scanned layer once and
 rematerialised work twice.
 """
-from bigjax.models import transformer
+from bigjax.models import stack, transformer
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' sheets (without sparsity).
 # Matched as substrings of jax's device_kind in this order: a v5p reports plain
@@ -39,8 +39,8 @@ def _layer_matmul_params(cfg: transformer.TransformerConfig, moe: bool,
 
 
 def _stack(cfg, num_layers: int, cross_attention: bool) -> int:
-  return sum(_layer_matmul_params(cfg, bool(cfg.moe_every) and (i + 1) % cfg.moe_every == 0,
-                                  cross_attention) for i in range(num_layers))
+  return sum(_layer_matmul_params(cfg, stack.is_moe_block(i, cfg.moe_every), cross_attention)
+             for i in range(num_layers))
 
 
 def training_flops_per_token(cfg: transformer.TransformerConfig, seq_len: int) -> float:

@@ -88,8 +88,9 @@ def moe_config(**overrides):
       num_experts=8,
       router="gshard_top2",  # gshard_top2 | switch_top1 | expert_choice | dropless
       top_k=2,  # dropless only
-      # Tokens per routing group (S); must divide seq_len. The dispatch and combine
-      # einsums cost in proportion to S (README, Performance: the MoE layer).
+      # Tokens per routing group (S): a divisor of seq_len, or at least seq_len (then
+      # each sequence is one group). The dispatch and combine einsums cost in
+      # proportion to S (README, Performance: the MoE layer).
       group_size=256,
       capacity_factor=1.25,
       eval_capacity_factor=2.0,

@@ -22,7 +22,7 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
 
   config.seed = 0
-  config.task = "lm"  # lm | reverse (encdec) | mlm (encoder); see bigjax/tasks.py.
+  config.task = "lm"  # lm | reverse (encdec) | mlm | direction (encoder); bigjax/tasks.py.
   config.total_steps = 20_000
   config.batch_size = 256
   config.seq_len = 1024

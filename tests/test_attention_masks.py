@@ -186,3 +186,8 @@ def test_encdec_decoder_sees_whole_encoder_input():
   oa, ob = _run(model, enc, dec), _run(model, enc2, dec)
   # Even the first decoder position reads the last encoder token.
   assert (np.abs(oa[:, 0] - ob[:, 0]).max(axis=-1) > 1e-3).all()
+
+
+def test_the_models_mask_the_tokenizers_padding_id():
+  from bigjax.data import tokenizer
+  assert transformer.PAD_ID == tokenizer.PAD_ID

@@ -249,6 +249,8 @@ CASES = [
     (_zoo(model__init="orthogonal"), "model.init"),
     (_zoo(model__init="zeros"), "model.init"),  # Dead hidden layers: no gradient reaches them.
     (_zoo(model__dropout_rate=1.0), "model.dropout_rate"),
+    (_zoo(model__dtype="bfloat61"), "model.dtype"),
+    (_zoo(model__param_dtype="float16"), "model.param_dtype"),
     (_config(mlp, "variant=binary", model__num_outputs=2), "model.num_outputs"),
     (_config(linear_regression, "", model__hidden_dims=(8,)), "model.hidden_dims"),
     (_zoo(data__feature_key=""), "data.feature_key"),

@@ -61,6 +61,8 @@ class LayerConfig:
 
 ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu, "silu": jax.nn.silu}
 NORMS = ("layernorm", "rmsnorm")
+DTYPES = ("float32", "bfloat16", "float16")  # Compute.
+PARAM_DTYPES = ("float32", "bfloat16")  # Storage.
 INITS = ("normal", "xavier", "lecun")
 # Embedding init -> factor on tied logits (x . E^T) that keeps them O(1) at init:
 # a unit-variance table needs emb_dim ** -0.5 (T5, PaLM); a table of std 0.02

@@ -40,6 +40,12 @@ def remat_policy(name: str):
   return name != "none", _POLICIES[name]
 
 
+def is_moe_block(i: int, moe_every: int) -> bool:
+  """Whether block i (from 0) is a MoE block: GShard places MoE in every
+  moe_every-th block (moe_every=2: blocks 1, 3, ...); 0 means a dense model."""
+  return bool(moe_every) and (i + 1) % moe_every == 0
+
+
 class Block(nnx.Module):
   """Pre-norm residual block: self-attention, optional cross-attention, feed-forward."""
 
@@ -134,9 +140,8 @@ class Stack(nnx.Module):
                causal: bool, remat: str, rngs: nnx.Rngs,
                moe: moe_lib.MoEConfig | None = None, moe_every: int = 0, scan: bool = False,
                final_dropout: bool = False):
-    # GShard places MoE in every other block: with moe_every=2, blocks 1, 3, ...
     blocks = [Block(cfg, cross_attention=cross_attention, causal=causal, rngs=rngs,
-                    moe=moe if moe_every and (i + 1) % moe_every == 0 else None)
+                    moe=moe if is_moe_block(i, moe_every) else None)
               for i in range(num_layers)]
     self.unit = moe_every or 1
     if scan and num_layers % self.unit:

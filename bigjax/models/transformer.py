@@ -20,7 +20,7 @@ from bigjax.models import dataclass_from_config, layers, moe as moe_lib
 from bigjax.models.stack import Stack
 from bigjax.sharding import constrain
 
-PAD_ID = 0
+PAD_ID = 0  # The tokenizer's (models do not import the data layer); a test keeps them equal.
 KINDS = ("decoder", "encoder", "encdec")
 POSITIONS = ("learned", "rotary", "relative")
 @dataclasses.dataclass(frozen=True)
