@@ -146,17 +146,18 @@ def _validate_moe(config):
     if not e[field] > 0:
       _fail(f"model.moe.{field}", f"must be > 0, got {e[field]}.", "Use e.g. 1.25.")
   k = routing.choices_per_token(e.router, e.top_k)
-  if k > e.num_experts and e.router == "dropless":
+  if k > e.num_experts and routing.ROUTER_TABLE[e.router].k is None:
     _fail("model.moe.top_k", f"top-{k} routing needs at least {k} experts, got "
           f"num_experts={e.num_experts}.", "Lower top_k or add experts.")
   if k > e.num_experts:  # top_k is dropless's: this router's k is fixed.
     _fail("model.moe.num_experts", f"router {e.router!r} sends each token to {k} distinct "
           f"experts, so it needs at least {k}, got {e.num_experts}.",
           "Add experts, or use router='switch_top1' (one expert per token).")
-  if e.router == "expert_choice" and m.kind != "encoder":
-    _fail("model.moe.router", "expert_choice routing looks at future tokens, so it only "
+  if routing.ROUTER_TABLE[e.router].experts_choose and m.kind != "encoder":
+    _fail("model.moe.router", f"{e.router} routing looks at future tokens, so it only "
           "suits encoders.", "Use model.kind='encoder' or another router.")
-  if e.router != "dropless" and config.seq_len % e.group_size and e.group_size < config.seq_len:
+  if (routing.ROUTER_TABLE[e.router].route is not None  # Capacity routers route groups.
+      and config.seq_len % e.group_size and e.group_size < config.seq_len):
     _fail("model.moe.group_size", f"{e.group_size} does not divide seq_len={config.seq_len}.",
           "Use a divisor of seq_len (groups never straddle sequences).")
   if not 0 <= e.jitter_noise < 1:

@@ -11,7 +11,7 @@ all E; with expert choice, where each expert takes capacity_factor x S / E of a
 group's S tokens, capacity_factor experts per token on average. XLA's own counted FLOPs are not used: they count a scanned layer once and
 rematerialised work twice.
 """
-from bigjax.models import stack, transformer
+from bigjax.models import routing, stack, transformer
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' sheets (without sparsity).
 # Matched as substrings of jax's device_kind in this order: a v5p reports plain
@@ -32,8 +32,8 @@ def _layer_matmul_params(cfg: transformer.TransformerConfig, moe: bool,
     attention *= 2
   mlp = e * cfg.mlp_dim * (3 if cfg.gated_mlp else 2)
   if moe:
-    per_token = (cfg.moe.capacity_factor if cfg.moe.router == "expert_choice"
-                 else cfg.moe.k)
+    per_token = routing.experts_per_token(cfg.moe.router, cfg.moe.top_k,
+                                          cfg.moe.capacity_factor)
     mlp = mlp * per_token + e * cfg.moe.num_experts  # active experts + the router
   return attention + mlp
 

@@ -37,6 +37,7 @@ from bigjax import checkpoint_reader, layer_layout, optim, recorded_config, step
 from bigjax import checkpoint_integrity as integrity
 from bigjax.checkpoint_errors import one_line
 from bigjax.config import ConfigError
+from bigjax.models import routing
 
 RESIZABLE_AXES = ("vocab", "classes")
 # Transformer settings that change what the same parameters compute (HF's
@@ -97,8 +98,10 @@ def _check_same_function(config):
   def in_use(by: str) -> bool:
     if by == "position":
       return source["position"] == here["position"] == "relative"
-    if by == "moe.router":  # top_k: the dropless router's alone.
-      return value(source, by) == value(here, by) == "dropless"
+    if by == "moe.router":  # top_k: read by the routers without a k of their own.
+      router = value(here, by)
+      return (value(source, by) == router and router in routing.ROUTER_TABLE
+              and routing.ROUTER_TABLE[router].k is None)
     return bool(source[by]) and bool(here[by])
   keys = SAME_FUNCTION + tuple(k for k, by in SAME_FUNCTION_WHERE.items() if in_use(by))
   differ = [(k, value(source, k), value(here, k)) for k in keys

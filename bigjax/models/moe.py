@@ -208,19 +208,15 @@ class MoEFeedForward(nnx.Module):
   def __call__(self, x, rng=None):
     b, length, m = x.shape
     r_jitter, r_route = (None, None) if rng is None else tuple(jax.random.split(rng))
-    if self.moe.router == "dropless":
+    if routing.ROUTER_TABLE[self.moe.router].route is None:  # No capacity: dropless.
       return self._dropless(x, r_jitter)
     s = self.moe.group_size if length % self.moe.group_size == 0 else length
     xg = constrain(x.reshape(b * length // s, s, m), GROUP_NAMES)
     logits = self.router_logits(xg, r_jitter)
     factor = self.moe.capacity_factor if rng is not None else self.moe.eval_capacity_factor
     cap = routing.capacity(s, self.moe.num_experts, self.moe.k, factor)
-    if self.moe.router == "gshard_top2":
-      r = routing.gshard_top2(logits, cap, rng=r_route, random_routing=self.moe.random_routing)
-    elif self.moe.router == "switch_top1":
-      r = routing.switch_top1(logits, cap)
-    else:
-      r = routing.expert_choice(logits, cap)
+    r = routing.ROUTER_TABLE[self.moe.router].route(logits, cap, r_route,
+                                                     self.moe.random_routing)
     self._report(r.aux_loss, r.z_loss, r.routed, r.kept, r.load, jax.nn.softmax(logits))
     dt = self.cfg.dtype
     by_einsum = capacity_dispatch_for(self.moe.capacity_dispatch,

@@ -12,21 +12,52 @@ GShard paper writes the same quantity divided by E^2; flaxformer/MaxText count
 all k choices (uniform routing then gives k). Groups are averaged.
 """
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-ROUTERS = ("gshard_top2", "switch_top1", "expert_choice", "dropless")
-# k of the routers that fix it. Expert choice: C = ceil(cf·S/E) tokens per expert,
-# so a token is taken capacity_factor times on average, as top-1 routing.
-_FIXED_K = {"gshard_top2": 2, "switch_top1": 1, "expert_choice": 1}
+
+class Router(NamedTuple):
+  """What the rest of bigjax needs to know of a router: the MoE layer, config
+  validation, init_from and the FLOP count all read this table."""
+  # (logits [G, S, E], capacity, rng or None, random_routing) -> Routing; None
+  # for the dropless router, which has no capacity (moe.MoEFeedForward._dropless).
+  route: Callable | None
+  # k in the capacity C = ceil(k·capacity_factor·S/E); None: model.moe.top_k.
+  k: int | None
+  # Experts pick tokens (expert choice): a token's routing depends on later
+  # tokens of its group, so only encoders may use it, and a token passes through
+  # capacity_factor experts on average (C = ceil(cf·S/E) per expert).
+  experts_choose: bool = False
+
+
+def _route_gshard_top2(logits, cap, rng, random_routing):
+  return gshard_top2(logits, cap, rng=rng, random_routing=random_routing)
+
+
+ROUTER_TABLE = {
+    "gshard_top2": Router(_route_gshard_top2, k=2),
+    "switch_top1": Router(lambda logits, cap, rng, random_routing: switch_top1(logits, cap),
+                          k=1),
+    "expert_choice": Router(lambda logits, cap, rng, random_routing: expert_choice(logits, cap),
+                            k=1, experts_choose=True),
+    "dropless": Router(None, k=None),
+}
+ROUTERS = tuple(ROUTER_TABLE)
 
 
 def choices_per_token(router: str, top_k: int) -> int:
-  """k in the capacity C = ceil(k·capacity_factor·S/E); `top_k` is dropless's.
-  The one mapping: the layer and config validation both read it."""
-  return top_k if router == "dropless" else _FIXED_K[router]
+  """k in the capacity C = ceil(k·capacity_factor·S/E); `top_k` is dropless's."""
+  k = ROUTER_TABLE[router].k
+  return top_k if k is None else k
+
+
+def experts_per_token(router: str, top_k: int, capacity_factor: float) -> float:
+  """How many experts' MLPs a token passes through, on average."""
+  if ROUTER_TABLE[router].experts_choose:
+    return capacity_factor
+  return choices_per_token(router, top_k)
 
 
 class Routing(NamedTuple):

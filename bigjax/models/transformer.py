@@ -16,7 +16,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from bigjax.models import dataclass_from_config, layers, moe as moe_lib
+from bigjax.models import dataclass_from_config, layers, moe as moe_lib, routing
 from bigjax.models.stack import Stack
 from bigjax.sharding import constrain
 
@@ -154,8 +154,8 @@ def _at(x, logits_at):
 
 
 def _check_causal_router(cfg: TransformerConfig):
-  if cfg.moe_every and cfg.moe.router == "expert_choice":
-    raise ValueError("model.moe.router='expert_choice' looks at future tokens; use it "
+  if cfg.moe_every and routing.ROUTER_TABLE[cfg.moe.router].experts_choose:
+    raise ValueError(f"model.moe.router={cfg.moe.router!r} looks at future tokens; use it "
                      "in encoders only (model.kind='encoder').")
 
 
