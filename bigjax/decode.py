@@ -56,6 +56,10 @@ from bigjax.models.transformer import PAD_ID
 # --------------------------------------------------------------------------
 
 
+# Beam search's default brevity exponent (GNMT's length normalisation), as T5X's.
+LENGTH_PENALTY = 0.6
+
+
 def filter_logits(logits, top_k=0, top_p=1.0):
   """Keeps the top_k largest logits (0: all), then of those the smallest set of
   most likely tokens whose probability mass is >= top_p (1.0: all); the rest
@@ -427,7 +431,7 @@ def _run_sampler(loop, model, prompts, *, max_new_tokens, max_len, temperature, 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              max_len: int | None = None, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, beam_size: int = 1, length_penalty: float = 0.6,
+             top_p: float = 1.0, beam_size: int = 1, length_penalty: float = LENGTH_PENALTY,
              eos_id: int | None = EOS_ID, seed: int = 0, mesh=None, rules=None,
              return_scores: bool = False):
   """Continues each prompt (a list of token ids) with the KV cache.
@@ -468,7 +472,7 @@ def generate_recompute(model, prompts: Sequence[Sequence[int]], *, max_new_token
 
 
 def beam_search(model, prompts: Sequence[Sequence[int]], *, beam_size: int,
-                max_new_tokens: int, max_len: int | None = None, length_penalty: float = 0.6,
+                max_new_tokens: int, max_len: int | None = None, length_penalty: float = LENGTH_PENALTY,
                 eos_id: int | None = EOS_ID, mesh=None, rules=None,
                 return_scores: bool = False):
   """The best of beam_size beams per prompt (see the module docstring for the

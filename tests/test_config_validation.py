@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from bigjax import checkpoint, config as config_lib, sharding, steps
-from configs import bert, cnn, gpt2, linear_regression, lm, lm_moe, mlp, t5
+from configs import bert, cnn, common, gpt2, linear_regression, lm, lm_moe, mlp, t5
 
 FIX_WORDS = ("use", "choose", "set", "change", "raise", "lower", "make", "pick", "add",
              "start", "write", "fix", "remove", "declare")
@@ -469,3 +469,11 @@ def test_mesh_divisibility_follows_the_sharding_rules_not_fixed_axis_names():
   with pytest.raises(config_lib.ConfigError, match=r"config\.model\.mlp_dim: 132 does not "
                      r"split over mesh\.fsdp=8"):
     config_lib.validate(config, num_devices=8)
+
+
+def test_the_model_dataclasses_defaults_are_the_config_files_defaults():
+  # Code that builds MoEConfig() or ZooConfig() directly (tests, notebooks,
+  # benchmarks) gets the settings a run's config would have.
+  from bigjax.models import moe, zoo
+  assert moe.MoEConfig() == moe.MoEConfig.from_dict(common.moe_config())
+  assert zoo.ZooConfig() == zoo.ZooConfig.from_dict(common.zoo_model("mlp"))

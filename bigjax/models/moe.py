@@ -109,6 +109,8 @@ def scatter_combine(ye, token, weight, group_size: int):
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
+  """model.moe's settings. The field defaults are configs/common.py's moe_config
+  (tested equal), for direct use; a run takes every value from its config."""
   num_experts: int = 8
   router: str = "gshard_top2"  # one of routing.ROUTERS
   top_k: int = 2  # dropless only; gshard_top2 is 2, switch_top1 is 1.

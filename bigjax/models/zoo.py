@@ -27,10 +27,12 @@ _INITS = {"lecun": nnx.initializers.lecun_normal, "xavier": nnx.initializers.xav
 
 @dataclasses.dataclass(frozen=True)
 class ZooConfig:
+  """A zoo model's settings. The field defaults are configs/common.py's zoo_model
+  (tested equal), for direct use; a run takes every value from its config."""
   kind: str = "mlp"
   num_outputs: int = 10  # Classes; 1 for a binary logit or a regression target.
   hidden_dims: tuple = (128,)  # mlp: hidden widths; cnn: dense widths after the convs.
-  conv_features: tuple = (32, 64)  # cnn: channels of each 3x3 conv, each then 2x2 pooled.
+  conv_features: tuple = ()  # cnn: channels of each 3x3 conv, each then 2x2 pooled.
   activation: str = "relu"
   batch_norm: bool = False  # After every hidden layer, before the activation.
   dropout_rate: float = 0.0  # After every hidden activation.
