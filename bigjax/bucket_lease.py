@@ -38,6 +38,7 @@ import threading
 import time
 import uuid
 
+from bigjax import paths
 from bigjax.errors import ConfigError
 from bigjax.workdir_lock import (LOCK_NAME, WorkdirBusyError, WorkdirLock, alive, describe,
                                  this_process)
@@ -145,10 +146,10 @@ class BucketLease(WorkdirLock):
 
   def __init__(self, workdir: str, lease_seconds: float = LEASE_SECONDS,
                renew_seconds: float = RENEW_SECONDS, client=None):
-    if not workdir.startswith("gs://"):
+    if not paths.is_bucket(workdir):
       raise ValueError(f"not a gs:// path: {workdir}")
     storage, self._errors = _storage(workdir)
-    bucket, _, prefix = workdir[len("gs://"):].partition("/")
+    bucket, _, prefix = workdir[len(paths.BUCKET_PREFIX):].partition("/")
     prefix = prefix.strip("/")
     self.workdir = workdir
     self.lease_seconds, self.renew_seconds = lease_seconds, renew_seconds

@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from bigjax import checkpoint_integrity as integrity, layer_layout, optim
+from bigjax import checkpoint_integrity as integrity, layer_layout, optim, paths
 from bigjax.checkpoint_errors import (CheckpointDamagedError, CheckpointMismatchError,
                                       CheckpointReadError, CheckpointSaveError,
                                       OrbaxErrorCatcher, mib,
@@ -89,14 +89,14 @@ def describe_mismatch(saved: dict, wanted: dict, limit: int = 4) -> list[str]:
 
 
 def absolute_workdir(workdir: str) -> str:
-  return workdir if "://" in workdir else os.path.abspath(workdir)
+  return workdir if paths.is_remote(workdir) else os.path.abspath(workdir)
 
 
 def _check_writable(directory: epath.Path):
   """A local checkpoints directory must be a writable directory; else the first
   save would fail deep inside orbax, after compiling and training."""
   path = str(directory)
-  if "://" in path or not os.path.lexists(path):
+  if paths.is_remote(path) or not os.path.lexists(path):
     return  # Remote: checked by the first write. Missing: created by the manager.
   if not os.path.isdir(path):
     raise ConfigError(f"--workdir: {path} is not a directory, so no checkpoint can be saved "
@@ -172,7 +172,7 @@ class Checkpointer:
                     good=good)
 
   def _on_bucket(self) -> bool:
-    return str(self.directory).startswith("gs://")
+    return paths.is_bucket(self.directory)
 
   def _unfinished(self, step: int) -> epath.Path:
     """Where a save of `step` is written until it is finished."""
@@ -275,7 +275,7 @@ class Checkpointer:
     finished = [s for s in self.all_steps() if s != step]
     need = _bytes_under(self.directory / str(finished[-1])) if finished else self._state_bytes
     space = f"a checkpoint takes about {mib(need)}"
-    if "://" not in str(self.directory):
+    if not paths.is_remote(self.directory):
       space += f", {mib(shutil.disk_usage(str(self.directory)).free)} free there"
     what = one_line(error, 200) if error else "it did not finish"
     good = self.newest_good_step(finished)

@@ -14,8 +14,6 @@ import re
 import sys
 import warnings
 
-from etils import epath
-
 from bigjax import recorded_config
 from bigjax.config import ConfigError
 

@@ -12,7 +12,7 @@ import numbers
 import os
 import re
 
-from bigjax import sharding
+from bigjax import paths, sharding
 from bigjax.errors import ConfigError
 
 REQUIRED_TOP_LEVEL = ("seed", "task", "total_steps", "log_every", "eval_every",
@@ -460,7 +460,7 @@ def _validate_init_from(config, workdir: str | None):
   except (re.error, TypeError) as e:
     _fail("init_from.skip", f"{config.init_from.skip!r} is not a regular expression ({e}).",
           "Write e.g. 'embedder/' to re-initialise the embeddings.")
-  if source and workdir and "://" not in source and (
+  if source and workdir and not paths.is_remote(source) and (
       os.path.abspath(source) == os.path.abspath(workdir)):
     _fail("init_from.workdir", "is this run's own --workdir.",
           "Rerunning a workdir resumes it by itself; point init_from at another run.")
@@ -470,10 +470,10 @@ def validate_workdir(workdir: str):
   """The workdir (or its nearest existing ancestor) must be a writable directory."""
   if not workdir or not str(workdir).strip():
     raise ConfigError("--workdir is empty. Pass the run's directory, e.g. --workdir=/tmp/run.")
-  if workdir.startswith("gs://"):
+  if paths.is_bucket(workdir):
     from bigjax import bucket_lease  # pylint: disable=import-outside-toplevel  # It imports this.
     bucket_lease.check_usable(workdir)
-  if "://" in workdir:  # Remote: whether it can be written is found by the first write.
+  if paths.is_remote(workdir):  # Remote: whether it can be written is found by the first write.
     return
   parent = os.path.abspath(workdir)
   while not os.path.exists(parent):

@@ -25,7 +25,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from bigjax import checkpoint, metrics as metrics_lib, optim, steps
+from bigjax import checkpoint, metrics as metrics_lib, optim, paths, steps
 
 PREFETCH_BATCHES = 2  # Global batches read (and copied to the devices) ahead.
 
@@ -347,7 +347,7 @@ class Profile(Hook):
     # A resumed run may start inside the window: it traces from its first step.
     if self.first is None and self.start_step <= step + 1 < self.stop_step:
       self.first = step + 1
-      self.trace_dir = (self.dir if "://" not in str(self.dir)
+      self.trace_dir = (self.dir if not paths.is_remote(self.dir)
                         else tempfile.mkdtemp(prefix="bigjax_profile_"))
       # The xplane.pb for TensorBoard / XProf, and a Perfetto-ready copy.
       jax.profiler.start_trace(str(self.trace_dir), create_perfetto_trace=True)

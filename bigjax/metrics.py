@@ -24,10 +24,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
-
-def is_remote(path: str) -> bool:
-  """A bucket path (gs://...), written through etils.epath rather than the OS."""
-  return "://" in str(path)
+from bigjax import paths
 
 
 class _RewrittenJsonl:
@@ -121,7 +118,7 @@ class MetricWriter:
     is rewound there."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = None
-    if self.enabled and is_remote(workdir):
+    if self.enabled and paths.is_remote(workdir):
       self._jsonl = _RewrittenJsonl(epath.Path(workdir) / "metrics.jsonl")
     elif self.enabled:
       os.makedirs(workdir, exist_ok=True)
@@ -218,14 +215,14 @@ def write_whole(path: epath.Path, data: bytes | str):
   renamed into place (a bucket's object is replaced whole anyway). A failed write
   names the file (a write to an open file raises without one)."""
   try:
-    if is_remote(str(path)):
+    if paths.is_remote(path):
       path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
       return
     with open(f"{path}.tmp", "wb" if isinstance(data, bytes) else "w") as f:
       f.write(data)
     os.replace(f"{path}.tmp", path)
   except OSError as e:
-    if not is_remote(str(path)):
+    if not paths.is_remote(path):
       epath.Path(f"{path}.tmp").unlink(missing_ok=True)
     if e.filename is not None:
       raise

@@ -25,6 +25,7 @@ applied at step n is schedule(n) whatever was skipped before, and the state
 records it (`applied_learning_rate`).
 """
 import re
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,33 +35,28 @@ import optax
 from bigjax import layer_layout
 from bigjax.errors import ConfigError
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "adafactor", "lion")
-# Those that read optim.eps (Adafactor keeps optax's own 1e-30; Lion has none).
-USES_EPS = ("adam", "adamw")
-# Those with (decoupled, learning-rate-scaled) optim.weight_decay; validation
-# rejects a weight_decay the others would ignore.
-DECAYING = ("adamw", "adafactor", "lion")
-SCHEDULES = ("cosine", "rsqrt", "linear", "constant")
 NAN_POLICIES = ("skip", "halt")
+
+# name -> the decay after warmup: (lr, end_lr_factor, decay_steps, warmup) -> schedule.
+_DECAYS = {
+    "cosine": lambda lr, end, steps, warmup: optax.cosine_decay_schedule(lr, steps, alpha=end),
+    # T5's inverse square root, continuous at the end of warmup.
+    "rsqrt": lambda lr, end, steps, warmup: (
+        lambda s: lr * jax.lax.rsqrt(1.0 + s / max(warmup, 1))),
+    "linear": lambda lr, end, steps, warmup: optax.linear_schedule(lr, lr * end, steps),
+    "constant": lambda lr, end, steps, warmup: optax.constant_schedule(lr),
+}
+SCHEDULES = tuple(_DECAYS)
 
 
 def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
   """Linear warmup to `lr`, then the named decay to `lr * end_lr_factor`."""
   lr, warmup = optim_cfg.lr, optim_cfg.warmup_steps
-  end = lr * optim_cfg.end_lr_factor
-  decay_steps = max(total_steps - warmup, 1)
-  name = optim_cfg.schedule
+  if optim_cfg.schedule not in _DECAYS:
+    raise ValueError(f"optim.schedule={optim_cfg.schedule!r}; choose one of {SCHEDULES}.")
   warm = optax.linear_schedule(0.0, lr, max(warmup, 1))
-  if name == "cosine":
-    decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=optim_cfg.end_lr_factor)
-  elif name == "linear":
-    decay = optax.linear_schedule(lr, end, decay_steps)
-  elif name == "constant":
-    decay = optax.constant_schedule(lr)
-  elif name == "rsqrt":  # T5's inverse square root, continuous at the end of warmup.
-    decay = lambda s: lr * jax.lax.rsqrt(1.0 + s / max(warmup, 1))
-  else:
-    raise ValueError(f"optim.schedule={name!r}; choose one of {SCHEDULES}.")
+  decay = _DECAYS[optim_cfg.schedule](lr, optim_cfg.end_lr_factor,
+                                      max(total_steps - warmup, 1), warmup)
   return optax.join_schedules([warm, decay], [warmup])
 
 
@@ -252,33 +248,49 @@ def _in_param_dtype(inner: optax.GradientTransformation) -> optax.GradientTransf
   return optax.GradientTransformation(inner.init, update)
 
 
+def _adafactor(c, lr, stacked: bool) -> optax.GradientTransformation:
+  opt = _per_block(optax.adafactor(lr)) if stacked else optax.adafactor(lr)
+  if not c.weight_decay:
+    return opt
+  # optax.adafactor's own weight_decay_rate adds wd·p after the learning rate
+  # is applied: it would remove wd of every weight each step, whatever the rate.
+  # Decoupled decay as AdamW's instead, -lr·wd·p (the updates are negated already).
+  return optax.chain(opt, optax.add_decayed_weights(-lr * c.weight_decay, decay_mask))
+
+
+class Optimizer(NamedTuple):
+  # (optim config, learning rate or schedule, stacked) -> the bare optimizer.
+  make: Callable
+  uses_eps: bool = False  # Reads optim.eps (Adafactor keeps optax's 1e-30; Lion has none).
+  # Applies optim.weight_decay (decoupled, learning-rate-scaled); validation
+  # rejects a weight_decay the others would ignore.
+  decays: bool = False
+
+
+OPTIMIZER_TABLE = {
+    "sgd": Optimizer(lambda c, lr, stacked: optax.sgd(lr)),
+    "momentum": Optimizer(lambda c, lr, stacked: optax.sgd(lr, momentum=c.b1)),
+    "nesterov": Optimizer(lambda c, lr, stacked: optax.sgd(lr, momentum=c.b1, nesterov=True)),
+    "adam": Optimizer(lambda c, lr, stacked: optax.adam(lr, b1=c.b1, b2=c.b2, eps=c.eps),
+                      uses_eps=True),
+    "adamw": Optimizer(lambda c, lr, stacked: optax.adamw(
+        lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=decay_mask),
+                       uses_eps=True, decays=True),
+    "adafactor": Optimizer(_adafactor, decays=True),
+    "lion": Optimizer(lambda c, lr, stacked: optax.lion(
+        lr, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay, mask=decay_mask), decays=True),
+}
+OPTIMIZERS = tuple(OPTIMIZER_TABLE)
+USES_EPS = tuple(name for name, o in OPTIMIZER_TABLE.items() if o.uses_eps)
+DECAYING = tuple(name for name, o in OPTIMIZER_TABLE.items() if o.decays)
+
+
 def _guarded(optim_cfg, lr, stacked=False, known_finite=False) -> optax.GradientTransformation:
   """The optimizer at learning rate `lr`, with clipping, freezing and the
   non-finite guard (see make_optimizer for `stacked` and `known_finite`)."""
-  name, wd = optim_cfg.name, optim_cfg.weight_decay
-  if name == "sgd":
-    opt = optax.sgd(lr)
-  elif name == "momentum":
-    opt = optax.sgd(lr, momentum=optim_cfg.b1)
-  elif name == "nesterov":
-    opt = optax.sgd(lr, momentum=optim_cfg.b1, nesterov=True)
-  elif name == "adam":
-    opt = optax.adam(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps)
-  elif name == "adamw":
-    opt = optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                      weight_decay=wd, mask=decay_mask)
-  elif name == "adafactor":
-    opt = _per_block(optax.adafactor(lr)) if stacked else optax.adafactor(lr)
-    if wd:
-      # optax.adafactor's own weight_decay_rate adds wd·p after the learning rate
-      # is applied: it would remove wd of every weight each step, whatever the rate.
-      # Decoupled decay as AdamW's instead, -lr·wd·p (the updates are negated already).
-      opt = optax.chain(opt, optax.add_decayed_weights(-lr * wd, decay_mask))
-  elif name == "lion":
-    opt = optax.lion(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, weight_decay=wd,
-                     mask=decay_mask)
-  else:
-    raise ValueError(f"optim.name={name!r}; choose one of {OPTIMIZERS}.")
+  if optim_cfg.name not in OPTIMIZER_TABLE:
+    raise ValueError(f"optim.name={optim_cfg.name!r}; choose one of {OPTIMIZERS}.")
+  opt = OPTIMIZER_TABLE[optim_cfg.name].make(optim_cfg, lr, stacked)
   clips = []
   if optim_cfg.clip_value:
     clips.append(optax.clip(optim_cfg.clip_value))

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from bigjax import paths
 from bigjax.config import ConfigError
 
 LOCK_NAME = "run.lock"
@@ -221,10 +222,10 @@ def _same_file(fd: int, path: str) -> bool:
 
 def for_workdir(workdir: str) -> WorkdirLock:
   """The lock for the workdir's storage, chosen by its scheme."""
-  if workdir.startswith("gs://"):
+  if paths.is_bucket(workdir):
     from bigjax import bucket_lease  # Needs the `gcs` extra, so only for gs:// paths.
     return bucket_lease.BucketLease(workdir)
-  return UnlockedWorkdir(workdir) if "://" in workdir else LocalWorkdirLock(workdir)
+  return UnlockedWorkdir(workdir) if paths.is_remote(workdir) else LocalWorkdirLock(workdir)
 
 
 def hold(workdir: str, log) -> WorkdirLock:

@@ -27,6 +27,7 @@ def get_config(arg=None):
   arg = common.parse_arg(arg, direction=False, runlocal=False, demo=False)
   config = lm.get_config(",".join(k for k in ("runlocal", "demo") if arg[k]))
   config.task = "mlm"
+  config.sample_tokens = 0  # Masked-LM and direction draw no sample.
   config.model.update(kind="encoder", position="rotary", norm="layernorm",
                       mlp_activation="gelu", dropout_rate=0.1)
   if arg.runlocal or arg.demo:

@@ -27,4 +27,5 @@ def get_config(arg=None):
   if arg.encdec:
     config.model.kind = "encdec"
     config.task = "reverse"  # Output each corpus chunk backwards.
+    config.sample_tokens = 0  # A next-byte sample is the decoder-only task's.
   return config
