@@ -8,7 +8,7 @@ neighbouring token (tests/test_model_zoo.py's masked-pairs task stayed at chance
 for 1,000 steps; rotary solved half of it in 500).
 
   python -m bigjax.main --config=configs/bert.py:runlocal --workdir=/tmp/bert_local  # ~15 s
-  python -m bigjax.main --config=configs/bert.py:demo --workdir=/tmp/bert_demo  # ~4 min
+  python -m bigjax.main --config=configs/bert.py:demo --workdir=/tmp/bert_demo  # ~1.5 min
 BERT-base size (12 x 768) on an accelerator: drop `runlocal`.
 
 `direction` fine-tunes for sequence classification, BERT's other use: a

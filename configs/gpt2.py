@@ -3,7 +3,7 @@ embeddings, dropout 0.1) on the embedded Python-source corpus: pretrain, then
 fine-tune on a held-out subset, then generate.
 
 Pretrain (GPT-2 small size needs an accelerator; `runlocal` takes ~15 s on CPU,
-`demo`, 4 x 256 with 128-byte windows, ~4 minutes):
+`demo`, 4 x 256 with 128-byte windows, ~1.5 minutes):
   python -m bigjax.main --config=configs/gpt2.py:runlocal --workdir=/tmp/gpt2_pre
 Fine-tune from it on the first half of the held-out `validation` files, evaluated
 on the other half (a fresh optimizer and learning rate; only parameters are read):
