@@ -267,7 +267,8 @@ class Checkpointer:
     resume from. The unfinished save is removed: it only takes space."""
     error, self._errors.error = self._errors.error, None
     unfinished = self._unfinished(step)
-    if jax.process_index() == 0:
+    # (On a bucket the step's directory is its final one: never remove a finished step.)
+    if jax.process_index() == 0 and not (unfinished / COMMIT_MARKER).exists():
       unfinished.rmtree(missing_ok=True)
     self._abandoned = unfinished  # Writes still in flight may recreate it: see close.
     self.manager.reload()

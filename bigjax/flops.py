@@ -33,7 +33,7 @@ def _layer_matmul_params(cfg: transformer.TransformerConfig, moe: bool,
   mlp = e * cfg.mlp_dim * (3 if cfg.gated_mlp else 2)
   if moe:
     per_token = routing.experts_per_token(cfg.moe.router, cfg.moe.top_k,
-                                          cfg.moe.capacity_factor)
+                                          cfg.moe.capacity_factor, cfg.moe.num_experts)
     mlp = mlp * per_token + e * cfg.moe.num_experts  # active experts + the router
   return attention + mlp
 

@@ -309,7 +309,7 @@ class SaveCheckpoints(Hook):
     good = math.isfinite(float(loop.last_metrics["loss"]))
     untimed(loop, lambda: self.ckpt.save(loop.done, loop.state, force=True, good=good))
     if stop:
-      self.ckpt.wait_and_check()
+      untimed(loop, self.ckpt.wait_and_check)  # An async save writes here.
       print(f"Preempted: checkpoint saved at step {loop.done}; rerun the same command to "
             "resume.", flush=True)
       loop.stop = loop.preempted = True

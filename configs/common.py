@@ -163,7 +163,7 @@ def example_config(dataset: str, task: str, **data_overrides):
   config.checkpoint_every = 500
   config.keep_checkpoints = 2
   config.async_checkpoint = True
-  config.profile_steps = ()  # (start, stop): trace those steps into WORKDIR/profile.
+  config.profile_steps = ()  # (start, stop): trace steps start..stop-1 (as metrics rows count).
   config.data = ml_collections.ConfigDict(dict(
       dataset=dataset,  # A prepared tfds dataset; sklearn_toy/* is built locally.
       data_dir="",  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets.

@@ -2,7 +2,7 @@ r"""GShard-style MoE decoder LM: top-2 routing over 8 experts in every other blo
 
 Run (CPU, ~1 minute):
   python -m bigjax.main --config=configs/lm_moe.py:runlocal --workdir=/tmp/moe_local
-The demo model (`make demo`, 1 min 28 s on 2 CPU cores once set up; README):
+The demo model (`make demo`, 1 min 29 s on 2 CPU cores once set up; README):
   python -m bigjax.main --config=configs/lm_moe.py:demo --workdir=/tmp/bigjax_demo
 Expert parallelism on 8 devices, e.g. 4 expert shards x 2 data shards:
   ... --config.mesh.expert=4 --config.mesh.data=2

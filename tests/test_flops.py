@@ -81,7 +81,8 @@ def test_peak_flops_by_device_kind():
 
 
 @pytest.mark.parametrize("router, factor", [("gshard_top2", 1.0), ("expert_choice", 1.0),
-                                            ("expert_choice", 2.0)])
+                                            ("expert_choice", 2.0),
+                                            ("expert_choice", 16.0)])  # > E: every expert
 def test_moe_flops_match_xla_count_with_gather_dispatch(router, factor):
   # With the gather dispatch XLA counts only the experts' real work: k experts per
   # token for top-k routing, capacity_factor on average for expert choice (each

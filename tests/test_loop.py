@@ -189,6 +189,23 @@ def test_evaluations_and_saves_are_left_out_of_the_throughput(tmp_path, monkeypa
   assert len(excluded) == 5 and min(excluded) >= 0.3, excluded
 
 
+def test_a_preemption_row_leaves_out_the_wait_for_its_save(tmp_path, monkeypatch):
+  # Saves are asynchronous: at a preemption the write happens in wait_and_check.
+  excluded = []
+  monkeypatch.setattr(metrics.Progress, "exclude",
+                      lambda self, seconds: excluded.append(seconds))
+  real_wait = loop.checkpoint.Checkpointer.wait_and_check
+
+  def slow_wait(self):
+    time.sleep(0.3)
+    return real_wait(self)
+
+  monkeypatch.setattr(loop.checkpoint.Checkpointer, "wait_and_check", slow_wait)
+  _train(_config(tmp_path), str(tmp_path / "run"), StopAt(7))
+  # The preemption's save (which waits for any save before it) and its wait.
+  assert len(excluded) == 2 and min(excluded) >= 0.3, excluded
+
+
 def _events(path):
   """The Event protos of one TensorBoard event file (TFRecord framing: length,
   its CRC, the bytes, their CRC)."""

@@ -450,3 +450,11 @@ def test_router_losses_enter_the_loss_with_their_configured_weights():
   np.testing.assert_allclose(float(sums["router_loss_sum"]),
                              float(batch["weights"].sum()) * (0.01 * aux + 0.001 * z),
                              rtol=1e-5)
+
+
+def test_an_unknown_router_in_a_directly_built_model_names_the_choices():
+  from flax import nnx
+  from bigjax.models import moe, transformer
+  cfg = transformer.TransformerConfig(moe_every=1, moe=moe.MoEConfig(router="top2"))
+  with pytest.raises(ValueError, match="model.moe.router='top2'; choose one of"):
+    transformer.build(cfg, rngs=nnx.Rngs(0))

@@ -53,10 +53,12 @@ def choices_per_token(router: str, top_k: int) -> int:
   return top_k if k is None else k
 
 
-def experts_per_token(router: str, top_k: int, capacity_factor: float) -> float:
-  """How many experts' MLPs a token passes through, on average."""
+def experts_per_token(router: str, top_k: int, capacity_factor: float,
+                      num_experts: int) -> float:
+  """How many experts' MLPs a token passes through, on average (expert choice:
+  at most every expert, as capacity() never exceeds the group)."""
   if ROUTER_TABLE[router].experts_choose:
-    return capacity_factor
+    return min(capacity_factor, num_experts)
   return choices_per_token(router, top_k)
 
 
