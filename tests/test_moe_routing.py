@@ -145,7 +145,8 @@ def ref_expert_choice(logits, cap):
         combine[g, s, e, c] = probs[g, s, e]
   load = dispatch.sum(axis=(0, 1, 3))
   return dict(dispatch=dispatch, combine=combine, aux_loss=0.0, z_loss=ref_z_loss(logits),
-              routed=dispatch.sum(), kept=dispatch.sum(), load=load / load.sum())
+              routed=g_count * s_count, kept=(dispatch.sum(axis=(2, 3)) > 0).sum(),
+              load=load / load.sum())
 
 
 def ref_topk_dropless(logits, k):
@@ -458,3 +459,13 @@ def test_an_unknown_router_in_a_directly_built_model_names_the_choices():
   cfg = transformer.TransformerConfig(moe_every=1, moe=moe.MoEConfig(router="top2"))
   with pytest.raises(ValueError, match="model.moe.router='top2'; choose one of"):
     transformer.build(cfg, rngs=nnx.Rngs(0))
+
+
+def test_expert_choice_counts_the_tokens_no_expert_took_as_dropped():
+  # One slot per expert. Experts 0 and 1 both rank token 0 first (1/3 beats 0.2 and
+  # less); expert 2 takes token 1 (0.6). Tokens 2 and 3 go through no expert.
+  probs = [[1 / 3, 1 / 3, 1 / 3], [0.2, 0.2, 0.6], [0.25, 0.2, 0.55], [0.2, 0.3, 0.5]]
+  got = expert_choice(jnp.log(jnp.asarray([probs])), 1)
+  taken = np.asarray(got.dispatch).sum(axis=(2, 3))[0]
+  assert taken.tolist() == [2, 1, 0, 0]
+  assert float(got.routed) == 4 and float(got.kept) == 2  # dropped: half the tokens

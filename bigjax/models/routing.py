@@ -67,8 +67,11 @@ class Routing(NamedTuple):
   combine: jax.Array  # [G, S, E, C] float32 gate weights on the same slots.
   aux_loss: jax.Array  # scalar load-balancing loss (see module docstring).
   z_loss: jax.Array  # scalar router z-loss, mean(logsumexp(logits)^2).
-  routed: jax.Array  # scalar count of token-choices sent to an expert.
-  kept: jax.Array  # scalar count of those that found room (routed - dropped).
+  # Scalar counts: token-choices sent to an expert, and those that found room
+  # (routed - dropped). Expert choice: the group's tokens, and those at least one
+  # expert took (the others pass the layer untouched).
+  routed: jax.Array
+  kept: jax.Array
   load: jax.Array  # [E] fraction of kept token-choices per expert.
 
 
@@ -160,9 +163,10 @@ def expert_choice(logits, cap: int) -> Routing:
   dispatch = jnp.swapaxes(jax.nn.one_hot(tokens, group_size), 2, 3)  # [G, E, S, C]
   dispatch = jnp.swapaxes(dispatch, 1, 2)  # [G, S, E, C]
   combine = dispatch * gates[:, None, :, :]
-  kept = jnp.sum(dispatch)
+  taken = jnp.sum(jnp.max(dispatch, axis=(2, 3)))  # Tokens some expert took.
   return Routing(dispatch, combine, jnp.zeros((), jnp.float32), z_loss(logits),
-                 routed=kept, kept=kept, load=_load(dispatch))
+                 routed=jnp.asarray(probs.shape[0] * group_size, jnp.float32), kept=taken,
+                 load=_load(dispatch))
 
 
 class DroplessChoice(NamedTuple):
