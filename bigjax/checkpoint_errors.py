@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 import warnings
 
 from bigjax import recorded_config
@@ -91,9 +92,15 @@ _ABANDONED = ("Event loop is closed", "sys.meta_path is None")
 
 
 def _orbax_task_never_retrieved(record: logging.LogRecord) -> bool:
-  """asyncio's 'Task/Future exception was never retrieved' for an orbax write."""
+  """asyncio's 'Task/Future exception was never retrieved' for an orbax write:
+  a Task names its orbax coroutine; a bare Future only its exception, whose
+  traceback runs through orbax."""
   message = record.getMessage()
-  return "exception was never retrieved" in message and "orbax" in message
+  if "exception was never retrieved" not in message:
+    return False
+  error = record.exc_info[1] if record.exc_info else None
+  frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+  return "orbax" in message or any("orbax" in frame.filename for frame in frames)
 
 
 def quiet_abandoned_writes():

@@ -7,6 +7,7 @@ just before the step-20 save: from then on writing a file past 64 KiB fails
 (EFBIG, "File too large") as a full disk fails (ENOSPC). metrics.jsonl stays
 below the limit; the checkpoint's data files do not."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -158,3 +159,30 @@ def test_a_full_disk_failing_every_write_is_one_line_and_its_unfinished_save_goe
   assert "No space left on device" in lines[0], lines[0]
   assert "The last good checkpoint is step 10" in lines[0], lines[0]
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10"]
+
+
+def _never_retrieved(filename: str) -> logging.LogRecord:
+  """asyncio's record for a bare Future whose OSError was raised in `filename`."""
+  code = compile("def write():\n  raise OSError(28, 'No space left on device')\n",
+                 filename, "exec")
+  namespace = {}
+  exec(code, namespace)  # pylint: disable=exec-used
+  try:
+    namespace["write"]()
+  except OSError as e:
+    error = e
+  return logging.LogRecord(
+      "asyncio", logging.ERROR, "base_events.py", 1805,
+      "Future exception was never retrieved\nfuture: <Future finished exception=%r>",
+      (error,), (OSError, error, error.__traceback__))
+
+
+@pytest.mark.parametrize("filename, dropped", [
+    ("/site-packages/orbax/checkpoint/_src/path/async_path.py", True),
+    ("/elsewhere/user_code.py", False)])
+def test_an_orbax_writes_unretrieved_future_adds_no_traceback_after_the_one_line(
+    filename, dropped):
+  # On a full disk each of orbax's write futures fails; asyncio logs those never
+  # retrieved when they are collected, after the failure was reported in one line.
+  from bigjax import checkpoint_errors
+  assert checkpoint_errors._orbax_task_never_retrieved(_never_retrieved(filename)) == dropped
