@@ -319,7 +319,6 @@ def _check_splits(config, sizes: dict, dims):
   """Each (field, size, logical name) of `dims` splits evenly over the mesh axes
   config.sharding_rules map that name to (as steps.check_divisible checks every
   parameter once the model is built; here, before anything is)."""
-  from bigjax import sharding  # noqa: keeps this module's import light for configs.
   rules = [tuple(rule) for rule in config.sharding_rules]
   for field, size, name in dims:
     axes = sharding.logical_to_spec((name,), rules, tuple(sizes))[0]

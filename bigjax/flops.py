@@ -8,8 +8,9 @@ Bidirectional attention (an encoder's, and cross-attention) uses the whole score
 matrix and counts the whole 12 x L x H x Q x T.
 A MoE layer counts its router and the k experts each token is routed to, not
 all E; with expert choice, where each expert takes capacity_factor x S / E of a
-group's S tokens, capacity_factor experts per token on average. XLA's own counted FLOPs are not used: they count a scanned layer once and
-rematerialised work twice.
+group's S tokens, capacity_factor experts per token on average. XLA's own
+counted FLOPs are not used: they count a scanned layer once and rematerialised
+work twice.
 """
 from bigjax.models import routing, stack, transformer
 
