@@ -169,11 +169,12 @@ def moe_metrics(intermediates) -> dict:
 
 
 def loss_sums(task: tasks.Task, model, batch, rng, router_weights=(0.0, 0.0),
-              loss_chunk_len: int = 0):
+              loss_chunk_len: int = 0, router_scale=None):
   """The task's summed loss, weight (token or example) count and correct
   predictions (float32; no correct_sum for regression), and for MoE models the
-  router losses (already weighted, in per-token units). `loss_chunk_len` > 0:
-  the output projection and softmax loss in chunks of that many positions."""
+  router losses (already weighted, in per-token units: times `router_scale`, by
+  default this batch's weight sum). `loss_chunk_len` > 0: the output projection
+  and softmax loss in chunks of that many positions."""
   capture = nnx.capture(task.per_target_loss, nnx.Intermediate)
   (values, correct), intermediates = capture(model, batch, rng, loss_chunk_len)
   weights = batch["weights"].astype(jnp.float32)
@@ -184,10 +185,10 @@ def loss_sums(task: tasks.Task, model, batch, rng, router_weights=(0.0, 0.0),
   if layers:
     aux = sum(v for k, v in layers.items() if k.endswith("/aux_loss"))
     z = sum(v for k, v in layers.items() if k.endswith("/z_loss"))
-    # Router losses are per-token means: scaled by the token count, they keep their
-    # configured weights after the step divides by the global token count.
-    sums["router_loss_sum"] = sums["weight_sum"] * (router_weights[0] * aux +
-                                                    router_weights[1] * z)
+    # Router losses are means over routing groups: scaled by the token count, they
+    # keep their configured weights after the step divides by the global token count.
+    scale = sums["weight_sum"] if router_scale is None else router_scale
+    sums["router_loss_sum"] = scale * (router_weights[0] * aux + router_weights[1] * z)
     sums["moe"] = layers
   return sums
 
@@ -216,10 +217,11 @@ def make_train_step(setup: TrainSetup) -> Callable:
   accum = setup.config.grad_accum_steps
   weights = router_weights(setup)
 
-  def sums_and_grads(params, model_state, batch, rng):
+  def sums_and_grads(params, model_state, batch, rng, router_scale=None):
     def loss(p):
       model = setup.model(p, model_state)
-      sums = loss_sums(setup.task, model, batch, rng, weights, setup.loss_chunk_len)
+      sums = loss_sums(setup.task, model, batch, rng, weights, setup.loss_chunk_len,
+                       router_scale)
       new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
       return sums["loss_sum"] + sums.get("router_loss_sum", 0.0), (sums, new_model_state)
     grads, (sums, model_state) = jax.grad(loss, has_aux=True)(params)
@@ -230,13 +232,18 @@ def make_train_step(setup: TrainSetup) -> Callable:
     if accum == 1:
       sums, grads, model_state = sums_and_grads(state.params, state.model_state, batch, rng)
     else:
+      # Each microbatch's router losses count by the whole batch's weight / accum,
+      # not its own weight: their sum over microbatches is then the batch's
+      # (microbatches hold equal numbers of routing groups whatever their weights).
+      router_scale = jnp.sum(batch["weights"].astype(jnp.float32)) / accum
+
       def body(carry, xs):
         i, micro = xs
         total, model_state = carry
         micro = jax.tree.map(lambda x: sharding.constrain(
             x, sharding.BATCH + (None,) * (x.ndim - 1)), micro)
         sums, grads, model_state = sums_and_grads(state.params, model_state, micro,
-                                                  jax.random.fold_in(rng, i))
+                                                  jax.random.fold_in(rng, i), router_scale)
         return (jax.tree.map(jnp.add, total, (sums, grads)), model_state), None
       sums_shape, grads_shape, _ = jax.eval_shape(
           sums_and_grads, state.params, state.model_state,
