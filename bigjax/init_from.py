@@ -46,9 +46,14 @@ RESIZABLE_AXES = ("vocab", "classes")
 # embed_init where both tie their embeddings (it sets the logits' scale: d ** -0.5
 # for unit-variance tables), the relative distance where both use relative
 # positions, the router where both have MoE layers, top_k where both route dropless.
-SAME_FUNCTION = ("kind", "position", "fold_query_scale", "mlp_activation", "norm", "norm_eps")
+SAME_FUNCTION = ("kind", "position", "fold_query_scale", "mlp_activation", "gated_mlp", "norm",
+                 "norm_eps")
 SAME_FUNCTION_WHERE = {"embed_init": "tie_embeddings", "relative_max_distance": "position",
                        "moe.router": "moe_every", "moe.top_k": "moe.router"}
+# Settings whose source value must be kept, the other way being harmless: biases
+# added to a model trained without them start at zero (the same function), but a
+# trained run's biases left out change it.
+KEEP_TRAINED = {"use_bias": True}
 
 
 def _fail(problem: str, fix: str):
@@ -56,7 +61,8 @@ def _fail(problem: str, fix: str):
 
 
 def _plan(name: str, want, have, axes, skip) -> str:
-  """'copy', 'overlap' or 'fresh' for one parameter of the new model."""
+  """'copy', 'overlap', 'fresh' or (a shape it cannot take) 'mismatch' for one
+  parameter of the new model."""
   if have is None or (skip and skip.search(name)):
     return "fresh"
   if tuple(have.shape) == tuple(want.shape):
@@ -65,12 +71,21 @@ def _plan(name: str, want, have, axes, skip) -> str:
   if (len(have.shape) == len(want.shape) and axes
       and all(axes[i] in RESIZABLE_AXES for i in differing)):
     return "overlap"
-  raise ConfigError(
-      f"config.init_from: parameter {name} has shape {tuple(have.shape)} in the source "
-      f"checkpoint and {tuple(want.shape)} in this model (logical axes {axes}); only "
-      f"{'/'.join(RESIZABLE_AXES)} dimensions may differ. Match the model config to the "
-      "source run's config.json, or re-initialise it with --config.init_from.skip="
-      f"'{re.escape(name)}'.")
+  return "mismatch"
+
+
+def _mismatch_error(mismatches: list) -> ConfigError:
+  """Every parameter whose shape the source cannot fill, in one error (one at a
+  time, each suggested skip would only lead to the next)."""
+  shown = "; ".join(f"{name} {have} there, {want} here (logical axes {axes})"
+                    for name, have, want, axes in mismatches[:6])
+  more = f"; ... {len(mismatches) - 6} more" if len(mismatches) > 6 else ""
+  pattern = "^(" + "|".join(re.escape(name) for name, *_ in mismatches) + ")$"  # Just these.
+  return ConfigError(
+      f"config.init_from: {len(mismatches)} parameter(s) have another shape in the source "
+      f"checkpoint than in this model, and only {'/'.join(RESIZABLE_AXES)} dimensions may "
+      f"differ: {shown}{more}. Match the model config to the source run's config.json, or "
+      f"re-initialise them with --config.init_from.skip='{pattern}'.")
 
 
 def _overlap(fresh: jax.Array, loaded: jax.Array, sharding) -> jax.Array:
@@ -81,12 +96,13 @@ def _overlap(fresh: jax.Array, loaded: jax.Array, sharding) -> jax.Array:
   return jax.jit(put, out_shardings=sharding)(fresh, loaded)
 
 
-def _check_same_function(config):
-  """A ConfigError naming every SAME_FUNCTION setting the source run recorded
-  otherwise, between two Transformers (a source without a readable config.json
-  is not checked: its shapes still are)."""
+def _check_same_function(config, step: int):
+  """A ConfigError naming every SAME_FUNCTION setting (or KEEP_TRAINED one) that
+  the config which trained the source's `step` recorded otherwise, between two
+  Transformers (a source without a readable config.json is not checked: its
+  shapes still are)."""
   try:
-    source = recorded_config.read(config.init_from.workdir)["model"]
+    source = recorded_config.read(config.init_from.workdir, step)["model"]
   except (OSError, ValueError, KeyError):
     return
   here = config.model.to_dict()
@@ -106,12 +122,21 @@ def _check_same_function(config):
   keys = SAME_FUNCTION + tuple(k for k, by in SAME_FUNCTION_WHERE.items() if in_use(by))
   differ = [(k, value(source, k), value(here, k)) for k in keys
             if value(source, k) != value(here, k)]
+  differ += [(k, kept, value(here, k)) for k, kept in KEEP_TRAINED.items()
+             if value(source, k) == kept != value(here, k)]
+  absent = [k for k, a, _ in differ if a is None]
+  if absent:  # Not even filled in by recorded_config: a setting it does not know.
+    raise ConfigError(
+        f"config.init_from: the source's config.json records no model.{absent[0]}, so "
+        "whether this model computes the source's function cannot be checked. Add the "
+        "value that run used to its config.json (recorded_config.SETTINGS_OLDER_RUNS_USED "
+        "lists the ones known).")
   if differ:
     raise ConfigError(
         "config.init_from: this model would compute another function with the source's "
         "parameters: " + "; ".join(f"model.{k} is {a!r} there, {b!r} here" for k, a, b in differ)
         + ". Set " + ", ".join(f"--config.model.{k}={a}" for k, a, _ in differ)
-        + " (the source's config.json).")
+        + f" (the config that trained step {step}).")
 
 
 def load(config, setup: steps.TrainSetup, state: steps.TrainState):
@@ -136,7 +161,7 @@ def load(config, setup: steps.TrainSetup, state: steps.TrainState):
             f"Set init_from.step to another of its steps ({reader.all_steps()}), or put "
             "back a good copy of that step.")
     integrity.warn_if_unverified(reader.directory / str(step))
-    _check_same_function(config)
+    _check_same_function(config, step)
     tree = reader.metadata(step)
     if "params" not in tree:
       _fail(f"the checkpoint at step {step} in {cfg.workdir} holds no parameters.",
@@ -149,6 +174,7 @@ def load(config, setup: steps.TrainSetup, state: steps.TrainState):
     where = layer_layout.per_block({n: tuple(a.shape) for n, a in source.items()})
     sizes = layer_layout.unit_sizes(wanted)
     rows, plan = {}, {}  # Per parameter: its blocks [(block name, row)], their plans.
+    mismatches = []
     for name, (want, _) in wanted.items():
       names = layer_layout.block_names(name, want.shape[0] if want.shape else 0, sizes)
       rows[name] = [(name, None)] if names is None else list(zip(names, range(len(names))))
@@ -159,8 +185,12 @@ def load(config, setup: steps.TrainSetup, state: steps.TrainState):
         src = where.get(block)
         have = None if src is None else jax.ShapeDtypeStruct(
             layer_layout.row_shape(source[src[0]].shape, src[1]), source[src[0]].dtype)
-        plan[name].append(_plan(block, jax.ShapeDtypeStruct(
-            layer_layout.row_shape(want.shape, row), want.dtype), have, row_axes, skip))
+        want_row = jax.ShapeDtypeStruct(layer_layout.row_shape(want.shape, row), want.dtype)
+        plan[name].append(_plan(block, want_row, have, row_axes, skip))
+        if plan[name][-1] == "mismatch":
+          mismatches.append((block, tuple(have.shape), tuple(want_row.shape), row_axes))
+    if mismatches:
+      raise _mismatch_error(mismatches)
     by_block = {block: p for name in plan for (block, _), p in zip(rows[name], plan[name])}
     if skip and not any(skip.search(block) for block in by_block):
       raise ConfigError(

@@ -8,9 +8,13 @@ from etils import epath
 SETTINGS_OLDER_RUNS_USED = {"norm_eps": 1e-6, "attention_impl": "xla",
                             # Before relative positions and classifier heads: none.
                             "relative_buckets": 32, "relative_max_distance": 128,
-                            "num_classes": 0, "fold_query_scale": False}
+                            "num_classes": 0, "fold_query_scale": False,
+                            # Tied logits were x . E^T * emb_dim ** -0.5 before
+                            # 2026-11-28, as embed_init="unit" computes them.
+                            "embed_init": "unit", "scale_residual_init": False,
+                            "use_bias": False, "scan_layers": False, "remat_policy": "none"}
 # MoE settings likewise: GShard's einsums were the only capacity dispatch.
-MOE_SETTINGS_OLDER_RUNS_USED = {"capacity_dispatch": "einsum"}
+MOE_SETTINGS_OLDER_RUNS_USED = {"capacity_dispatch": "einsum", "dropless_exchange": "auto"}
 
 
 def fill_older(values: dict) -> dict:
@@ -25,7 +29,20 @@ def fill_older(values: dict) -> dict:
   return values
 
 
-def read(workdir: str) -> dict:
-  """WORKDIR/config.json as a dict, older settings filled in. Raises OSError
-  (missing, unreadable) or ValueError (not JSON)."""
-  return fill_older(json.loads((epath.Path(workdir) / "config.json").read_text()))
+def read(workdir: str, step: int | None = None) -> dict:
+  """WORKDIR/config.json as a dict, older settings filled in; with `step`, the
+  config that trained that step: a run resumed at S with changed settings kept
+  the one of steps 1..S as config.before_step_S.json (bigjax.train), so it is the
+  smallest such S >= step, else config.json. Raises OSError (missing,
+  unreadable) or ValueError (not JSON)."""
+  path = epath.Path(workdir) / "config.json"
+  if step is not None:
+    kept = {int(p.name[len(KEPT_PREFIX):-len(".json")]): p
+            for p in epath.Path(workdir).glob(f"{KEPT_PREFIX}*.json")
+            if p.name[len(KEPT_PREFIX):-len(".json")].isdigit()}
+    later = [s for s in kept if s >= step]
+    path = kept[min(later)] if later else path
+  return fill_older(json.loads(path.read_text()))
+
+
+KEPT_PREFIX = "config.before_step_"  # + S + ".json": the config of steps 1..S.

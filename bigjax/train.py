@@ -227,7 +227,7 @@ def _record_config(config, workdir: str, start: int):
   text = config.to_json_best_effort(indent=2)
   # The config that trained steps 1..start: kept by an earlier resume at `start`
   # (whose settings then trained no step that was kept), else config.json.
-  kept = path.parent / f"config.before_step_{start}.json"
+  kept = path.parent / f"{recorded_config.KEPT_PREFIX}{start}.json"
   earlier = kept if kept.exists() else path
   if start > 0 and earlier.exists():
     old_text = earlier.read_text()

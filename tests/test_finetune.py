@@ -170,9 +170,18 @@ def test_finetuning_on_held_out_files_beats_training_from_scratch(source):
 def test_incompatible_sources_fail_naming_the_parameter(source):
   config = _config(source["data_dir"], emb_dim=32, num_heads=2)
   config.init_from.workdir = source["workdir"]
-  with pytest.raises(config_lib.ConfigError, match=r"parameter decoder/.* has shape .* only "
-                     "vocab/classes dimensions may differ.*init_from.skip"):
+  with pytest.raises(config_lib.ConfigError, match=r"parameter\(s\) have another shape .* "
+                     "only vocab/classes dimensions may differ: decoder/.*init_from.skip") as e:
     _fresh_and_loaded(config)
+  # Every one at once: the suggested skip re-initialises them all, and the rest load.
+  config = _config(source["data_dir"], mlp_dim=2 * _config("").model.mlp_dim)
+  config.init_from.workdir = source["workdir"]
+  with pytest.raises(config_lib.ConfigError, match="parameter") as e:
+    _fresh_and_loaded(config)
+  config.init_from.skip = str(e.value).split("init_from.skip='")[1].rsplit("'", 1)[0]
+  _, loaded, summary = _fresh_and_loaded(config)
+  blocks = config.model.num_layers
+  assert f"{3 * blocks} freshly initialised" in summary, summary  # wi, its bias, wo.
   # A model of another family shares no parameter path with the source.
   config = mlp.get_config("variant=deep")
   config.init_from.workdir = source["workdir"]
@@ -187,6 +196,9 @@ def test_incompatible_sources_fail_naming_the_parameter(source):
     # Tied logits scaled by d ** -0.5: the source's trained logits would shrink.
     (dict(embed_init="unit"), "model.embed_init is 'normal' there, 'unit' here"),
     (dict(norm="rmsnorm"), "model.norm is 'layernorm' there, 'rmsnorm' here"),
+    (dict(gated_mlp=True), "model.gated_mlp is False there, True here"),
+    # The source's trained biases would be left out (added ones start at zero: allowed).
+    (dict(use_bias=False), "model.use_bias is True there, False here"),
 ])
 def test_a_model_that_computes_another_function_is_refused(source, model, message):
   """The same shapes, another function: the source's logits and loss would not
@@ -284,6 +296,6 @@ def test_top_k_is_compared_only_where_both_route_dropless(tmp_path):
     (tmp_path / "config.json").write_text(source.to_json())
     if refused:
       with pytest.raises(config_lib.ConfigError, match="model.moe.top_k is 2 there, 1 here"):
-        init_from._check_same_function(here)
+        init_from._check_same_function(here, step=1)
     else:
-      init_from._check_same_function(here)
+      init_from._check_same_function(here, step=1)
