@@ -38,6 +38,7 @@ window at every step (the first version of this module), with the same stopping
 and sampling rules and keys, for tests and benchmarks.
 """
 import contextlib
+import math
 import functools
 from typing import Sequence
 
@@ -337,18 +338,23 @@ def _prepare(model, prompts, max_new_tokens: int, max_len: int | None, mesh, rul
   encdec = is_encdec(model)
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens}; ask for at least one token.")
+  if any(np.ndim(p) == 0 for p in prompts):
+    raise ValueError("prompts is a list of prompts, each a list of token ids: pass one "
+                     "prompt as [ids].")
   prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
   if not prompts:
     raise ValueError("No prompts given.")
+  vocab = model.embedder.tokens.embedding.shape[0]
   for i, p in enumerate(prompts):
     if p.size == 0:
       raise ValueError(f"Prompt {i} is empty; give at least one token.")
-  vocab = model.embedder.tokens.embedding.shape[0]
-  for i, p in enumerate(prompts):
     if p.min() < 0 or p.max() >= vocab:
       bad = int(p[(p < 0) | (p >= vocab)][0])
       raise ValueError(f"Prompt {i} holds token id {bad}, outside the model's vocabulary "
                        f"[0, {vocab}); encode it with the model's tokenizer.")
+    if (p == PAD_ID).any():  # It would be read as a token, its key masked: other text.
+      raise ValueError(f"Prompt {i} holds the padding id {PAD_ID}; pass prompts unpadded "
+                       "(lists of different lengths), not a padded array.")
   longest = max(p.size for p in prompts)
   table = _model_max_len(model)
   if max_len is None:
@@ -366,7 +372,9 @@ def _prepare(model, prompts, max_new_tokens: int, max_len: int | None, mesh, rul
   else:
     if max_len is not None and longest + max_new_tokens > max_len:
       fix = (f"lower max_new_tokens to {max_len - longest} or less" if longest < max_len
-             else f"shorten the prompt to {max(max_len - max_new_tokens, 1)} tokens or less")
+             else f"shorten the prompt to {max_len - max_new_tokens} tokens or less"
+             if max_new_tokens < max_len else
+             f"lower max_new_tokens below {max_len} and shorten the prompt to fit")
       raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
                        f"exceeds the model's max_len={max_len}; {fix}.")
     cache_len = longest + max_new_tokens
@@ -408,7 +416,7 @@ def _check_sampling(temperature, top_k, top_p):
     raise ValueError(f"top_k={top_k}; use 0 (off) or a positive number of tokens.")
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p={top_p}; use a probability mass in (0, 1] (1: off).")
-  if temperature < 0:
+  if not 0 <= temperature < math.inf:  # NaN too: it would decode padding, silently.
     raise ValueError(f"temperature={temperature}; use 0 (greedy) or a positive value.")
 
 
@@ -445,8 +453,9 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
   the length penalty).
   """
   if beam_size > 1:
-    if temperature > 0:
-      raise ValueError("beam search is deterministic: use temperature=0 with beam_size > 1.")
+    if (temperature, top_k, top_p) != (0, 0, 1):
+      raise ValueError("beam search is deterministic: use temperature=0, top_k=0 and top_p=1 "
+                       "with beam_size > 1.")
     found = beam_search(model, prompts, beam_size=beam_size, max_new_tokens=max_new_tokens,
                         max_len=max_len, length_penalty=length_penalty, eos_id=eos_id,
                         mesh=mesh, rules=rules, return_scores=return_scores)
@@ -481,7 +490,7 @@ def beam_search(model, prompts: Sequence[Sequence[int]], *, beam_size: int,
   cut by the length limit)."""
   if beam_size < 1:
     raise ValueError(f"beam_size={beam_size}; use 1 or more.")
-  if length_penalty < 0:
+  if not 0 <= length_penalty < math.inf:
     raise ValueError(f"length_penalty={length_penalty}; use 0 (none) or more.")
   _check_mesh(mesh, rules)
   tokens, lengths, cache_len, num = _prepare(model, prompts, max_new_tokens, max_len,

@@ -287,16 +287,30 @@ def test_sample_keeps_its_signature(models):
     decode.sample(model, [[5, 6, 7]], max_new_tokens=40, max_len=40)
   with pytest.raises(ValueError, match=r"shorten the prompt to 39 tokens or less"):
     decode.sample(model, [[5] * 40], max_new_tokens=1, max_len=40)
+  # No prompt fits beside 40 new tokens: both must change.
+  with pytest.raises(ValueError, match=r"lower max_new_tokens below 40 and shorten the prompt"):
+    decode.sample(model, [[5] * 40], max_new_tokens=40, max_len=40)
 
 
 def test_invalid_settings_are_rejected(models):
   model = models["decoder_dense_learned"]
   with pytest.raises(ValueError, match="top_p"):
     decode.generate(model, [[5]], max_new_tokens=2, temperature=1.0, top_p=0.0)
-  with pytest.raises(ValueError, match="temperature=0"):
-    decode.generate(model, [[5]], max_new_tokens=2, temperature=1.0, beam_size=2)
+  for settings in (dict(temperature=1.0), dict(top_k=5), dict(top_p=0.9)):  # Unused by beams.
+    with pytest.raises(ValueError, match="temperature=0, top_k=0 and top_p=1"):
+      decode.generate(model, [[5]], max_new_tokens=2, beam_size=2, **settings)
   with pytest.raises(ValueError, match="empty"):
     decode.generate(model, [[]], max_new_tokens=2)
+  # NaN passes a `< 0` test: it would decode padding (sampling) or NaN scores (beams).
+  with pytest.raises(ValueError, match="temperature=nan"):
+    decode.generate(model, [[5]], max_new_tokens=2, temperature=float("nan"))
+  with pytest.raises(ValueError, match="length_penalty=nan"):
+    decode.beam_search(model, [[5]], beam_size=2, max_new_tokens=2, length_penalty=float("nan"))
+  # A padded array's PAD would be read as a token (its key masked): other text.
+  with pytest.raises(ValueError, match=f"Prompt 1 holds the padding id {decode.PAD_ID}"):
+    decode.generate(model, np.array([[5, 6, 7], [5, 6, decode.PAD_ID]]), max_new_tokens=2)
+  with pytest.raises(ValueError, match=r"pass one prompt as \[ids\]"):
+    decode.generate(model, [5, 6, 7], max_new_tokens=2)  # Three one-token prompts before.
   encoder = transformer.build(transformer.TransformerConfig(kind="encoder", vocab_size=VOCAB,
                                                             num_layers=1, emb_dim=32,
                                                             num_heads=4, mlp_dim=32),

@@ -369,6 +369,24 @@ def test_beam_search_finds_hf_generates_beams():
   assert ours != greedy  # The beams found something greedy search did not.
 
 
+def test_t5_greedy_decoding_equals_hf_generate():
+  """bigjax's encoder-decoder greedy decoding against HF's plain `generate()` on the
+  same T5 weights: the mapped config carries bigjax's special ids (decoding starts
+  from BOS, not HF's default 0), so no decoder_input_ids are needed."""
+  config = _tiny_t5_config(tie_embeddings=False)
+  model, params = _random_params(config, scale=0.2)
+  nnx.update(model, params)
+  hf = hf_models.load("t5", params, hf_models.build("t5", config),
+                      config.model.fold_query_scale).eval()
+  inputs = np.random.default_rng(3).integers(3, 64, (3, 9))
+  ours = decode.generate(model, inputs.tolist(), max_new_tokens=10, eos_id=None)
+  with torch.no_grad():  # HF's cache breaks on a decoder deeper than the encoder.
+    theirs = hf.generate(torch.from_numpy(inputs), do_sample=False, max_new_tokens=10,
+                         min_new_tokens=10, eos_token_id=None, use_cache=False)
+  assert theirs[:, 0].tolist() == [decode.BOS_ID] * 3
+  assert ours == theirs[:, 1:].tolist()
+
+
 @pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (5, 1.0), (10, 0.5), (0, 0.05)])
 def test_sampling_filter_keeps_hf_warpers_tokens(top_k, top_p):
   """decode.filter_logits against HF generate's TopK then TopP warpers: the same

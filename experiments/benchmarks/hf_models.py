@@ -27,9 +27,13 @@ import torch
 import transformers
 
 from bigjax import layer_layout
+from bigjax.data import tokenizer
 from bigjax.models import routing
 
 ARCHS = ("gpt2", "mixtral", "llama", "t5", "switch")
+# bigjax's special ids, so that HF's generate() starts, pads and stops as decode does.
+SPECIAL_IDS = dict(bos_token_id=tokenizer.BOS_ID, eos_token_id=tokenizer.EOS_ID,
+                   pad_token_id=tokenizer.PAD_ID)
 
 
 def mixtral_like(config):
@@ -50,7 +54,7 @@ def build(arch: str, config):
         n_layer=m.num_layers, n_head=m.num_heads, n_inner=m.mlp_dim,
         activation_function="gelu_new",  # tanh GELU, as jax.nn.gelu's default
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
-        layer_norm_epsilon=m.norm_eps))
+        layer_norm_epsilon=m.norm_eps, **SPECIAL_IDS))
   if arch in ("t5", "switch"):
     problems = {"position='relative'": m.position == "relative",
                 "norm='rmsnorm'": m.norm == "rmsnorm", "use_bias=False": not m.use_bias,
@@ -73,7 +77,7 @@ def build(arch: str, config):
         num_heads=m.num_heads, relative_attention_num_buckets=m.relative_buckets,
         relative_attention_max_distance=m.relative_max_distance, dropout_rate=0.0,
         layer_norm_epsilon=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
-        decoder_start_token_id=0, pad_token_id=0)
+        decoder_start_token_id=tokenizer.BOS_ID, **SPECIAL_IDS)
     if arch == "t5":
       model = transformers.T5ForConditionalGeneration(transformers.T5Config(
           feed_forward_proj=("gated-" if m.gated_mlp else "") + m.mlp_activation, **shape))
@@ -99,14 +103,14 @@ def build(arch: str, config):
         num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
         num_key_value_heads=m.num_kv_heads or m.num_heads, max_position_embeddings=m.max_len,
         rms_norm_eps=m.norm_eps, tie_word_embeddings=False, hidden_act="silu",
-        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}))
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}, **SPECIAL_IDS))
   return transformers.MixtralForCausalLM(transformers.MixtralConfig(
       vocab_size=m.vocab_size, hidden_size=m.emb_dim, intermediate_size=m.mlp_dim,
       num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
       num_key_value_heads=m.num_kv_heads or m.num_heads, max_position_embeddings=m.max_len,
       num_local_experts=m.moe.num_experts, num_experts_per_tok=m.moe.top_k,
       rms_norm_eps=m.norm_eps, tie_word_embeddings=False, hidden_act="silu",
-      rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}))
+      rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}, **SPECIAL_IDS))
 
 
 def lr_scheduler(optimizer, optim_cfg, total_steps: int):
