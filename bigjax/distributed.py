@@ -17,9 +17,12 @@ without BIGJAX_COORDINATOR is an error, not a single process: each host would
 otherwise train alone. Bad values raise EnvError, a ConfigError, which
 `python -m bigjax.main` prints in one line.
 """
+import json
 import os
+import socket
 
 import jax
+import numpy as np
 
 from bigjax import config as config_lib
 
@@ -47,6 +50,18 @@ def _int(environ, name: str, what: str, minimum: int, example: str = "") -> int:
   return number
 
 
+def _check_port_free(coordinator: str, port: int):
+  """Process 0 serves the coordinator on `port` (on every interface, address
+  reuse on, as gRPC binds it); JAX 0.12 crashes (SIGSEGV) when it is taken."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      s.bind(("", port))
+    except OSError as e:
+      raise EnvError(f"{ENV_COORDINATOR}={coordinator}: process 0 cannot listen on port "
+                     f"{port} ({e.strerror}); pick a free port.") from None
+
+
 def initialize_from_env(environ=None) -> bool:
   """Initialises jax.distributed when the environment asks for it.
 
@@ -66,6 +81,12 @@ def initialize_from_env(environ=None) -> bool:
     pid = _int(environ, ENV_PROCESS_ID, "this process's index", 0)
     if pid >= num:
       raise EnvError(f"{ENV_PROCESS_ID}={pid} must be in [0, {ENV_NUM_PROCESSES}={num}).")
+    host, _, port = coordinator.strip().rpartition(":")
+    if not (host and port.isdigit() and 0 < int(port) < 65536):
+      raise EnvError(f"{ENV_COORDINATOR}={coordinator!r} must be HOST:PORT, process 0's "
+                     "address and a free port on it, e.g. 10.0.0.1:12345.")
+    if pid == 0:
+      _check_port_free(coordinator, int(port))
     jax.distributed.initialize(coordinator, num_processes=num, process_id=pid, **kwargs)
     return True
   auto = environ.get(ENV_AUTO, "").strip().lower()
@@ -96,3 +117,35 @@ def initialize_from_env(environ=None) -> bool:
           "(experiments/launch_multihost.py sets them).") from None
     return True
   return False
+
+
+def check_same_run(config, workdir: str):
+  """Raises ConfigError on every process unless all of them were given process
+  0's config and workdir. Each process builds its own copy of the model from its
+  own config: a different seed or learning rate would train diverging copies
+  silently, a different total_steps would abort in a collective minutes later."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  from bigjax.checkpoint_errors import changed_fields
+
+  mine = json.dumps({"workdir": workdir, "config": json.loads(config.to_json_best_effort())},
+                    sort_keys=True).encode()
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(len(mine))))
+  theirs = np.zeros(size, np.uint8)  # Process 0's text, the same size on every process.
+  if jax.process_index() == 0:
+    theirs[:] = np.frombuffer(mine, np.uint8)
+  theirs = np.asarray(multihost_utils.broadcast_one_to_all(theirs)).tobytes()
+  same = theirs == mine
+  differ = [i for i, ok in enumerate(np.asarray(multihost_utils.process_allgather(
+      np.int32(same))).reshape(-1)) if not ok]
+  if not differ:
+    return
+  here = ""
+  if not same:
+    changed = changed_fields(json.loads(theirs), json.loads(mine))
+    here = " Here: " + "; ".join(f"{name} {new!r}, process 0 {old!r}"
+                                 for name, old, new in changed[:6]) + "."
+  raise config_lib.ConfigError(
+      f"process(es) {differ} were given another config or --workdir than process 0.{here} "
+      "Run the same command, with the same --config.* flags, on every process.")

@@ -19,6 +19,7 @@ import datetime
 import fcntl
 import json
 import os
+import secrets
 import socket
 import sys
 
@@ -247,4 +248,30 @@ def hold(workdir: str, log) -> WorkdirLock:
                                  "process 0's message).")
   if refusal is not None:
     raise refusal
+  try:
+    _check_shared(workdir)
+  except BaseException:
+    lock.release()
+    raise
   return lock
+
+
+def _check_shared(workdir: str):
+  """Raises ConfigError on every process unless all of them see one directory: a
+  per-host local path would train, then hang at the first checkpoint (orbax waits
+  20 minutes for the other hosts' files to appear where process 0 looks)."""
+  if jax.process_count() == 1 or paths.is_remote(workdir):  # One URL: one bucket.
+    return
+  token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
+  probe = os.path.join(workdir, f".shared_probe_{token}")
+  if jax.process_index() == 0:
+    open(probe, "w").close()
+  multihost_utils.sync_global_devices("bigjax: shared workdir probe written")
+  seen = np.asarray(multihost_utils.process_allgather(np.int32(os.path.exists(probe))))
+  if jax.process_index() == 0:  # Every process has looked: the gather waited for them.
+    os.remove(probe)
+  blind = [i for i, ok in enumerate(seen.reshape(-1)) if not ok]
+  if blind:
+    raise ConfigError(f"--workdir={workdir} is not one directory shared by the processes: "
+                      f"process(es) {blind} cannot see the file process 0 wrote there. Use a "
+                      "filesystem every host mounts (NFS, ...) or a gs:// bucket.")

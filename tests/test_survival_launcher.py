@@ -3,6 +3,7 @@ and bigjax.distributed's reading of the BIGJAX_* variables (the 2-process job
 itself runs in test_survival_runs.py)."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -90,11 +91,27 @@ COORD = {"BIGJAX_COORDINATOR": "127.0.0.1:1"}
      "BIGJAX_PROCESS_ID must be this process's index, an integer >= 0"),
     ({**COORD, "BIGJAX_NUM_PROCESSES": "2", "BIGJAX_PROCESS_ID": "1.0"},
      "got BIGJAX_PROCESS_ID='1.0'"),
+    # JAX's own words were an IndexError and a failed RPC server.
+    *[({"BIGJAX_COORDINATOR": bad, "BIGJAX_NUM_PROCESSES": "2", "BIGJAX_PROCESS_ID": "1"},
+       f"BIGJAX_COORDINATOR='{bad}' must be HOST:PORT") for bad in
+      ("127.0.0.1", "127.0.0.1:notaport", ":1234", "127.0.0.1:70000")],
 ])
 def test_distributed_env_errors_name_the_variable(environ, match):
   # ConfigError: what `python -m bigjax.main` prints as one line.
   with pytest.raises(config_lib.ConfigError, match=match):
     distributed.initialize_from_env(environ)
+
+
+def test_a_coordinator_port_in_use_is_named_before_jax_starts():
+  # JAX 0.12's process 0 crashes (SIGSEGV) on a taken port.
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    with pytest.raises(config_lib.ConfigError, match=f"cannot listen on port {port} "
+                       r"\(Address already in use\); pick a free port"):
+      distributed.initialize_from_env({"BIGJAX_COORDINATOR": f"127.0.0.1:{port}",
+                                       "BIGJAX_NUM_PROCESSES": "2", "BIGJAX_PROCESS_ID": "0"})
 
 
 def test_cli_reports_env_error_in_one_line(tmp_path):
