@@ -85,7 +85,15 @@ def load_model(workdir: str):
   if config.task not in generating:
     raise GenerateError(f"{workdir} trained task={config.task!r}; generation needs a language "
                         f"model or an encoder-decoder (a task in {generating}).")
-  setup = steps.make_setup(config, _mesh(config))
+  try:
+    setup = steps.make_setup(config, _mesh(config))
+  except (AttributeError, KeyError) as e:  # ConfigDict: AttributeError(KeyError(name)).
+    missing = e
+    while isinstance(missing, (AttributeError, KeyError)) and missing.args:
+      missing = missing.args[0]
+    raise GenerateError(f"{workdir}/config.json has no setting {missing}: the run predates "
+                        "it and bigjax.recorded_config does not know the value it used. Add "
+                        "it to that config.json by hand (configs/ hold today's values).") from None
   # Read-only: a training run may still be writing (its unfinished save is not
   # listed), and the optimizer state is never read.
   reader = checkpoint_reader.CheckpointReader(workdir)

@@ -416,3 +416,15 @@ def test_an_moe_run_recorded_before_capacity_dispatch_still_loads(tmp_path):
   config = generate.load_config(str(tmp_path))
   assert config.model.moe.capacity_dispatch == "einsum"
   config_lib.validate(config, num_devices=jax.device_count())
+
+
+def test_a_run_predating_a_setting_nobody_filled_in_is_a_message(tmp_path):
+  from bigjax import generate
+  from configs import lm
+  values = json.loads(lm.get_config("runlocal").to_json())
+  del values["mesh_axes"]  # Added 2026-11-29; recorded_config fills model settings only.
+  (tmp_path / "config.json").write_text(json.dumps(values))
+  (tmp_path / "checkpoints").mkdir()
+  with pytest.raises(generate.GenerateError, match=r"config.json has no setting 'mesh_axes': "
+                     "the run predates it"):
+    generate.load_model(str(tmp_path))
