@@ -38,8 +38,8 @@ window at every step (the first version of this module), with the same stopping
 and sampling rules and keys, for tests and benchmarks.
 """
 import contextlib
-import math
 import functools
+import math
 from typing import Sequence
 
 import jax
