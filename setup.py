@@ -5,7 +5,8 @@ setup(
     name="bigjax",
     version="0.1.0",
     description="Sharded Transformer and MoE training in JAX/Flax NNX.",
-    packages=find_packages(include=["bigjax", "bigjax.*"]),
+    # configs/ too: a notebook or script outside a checkout (Colab) imports them.
+    packages=find_packages(include=["bigjax", "bigjax.*", "configs"]),
     python_requires=">=3.12",
     # Upper bounds: the JAX stack changes APIs between minor releases; widen them
     # after the suite passes on the new versions.

@@ -175,14 +175,21 @@ def _row_step(raw: bytes) -> int | None:
     return None
 
 
+def evaluation_at(workdir: str, step: int) -> dict:
+  """The evaluation of `step` that metrics.jsonl holds ({"eval_loss": ...}), or
+  {} if none (process 0 reads it; the others get {})."""
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if jax.process_index() != 0 or not path.exists():
+    return {}
+  with path.open("rb") as f:
+    rows = [raw for raw in f if _row_step(raw) == step and b'"eval_' in raw]
+  return {k: v for k, v in json.loads(rows[-1]).items() if k.startswith("eval_")} if rows else {}
+
+
 def evaluated_at(workdir: str, step: int) -> bool:
   """Whether metrics.jsonl holds the evaluation of `step` (process 0 reads it;
   the others get False)."""
-  path = epath.Path(workdir) / "metrics.jsonl"
-  if jax.process_index() != 0 or not path.exists():
-    return False
-  with path.open("rb") as f:
-    return any(_row_step(raw) == step and b'"eval_' in raw for raw in f)
+  return bool(evaluation_at(workdir, step))
 
 
 def rewind_jsonl(workdir: str, step: int) -> Rewind:

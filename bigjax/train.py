@@ -63,7 +63,8 @@ def log(message: str):
 class RunResult:
   state: steps.TrainState
   setup: steps.TrainSetup
-  eval_metrics: dict  # The last evaluation (empty if none ran).
+  # The last evaluation (empty if none ran; a rerun of a finished run: its recorded one).
+  eval_metrics: dict
   data_stats: dict = dataclasses.field(default_factory=dict)  # tasks.TaskData.stats
   preempted: bool = False
   already_finished: bool = False  # A rerun of a run already at config.total_steps.
@@ -283,7 +284,8 @@ def _nothing_to_train(config, workdir: str, p: Prepared) -> RunResult:
         f"config.total_steps: {config.total_steps} is below step {p.start}, where the run "
         f"in {workdir} already is (its latest checkpoint); nothing was changed. Pass "
         f"--config.total_steps above {p.start} to train further, or use a new --workdir.")
-  if not loop_lib.from_process_0(metrics_lib.evaluated_at(workdir, p.start)):
+  recorded = metrics_lib.evaluation_at(workdir, p.start)
+  if not loop_lib.from_process_0(bool(recorded)):
     loop = loop_lib.run_loop(  # No steps: the hooks that redo the lost evaluation.
         loop_lib.Loop(p.setup, p.state, p.start, log),
         p.data.train, [loop_lib.LogMetrics(workdir), loop_lib.Evaluate(p.data.eval)])
@@ -292,4 +294,6 @@ def _nothing_to_train(config, workdir: str, p: Prepared) -> RunResult:
       f"at step {p.start} = config.total_steps). Pass a larger --config.total_steps to train "
       "further; a cosine or linear schedule is then laid out over the new total, so the "
       "learning rate at this step rises to what that schedule gives here.")
-  return RunResult(p.state, p.setup, {}, already_finished=True)
+  # Its recorded final evaluation (process 0's; {} on the others), as a finished
+  # run returns it: a notebook cell run twice reads the same result.
+  return RunResult(p.state, p.setup, recorded, p.data.stats, already_finished=True)

@@ -44,6 +44,9 @@ def test_linear_regression_sgd_matches_closed_form_least_squares(data_dir, tmp_p
   z_test = (x[~train_rows, 2] - bmi.mean()) / bmi.std()
   mse = np.mean((ls_slope * z_test + ls_intercept - y[~train_rows]) ** 2)
   np.testing.assert_allclose(result.eval_metrics["eval_loss"], mse, rtol=2e-3)
+  # Run again (a notebook cell run twice): nothing to train, the same result.
+  again = _run(linear_regression.get_config(), data_dir, tmp_path)
+  assert again.already_finished and again.eval_metrics == pytest.approx(result.eval_metrics)
 
 
 @pytest.mark.parametrize("module, arg, accuracy", [
