@@ -53,7 +53,8 @@ def run_entry(name: str, config: str, root: str, extra: list[str]) -> float | No
 def table(root: str, times: dict, arg: str = "", extra: tuple = ()) -> str:
   """The zoo's table; `arg` and `extra` are the config arg and overrides this
   invocation gave its runs (shown with their configs, so a runlocal table never
-  reads as the full runs'). A run that had finished before shows no wall time."""
+  reads as the full runs'; one it did not start is said to be as its config.json
+  has it). A run that had finished before shows no wall time."""
   rows = ["| run | config | steps | result | wall s |", "|---|---|---|---|---:|"]
   for name, (config, key, label) in ENTRIES.items():
     path = os.path.join(root, name, "metrics.jsonl")
@@ -61,8 +62,10 @@ def table(root: str, times: dict, arg: str = "", extra: tuple = ()) -> str:
     result = f"{label} {evals[-1][key]:.4g}" if evals else "no evaluation yet"
     steps = evals[-1]["step"] if evals else "-"
     wall = "-" if times.get(name) is None else f"{times[name]:.0f}"
-    shown = " ".join([_with_arg(config, arg), *extra]) if name in times else config
-    rows.append(f"| {name} | `{shown}` | {steps} | {result} | {wall} |")
+    # A run this invocation did not start may have had any arg: its config.json says.
+    shown = (f"`{' '.join([_with_arg(config, arg), *extra])}`" if name in times else
+             f"`{config}`, or as in its config.json" if evals else f"`{config}`")
+    rows.append(f"| {name} | {shown} | {steps} | {result} | {wall} |")
   return "\n".join(rows)
 
 
@@ -107,6 +110,7 @@ def main(argv=None):
                       "runlocal.")
   parser.add_argument("--only", default="", help="Comma-separated entry names to run.")
   args, extra = parser.parse_known_args(argv)
+  args.root = os.path.abspath(args.root)  # The runs start in the checkout; the table reads here.
   extra = [a for a in extra if a != "--"]
   names = [n for n in args.only.split(",") if n] or list(ENTRIES)
   unknown = sorted(set(names) - set(ENTRIES))

@@ -62,3 +62,27 @@ def test_equal_wall_time_reads_the_curve_at_that_time():
   assert peer.at_time(curve, 24.0) == (500, 3.0)
   step, bits = peer.at_time(curve, 18.0)  # Halfway between the evaluations at 250 and 500.
   assert step == pytest.approx(375) and bits == pytest.approx(3.5)
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("decode", ["--repeats=0"], "--repeats=0: time at least one run"),
+    ("moe", ["--tokens=100", "--group_size=64"],
+     "--tokens: [100] not a positive multiple of --group_size=64"),
+    ("gpu", ["--preset=tiny", "--models=gshard", "--group_size=100"],
+     "config.model.moe.group_size: 100 does not divide seq_len=128"),
+    ("throughput", ["--workdir=/nonexistent"], "/nonexistent/metrics.jsonl does not exist"),
+])
+def test_bad_flags_stop_in_one_line_before_any_run(script, args, message):
+  done = subprocess.run([sys.executable, f"experiments/benchmarks/{script}.py", *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert done.returncode in (1, 2) and "Traceback" not in done.stderr, done.stderr[-2000:]
+  assert message in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
+
+
+def test_gpu_suite_writes_its_logs_under_a_relative_logdir(tmp_path):
+  # The suite changes to the repository root: a relative LOGDIR must still be the caller's.
+  done = subprocess.run(["bash", os.path.join(ROOT, "experiments/benchmarks/gpu_suite.sh"),
+                         "logs"], cwd=tmp_path, env=dict(os.environ, PYTHON="/bin/true"),
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0 and "No such file" not in done.stderr, done.stderr
+  assert len(os.listdir(tmp_path / "logs")) == 9  # 8 steps' logs and the summary.

@@ -43,6 +43,8 @@ def main():
   parser.add_argument("--layers", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant")
   args = parser.parse_args()
+  if args.repeats < 1:
+    parser.error(f"--repeats={args.repeats}: time at least one run")
   host_memory.keep_freed_memory()  # Before JAX starts its CPU client: see host_memory.py.
 
   model = _model(args)

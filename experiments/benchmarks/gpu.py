@@ -40,7 +40,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bigjax import flops, sharding, steps  # noqa: E402
+from bigjax import config as config_lib, flops, sharding, steps  # noqa: E402
 from bigjax.models import layers, moe, stack  # noqa: E402
 from configs import lm, lm_moe  # noqa: E402
 from experiments.benchmarks import timing  # noqa: E402
@@ -127,11 +127,18 @@ def main():
         f"attention: {attention}; remat: {args.remat_policy}; "
         f"{'unrolled' if args.unrolled else 'scanned'} blocks; MoE groups of "
         f"{args.group_size} tokens, dispatch {args.capacity_dispatch}")
+  configs = {name: make_config(MODELS[name], shape, args.attention_impl, args.dropless_impl,
+                               args.remat_policy, scan_layers=not args.unrolled,
+                               group_size=args.group_size,
+                               capacity_dispatch=args.capacity_dispatch)
+             for name in args.models.split(",")}
+  for config in configs.values():  # As a run would, before any model compiles.
+    try:
+      config_lib.validate(config, num_devices=jax.device_count())
+    except config_lib.ConfigError as e:
+      parser.error(str(e))
   rates = {}
-  for name in args.models.split(","):
-    config = make_config(MODELS[name], shape, args.attention_impl, args.dropless_impl,
-                         args.remat_policy, scan_layers=not args.unrolled,
-                         group_size=args.group_size, capacity_dispatch=args.capacity_dispatch)
+  for name, config in configs.items():
     per_token = flops.training_flops_per_token(steps.model_config(config), config.seq_len)
     params = sum(x.size for x in jax.tree.leaves(steps.make_setup(
         config, sharding.config_mesh(config)).abstract_state.params))

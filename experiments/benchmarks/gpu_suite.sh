@@ -14,6 +14,7 @@ set -u
 LOGDIR=${1:?usage: gpu_suite.sh LOGDIR [extra gpu.py flags]}
 shift
 mkdir -p "$LOGDIR"
+LOGDIR=$(cd "$LOGDIR" && pwd)  # The runs below start from the repository root.
 : >"$LOGDIR/summary.txt"  # A rerun's summary is its own.
 cd "$(dirname "$0")/../.." || exit 1
 export PYTHONUNBUFFERED=1

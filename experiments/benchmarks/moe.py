@@ -90,13 +90,16 @@ def main():
   parser.add_argument("--emb", type=int, default=512)
   parser.add_argument("--mlp", type=int, default=1024, help="expert hidden size H")
   parser.add_argument("--experts", type=int, default=8)
-  parser.add_argument("--group_size", type=int, default=128)
+  parser.add_argument("--group_size", type=timing.at_least_one, default=128)
   parser.add_argument("--repeats", type=timing.at_least_one, default=7)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                       help="compute dtype; the 'hopper' row needs a 16-bit one")
   parser.add_argument("--expert_shards", type=int, default=0,
                       help="also run the dropless layer expert-parallel on this many devices")
   args = parser.parse_args()
+  partial = [t for t in map(int, args.tokens.split(",")) if t < 1 or t % args.group_size]
+  if partial:
+    parser.error(f"--tokens: {partial} not a positive multiple of --group_size={args.group_size}")
   host_memory.keep_freed_memory()  # Before JAX starts its CPU client: see host_memory.py.
   mesh = None
   if args.expert_shards:

@@ -469,6 +469,9 @@ def main():
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps_per_round", type=int, default=5)
   args = parser.parse_args()
+  unknown = set(args.archs.split(",")) - set(SPEED_ARCHS)
+  if unknown:
+    parser.error(f"--archs: {sorted(unknown)} not among {SPEED_ARCHS}")
   host_memory.keep_freed_memory()  # Before JAX starts its CPU client: see host_memory.py.
   torch.set_num_threads(os.cpu_count())
   print(f"jax {jax.__version__}, torch {torch.__version__}, transformers "

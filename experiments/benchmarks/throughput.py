@@ -16,7 +16,10 @@ from bigjax import metrics
 
 def median_rate(workdir: str) -> tuple[str, float, int]:
   """(key, median value, number of values) of the run's throughput."""
-  rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    raise SystemExit(f"{path} does not exist: point --workdir at a training run's directory.")
+  rows = metrics.read_jsonl(path)
   for key in ("tokens_per_s", "examples_per_s"):
     values = [r[key] for r in rows if key in r]
     if values:
