@@ -130,6 +130,20 @@ def test_regression_targets_must_be_finite(data_dir, monkeypatch):
     _load(config, data_dir)
 
 
+def test_features_must_be_finite(data_dir, monkeypatch):
+  config = mlp.get_config("variant=binary,runlocal")  # Standardised: one NaN spreads.
+  x, y = examples.load_split("sklearn_toy/breast_cancer", "train", data_dir)
+  x[5, 2] = np.nan
+  real = examples.load_split
+  monkeypatch.setattr(examples, "load_split", lambda name, split, *a, **k: (
+      (x, y) if split == "train" else real(name, split, *a, **k)))
+  # A ValueError: train.run reports it as `Invalid config: config.data: ...`.
+  with pytest.raises(ValueError, match=r"Split 'train' .* feature 'features' "
+                     r"\(config.data.feature_key\) holds 1 NaN or infinite values \(the first "
+                     r"in row 5\)"):
+    _load(config, data_dir)
+
+
 def test_mock_mnist(tmp_path):
   with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
     x, y = examples.load_split("mnist", "train", str(tmp_path), feature_key="image")

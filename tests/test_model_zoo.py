@@ -88,6 +88,20 @@ def test_batchnorm_statistics_train_resume_and_serve_eval(data_dir, tmp_path):
   np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
 
 
+def test_batchnorm_normalises_inputs_far_from_zero_as_float64_does():
+  """Features of mean 3,000 and std 1 (a year, a pressure in Pa): E[x^2] - E[x]^2 in
+  float32 loses the variance (flax's fast form gave outputs of std 246 here)."""
+  from flax import nnx
+  from bigjax.models import zoo
+  norm = zoo._batch_norm(zoo.ZooConfig(), 4, nnx.Rngs(0))
+  x = 3000.0 + np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+  got = np.asarray(norm(x))  # Training mode: the batch's statistics.
+  x64 = x.astype(np.float64)
+  want = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + norm.epsilon)
+  np.testing.assert_allclose(got, want, atol=1e-3)
+  np.testing.assert_allclose(np.asarray(norm.var[...]), 0.9 + 0.1 * x64.var(0), rtol=1e-3)
+
+
 def test_sharded_batchnorm_training_equals_one_device(data_dir):
   """data=4 x tensor=2 over 8 devices: BatchNorm's batch statistics are taken over
   the global batch, so parameters and running averages match one device's."""

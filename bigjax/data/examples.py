@@ -58,6 +58,14 @@ def load_train_eval(dataset: str, train_split: str, eval_split: str, *,
       raise ValueError(f"feature_columns={columns} do not index the features of shape "
                        f"{x_train.shape[1:]}; use column numbers of flat features.")
     x_train, x_eval = x_train[:, columns], x_eval[:, columns]
+  for split, x in ((train_split, x_train), (eval_split, x_eval)):
+    # One NaN cell would make its column NaN everywhere once standardised, and
+    # every update skipped; unstandardised, every batch holding its row.
+    bad = ~np.isfinite(x) if x.dtype.kind == "f" else np.zeros((0,), bool)
+    if bad.any():
+      raise ValueError(f"Split {split!r} of dataset {dataset!r}: feature {feature_key!r} "
+                       f"(config.data.feature_key) holds {bad.sum()} NaN or infinite values "
+                       f"(the first in row {np.argwhere(bad)[0][0]}); drop or impute them.")
   if standardize_features:
     x_train, x_eval = standardize(x_train, x_eval)
   return x_train, y_train, x_eval, y_eval

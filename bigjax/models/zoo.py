@@ -50,8 +50,13 @@ class ZooConfig:
 
 def _batch_norm(cfg: ZooConfig, features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
   # Statistics (nnx.BatchStat) are averaged over the global batch: under jit the
-  # mean of a batch-sharded array is the mean over all devices' rows.
-  return nnx.BatchNorm(features, momentum=0.9, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+  # mean of a batch-sharded array is the mean over all devices' rows. The variance
+  # is the mean of squared deviations, as torch's: flax's fast E[x^2] - E[x]^2
+  # cancels in float32 for inputs far from zero (off by 1e3 at a mean of 3e3).
+  # Running variances are biased (batch) variances, as flax's and Keras's; torch
+  # keeps unbiased ones (x n/(n-1)).
+  return nnx.BatchNorm(features, momentum=0.9, use_fast_variance=False, dtype=cfg.dtype,
+                       param_dtype=cfg.param_dtype,
                        rngs=rngs, scale_metadata={"out_sharding": ("mlp",)},
                        bias_metadata={"out_sharding": ("mlp",)})
 
