@@ -12,7 +12,9 @@ SETTINGS_OLDER_RUNS_USED = {"norm_eps": 1e-6, "attention_impl": "xla",
                             # Tied logits were x . E^T * emb_dim ** -0.5 before
                             # 2026-11-28, as embed_init="unit" computes them.
                             "embed_init": "unit", "scale_residual_init": False,
-                            "use_bias": False, "scan_layers": False, "remat_policy": "none"}
+                            "use_bias": False, "scan_layers": False, "remat_policy": "none",
+                            # Every dense MLP dropped out its hidden activations.
+                            "mlp_hidden_dropout": True}
 # MoE settings likewise: GShard's einsums were the only capacity dispatch.
 MOE_SETTINGS_OLDER_RUNS_USED = {"capacity_dispatch": "einsum", "dropless_exchange": "auto"}
 

@@ -70,6 +70,7 @@ def get_config(arg=None):
   config.model.relative_max_distance = 128
   config.model.max_len = 1024
   config.model.dropout_rate = 0.0
+  config.model.mlp_hidden_dropout = False  # True: also on the MLP's hidden activations (T5).
   config.model.init = "normal"  # normal | xavier | lecun
   config.model.init_scale = 0.02  # stddev for "normal".
   # GPT-2 conventions: embeddings N(0, 0.02^2), so tied logits need no scaling

@@ -28,7 +28,8 @@ def get_config(arg=None):
   config = lm.get_config("runlocal" if arg.runlocal or arg.demo else None)
   config.task = "reverse"
   config.model.update(kind="encdec", norm="rmsnorm", mlp_activation="gelu", gated_mlp=True,
-                      position="relative", dropout_rate=0.1, init="lecun",
+                      position="relative", dropout_rate=0.1, mlp_hidden_dropout=True,
+                      init="lecun",
                       # T5.1.1: N(0, 1) embeddings, an untied output projection
                       # (lecun: logits O(1)), no depth scaling of residual outputs.
                       # Tied to a unit-variance table, the output would favour each

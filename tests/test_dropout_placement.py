@@ -42,3 +42,36 @@ def test_gpt2_decoder_keeps_its_final_norm_output_whole():
   model = transformer.build(transformer.TransformerConfig(
       kind="decoder", position="learned", **TINY), rngs=nnx.Rngs(0))
   assert _zero_fraction(model.features(_tokens(1), rng=jax.random.key(3))) < 0.01
+
+
+def _dropout_sites(cfg, call):
+  """(shape, rate) of every dropout the model applies in training mode."""
+  from bigjax.models import layers
+  sites, real = [], layers.dropout
+
+  def record(x, rate, rng):
+    if rng is not None and rate > 0:
+      sites.append((tuple(x.shape), rate))
+    return real(x, rate, rng)
+
+  layers.dropout = record
+  try:
+    call(transformer.build(cfg, rngs=nnx.Rngs(0)))
+  finally:
+    layers.dropout = real
+  return sites
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_the_mlp_hidden_activations_are_dropped_only_where_the_architecture_does(hidden):
+  """HF's GPT2MLP (and BertIntermediate) drop out no hidden activation; T5's MLP
+  block (T5DenseGatedActDense) does. Per GPT-2 block: the residual branches of
+  attention and MLP, plus the embeddings once (attention probabilities go through
+  attention_core, not layers.dropout)."""
+  cfg = transformer.TransformerConfig(kind="decoder", position="learned",
+                                      mlp_hidden_dropout=hidden, **TINY)
+  tokens = _tokens(1)
+  sites = _dropout_sites(cfg, lambda m: m.features(tokens, rng=jax.random.key(3)))
+  hidden_width = [s for s in sites if s[0][-1] == TINY["mlp_dim"]]
+  assert len(hidden_width) == (TINY["num_layers"] if hidden else 0), sites
+  assert len(sites) - len(hidden_width) == 1 + 2 * TINY["num_layers"], sites

@@ -37,6 +37,10 @@ class LayerConfig:
   relative_buckets: int = 32
   relative_max_distance: int = 128
   dropout_rate: float = 0.0
+  # Whether the dense MLP drops out its hidden activations (at dropout_rate): T5's
+  # and T5X's MLP blocks do; GPT-2's, BERT's and Llama's do not (HF's GPT2MLP and
+  # BertIntermediate drop out only the block's output, as every residual branch).
+  mlp_hidden_dropout: bool = False
   init: str = "normal"
   init_scale: float = 0.02
   # Token and position embeddings: "normal" draws N(0, init_scale^2) (GPT-2),
@@ -481,6 +485,7 @@ class MLP(nnx.Module):
     else:
       h = act(h)
     h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
-    h = dropout(h, self.cfg.dropout_rate, rng)
+    if self.cfg.mlp_hidden_dropout:
+      h = dropout(h, self.cfg.dropout_rate, rng)
     y = add_bias(dense(h, self.wo[...].astype(dt)), self.wo_bias)
     return constrain(y, ("activation_batch", "activation_length", "activation_embed"))

@@ -46,6 +46,7 @@ class TransformerConfig:
   relative_max_distance: int = 128
   max_len: int = 128
   dropout_rate: float = 0.0
+  mlp_hidden_dropout: bool = False  # Dropout on the MLP's hidden activations too (T5).
   init: str = "normal"
   init_scale: float = 0.02
   embed_init: str = "normal"  # normal (GPT-2) | unit (T5); see layers.EMBED_INITS.
@@ -86,7 +87,7 @@ class TransformerConfig:
         norm=self.norm, norm_eps=self.norm_eps, position=self.position,
         relative_buckets=self.relative_buckets,
         relative_max_distance=self.relative_max_distance,
-        dropout_rate=self.dropout_rate,
+        dropout_rate=self.dropout_rate, mlp_hidden_dropout=self.mlp_hidden_dropout,
         init=self.init, init_scale=self.init_scale, embed_init=self.embed_init,
         residual_init_scale=self._residual_init_scale(num_layers, cross_attention),
         use_bias=self.use_bias, fold_query_scale=self.fold_query_scale,
