@@ -181,3 +181,12 @@ def test_score_bias_values_and_gradients_match_the_textbook_attention(case, bias
     for got, ref in zip(vjp(d_out), want_vjp(d_out)):
       assert np.abs(ref).max() > 1e-3
       np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("t, s", [(10, 10), (8, 12)])
+def test_row_blocks_that_would_drop_rows_are_refused(t, s):
+  q = jnp.zeros((1, 1, 1, t, 4))
+  k = v = jnp.zeros((1, 1, s, 4))
+  mask = jnp.ones((1, 1, 1, t, s), bool)
+  with pytest.raises(ValueError, match=f"4 row blocks .* got {t} queries over {s} keys"):
+    attention_core.attention(q, k, v, mask, blocks=4)

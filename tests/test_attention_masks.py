@@ -191,3 +191,10 @@ def test_encdec_decoder_sees_whole_encoder_input():
 def test_the_models_mask_the_tokenizers_padding_id():
   from bigjax.data import tokenizer
   assert transformer.PAD_ID == tokenizer.PAD_ID
+
+
+def test_more_tokens_than_learned_positions_is_an_error_not_nan():
+  """Rows past the position table read as NaN (jnp.take), and attention spread
+  them to every position, masked or not; HF's GPT-2 raises an IndexError."""
+  with pytest.raises(ValueError, match="33 tokens exceed the model's model.max_len=32"):
+    _model()(jnp.ones((1, 33), jnp.int32))

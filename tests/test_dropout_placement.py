@@ -75,3 +75,4 @@ def test_the_mlp_hidden_activations_are_dropped_only_where_the_architecture_does
   hidden_width = [s for s in sites if s[0][-1] == TINY["mlp_dim"]]
   assert len(hidden_width) == (TINY["num_layers"] if hidden else 0), sites
   assert len(sites) - len(hidden_width) == 1 + 2 * TINY["num_layers"], sites
+

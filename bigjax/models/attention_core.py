@@ -52,6 +52,10 @@ def attention(q, k, v, mask, *, blocks: int, dropout_rate: float = 0.0, rng=None
   """
   if rng is None or dropout_rate == 0.0:
     rng, dropout_rate = None, 0.0
+  t, s = q.shape[-2], k.shape[-2]
+  if blocks > 1 and (t % blocks or t != s):  # Rows past the last whole block would go.
+    raise ValueError(f"attention in {blocks} row blocks needs a causal self-attention whose "
+                     f"length divides by them; got {t} queries over {s} keys.")
   table, ids = (None, None) if bias is None else bias
   return _attention(q, k, v, mask, table, ids, rng, blocks, dropout_rate)
 

@@ -113,6 +113,12 @@ class _Embedder(nnx.Module):
     self.tied_logits_scale = layers.tied_logits_scale(lcfg)
 
   def embed(self, tokens, positions, rng=None):
+    if self.positions is not None and tokens.shape[1] > self.positions.max_len:
+      # Rows past the table would read as NaN (jnp.take's fill), which attention
+      # then spreads to every position.
+      raise ValueError(f"{tokens.shape[1]} tokens exceed the model's model.max_len="
+                       f"{self.positions.max_len} learned positions; cut the input to "
+                       "max_len, or build the model with a larger max_len.")
     x = self.tokens(tokens)
     if self.positions is not None:
       x = x + self.positions(positions)
