@@ -86,3 +86,17 @@ def test_gpu_suite_writes_its_logs_under_a_relative_logdir(tmp_path):
                         capture_output=True, text=True, timeout=120)
   assert done.returncode == 0 and "No such file" not in done.stderr, done.stderr
   assert len(os.listdir(tmp_path / "logs")) == 9  # 8 steps' logs and the summary.
+
+
+def test_gpu_suite_cuts_its_commands_to_its_budget(tmp_path):
+  # A command's limit is cut to what is left; one with under 30 s left is not started.
+  slow = tmp_path / "slow_python"
+  slow.write_text("#!/bin/sh\nsleep 100\n")
+  slow.chmod(0o755)
+  logs = tmp_path / "logs"
+  subprocess.run(["bash", os.path.join(ROOT, "experiments/benchmarks/gpu_suite.sh"), str(logs)],
+                 env=dict(os.environ, PYTHON=str(slow), SUITE_SECONDS="30"),
+                 capture_output=True, text=True, timeout=120)
+  summary = (logs / "summary.txt").read_text()
+  assert "(exit 124, cut at 30 s)" in summary, summary
+  assert summary.count("left out (suite budget of 30 s spent)") == 7, summary
