@@ -338,6 +338,7 @@ def _prepare(model, prompts, max_new_tokens: int, max_len: int | None, mesh, rul
   encdec = is_encdec(model)
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens}; ask for at least one token.")
+  prompts = list(prompts)  # Read once: a generator would be spent by the check below.
   if any(np.ndim(p) == 0 for p in prompts):
     raise ValueError("prompts is a list of prompts, each a list of token ids: pass one "
                      "prompt as [ids].")

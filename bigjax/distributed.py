@@ -119,17 +119,19 @@ def initialize_from_env(environ=None) -> bool:
   return False
 
 
-def check_same_run(config, workdir: str):
+def check_same_config(config):
   """Raises ConfigError on every process unless all of them were given process
-  0's config and workdir. Each process builds its own copy of the model from its
-  own config: a different seed or learning rate would train diverging copies
-  silently, a different total_steps would abort in a collective minutes later."""
+  0's config. Each process builds its own copy of the model from its own config:
+  a different seed or learning rate would train diverging copies silently, a
+  different total_steps would abort in a collective minutes later. (The workdir
+  may be named otherwise on another host, e.g. a mount point: workdir_lock checks
+  that all of them see one directory.)"""
   if jax.process_count() == 1:
     return
   from jax.experimental import multihost_utils
   from bigjax.checkpoint_errors import changed_fields
 
-  mine = json.dumps({"workdir": workdir, "config": json.loads(config.to_json_best_effort())},
+  mine = json.dumps({"config": json.loads(config.to_json_best_effort())},
                     sort_keys=True).encode()
   size = int(multihost_utils.broadcast_one_to_all(np.int32(len(mine))))
   theirs = np.zeros(size, np.uint8)  # Process 0's text, the same size on every process.
@@ -147,5 +149,5 @@ def check_same_run(config, workdir: str):
     here = " Here: " + "; ".join(f"{name} {new!r}, process 0 {old!r}"
                                  for name, old, new in changed[:6]) + "."
   raise config_lib.ConfigError(
-      f"process(es) {differ} were given another config or --workdir than process 0.{here} "
+      f"process(es) {differ} were given another config than process 0.{here} "
       "Run the same command, with the same --config.* flags, on every process.")

@@ -31,7 +31,7 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Most tokens (bytes) to ge
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sampling.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0: all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
-_BEAM = flags.DEFINE_integer("beam_size", 1, "> 1: beam search (with temperature 0).")
+_BEAM = flags.DEFINE_integer("beam_size", 1, "> 1: beam search (temperature 0, top_k 0, top_p 1).")
 _LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 0.6,
                                      "Beam search: GNMT length normalisation exponent.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -87,10 +87,10 @@ def load_model(workdir: str):
                         f"model or an encoder-decoder (a task in {generating}).")
   try:
     setup = steps.make_setup(config, _mesh(config))
-  except (AttributeError, KeyError) as e:  # ConfigDict: AttributeError(KeyError(name)).
-    missing = e
-    while isinstance(missing, (AttributeError, KeyError)) and missing.args:
-      missing = missing.args[0]
+  except AttributeError as e:
+    if not (e.args and isinstance(e.args[0], KeyError)):  # Not ConfigDict's missing key.
+      raise
+    missing = e.args[0].args[0]
     raise GenerateError(f"{workdir}/config.json has no setting {missing}: the run predates "
                         "it and bigjax.recorded_config does not know the value it used. Add "
                         "it to that config.json by hand (configs/ hold today's values).") from None

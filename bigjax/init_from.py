@@ -74,13 +74,15 @@ def _plan(name: str, want, have, axes, skip) -> str:
   return "mismatch"
 
 
-def _mismatch_error(mismatches: list) -> ConfigError:
+def _mismatch_error(mismatches: list, skip: str) -> ConfigError:
   """Every parameter whose shape the source cannot fill, in one error (one at a
-  time, each suggested skip would only lead to the next)."""
+  time, each suggested skip would only lead to the next); the suggested skip
+  keeps the run's own `skip`."""
   shown = "; ".join(f"{name} {have} there, {want} here (logical axes {axes})"
                     for name, have, want, axes in mismatches[:6])
   more = f"; ... {len(mismatches) - 6} more" if len(mismatches) > 6 else ""
   pattern = "^(" + "|".join(re.escape(name) for name, *_ in mismatches) + ")$"  # Just these.
+  pattern = f"{skip}|{pattern}" if skip else pattern
   return ConfigError(
       f"config.init_from: {len(mismatches)} parameter(s) have another shape in the source "
       f"checkpoint than in this model, and only {'/'.join(RESIZABLE_AXES)} dimensions may "
@@ -127,10 +129,11 @@ def _check_same_function(config, step: int):
   absent = [k for k, a, _ in differ if a is None]
   if absent:  # Not even filled in by recorded_config: a setting it does not know.
     raise ConfigError(
-        f"config.init_from: the source's config.json records no model.{absent[0]}, so "
-        "whether this model computes the source's function cannot be checked. Add the "
-        "value that run used to its config.json (recorded_config.SETTINGS_OLDER_RUNS_USED "
-        "lists the ones known).")
+        f"config.init_from: the config that trained the source's step {step} records no "
+        f"model.{absent[0]}, so whether this model computes the source's function cannot be "
+        "checked. Add the value that run used to its config.json (or the "
+        f"{recorded_config.KEPT_PREFIX}S.json kept for that step; "
+        "recorded_config.SETTINGS_OLDER_RUNS_USED lists the ones known).")
   if differ:
     raise ConfigError(
         "config.init_from: this model would compute another function with the source's "
@@ -190,7 +193,7 @@ def load(config, setup: steps.TrainSetup, state: steps.TrainState):
         if plan[name][-1] == "mismatch":
           mismatches.append((block, tuple(have.shape), tuple(want_row.shape), row_axes))
     if mismatches:
-      raise _mismatch_error(mismatches)
+      raise _mismatch_error(mismatches, cfg.skip)
     by_block = {block: p for name in plan for (block, _), p in zip(rows[name], plan[name])}
     if skip and not any(skip.search(block) for block in by_block):
       raise ConfigError(

@@ -39,9 +39,11 @@ def read(workdir: str, step: int | None = None) -> dict:
   unreadable) or ValueError (not JSON)."""
   path = epath.Path(workdir) / "config.json"
   if step is not None:
+    # Listed, not globbed: a workdir such as run[a] is a glob pattern of its own.
     kept = {int(p.name[len(KEPT_PREFIX):-len(".json")]): p
-            for p in epath.Path(workdir).glob(f"{KEPT_PREFIX}*.json")
-            if p.name[len(KEPT_PREFIX):-len(".json")].isdigit()}
+            for p in epath.Path(workdir).iterdir()
+            if p.name.startswith(KEPT_PREFIX) and p.name.endswith(".json")
+            and p.name[len(KEPT_PREFIX):-len(".json")].isdigit()}
     later = [s for s in kept if s >= step]
     path = kept[min(later)] if later else path
   return fill_older(json.loads(path.read_text()))

@@ -93,7 +93,7 @@ def run(config, workdir: str) -> RunResult:
   """Trains (or resumes) the run in `workdir` up to config.total_steps."""
   # Join the other processes (if any), validate before compiling anything.
   distributed.initialize_from_env()
-  distributed.check_same_run(config, workdir)  # Before validating: one bad copy stops all.
+  distributed.check_same_config(config)  # Before validating: one bad copy stops all.
   config_lib.validate(config, num_devices=jax.device_count(),
                       process_count=jax.process_count(), workdir=workdir)
   sigterm = _SigtermFlag()  # From here on a SIGTERM means "save and stop".

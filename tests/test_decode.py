@@ -311,6 +311,9 @@ def test_invalid_settings_are_rejected(models):
     decode.generate(model, np.array([[5, 6, 7], [5, 6, decode.PAD_ID]]), max_new_tokens=2)
   with pytest.raises(ValueError, match=r"pass one prompt as \[ids\]"):
     decode.generate(model, [5, 6, 7], max_new_tokens=2)  # Three one-token prompts before.
+  prompts = [[5, 6], [7]]  # Any iterable of prompts, a generator too.
+  assert (decode.generate(model, (p for p in prompts), max_new_tokens=2)
+          == decode.generate(model, prompts, max_new_tokens=2))
   encoder = transformer.build(transformer.TransformerConfig(kind="encoder", vocab_size=VOCAB,
                                                             num_layers=1, emb_dim=32,
                                                             num_heads=4, mlp_dim=32),

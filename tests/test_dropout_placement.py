@@ -76,3 +76,9 @@ def test_the_mlp_hidden_activations_are_dropped_only_where_the_architecture_does
   assert len(hidden_width) == (TINY["num_layers"] if hidden else 0), sites
   assert len(sites) - len(hidden_width) == 1 + 2 * TINY["num_layers"], sites
 
+
+def test_only_t5_drops_out_its_mlp_hidden_activations():
+  from configs import bert, gpt2, t5
+  assert t5.get_config().model.mlp_hidden_dropout
+  assert not gpt2.get_config().model.mlp_hidden_dropout
+  assert not bert.get_config().model.mlp_hidden_dropout

@@ -180,6 +180,11 @@ def test_incompatible_sources_fail_naming_the_parameter(source):
     _fresh_and_loaded(config)
   config.init_from.skip = str(e.value).split("init_from.skip='")[1].rsplit("'", 1)[0]
   _, loaded, summary = _fresh_and_loaded(config)
+  # A skip the run already had stays in the suggestion (it would be dropped otherwise).
+  config.init_from.skip = "decoder/blocks/0/attn/"
+  with pytest.raises(config_lib.ConfigError, match=r"init_from.skip='decoder/blocks/0/attn/\|"
+                     r"\^\(decoder/blocks/0/ffn/wi"):
+    _fresh_and_loaded(config)
   blocks = config.model.num_layers
   assert f"{3 * blocks} freshly initialised" in summary, summary  # wi, its bias, wo.
   # A model of another family shares no parameter path with the source.

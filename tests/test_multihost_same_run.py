@@ -1,8 +1,9 @@
-"""Two processes of one job must be given one run: the same config and workdir
-(else each builds its own model copy: a different seed trains diverging copies
-silently), and a workdir that is one directory for both (else the job trains,
-then hangs at its first checkpoint for orbax's 20-minute timeout). Both are one
-line on every process, before anything is compiled. Real 2-process jobs (gloo)."""
+"""Two processes of one job must be given one run: the same config (else each
+builds its own model copy: a different seed trains diverging copies silently),
+and a workdir that is one directory for both, whatever its name on each (else the
+job trains, then hangs at its first checkpoint for orbax's 20-minute timeout).
+Both are one line on every process, before anything is compiled. Real 2-process
+jobs (gloo)."""
 import os
 import subprocess
 import sys
@@ -44,12 +45,12 @@ def test_processes_given_other_configs_stop_naming_the_field(tmp_path):
   for code, out in outs:
     assert code == 1 and "Traceback" not in out, out[-3000:]
   assert _error_lines(outs[0][1]) == [
-      "Invalid config: process(es) [1] were given another config or --workdir than process "
-      "0. Run the same command, with the same --config.* flags, on every process."]
+      "Invalid config: process(es) [1] were given another config than process 0. Run the "
+      "same command, with the same --config.* flags, on every process."]
   assert _error_lines(outs[1][1]) == [
-      "Invalid config: process(es) [1] were given another config or --workdir than process "
-      "0. Here: config.seed 1, process 0 0. Run the same command, with the same --config.* "
-      "flags, on every process."]
+      "Invalid config: process(es) [1] were given another config than process 0. Here: "
+      "config.seed 1, process 0 0. Run the same command, with the same --config.* flags, on "
+      "every process."]
   assert not os.path.exists(tmp_path / "run")  # Nothing written.
 
 

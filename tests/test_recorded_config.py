@@ -42,7 +42,7 @@ def test_a_mismatch_report_compares_with_the_settings_the_run_used(tmp_path):
 # history of TransformerConfig and MoEConfig: a run of that day recorded none.
 ADDED_MODEL_SETTINGS = ("norm_eps", "relative_buckets", "relative_max_distance", "embed_init",
                         "scale_residual_init", "num_classes", "use_bias", "fold_query_scale",
-                        "attention_impl", "remat_policy", "scan_layers")
+                        "attention_impl", "remat_policy", "scan_layers", "mlp_hidden_dropout")
 ADDED_MOE_SETTINGS = ("capacity_dispatch", "dropless_exchange")
 
 
@@ -57,10 +57,13 @@ def test_a_first_day_runs_model_settings_build_todays_model_config():
   model = transformer.TransformerConfig.from_dict(recorded_config.fill_older(values)["model"])
   # Tied logits were x . E^T / sqrt(emb_dim) then: what embed_init="unit" computes.
   assert model.embed_init == "unit" and not model.use_bias and not model.scan_layers
+  assert model.mlp_hidden_dropout  # Every dense MLP dropped out its hidden activations then.
 
 
 def test_the_config_of_a_step_is_the_one_that_trained_it(tmp_path):
   # Steps 1..10 trained with gelu (kept by a resume at 10 with relu), 11.. with relu.
+  tmp_path = tmp_path / "sweep[lr=0.1]"  # A name that is a glob pattern of its own.
+  tmp_path.mkdir()
   config = lm.get_config("runlocal")
   config.model.mlp_activation = "gelu"
   (tmp_path / "config.before_step_10.json").write_text(config.to_json_best_effort())

@@ -159,6 +159,8 @@ def _named_version(name: str, make):
   try:
     return make()
   except AssertionError as e:
+    if "cannot be loaded at version" not in str(e):
+      raise
     raise ValueError(f"{e} Fix config.data.dataset: drop ':version' from {name!r}, or "
                      "name one listed.") from None
 
