@@ -123,6 +123,11 @@ def default_device():
 # activation names have rules of their own (bigjax/sharding.py).
 HEAD_ACTIVATIONS = ("activation_batch", "activation_length", "activation_heads",
                     "activation_kv")
+# A self-attention cache's keys/values [batch, kv_heads, length, head_dim]: heads
+# major, as attention reads them, so that no decoding step copies the whole cache
+# into that layout (2x the tokens/s at batch 8; experiments/benchmarks/decode.py).
+CACHE_ACTIVATIONS = ("activation_batch", "activation_heads", "activation_length",
+                     "activation_kv")
 
 
 def kernel_init(cfg: LayerConfig, in_axis=-2, out_axis=-1, batch_axis=()) -> Initializer:
@@ -390,8 +395,9 @@ class Attention(nnx.Module):
       k = rotary(k, k_positions)
     return k, v
 
-  def attend(self, q, k, v, mask, rng=None, uncached=False, bias=None):
-    """Projected queries [b, t, h, d] over keys/values [b, s, kv_heads, d] -> [b, t, e].
+  def attend(self, q, k, v, mask, rng=None, uncached=False, bias=None, kv_heads_major=False):
+    """Projected queries [b, t, h, d] over keys/values [b, s, kv_heads, d] (with
+    kv_heads_major, a cache's [b, kv_heads, s, d]) -> [b, t, e].
 
     `uncached`: whole sequences, not a KV cache. A causal module's queries are
     then scored in causal_block_count(t) row blocks, each over the keys up to its
@@ -400,7 +406,7 @@ class Attention(nnx.Module):
     """
     cfg = self.cfg
     b, t, h, d = q.shape
-    kv, s = cfg.num_kv_heads, k.shape[1]
+    kv, s = cfg.num_kv_heads, k.shape[2 if kv_heads_major else 1]
     causal = self.causal and uncached and t == s
     dropout = cfg.dropout_rate > 0 and rng is not None
     if (uncached and bias is None
@@ -416,7 +422,8 @@ class Attention(nnx.Module):
     if not cfg.fold_query_scale:
       q = q * d ** -0.5
     q = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    if not kv_heads_major:
+      k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     if bias is not None:
       table, ids = bias
       bias = (table.reshape(table.shape[0], kv, h // kv), ids)
@@ -433,22 +440,23 @@ class Attention(nnx.Module):
   def cached_self_attention(self, x, mask, positions, cache, rng=None, bias=None):
     q = self.project_query(x, positions)
     k, v = self.project_kv(x, positions)
-    new = {name: constrain(write_slots(cache[name], positions, val.astype(cache[name].dtype)),
-                           HEAD_ACTIVATIONS)
+    new = {name: constrain(write_slots(cache[name], positions, val.astype(cache[name].dtype),
+                                       axis=1), CACHE_ACTIVATIONS)
            for name, val in (("k", k), ("v", v))}
-    return self.attend(q, new["k"], new["v"], mask, rng, bias=bias), new
+    return self.attend(q, new["k"], new["v"], mask, rng, bias=bias, kv_heads_major=True), new
 
   def init_cache(self, batch: int, length: int) -> dict:
-    """An empty self-attention cache: {"k", "v"} zeros [batch, length, kv_heads, head_dim]."""
-    shape = (batch, length, self.cfg.num_kv_heads, self.cfg.head_dim)
+    """An empty self-attention cache: {"k", "v"} zeros [batch, kv_heads, length, head_dim]."""
+    shape = (batch, self.cfg.num_kv_heads, length, self.cfg.head_dim)
     return {name: constrain(jnp.zeros(shape, self.cfg.dtype),
-                            HEAD_ACTIVATIONS) for name in ("k", "v")}
+                            CACHE_ACTIVATIONS) for name in ("k", "v")}
 
 
-def write_slots(cache, positions, values):
+def write_slots(cache, positions, values, axis: int = 0):
   """cache [b, s, ...] with row r's values [b, t, ...] written at its slots
   positions [b or 1, t] (a shared [1, t] row is broadcast). Slots past the cache
-  (>= s) are dropped.
+  (>= s) are dropped. axis=1: a heads-major cache [b, kv, s, d] takes values
+  [b, t, kv, d] along its length axis (scattered in place, no layout copy).
 
   A scatter per row (vmapped), so that its batch dimension is a scatter batch
   dimension: GSPMD keeps a batch-sharded cache's writes on each row's own device.
@@ -456,6 +464,8 @@ def write_slots(cache, positions, values):
   every device's values and indices to every device (the whole batch's prompt
   keys/values at prefill)."""
   positions = jnp.broadcast_to(positions, values.shape[:2])
+  if axis == 1:
+    return jax.vmap(lambda c, p, v: c.at[:, p].set(v.swapaxes(0, 1)))(cache, positions, values)
   return jax.vmap(lambda c, p, v: c.at[p].set(v))(cache, positions, values)
 
 

@@ -143,7 +143,7 @@ def default_positions(tokens):
 def _cache_len(cache) -> int:
   stack = cache["layers"]
   first = stack["scanned"][0] if isinstance(stack, dict) else stack[0]
-  return first["self"]["k"].shape[-3]  # [(layers,) batch, length, kv_heads, head_dim]
+  return first["self"]["k"].shape[-2]  # [(layers,) batch, kv_heads, length, head_dim]
 
 
 def _cached_causal_mask(positions, cache_len: int):
