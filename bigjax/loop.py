@@ -46,7 +46,11 @@ class Loop:
   progress: metrics_lib.Progress | None = None  # Likewise.
   halt_on_nan: bool = False
   latest_checkpoint: Callable[[], int | None] = lambda: None
+  # Metrics of the steps since the last row (on device): kept only for a reader,
+  # LogMetrics (keep_pending) or the NaN check at saves (halt_on_nan); a loop
+  # without either would hold every step's metrics for the whole run.
   pending: list = dataclasses.field(default_factory=list)
+  keep_pending: bool = False
   last_metrics: dict = dataclasses.field(default_factory=dict)  # Of step `done` (on device).
   last_eval: dict = dataclasses.field(default_factory=dict)
   stop: bool = False
@@ -66,7 +70,8 @@ class Loop:
 
   def check_finite(self):
     """optim.nan_policy='halt': NonFiniteError naming the first step whose
-    loss or gradient norm in `pending` is not finite."""
+    loss or gradient norm in `pending` is not finite. Without a LogMetrics to
+    read them, the steps checked are dropped."""
     if not self.halt_on_nan:
       return
     first = self.done - len(self.pending) + 1
@@ -81,6 +86,8 @@ class Loop:
             f"config.optim.nan_policy='halt': the run stops ({where}). Lower optim.lr, set "
             "optim.clip_norm, check the data, or set config.optim.nan_policy='skip' to drop "
             "such updates.")
+    if not self.keep_pending:
+      self.pending = []
 
 
 def untimed(loop: Loop, work: Callable[[], Any]):
@@ -141,7 +148,8 @@ def run_loop(loop: Loop, train_data, hooks: list[Hook]) -> Loop:
       for hook in hooks:
         hook.before_step(loop, step)
       loop.state, step_metrics = train_step(loop.state, next(batches))
-      loop.pending.append(step_metrics)
+      if loop.keep_pending or loop.halt_on_nan:
+        loop.pending.append(step_metrics)
       loop.last_metrics = step_metrics
       loop.done = step + 1
       for hook in hooks:
@@ -202,6 +210,7 @@ class LogMetrics(Hook):
         metrics_lib.evaluated_at(self.workdir, loop.done))
     items_per_step, unit = loop.setup.task.throughput(loop.config)
     loop.writer = metrics_lib.MetricWriter(self.workdir, resumed_at=loop.done)
+    loop.keep_pending = True  # Its rows read them.
     loop.progress = metrics_lib.Progress(loop.config.total_steps, loop.done, items_per_step,
                                          unit)
 

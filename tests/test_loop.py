@@ -30,6 +30,7 @@ def test_run_loop_with_a_custom_hook_equals_the_step_by_hand(tmp_path):
   lp = loop.run_loop(loop.Loop(prepared.setup, prepared.state, 0), prepared.data.train,
                      [record])
   assert lp.done == 5 and int(lp.state.step) == 5
+  assert lp.pending == []  # No hook reads them: no step's metrics are held.
 
   # By hand: the same step on batch(0), batch(1), ... from a fresh state. The
   # prefetching thread must have fed the same batches, in order.
