@@ -211,9 +211,18 @@ def test_token_array_cache(data_dir, tokens):
   assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16
   files = os.listdir(os.path.join(data_dir, "bigjax_tokens"))
   assert [f for f in files if f.startswith("stdlib_py-validation")] and not [
-      f for f in files if not f.endswith((".npy", ".npy.stats.json"))]  # No temp files left.
+      f for f in files if not f.endswith((".npy", ".npy.stats.json", ".npy.lock"))]  # No temp files.
   again = pipeline.token_array("stdlib_py", "validation", data_dir)
   np.testing.assert_array_equal(again, tokens)
+  # A writer killed mid-way left its partial files: the next write removes them.
+  path = again.filename
+  stale = [f"{path}{pipeline.PARTIAL}killed.raw", f"{path}{pipeline.PARTIAL}killed.npy.tmp"]
+  for f in stale:
+    open(f, "wb").write(b"\0" * 1024)
+  os.remove(path)
+  np.testing.assert_array_equal(pipeline.token_array("stdlib_py", "validation", data_dir),
+                                tokens)
+  assert not [f for f in stale if os.path.exists(f)]
   # The same as tokenising the texts by hand.
   src = corpora.prepared_source("stdlib_py", "validation", data_dir)
   ref = np.concatenate([np.r_[tokenizer.encode(src[i]["text"]), tokenizer.EOS_ID]

@@ -113,7 +113,8 @@ def is_mocked() -> bool:
 
 
 @contextlib.contextmanager
-def _file_lock(path: str):
+def file_lock(path: str):
+  """Holds an exclusive OS lock on `path` (created if missing): one writer at a time."""
   with open(path, "a") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
     try:
@@ -146,7 +147,7 @@ def _prepare_local(name: str, data_dir: str):
   # never leaves a prepared-looking dataset; the lock makes a second process
   # wait instead of failing on that rename, then reuse the first one's result.
   os.makedirs(data_dir, exist_ok=True)
-  with _file_lock(os.path.join(data_dir, f".{cls.name}.lock")):
+  with file_lock(os.path.join(data_dir, f".{cls.name}.lock")):
     builder = make()  # Re-read: it may be ready now.
     if not builder.is_prepared():
       builder.download_and_prepare()

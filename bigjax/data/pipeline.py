@@ -16,6 +16,7 @@ Examples drawn at random (a masked LM's masks) take a generator that grain
 seeds with (seed, index in the repeated stream), so they are step-indexed too.
 """
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -65,10 +66,15 @@ def _fingerprint(source, text_key: str) -> str:
   return h.hexdigest()
 
 
+PARTIAL = ".partial."  # <cache>.partial.<random>.raw / .npy.tmp: a write in progress.
+
+
 def _write_tokens(source, text_key: str, path: str) -> None:
-  """Writes the .npy atomically: a temp file in the same dir, then os.replace."""
-  fd, raw = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".raw")
-  fd2, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npy.tmp")
+  """Writes the .npy atomically: temp files in the same dir named after it (a
+  killed writer's are found and removed by the next), then os.replace."""
+  partial = dict(dir=os.path.dirname(path), prefix=os.path.basename(path) + PARTIAL)
+  fd, raw = tempfile.mkstemp(suffix=".raw", **partial)
+  fd2, tmp = tempfile.mkstemp(suffix=".npy.tmp", **partial)
   os.close(fd2)
   try:
     total = 0
@@ -137,8 +143,14 @@ def _token_cache(dataset: str, split: str, data_dir: str | None, text_key: str) 
   safe = lambda s: "".join(c if c.isalnum() or c in "._" else "_" for c in s)
   path = os.path.join(cache_dir, f"{safe(dataset)}-{safe(split)}-"
                                  f"{_fingerprint(source, text_key)}.npy")
-  if not os.path.exists(path):  # Racing writers each write the same bytes.
-    _write_tokens(source, text_key, path)
+  if not os.path.exists(path):
+    # One writer at a time; the next finds the file written. A writer killed
+    # mid-way (SIGKILL, OOM) left its partial files, up to twice the cache's size.
+    with corpora.file_lock(path + ".lock"):
+      if not os.path.exists(path):
+        for stale in glob.glob(glob.escape(path + PARTIAL) + "*"):
+          os.remove(stale)
+        _write_tokens(source, text_key, path)
   if not os.path.exists(path + ".stats.json"):  # Also for caches older than the file.
     _write_atomically(path + ".stats.json", json.dumps(
         {"unigram_entropy_bits": unigram_entropy_bits(np.load(path, mmap_mode="r"))}))
