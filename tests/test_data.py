@@ -211,7 +211,7 @@ def test_token_array_cache(data_dir, tokens):
   assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16
   files = os.listdir(os.path.join(data_dir, "bigjax_tokens"))
   assert [f for f in files if f.startswith("stdlib_py-validation")] and not [
-      f for f in files if not f.endswith((".npy", ".npy.stats.json", ".npy.lock"))]  # No temp files.
+      f for f in files if not f.endswith((".npy", ".npy.stats.json", ".npy.lock"))]  # No temps.
   again = pipeline.token_array("stdlib_py", "validation", data_dir)
   np.testing.assert_array_equal(again, tokens)
   # A writer killed mid-way left its partial files: the next write removes them.
