@@ -5,7 +5,7 @@
   inside the traced function, so the whole generation (prefill + loop) is one
   `jax.jit` around a `lax.while_loop`, with the cache in the loop carry.
 - Fixed shapes. Each self-attention layer holds {"k", "v"} of shape
-  [batch, cache_len, kv_heads, head_dim] with cache_len = longest prompt +
+  [batch, kv_heads, cache_len, head_dim] with cache_len = longest prompt +
   max_new_tokens (at most the model's max_len): one compilation per
   (batch, prompt length, max_new_tokens, settings).
 - Batched prompts of different lengths: right padding with per-row positions.

@@ -367,7 +367,7 @@ class Attention(nnx.Module):
     or (table [buckets, heads], ids [b or 1, t, s]): scores + table[ids]
     (relative_position.py).
 
-    With `cache` ({"k", "v"}: [b, cache_len, kv_heads, head_dim]), this is cached
+    With `cache` ({"k", "v"}: [b, kv_heads, cache_len, head_dim]), this is cached
     self-attention: the keys and values of x_q are written into the cache at slots
     `q_positions` [b, t] (a row's slot is its position), then x_q attends over the
     whole cache, mask [b, 1, t, cache_len]; x_kv and k_positions are ignored and

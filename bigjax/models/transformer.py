@@ -5,7 +5,7 @@ padded keys are masked out of attention. Logits are returned in float32.
 
 Decoding with a key/value cache (see `bigjax.decode`): `DecoderLM.init_cache` /
 `EncoderDecoder.init_cache` build the cache, a pytree of arrays with one
-{"k", "v"} [batch, cache_len, kv_heads, head_dim] per self-attention layer (and,
+{"k", "v"} [batch, kv_heads, cache_len, head_dim] per self-attention layer (and,
 for the encoder-decoder, the cross-attention keys/values of the encoded input,
 computed once); `extend(tokens, positions, cache)` runs new tokens at the given
 per-row positions, which are also their cache slots, and returns
