@@ -207,7 +207,7 @@ class LogMetrics(Hook):
       loop.log(message)
     # A kill after a checkpoint landed, before that step's evaluation was written.
     loop.eval_lost = loop.done > 0 and not from_process_0(
-        metrics_lib.evaluated_at(self.workdir, loop.done))
+        bool(metrics_lib.evaluation_at(self.workdir, loop.done)))
     items_per_step, unit = loop.setup.task.throughput(loop.config)
     loop.writer = metrics_lib.MetricWriter(self.workdir, resumed_at=loop.done)
     loop.keep_pending = True  # Its rows read them.

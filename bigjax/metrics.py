@@ -183,13 +183,9 @@ def evaluation_at(workdir: str, step: int) -> dict:
     return {}
   with path.open("rb") as f:
     rows = [raw for raw in f if _row_step(raw) == step and b'"eval_' in raw]
-  return {k: v for k, v in json.loads(rows[-1]).items() if k.startswith("eval_")} if rows else {}
-
-
-def evaluated_at(workdir: str, step: int) -> bool:
-  """Whether metrics.jsonl holds the evaluation of `step` (process 0 reads it;
-  the others get False)."""
-  return bool(evaluation_at(workdir, step))
+  if not rows:
+    return {}
+  return {k: v for k, v in json.loads(rows[-1]).items() if k.startswith("eval_")}
 
 
 def rewind_jsonl(workdir: str, step: int) -> Rewind:
