@@ -269,7 +269,10 @@ class Checkpointer:
     unfinished = self._unfinished(step)
     # (On a bucket the step's directory is its final one: never remove a finished step.)
     if jax.process_index() == 0 and not (unfinished / COMMIT_MARKER).exists():
-      unfinished.rmtree(missing_ok=True)
+      try:
+        unfinished.rmtree(missing_ok=True)
+      except OSError:  # The save's other writes may still be landing in it: close removes it.
+        pass
     self._abandoned = unfinished  # Writes still in flight may recreate it: see close.
     self.manager.reload()
     self._good.pop(step, None)

@@ -186,3 +186,45 @@ def test_an_orbax_writes_unretrieved_future_adds_no_traceback_after_the_one_line
   # retrieved when they are collected, after the failure was reported in one line.
   from bigjax import checkpoint_errors
   assert checkpoint_errors._orbax_task_never_retrieved(_never_retrieved(filename)) == dropped
+
+
+def test_a_failed_save_whose_other_writes_still_land_is_reported_and_removed_at_close(
+    tmp_path, monkeypatch):
+  # orbax may still be writing the failed save's other files when the failure is
+  # noticed: removing its directory then meets "Directory not empty". That is
+  # not the failure to report; close, after every write ended, removes it.
+  import errno
+  import shutil
+  import jax
+  from bigjax import checkpoint_errors, checkpoint_integrity, steps
+
+  def state(step):
+    return steps.TrainState(step=jax.numpy.int32(step), params={"w": jax.numpy.full(64, step)},
+                            opt_state={"count": jax.numpy.int32(step)},
+                            rng=jax.random.PRNGKey(0))
+
+  ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=3)
+  ckpt.save(1, state(1))
+  ckpt.wait_and_check()
+
+  def full(step_dir, *, good):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  real_rmtree, busy = shutil.rmtree, []
+
+  def rmtree_while_writing(path, *args, **kwargs):
+    if str(path).endswith("2" + checkpoint.TMP_MARKER) and not busy:
+      busy.append(path)
+      raise OSError(errno.ENOTEMPTY, "Directory not empty", "default" + checkpoint.TMP_MARKER)
+    return real_rmtree(path, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint_integrity, "write", full)
+  monkeypatch.setattr(shutil, "rmtree", rmtree_while_writing)
+  ckpt.save(2, state(2))
+  with pytest.raises(checkpoint_errors.CheckpointSaveError) as failure:
+    ckpt.wait_and_check()
+  ckpt.close()
+  assert busy, "the failed save's directory was never removed"
+  assert "No space left on device" in str(failure.value), failure.value
+  assert "The last good checkpoint is step 1" in str(failure.value)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
