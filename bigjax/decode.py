@@ -4,6 +4,10 @@ encoder-decoder models (dense or MoE).
 Design
 - The cache, the prefill and one decode step are `bigjax.kv_cache` (re-exported
   here): functional, fixed-shape, right-padded prompts with per-row positions.
+- Compiling: the prompts' length, their number and max_new_tokens are each rounded
+  up to a bucket (`_bucket`: powers of two, then multiples of 128; within max_len)
+  and the number of new tokens is a traced value, so a notebook's next prompt or
+  length mostly reuses the compiled loop instead of compiling another.
 - Stopping: a row stops at EOS (`eos_id`, the tokenizer's EOS=2; None: never) or
   after max_new_tokens; the loop ends when every row has stopped. Returned
   sequences include the EOS.
@@ -29,9 +33,9 @@ Design
   recomputation exactly only when no token is dropped in either, e.g. with
   model.moe.eval_capacity_factor >= num_experts / k, or with the dropless router.
   The same condition keeps a row's logits its own: a prompt's groups include its
-  right padding up to the batch's longest prompt, and padding takes expert slots
-  like any token (as in HF's Switch Transformers), so where capacity binds, a
-  prompt's prefill depends on how long the batch's longest prompt is.
+  right padding up to the bucketed width, and padding takes expert slots like any
+  token (as in HF's Switch Transformers), so where capacity binds, a prompt's
+  prefill depends on that width (and the batch's rows on each other).
 
 `generate_recompute` is the cache-free reference: it reruns the whole fixed-shape
 window at every step (the first version of this module), with the same stopping
@@ -40,7 +44,7 @@ and sampling rules and keys, for tests and benchmarks.
 import contextlib
 import functools
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -113,12 +117,15 @@ def _mesh_rules(mesh, rules):
 # Jitted loops
 # --------------------------------------------------------------------------
 
-_STATIC = ("graphdef", "max_new_tokens", "cache_len", "greedy", "eos_id", "mesh", "rules")
+# Shapes are bucketed (`_bucket`) and the number of new tokens is traced, so that
+# calls with other prompt lengths or max_new_tokens mostly reuse a compiled loop.
+_STATIC = ("graphdef", "steps", "cache_len", "greedy", "eos_id", "mesh", "rules")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _sample_loop(graphdef, state, prompts, lengths, rng, temperature, top_k, top_p, *,
-                 max_new_tokens, cache_len, greedy, eos_id, mesh, rules):
+def _sample_loop(graphdef, state, prompts, lengths, rng, temperature, top_k, top_p,
+                 max_new_tokens, *, steps, cache_len, greedy, eos_id, mesh, rules):
+  """max_new_tokens (traced) new tokens per row into a [b, steps] buffer."""
   with _mesh_rules(mesh, rules):
     logits, cache, start = prefill(graphdef, state, prompts, lengths, cache_len)
     b = prompts.shape[0]
@@ -126,7 +133,7 @@ def _sample_loop(graphdef, state, prompts, lengths, rng, temperature, top_k, top
     choose = functools.partial(_choose, row_keys=keys, temperature=temperature,
                                top_k=top_k, top_p=top_p, greedy=greedy)
     tok = choose(logits, i=0)
-    out = jnp.full((b, max_new_tokens), PAD_ID, jnp.int32).at[:, 0].set(tok)
+    out = jnp.full((b, steps), PAD_ID, jnp.int32).at[:, 0].set(tok)
     logprob = _token_logprob(logits, tok)
     done = _is_eos(tok, eos_id)
 
@@ -149,8 +156,8 @@ def _sample_loop(graphdef, state, prompts, lengths, rng, temperature, top_k, top
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _recompute_loop(graphdef, state, prompts, lengths, rng, temperature, top_k, top_p, *,
-                    max_new_tokens, cache_len, greedy, eos_id, mesh, rules):
+def _recompute_loop(graphdef, state, prompts, lengths, rng, temperature, top_k, top_p,
+                    max_new_tokens, *, steps, cache_len, greedy, eos_id, mesh, rules):
   """Reference without a cache: the whole [b, cache_len] window at every step."""
   with _mesh_rules(mesh, rules):
     model = nnx.merge(graphdef, state)
@@ -188,7 +195,7 @@ def _recompute_loop(graphdef, state, prompts, lengths, rng, temperature, top_k, 
 
     carry = (jnp.int32(0), window, jnp.zeros((b,), jnp.float32), jnp.zeros((b,), bool), state)
     _, window, logprob, _, _ = jax.lax.while_loop(cond, body, carry)
-    idx = start[:, None] + jnp.arange(max_new_tokens)[None, :]
+    idx = start[:, None] + jnp.arange(steps)[None, :]
     return jnp.take_along_axis(window, jnp.minimum(idx, cache_len - 1), axis=1), logprob
 
 
@@ -247,11 +254,12 @@ def _repeat_rows(cache, times: int):
       lambda path, x: jnp.repeat(x, times, axis=_batch_axis(path)), cache)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "beam_size", "max_new_tokens",
-                                             "cache_len", "eos_id", "mesh", "rules"))
-def _beam_loop(graphdef, state, prompts, lengths, length_penalty, *, beam_size,
-               max_new_tokens, cache_len, eos_id, mesh, rules):
-  k_beams, steps = beam_size, max_new_tokens
+@functools.partial(jax.jit, static_argnames=("graphdef", "beam_size", "steps", "cache_len",
+                                             "eos_id", "mesh", "rules"))
+def _beam_loop(graphdef, state, prompts, lengths, length_penalty, max_new_tokens, *,
+               beam_size, steps, cache_len, eos_id, mesh, rules):
+  """As _sample_loop: max_new_tokens (traced) into buffers of `steps` tokens."""
+  k_beams = beam_size
   neg = jnp.float32(-jnp.inf)
   with _mesh_rules(mesh, rules):
     logits, cache, start = prefill(graphdef, state, prompts, lengths, cache_len)
@@ -259,7 +267,7 @@ def _beam_loop(graphdef, state, prompts, lengths, length_penalty, *, beam_size,
     cache = _repeat_rows(cache, k_beams)
     start = jnp.repeat(start, k_beams)
     logits = jnp.broadcast_to(logits[:, None], (b, k_beams, v))
-    max_brevity = _brevity(steps, length_penalty)
+    max_brevity = _brevity(max_new_tokens, length_penalty)
 
     def update(i, logits, beams):
       """Extends the live beams by token i; returns (beams, live tokens, origins)."""
@@ -302,7 +310,7 @@ def _beam_loop(graphdef, state, prompts, lengths, length_penalty, *, beam_size,
 
     def cond(carry):
       i, beams = carry[0], carry[-1]
-      return (i < steps) & ~jnp.all(finished(beams))
+      return (i < max_new_tokens) & ~jnp.all(finished(beams))
 
     def body(carry):
       i, cache, tok, beams = carry
@@ -332,9 +340,28 @@ def _model_max_len(model) -> int | None:
   return getattr(positions, "max_len", None)
 
 
+def _bucket(n: int) -> int:
+  """n rounded up to a power of two (at least 8), or past 128 to a multiple of 128:
+  calls whose lengths share buckets share a compiled loop, at the cost of up to 2x
+  the padding for short lengths (< 128 positions for long ones)."""
+  return max(8, 1 << (n - 1).bit_length()) if n <= 128 else -(-n // 128) * 128
+
+
+def _within(n: int, limit: int | None) -> int:
+  return n if limit is None else min(n, limit)
+
+
+class _Prepared(NamedTuple):
+  tokens: jax.Array  # [rows, width] right-padded prompts; rows past `num` copy row 0.
+  lengths: jax.Array  # [rows]
+  steps: int  # New-token buffer length, >= max_new_tokens.
+  cache_len: int
+  num: int  # Real prompts.
+
+
 def _prepare(model, prompts, max_new_tokens: int, max_len: int | None, mesh, rules):
-  """Right-padded prompts [B, L] (B padded to the data-parallel size), lengths [B],
-  the cache length, and the number of real rows."""
+  """The prompts as the jitted loops take them, every shape bucketed (`_bucket`),
+  within max_len."""
   encdec = is_encdec(model)
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens}; ask for at least one token.")
@@ -369,7 +396,10 @@ def _prepare(model, prompts, max_new_tokens: int, max_len: int | None, mesh, rul
       raise ValueError(f"encoder input ({longest} tokens) and BOS + max_new_tokens "
                        f"({1 + max_new_tokens}) must each fit the model's max_len={max_len}; "
                        "shorten them.")
-    cache_len = 1 + max_new_tokens
+    # Bucketed, but within max_len: padding is free of positions only up to there.
+    width = _within(_bucket(longest), max_len)
+    steps = _within(_bucket(max_new_tokens), None if max_len is None else max_len - 1)
+    cache_len = 1 + steps  # BOS + the new tokens.
   else:
     if max_len is not None and longest + max_new_tokens > max_len:
       fix = (f"lower max_new_tokens to {max_len - longest} or less" if longest < max_len
@@ -378,19 +408,21 @@ def _prepare(model, prompts, max_new_tokens: int, max_len: int | None, mesh, rul
              f"lower max_new_tokens below {max_len} and shorten the prompt to fit")
       raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
                        f"exceeds the model's max_len={max_len}; {fix}.")
-    cache_len = longest + max_new_tokens
+    width = _within(_bucket(longest), None if max_len is None else max_len - max_new_tokens)
+    steps = _within(_bucket(max_new_tokens), None if max_len is None else max_len - width)
+    cache_len = width + steps
   num = len(prompts)
-  rows = num
-  if mesh is not None:  # Each batch shard gets whole rows: pad with copies of row 0.
+  rows = 1 << (num - 1).bit_length()  # A power of two, as the lengths are.
+  if mesh is not None:  # Each batch shard gets whole rows.
     dp = sharding.data_parallel_size(mesh.shape, rules)
-    rows = -(-num // dp) * dp
-  tokens = np.full((rows, longest), PAD_ID, np.int32)
+    rows = -(-rows // dp) * dp
+  tokens = np.full((rows, width), PAD_ID, np.int32)
   lengths = np.empty((rows,), np.int32)
-  for i in range(rows):
+  for i in range(rows):  # Rows past the prompts copy row 0 (their output is dropped).
     p = prompts[i] if i < num else prompts[0]
     tokens[i, :p.size] = p
     lengths[i] = p.size
-  return jnp.asarray(tokens), jnp.asarray(lengths), cache_len, num
+  return _Prepared(jnp.asarray(tokens), jnp.asarray(lengths), steps, cache_len, num)
 
 
 def _static_rules(rules):
@@ -425,17 +457,16 @@ def _run_sampler(loop, model, prompts, *, max_new_tokens, max_len, temperature, 
                  eos_id, seed, mesh, rules, return_scores):
   _check_sampling(temperature, top_k, top_p)
   _check_mesh(mesh, rules)
-  tokens, lengths, cache_len, num = _prepare(model, prompts, max_new_tokens, max_len,
-                                             mesh, rules)
+  p = _prepare(model, prompts, max_new_tokens, max_len, mesh, rules)
   graphdef, state = nnx.split(model)
-  out, logprob = loop(graphdef, state, tokens, lengths, jax.random.PRNGKey(seed),
+  out, logprob = loop(graphdef, state, p.tokens, p.lengths, jax.random.PRNGKey(seed),
                       jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k),
-                      jnp.float32(top_p), max_new_tokens=max_new_tokens, cache_len=cache_len,
-                      greedy=temperature <= 0, eos_id=eos_id, mesh=mesh,
-                      rules=_static_rules(rules))
+                      jnp.float32(top_p), jnp.int32(max_new_tokens), steps=p.steps,
+                      cache_len=p.cache_len, greedy=temperature <= 0, eos_id=eos_id,
+                      mesh=mesh, rules=_static_rules(rules))
   out, logprob = np.asarray(jax.device_get(out)), np.asarray(jax.device_get(logprob))
-  seqs = [_trim(out[i], eos_id) for i in range(num)]
-  return (seqs, [float(x) for x in logprob[:num]]) if return_scores else seqs
+  seqs = [_trim(out[i, :max_new_tokens], eos_id) for i in range(p.num)]
+  return (seqs, [float(x) for x in logprob[:p.num]]) if return_scores else seqs
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -494,17 +525,16 @@ def beam_search(model, prompts: Sequence[Sequence[int]], *, beam_size: int,
   if not 0 <= length_penalty < math.inf:
     raise ValueError(f"length_penalty={length_penalty}; use 0 (none) or more.")
   _check_mesh(mesh, rules)
-  tokens, lengths, cache_len, num = _prepare(model, prompts, max_new_tokens, max_len,
-                                             mesh, rules)
+  p = _prepare(model, prompts, max_new_tokens, max_len, mesh, rules)
   graphdef, state = nnx.split(model)
-  seqs, scores, lps = _beam_loop(graphdef, state, tokens, lengths, jnp.float32(length_penalty),
-                                 beam_size=beam_size, max_new_tokens=max_new_tokens,
-                                 cache_len=cache_len, eos_id=eos_id, mesh=mesh,
-                                 rules=_static_rules(rules))
+  seqs, scores, lps = _beam_loop(graphdef, state, p.tokens, p.lengths,
+                                 jnp.float32(length_penalty), jnp.int32(max_new_tokens),
+                                 beam_size=beam_size, steps=p.steps, cache_len=p.cache_len,
+                                 eos_id=eos_id, mesh=mesh, rules=_static_rules(rules))
   seqs, scores, lps = (np.asarray(x) for x in jax.device_get((seqs, scores, lps)))
-  out = [_trim(seqs[i], eos_id) for i in range(num)]
+  out = [_trim(seqs[i, :max_new_tokens], eos_id) for i in range(p.num)]
   if return_scores:
-    return out, [float(s) for s in scores[:num]], [float(s) for s in lps[:num]]
+    return out, [float(s) for s in scores[:p.num]], [float(s) for s in lps[:p.num]]
   return out
 
 

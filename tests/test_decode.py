@@ -111,6 +111,34 @@ def test_batched_prompts_of_different_lengths_equal_each_alone(models):
   assert batched == alone
 
 
+def test_calls_whose_shapes_share_buckets_reuse_one_compiled_loop():
+  # A notebook's next prompt or max_new_tokens should not compile the loop again.
+  model = _model(emb_dim=24, num_heads=2)  # A model no other test compiles for.
+  rng = np.random.default_rng(7)
+  calls = [(_prompts(1, (5, 9, 12)), 10), (_prompts(2, (16, 3, 7, 2)), 9), (_prompts(3, (11,)), 16)]
+  for loop, run in ((decode._sample_loop, decode.generate),
+                    (decode._beam_loop, lambda *a, **kw: decode.beam_search(*a, beam_size=2,
+                                                                             **kw))):
+    before = loop._cache_size()
+    for prompts, new in calls[:2]:
+      out = run(model, prompts, max_new_tokens=new, eos_id=None)
+      assert [len(o) for o in out] == [new] * len(prompts)  # Cut to what was asked.
+    assert loop._cache_size() == before + 1
+    # One prompt is its own bucket of rows; a longer prompt a wider one.
+    run(model, calls[2][0], max_new_tokens=calls[2][1], eos_id=None)
+    run(model, [list(map(int, rng.integers(3, VOCAB, 17)))], max_new_tokens=4, eos_id=None)
+    assert loop._cache_size() == before + 3
+
+
+def test_bucketed_shapes_stay_within_the_learned_positions(models):
+  # Prompt 30 + 10 new = max_len 40: the buckets (32, 16) would pass the table.
+  model, prompt = models["decoder_dense_learned"], _prompts(4, (30,))
+  p = decode._prepare(model, prompt, 10, None, None, None)
+  assert p.tokens.shape[1] + p.steps <= 40 and p.steps >= 10
+  got = decode.generate(model, prompt, max_new_tokens=10, eos_id=None)
+  assert got == decode.generate_recompute(model, prompt, max_new_tokens=10, eos_id=None)
+
+
 def test_rows_stop_at_eos(models):
   model, prompts = models["decoder_dense_learned"], _prompts()
   full = decode.generate(model, prompts, max_new_tokens=NEW, eos_id=None)

@@ -78,17 +78,18 @@ def _assert_row_local(hlo: str, what: str):
 def test_compiled_decoding_loops_gather_nothing(name):
   mesh, rules = _mesh()
   model = _model(**MODELS[name])
-  tokens, lengths, cache_len, _ = decode._prepare(model, _prompts(), NEW, None, mesh, rules)
-  assert tokens.shape[0] == 2 * DATA
+  p = decode._prepare(model, _prompts(), NEW, None, mesh, rules)
+  assert p.tokens.shape[0] == 2 * DATA
   graphdef, state = nnx.split(model)
-  static = dict(max_new_tokens=NEW, cache_len=cache_len, eos_id=2, mesh=mesh,
+  static = dict(steps=p.steps, cache_len=p.cache_len, eos_id=2, mesh=mesh,
                 rules=decode._static_rules(rules))
   sample = decode._sample_loop.lower(
-      graphdef, state, tokens, lengths, jax.random.PRNGKey(0), jnp.float32(1.0),
-      jnp.int32(5), jnp.float32(0.9), greedy=False, **static).compile().as_text()
+      graphdef, state, p.tokens, p.lengths, jax.random.PRNGKey(0), jnp.float32(1.0),
+      jnp.int32(5), jnp.float32(0.9), jnp.int32(NEW), greedy=False, **static
+  ).compile().as_text()
   _assert_row_local(sample, "the sampling loop")
-  beam = decode._beam_loop.lower(graphdef, state, tokens, lengths, jnp.float32(0.6),
-                                 beam_size=BEAMS, **static).compile().as_text()
+  beam = decode._beam_loop.lower(graphdef, state, p.tokens, p.lengths, jnp.float32(0.6),
+                                 jnp.int32(NEW), beam_size=BEAMS, **static).compile().as_text()
   _assert_row_local(beam, "the beam-search loop")
 
 
