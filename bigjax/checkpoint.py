@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import time
 
 import jax
 import numpy as np
@@ -39,6 +40,21 @@ from bigjax.steps import TrainState
 TMP_MARKER = ".orbax-checkpoint-tmp"
 COMMIT_MARKER = "commit_success.txt"  # A bucket's finished step holds it.
 DAMAGED_DIR = "damaged_checkpoints"  # WORKDIR/damaged_checkpoints/STEP: set aside, kept.
+
+
+def _remove_once_writes_end(path: epath.Path, quiet_s: float = 1.0, timeout_s: float = 30.0):
+  """Removes a failed save's directory, again until it stays gone for quiet_s: its
+  last writes may still be landing (a removal meets 'Directory not empty', or the
+  directory comes back)."""
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      path.rmtree(missing_ok=True)
+    except OSError:
+      pass
+    time.sleep(quiet_s)
+    if not path.exists() or time.monotonic() > deadline:
+      return
 
 
 def _bytes_under(path: epath.Path) -> int:
@@ -430,7 +446,11 @@ class Checkpointer:
       if self._abandoned is None:
         raise
     finally:
-      logging.getLogger("absl").removeFilter(self._errors)
-      if self._abandoned is not None and jax.process_index() == 0:
-        # A failed save's other writes end by manager.close; what they wrote goes too.
-        self._abandoned.rmtree(missing_ok=True)
+      # A failed save's writes outlive manager.close (tensorstore's threads), and
+      # orbax logs each one's traceback: the filter stays, for those only.
+      if self._abandoned is None:
+        logging.getLogger("absl").removeFilter(self._errors)
+      else:
+        self._errors.abandoned = os.fspath(self._abandoned)
+        if jax.process_index() == 0:
+          _remove_once_writes_end(self._abandoned)

@@ -79,12 +79,16 @@ class OrbaxErrorCatcher(logging.Filter):
   def __init__(self):
     super().__init__()
     self.error: BaseException | None = None
+    self.abandoned: str | None = None  # Once closed: the failed save's directory.
 
   def filter(self, record: logging.LogRecord) -> bool:
     if record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname:
       return True
-    if self.error is None and record.exc_info and record.exc_info[1] is not None:
-      self.error = record.exc_info[1]
+    exception = record.exc_info[1] if record.exc_info else None
+    if self.abandoned is not None:  # Only the failed save's late writes: another
+      return self.abandoned not in f"{record.getMessage()} {exception}"  # run's are theirs.
+    if self.error is None and exception is not None:
+      self.error = exception
     return False
 
 

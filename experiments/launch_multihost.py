@@ -81,35 +81,40 @@ def _stop(procs, sig, grace: float):
       p.wait()
 
 
+def _ignore_sigint():
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def launch(main_args: list[str], *, num_processes: int, devices_per_process: int | None,
            port: int | None = None, python: str = sys.executable) -> int:
   """Spawns the processes, forwards SIGTERM/SIGINT as SIGTERM, returns the job's exit
   code."""
   coordinator = f"127.0.0.1:{port or free_port()}"
   cmd = [python, "-m", "bigjax.main", *main_args]
-  procs = []
+  procs, stopping = [], []
 
   def forward(signum, frame):
     # Always SIGTERM: it is what bigjax.train (through JAX's preemption sync) turns
     # into "save a checkpoint at the same step on every process and exit 0"; a
     # SIGINT would raise KeyboardInterrupt mid-step and save nothing.
+    stopping.append(signum)
     for p in procs:
       if p.poll() is None:
         p.send_signal(signal.SIGTERM)
 
-  # The processes start with SIGINT ignored (an ignored signal stays ignored across
-  # exec, and Python then installs no KeyboardInterrupt handler): a terminal's Ctrl-C
-  # goes to the whole process group, and only the launcher should act on it. They
-  # stay in the launcher's process group, so killing the group, closing the terminal
-  # or Ctrl-Z still reaches them.
-  previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
-              signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+  # The processes start with SIGINT ignored (set between fork and exec; an ignored
+  # signal stays ignored across exec, and Python then installs no KeyboardInterrupt
+  # handler): a terminal's Ctrl-C goes to the whole process group, and only the
+  # launcher should act on it. They stay in the launcher's process group, so killing
+  # the group, closing the terminal or Ctrl-Z still reaches them.
+  previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
     for i in range(num_processes):
       procs.append(subprocess.Popen(cmd, env=child_env(
           os.environ, process_id=i, num_processes=num_processes, coordinator=coordinator,
-          devices_per_process=devices_per_process)))
-    signal.signal(signal.SIGINT, forward)
+          devices_per_process=devices_per_process), preexec_fn=_ignore_sigint))
+      if stopping:  # A signal came while the processes were starting: this one too.
+        procs[-1].send_signal(signal.SIGTERM)
     while True:
       codes = [p.poll() for p in procs]
       failed = [c for c in codes if c not in (None, 0)]

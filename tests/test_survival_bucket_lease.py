@@ -145,7 +145,10 @@ def test_a_lease_taken_from_its_holder_fails_its_renewal_in_one_line(workdir):
   holder = _lease(workdir, lease_seconds=-60.0, renew_seconds=0.05)
   holder.acquire()
   taker = _lease(workdir)
-  taker.acquire()
+  # A renewal between the taker's read and its write would make the taker lose the
+  # race to take over (the holder's expired lease stays expired: lease_seconds < 0).
+  with holder._mutex:
+    taker.acquire()
   deadline = time.time() + 10
   while holder.lost is None and time.time() < deadline:
     time.sleep(0.05)

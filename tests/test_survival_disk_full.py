@@ -228,3 +228,38 @@ def test_a_failed_save_whose_other_writes_still_land_is_reported_and_removed_at_
   assert "No space left on device" in str(failure.value), failure.value
   assert "The last good checkpoint is step 1" in str(failure.value)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+
+
+def test_a_failed_saves_late_writes_are_removed_and_only_their_logs_kept_quiet(tmp_path):
+  # tensorstore's writes of a failed save outlive orbax's close: the directory
+  # comes back, and orbax logs each failure's traceback, after the one-line report.
+  import threading
+  import time
+  from etils import epath
+  from bigjax import checkpoint_errors
+  unfinished = tmp_path / ("20" + checkpoint.TMP_MARKER)
+
+  def late_writes():
+    for i in range(10):
+      (unfinished / "d").mkdir(parents=True, exist_ok=True)
+      (unfinished / "d" / str(i)).write_bytes(b"x")
+      time.sleep(0.02)
+
+  writer = threading.Thread(target=late_writes)
+  writer.start()
+  checkpoint._remove_once_writes_end(epath.Path(unfinished))
+  writer.join()
+  assert not unfinished.exists()
+
+  catcher = checkpoint_errors.OrbaxErrorCatcher()
+  catcher.abandoned = str(unfinished)
+
+  def orbax_error(path):
+    record = logging.LogRecord("absl", logging.ERROR, "/site-packages/orbax/checkpoint/x.py",
+                               1, "raised an exception", (), None)
+    record.exc_info = (ValueError, ValueError(f"Error writing {path}/d/0"), None)
+    return record
+
+  assert not catcher.filter(orbax_error(unfinished))  # The failed save's: dropped.
+  other = tmp_path / ("30" + checkpoint.TMP_MARKER)  # Another save's: for its catcher.
+  assert catcher.filter(orbax_error(other))
