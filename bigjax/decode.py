@@ -359,7 +359,8 @@ class _Prepared(NamedTuple):
   num: int  # Real prompts.
 
 
-def _prepare(model, prompts, max_new_tokens: int, max_len: int | None, mesh, rules):
+def _prepare(model, prompts, max_new_tokens: int, max_len: int | None, mesh, rules, *,
+             eos_id: int | None = None):
   """The prompts as the jitted loops take them, every shape bucketed (`_bucket`),
   within max_len."""
   encdec = is_encdec(model)
@@ -373,6 +374,9 @@ def _prepare(model, prompts, max_new_tokens: int, max_len: int | None, mesh, rul
   if not prompts:
     raise ValueError("No prompts given.")
   vocab = model.embedder.tokens.embedding.shape[0]
+  if eos_id is not None and not 0 <= eos_id < vocab:  # No row would ever stop there.
+    raise ValueError(f"eos_id={eos_id} is outside the model's vocabulary [0, {vocab}); "
+                     "pass the tokenizer's EOS id, or None to stop at max_new_tokens.")
   for i, p in enumerate(prompts):
     if p.size == 0:
       raise ValueError(f"Prompt {i} is empty; give at least one token.")
@@ -457,7 +461,7 @@ def _run_sampler(loop, model, prompts, *, max_new_tokens, max_len, temperature, 
                  eos_id, seed, mesh, rules, return_scores):
   _check_sampling(temperature, top_k, top_p)
   _check_mesh(mesh, rules)
-  p = _prepare(model, prompts, max_new_tokens, max_len, mesh, rules)
+  p = _prepare(model, prompts, max_new_tokens, max_len, mesh, rules, eos_id=eos_id)
   graphdef, state = nnx.split(model)
   out, logprob = loop(graphdef, state, p.tokens, p.lengths, jax.random.PRNGKey(seed),
                       jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k),
@@ -525,7 +529,7 @@ def beam_search(model, prompts: Sequence[Sequence[int]], *, beam_size: int,
   if not 0 <= length_penalty < math.inf:
     raise ValueError(f"length_penalty={length_penalty}; use 0 (none) or more.")
   _check_mesh(mesh, rules)
-  p = _prepare(model, prompts, max_new_tokens, max_len, mesh, rules)
+  p = _prepare(model, prompts, max_new_tokens, max_len, mesh, rules, eos_id=eos_id)
   graphdef, state = nnx.split(model)
   seqs, scores, lps = _beam_loop(graphdef, state, p.tokens, p.lengths,
                                  jnp.float32(length_penalty), jnp.int32(max_new_tokens),

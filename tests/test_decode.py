@@ -332,6 +332,9 @@ def test_invalid_settings_are_rejected(models):
   # NaN passes a `< 0` test: it would decode padding (sampling) or NaN scores (beams).
   with pytest.raises(ValueError, match="temperature=nan"):
     decode.generate(model, [[5]], max_new_tokens=2, temperature=float("nan"))
+  for eos_id in (VOCAB, -1):
+    with pytest.raises(ValueError, match=rf"eos_id={eos_id} is outside the model's vocab"):
+      decode.generate(model, [[5]], max_new_tokens=2, eos_id=eos_id)
   with pytest.raises(ValueError, match="length_penalty=nan"):
     decode.beam_search(model, [[5]], beam_size=2, max_new_tokens=2, length_penalty=float("nan"))
   # A padded array's PAD would be read as a token (its key masked): other text.
