@@ -5,9 +5,9 @@
   inside the traced function, so the whole generation (prefill + loop) is one
   `jax.jit` around a `lax.while_loop`, with the cache in the loop carry.
 - Fixed shapes. Each self-attention layer holds {"k", "v"} of shape
-  [batch, kv_heads, cache_len, head_dim] with cache_len = longest prompt +
-  max_new_tokens (at most the model's max_len): one compilation per
-  (batch, prompt length, max_new_tokens, settings).
+  [batch, kv_heads, cache_len, head_dim] with cache_len = the prompts' padded
+  width + the new tokens' buffer (at most the model's max_len; bigjax.decode
+  buckets both, so that one compilation serves many calls).
 - Batched prompts of different lengths: right padding with per-row positions.
   Every row starts at position 0, exactly as in training, and a token's cache slot
   is its position. The prefill runs the padded [batch, longest] block at once and

@@ -82,7 +82,7 @@ class Block(nnx.Module):
         h = self.cross(h, encoded, cross_mask, rng=r[2])
       else:
         h = self.cross.attend(self.cross.project_query(h), cache["cross"]["k"],
-                              cache["cross"]["v"], cross_mask, rng=r[2])
+                              cache["cross"]["v"], cross_mask, rng=r[2], kv_heads_major=True)
       x = x + layers.dropout(h, self.dropout_rate, r[3])
     h = self.ffn(self.ffn_norm(x), rng=r[4])
     x = x + layers.dropout(h, self.dropout_rate, r[5])
@@ -91,9 +91,9 @@ class Block(nnx.Module):
 
   def init_cache(self, batch: int, length: int, encoded=None) -> dict:
     cache = {"self": self.attn.init_cache(batch, length)}
-    if self.cross is not None:
-      k, v = self.cross.project_kv(encoded)
-      cache["cross"] = {"k": k, "v": v}
+    if self.cross is not None:  # Heads major, as attention reads it: no copy per step.
+      cache["cross"] = {name: constrain(x.transpose(0, 2, 1, 3), layers.CACHE_ACTIVATIONS)
+                        for name, x in zip("kv", self.cross.project_kv(encoded))}
     return cache
 
 
