@@ -124,8 +124,10 @@ _STATIC = ("graphdef", "steps", "cache_len", "greedy", "eos_id", "mesh", "rules"
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _sample_loop(graphdef, state, prompts, lengths, rng, temperature, top_k, top_p,
-                 max_new_tokens, *, steps, cache_len, greedy, eos_id, mesh, rules):
-  """max_new_tokens (traced) new tokens per row into a [b, steps] buffer."""
+                 max_new_tokens, num_prompts, *, steps, cache_len, greedy, eos_id, mesh,
+                 rules):
+  """max_new_tokens (traced) new tokens per row into a [b, steps] buffer; rows from
+  num_prompts on are padding, done from the start (they would keep the loop going)."""
   with _mesh_rules(mesh, rules):
     logits, cache, start = prefill(graphdef, state, prompts, lengths, cache_len)
     b = prompts.shape[0]
@@ -135,7 +137,7 @@ def _sample_loop(graphdef, state, prompts, lengths, rng, temperature, top_k, top
     tok = choose(logits, i=0)
     out = jnp.full((b, steps), PAD_ID, jnp.int32).at[:, 0].set(tok)
     logprob = _token_logprob(logits, tok)
-    done = _is_eos(tok, eos_id)
+    done = _is_eos(tok, eos_id) | (jnp.arange(b) >= num_prompts)
 
     def cond(carry):
       i, done = carry[0], carry[-1]
@@ -157,7 +159,8 @@ def _sample_loop(graphdef, state, prompts, lengths, rng, temperature, top_k, top
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _recompute_loop(graphdef, state, prompts, lengths, rng, temperature, top_k, top_p,
-                    max_new_tokens, *, steps, cache_len, greedy, eos_id, mesh, rules):
+                    max_new_tokens, num_prompts, *, steps, cache_len, greedy, eos_id, mesh,
+                    rules):
   """Reference without a cache: the whole [b, cache_len] window at every step."""
   with _mesh_rules(mesh, rules):
     model = nnx.merge(graphdef, state)
@@ -193,7 +196,8 @@ def _recompute_loop(graphdef, state, prompts, lengths, rng, temperature, top_k, 
       i, done = carry[0], carry[-2]
       return (i < max_new_tokens) & ~jnp.all(done)
 
-    carry = (jnp.int32(0), window, jnp.zeros((b,), jnp.float32), jnp.zeros((b,), bool), state)
+    carry = (jnp.int32(0), window, jnp.zeros((b,), jnp.float32), jnp.arange(b) >= num_prompts,
+             state)
     _, window, logprob, _, _ = jax.lax.while_loop(cond, body, carry)
     idx = start[:, None] + jnp.arange(steps)[None, :]
     return jnp.take_along_axis(window, jnp.minimum(idx, cache_len - 1), axis=1), logprob
@@ -256,9 +260,10 @@ def _repeat_rows(cache, times: int):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "beam_size", "steps", "cache_len",
                                              "eos_id", "mesh", "rules"))
-def _beam_loop(graphdef, state, prompts, lengths, length_penalty, max_new_tokens, *,
-               beam_size, steps, cache_len, eos_id, mesh, rules):
-  """As _sample_loop: max_new_tokens (traced) into buffers of `steps` tokens."""
+def _beam_loop(graphdef, state, prompts, lengths, length_penalty, max_new_tokens,
+               num_prompts, *, beam_size, steps, cache_len, eos_id, mesh, rules):
+  """As _sample_loop: max_new_tokens (traced) into buffers of `steps` tokens; rows
+  from num_prompts on are padding."""
   k_beams = beam_size
   neg = jnp.float32(-jnp.inf)
   with _mesh_rules(mesh, rules):
@@ -310,7 +315,7 @@ def _beam_loop(graphdef, state, prompts, lengths, length_penalty, max_new_tokens
 
     def cond(carry):
       i, beams = carry[0], carry[-1]
-      return (i < max_new_tokens) & ~jnp.all(finished(beams))
+      return (i < max_new_tokens) & ~jnp.all(finished(beams) | (jnp.arange(b) >= num_prompts))
 
     def body(carry):
       i, cache, tok, beams = carry
@@ -465,7 +470,8 @@ def _run_sampler(loop, model, prompts, *, max_new_tokens, max_len, temperature, 
   graphdef, state = nnx.split(model)
   out, logprob = loop(graphdef, state, p.tokens, p.lengths, jax.random.PRNGKey(seed),
                       jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k),
-                      jnp.float32(top_p), jnp.int32(max_new_tokens), steps=p.steps,
+                      jnp.float32(top_p), jnp.int32(max_new_tokens), jnp.int32(p.num),
+                      steps=p.steps,
                       cache_len=p.cache_len, greedy=temperature <= 0, eos_id=eos_id,
                       mesh=mesh, rules=_static_rules(rules))
   out, logprob = np.asarray(jax.device_get(out)), np.asarray(jax.device_get(logprob))
@@ -533,7 +539,7 @@ def beam_search(model, prompts: Sequence[Sequence[int]], *, beam_size: int,
   graphdef, state = nnx.split(model)
   seqs, scores, lps = _beam_loop(graphdef, state, p.tokens, p.lengths,
                                  jnp.float32(length_penalty), jnp.int32(max_new_tokens),
-                                 beam_size=beam_size, steps=p.steps, cache_len=p.cache_len,
+                                 jnp.int32(p.num), beam_size=beam_size, steps=p.steps, cache_len=p.cache_len,
                                  eos_id=eos_id, mesh=mesh, rules=_static_rules(rules))
   seqs, scores, lps = (np.asarray(x) for x in jax.device_get((seqs, scores, lps)))
   out = [_trim(seqs[i, :max_new_tokens], eos_id) for i in range(p.num)]

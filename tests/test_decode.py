@@ -130,6 +130,22 @@ def test_calls_whose_shapes_share_buckets_reuse_one_compiled_loop():
     assert loop._cache_size() == before + 3
 
 
+def test_padding_rows_are_done_from_the_start(models):
+  # 3 prompts run as 4 rows; the 4th, sampled with its own key, would otherwise
+  # keep the loop going after every real row stopped at EOS.
+  model, prompts = models["decoder_dense_learned"], _prompts(5, (4, 6, 3))
+  p = decode._prepare(model, prompts, 12, None, None, None)
+  assert p.tokens.shape[0] == 4 and p.num == 3
+  graphdef, state = nnx.split(model)
+  out, _ = decode._sample_loop(graphdef, state, p.tokens, p.lengths, jax.random.PRNGKey(0),
+                               jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0),
+                               jnp.int32(12), jnp.int32(p.num), steps=p.steps,
+                               cache_len=p.cache_len, greedy=False, eos_id=None, mesh=None,
+                               rules=None)
+  out = np.asarray(out)
+  assert (out[3, 1:] == decode.PAD_ID).all() and (out[:3, :12] != decode.PAD_ID).all()
+
+
 def test_bucketed_shapes_stay_within_the_learned_positions(models):
   # Prompt 30 + 10 new = max_len 40: the buckets (32, 16) would pass the table.
   model, prompt = models["decoder_dense_learned"], _prompts(4, (30,))

@@ -85,11 +85,13 @@ def test_compiled_decoding_loops_gather_nothing(name):
                 rules=decode._static_rules(rules))
   sample = decode._sample_loop.lower(
       graphdef, state, p.tokens, p.lengths, jax.random.PRNGKey(0), jnp.float32(1.0),
-      jnp.int32(5), jnp.float32(0.9), jnp.int32(NEW), greedy=False, **static
+      jnp.int32(5), jnp.float32(0.9), jnp.int32(NEW), jnp.int32(p.num), greedy=False,
+      **static
   ).compile().as_text()
   _assert_row_local(sample, "the sampling loop")
   beam = decode._beam_loop.lower(graphdef, state, p.tokens, p.lengths, jnp.float32(0.6),
-                                 jnp.int32(NEW), beam_size=BEAMS, **static).compile().as_text()
+                                 jnp.int32(NEW), jnp.int32(p.num), beam_size=BEAMS,
+                                 **static).compile().as_text()
   _assert_row_local(beam, "the beam-search loop")
 
 
