@@ -356,6 +356,20 @@ def _within(n: int, limit: int | None) -> int:
   return n if limit is None else min(n, limit)
 
 
+def _fit_buckets(longest: int, new: int, max_len: int | None) -> tuple[int, int]:
+  """A decoder's (prompt width, new-token buffer): both bucketed; where the two
+  buckets pass max_len, the cache is max_len long and keeps one bucket whole, so
+  that nearby lengths still share a shape."""
+  width, steps = _bucket(longest), _bucket(new)
+  if max_len is None or width + steps <= max_len:
+    return width, steps
+  if longest + steps <= max_len:  # The new tokens' bucket, the prompt in the rest.
+    return max_len - steps, steps
+  if width + new <= max_len:
+    return width, max_len - width
+  return longest, max_len - longest
+
+
 class _Prepared(NamedTuple):
   tokens: jax.Array  # [rows, width] right-padded prompts; rows past `num` copy row 0.
   lengths: jax.Array  # [rows]
@@ -417,8 +431,7 @@ def _prepare(model, prompts, max_new_tokens: int, max_len: int | None, mesh, rul
              f"lower max_new_tokens below {max_len} and shorten the prompt to fit")
       raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
                        f"exceeds the model's max_len={max_len}; {fix}.")
-    width = _within(_bucket(longest), None if max_len is None else max_len - max_new_tokens)
-    steps = _within(_bucket(max_new_tokens), None if max_len is None else max_len - width)
+    width, steps = _fit_buckets(longest, max_new_tokens, max_len)
     cache_len = width + steps
   num = len(prompts)
   rows = 1 << (num - 1).bit_length()  # A power of two, as the lengths are.

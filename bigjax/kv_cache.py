@@ -6,8 +6,9 @@
   `jax.jit` around a `lax.while_loop`, with the cache in the loop carry.
 - Fixed shapes. Each self-attention layer holds {"k", "v"} of shape
   [batch, kv_heads, cache_len, head_dim] with cache_len = the prompts' padded
-  width + the new tokens' buffer (at most the model's max_len; bigjax.decode
-  buckets both, so that one compilation serves many calls).
+  width + the new tokens' buffer (bigjax.decode buckets both, so that one
+  compilation serves many calls, within a learned position table's length or
+  the max_len it is given).
 - Batched prompts of different lengths: right padding with per-row positions.
   Every row starts at position 0, exactly as in training, and a token's cache slot
   is its position. The prefill runs the padded [batch, longest] block at once and

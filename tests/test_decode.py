@@ -153,6 +153,15 @@ def test_bucketed_shapes_stay_within_the_learned_positions(models):
   assert p.tokens.shape[1] + p.steps <= 40 and p.steps >= 10
   got = decode.generate(model, prompt, max_new_tokens=10, eos_id=None)
   assert got == decode.generate_recompute(model, prompt, max_new_tokens=10, eos_id=None)
+  # Near the table's end, nearby lengths still share one shape.
+  shapes = {(p.tokens.shape[1], p.steps) for p in (
+      decode._prepare(model, _prompts(6, (longest,)), new, None, None, None)
+      for longest in (17, 20, 24) for new in (9, 12, 16))}
+  assert shapes == {(24, 16)}
+  for longest in range(1, 40):  # Every fit is within the table and holds the call.
+    for new in range(1, 41 - longest):
+      width, steps = decode._fit_buckets(longest, new, 40)
+      assert width >= longest and steps >= new and width + steps <= 40
 
 
 def test_rows_stop_at_eos(models):
