@@ -39,6 +39,7 @@ MESHES = {
     "fsdp8": dict(data=1, fsdp=8),
     "tensor4_data2": dict(data=2, tensor=4),
     "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2),
+    "fsdp4_tensor2": dict(data=1, fsdp=4, tensor=2),
 }
 
 
@@ -61,6 +62,22 @@ def test_sharded_step_matches_one_device(reference, name):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6,
                                err_msg=jax.tree_util.keystr(path))
   assert int(state.step) == 2
+
+
+def test_no_device_gathers_a_whole_activation_on_an_fsdp_by_tensor_mesh():
+  # The embedding lookup's backward pass once gathered the whole [batch, length,
+  # emb] activation onto every device here, to move fsdp from embed to batch.
+  import re
+  config = _config(dropout_rate=0.0)
+  mesh = sharding.make_mesh(MESHES["fsdp4_tensor2"], jax.devices()[:8])
+  setup = steps.make_setup(config, mesh)
+  batch = _batch()
+  hlo = steps.make_train_step(setup).lower(
+      steps.create_state(setup, 0), batch).compile().as_text()
+  activation = f"f32[8,32,{config.model.emb_dim}]"
+  gathered = [shape.split("{")[0] for shape in re.findall(r"= (\S+) all-gather\(", hlo)]
+  assert gathered, "no all-gather at all: the mesh is not sharding the weights"
+  assert activation not in gathered, gathered
 
 
 def test_scanned_sharded_step_matches_one_device_unrolled(reference):

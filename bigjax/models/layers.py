@@ -274,7 +274,12 @@ class Embed(nnx.Module):
                            cfg.param_dtype)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+    # The lookup reads the table with its embed dimension gathered (FSDP's weight
+    # gather). Looked up split, on an fsdp x tensor mesh the backward pass moved fsdp
+    # from the embed to the batch dimension by gathering the whole [batch, length,
+    # emb] activation on every device.
+    table = constrain(self.embedding[...], ("vocab", None))
+    x = jnp.take(table, tokens, axis=0).astype(self.dtype)
     return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
   def attend(self, x: jax.Array) -> jax.Array:
