@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from bigjax import config as config_lib, sharding, steps
+from bigjax.errors import ConfigError
 from bigjax.models import expert_parallel, layers, moe as moe_lib
 from configs import common, lm_moe
 
@@ -255,7 +256,7 @@ def test_tokens_must_be_split_over_the_expert_axis():
   def forward(p, x):
     with sharding.use_mesh_rules(mesh, rules):
       return nnx.merge(graphdef, p, rest)(x)
-  with pytest.raises(ValueError, match=r"sharding_rules: the experts are split over "
+  with pytest.raises(ConfigError, match=r"sharding_rules: the experts are split over "
                                        r"\('expert',\) but the tokens"):
     jax.eval_shape(forward, params, _x())
 
@@ -268,7 +269,7 @@ def test_batch_must_split_over_the_token_shards():
   def forward(p, x):
     with sharding.use_mesh_rules(mesh, common.default_rules()):
       return nnx.merge(graphdef, p, rest)(x)
-  with pytest.raises(ValueError, match=r"a batch of 3 does not split over the 8 shards.*"
+  with pytest.raises(ConfigError, match=r"a batch of 3 does not split over the 8 shards.*"
                                        r"config.batch_size"):
     jax.eval_shape(forward, params, jnp.zeros((3, LENGTH, EMB)))
 

@@ -98,15 +98,15 @@ def layout(token_shape, token_names, expert_weight_names, setting: str | None, *
   token_axes = {a for entry in token_spec for a in _axes(entry)}
   if not tokens_must_split and (not set(expert_axes) <= token_axes or _axes(token_spec[1])):
     return None
-  if not set(expert_axes) <= token_axes:
-    raise ValueError(
+  if not set(expert_axes) <= token_axes:  # Raised while tracing: one 'Invalid config' line.
+    raise ConfigError(
         f"config.sharding_rules: the experts are split over {expert_axes} but the tokens "
         f"{tuple(token_names)} are not (spec {token_spec}); add {expert_axes} to the "
         f"rule for {token_names[0]!r}, or each expert shard would process every token.")
   for dim, what in ((0, "batch"), (1, "sequence")):
     shards = math.prod(mesh.shape[a] for a in _axes(token_spec[dim]))
     if token_shape[dim] % shards:
-      raise ValueError(f"expert-parallel MoE: a {what} of {token_shape[dim]} does not split "
+      raise ConfigError(f"expert-parallel MoE: a {what} of {token_shape[dim]} does not split "
                        f"over the {shards} shards of mesh axes {token_spec[dim]}; use a "
                        f"config.batch_size (per microbatch) or seq_len divisible by {shards}.")
   hidden_axes = split(tuple(a for a in _axes(weight_spec[2])
