@@ -43,9 +43,10 @@ DAMAGED_DIR = "damaged_checkpoints"  # WORKDIR/damaged_checkpoints/STEP: set asi
 
 
 def _remove_once_writes_end(path: epath.Path, quiet_s: float = 1.0, timeout_s: float = 30.0):
-  """Removes a failed save's directory, again until it stays gone for quiet_s: its
-  last writes may still be landing (a removal meets 'Directory not empty', or the
-  directory comes back)."""
+  """Removes a failed save's directory, again until it is gone quiet_s after a
+  removal: its last writes may still be landing (a removal meets 'Directory not
+  empty', or the directory comes back). A write later than that would leave it
+  for the next run's start, which removes unfinished saves."""
   deadline = time.monotonic() + timeout_s
   while True:
     try:
@@ -165,10 +166,15 @@ class Checkpointer:
     self._good = {step: integrity.is_good(self.directory / str(step))
                   for step in self.all_steps()}
     self._unconfirmed: int | None = None  # A save not yet seen finished.
-    self._abandoned: epath.Path | None = None  # A failed save's directory.
+    self._failed = False  # A save failed: close ends quietly.
+    self._abandoned: epath.Path | None = None  # A failed save's unfinished directory.
     self._state_bytes = 0
     self._errors = OrbaxErrorCatcher()
-    logging.getLogger("absl").addFilter(self._errors)
+    absl = logging.getLogger("absl")
+    for stale in [f for f in absl.filters if isinstance(f, OrbaxErrorCatcher)
+                  and f.abandoned_under(self.directory)]:
+      absl.removeFilter(stale)  # This run's own catcher covers its directory now.
+    absl.addFilter(self._errors)
     quiet_abandoned_writes()
 
   def newest_good_step(self, steps: list[int] | None = None) -> int | None:
@@ -284,12 +290,14 @@ class Checkpointer:
     error, self._errors.error = self._errors.error, None
     unfinished = self._unfinished(step)
     # (On a bucket the step's directory is its final one: never remove a finished step.)
-    if jax.process_index() == 0 and not (unfinished / COMMIT_MARKER).exists():
-      try:
-        unfinished.rmtree(missing_ok=True)
-      except OSError:  # The save's other writes may still be landing in it: close removes it.
-        pass
-    self._abandoned = unfinished  # Writes still in flight may recreate it: see close.
+    self._failed = True
+    if not (unfinished / COMMIT_MARKER).exists():
+      self._abandoned = unfinished  # Writes still in flight may recreate it: see close.
+      if jax.process_index() == 0:
+        try:
+          unfinished.rmtree(missing_ok=True)
+        except OSError:  # The save's other writes may still be landing in it: see close.
+          pass
     self.manager.reload()
     self._good.pop(step, None)
     finished = [s for s in self.all_steps() if s != step]
@@ -443,11 +451,12 @@ class Checkpointer:
     except Exception:  # pylint: disable=broad-except
       # orbax re-raises a failed save's other errors here (on a full disk every
       # write fails): that failure is being reported already, in one line.
-      if self._abandoned is None:
+      if not self._failed:
         raise
     finally:
       # A failed save's writes outlive manager.close (tensorstore's threads), and
-      # orbax logs each one's traceback: the filter stays, for those only.
+      # orbax logs each one's traceback: the filter stays, for those only, until
+      # another Checkpointer opens this directory.
       if self._abandoned is None:
         logging.getLogger("absl").removeFilter(self._errors)
       else:

@@ -86,10 +86,15 @@ class OrbaxErrorCatcher(logging.Filter):
       return True
     exception = record.exc_info[1] if record.exc_info else None
     if self.abandoned is not None:  # Only the failed save's late writes: another
-      return self.abandoned not in f"{record.getMessage()} {exception}"  # run's are theirs.
+      text = f"{record.getMessage()} {exception}"  # save's are its own catcher's.
+      return self.abandoned.rstrip("/") + "/" not in text
     if self.error is None and exception is not None:
       self.error = exception
     return False
+
+  def abandoned_under(self, directory) -> bool:
+    return self.abandoned is not None and self.abandoned.startswith(
+        os.fspath(directory).rstrip("/") + "/")
 
 
 _ABANDONED = ("Event loop is closed", "sys.meta_path is None")

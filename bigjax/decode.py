@@ -24,8 +24,8 @@ Design
   returns its best finished hypothesis (or live beam, if cut by the length limit).
 - Sharding: pass `mesh` and `rules` (e.g. task.mesh, task.rules) to trace under
   `sharding.use_mesh_rules`: the cache and activations are then constrained like
-  the training activations (batch over data/fsdp, heads over tensor). The batch
-  is padded to a multiple of the data-parallel size.
+  the training activations (batch over data/fsdp, heads over tensor). The batch,
+  a power of two of rows, is padded further to a multiple of the data-parallel size.
 - MoE: decoding runs in eval mode (eval capacity factor, no random routing or
   jitter). A decode step routes each row's one token as its own group (no drops);
   the prefill routes the prompt as the training forward does (groups of
@@ -363,7 +363,8 @@ def _fit_buckets(longest: int, new: int, max_len: int | None) -> tuple[int, int]
   width, steps = _bucket(longest), _bucket(new)
   if max_len is None or width + steps <= max_len:
     return width, steps
-  if longest + steps <= max_len:  # The new tokens' bucket, the prompt in the rest.
+  if longest + steps <= max_len:  # Keep the new tokens' bucket: the prompts' width
+    # then depends on max_len alone, so every prompt that fits shares the shape.
     return max_len - steps, steps
   if width + new <= max_len:
     return width, max_len - width
@@ -434,13 +435,15 @@ def _prepare(model, prompts, max_new_tokens: int, max_len: int | None, mesh, rul
     width, steps = _fit_buckets(longest, max_new_tokens, max_len)
     cache_len = width + steps
   num = len(prompts)
-  rows = 1 << (num - 1).bit_length()  # A power of two, as the lengths are.
+  rows = 1 << (num - 1).bit_length()  # A power of two: most prompt counts share a compile.
   if mesh is not None:  # Each batch shard gets whole rows.
     dp = sharding.data_parallel_size(mesh.shape, rules)
     rows = -(-rows // dp) * dp
   tokens = np.full((rows, width), PAD_ID, np.int32)
   lengths = np.empty((rows,), np.int32)
-  for i in range(rows):  # Rows past the prompts copy row 0 (their output is dropped).
+  # Rows past the prompts copy prompt 0 (an empty row would have no last token to
+  # read logits at); the loops treat them as done, and their output is dropped.
+  for i in range(rows):
     p = prompts[i] if i < num else prompts[0]
     tokens[i, :p.size] = p
     lengths[i] = p.size

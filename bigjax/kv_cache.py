@@ -11,7 +11,7 @@
   the max_len it is given).
 - Batched prompts of different lengths: right padding with per-row positions.
   Every row starts at position 0, exactly as in training, and a token's cache slot
-  is its position. The prefill runs the padded [batch, longest] block at once and
+  is its position. The prefill runs the padded [batch, width] block at once and
   takes each row's logits at its own last prompt token; from then on row r feeds
   its token at position len_r + i, so rows sit at different positions in the same
   step (learned, rotary and relative positions are all per-row; the prefill's

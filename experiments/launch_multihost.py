@@ -110,13 +110,19 @@ def launch(main_args: list[str], *, num_processes: int, devices_per_process: int
   previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
     for i in range(num_processes):
+      if stopping:  # A signal came while the processes were starting: start no more.
+        break
       procs.append(subprocess.Popen(cmd, env=child_env(
           os.environ, process_id=i, num_processes=num_processes, coordinator=coordinator,
           devices_per_process=devices_per_process), preexec_fn=_ignore_sigint))
-      if stopping:  # A signal came while the processes were starting: this one too.
+      if stopping:  # Forwarded while Popen ran, before this process was in `procs`.
         procs[-1].send_signal(signal.SIGTERM)
     while True:
       codes = [p.poll() for p in procs]
+      if stopping and all(c in (0, -signal.SIGTERM) for c in codes):
+        # Stopped as asked; one still starting up (no handler yet) died of the SIGTERM.
+        return 0 if all(c == 0 for c in codes) and len(procs) == num_processes else (
+            128 + stopping[0])
       failed = [c for c in codes if c not in (None, 0)]
       if failed:
         # One process died: the others would wait for it in a collective.

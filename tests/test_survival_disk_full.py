@@ -263,3 +263,18 @@ def test_a_failed_saves_late_writes_are_removed_and_only_their_logs_kept_quiet(t
   assert not catcher.filter(orbax_error(unfinished))  # The failed save's: dropped.
   other = tmp_path / ("30" + checkpoint.TMP_MARKER)  # Another save's: for its catcher.
   assert catcher.filter(orbax_error(other))
+  on_bucket = checkpoint_errors.OrbaxErrorCatcher()  # A bucket's step 2, not 20.
+  on_bucket.abandoned = "gs://b/run/checkpoints/2"
+  assert not on_bucket.filter(orbax_error("gs://b/run/checkpoints/2"))
+  assert on_bucket.filter(orbax_error("gs://b/run/checkpoints/20"))
+
+  # A later run in the directory (the same step may fail again) has its own catcher.
+  catcher.abandoned = str(tmp_path / "checkpoints" / ("2" + checkpoint.TMP_MARKER))
+  absl = logging.getLogger("absl")
+  absl.addFilter(catcher)
+  try:
+    ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=3)
+    assert catcher not in absl.filters and ckpt._errors in absl.filters
+    ckpt.close()
+  finally:
+    absl.removeFilter(catcher)

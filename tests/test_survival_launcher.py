@@ -175,3 +175,32 @@ def test_launcher_stops_processes_with_sigterm(tmp_path, how):
       launcher.wait()
   got = [(tmp_path / n).read_text() for n in os.listdir(tmp_path) if n.isdigit()]
   assert got == ["SIGTERM", "SIGTERM"]
+
+
+_SIGNAL_WHILE_STARTING = """
+import os, signal, subprocess, sys
+from experiments import launch_multihost
+real_popen, started = subprocess.Popen, []
+
+def popen(*args, **kwargs):
+  started.append(real_popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                            preexec_fn=kwargs["preexec_fn"]))
+  if len(started) == 1:
+    os.kill(os.getpid(), signal.SIGINT)  # Handled at the next bytecode, in launch.
+  return started[-1]
+
+launch_multihost.subprocess.Popen = popen
+code = launch_multihost.launch(["--x"], num_processes=3, devices_per_process=None)
+print(code, len(started), started[0].wait(timeout=30))
+"""
+
+
+def test_a_signal_while_the_processes_start_stops_the_job_without_a_failure():
+  # Ctrl-C as the first process starts: no more are started, and the one started,
+  # killed by the SIGTERM before it could handle it, is the stop asked for. (In its
+  # own process: the launcher forks, which a test process running JAX should not.)
+  r = subprocess.run([sys.executable, "-c", _SIGNAL_WHILE_STARTING], cwd=ROOT,
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.split() == [str(128 + signal.SIGINT), "1", str(-signal.SIGTERM)], r.stdout
+  assert "a process exited" not in r.stderr, r.stderr
