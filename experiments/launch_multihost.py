@@ -120,9 +120,10 @@ def launch(main_args: list[str], *, num_processes: int, devices_per_process: int
     while True:
       codes = [p.poll() for p in procs]
       if stopping and all(c in (0, -signal.SIGTERM) for c in codes):
-        # Stopped as asked; one still starting up (no handler yet) died of the SIGTERM.
-        return 0 if all(c == 0 for c in codes) and len(procs) == num_processes else (
-            128 + stopping[0])
+        # Stopped as asked: each saved and exited 0, or (still starting up, without
+        # a handler yet) died of the SIGTERM.
+        whole_job_saved = len(procs) == num_processes and all(c == 0 for c in codes)
+        return 0 if whole_job_saved else 128 + stopping[0]
       failed = [c for c in codes if c not in (None, 0)]
       if failed:
         # One process died: the others would wait for it in a collective.
