@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec
 
 from bigjax import sharding
 from bigjax.errors import ConfigError
+from bigjax.models import row_gather
 
 EXCHANGES = ("auto", "ragged", "padded")
 
@@ -172,12 +173,9 @@ def _local(x, experts, gates, weights, *, ffn, num_experts, layout: Layout):
   n = math.prod(layout.mesh.shape[a] for a in axes)
   local_experts = num_experts // n
   t = b * length
-  flat_expert = experts.reshape(-1)
-  order = jnp.argsort(flat_expert, stable=True)
-  token = order // k
-  xs = jnp.take(x.reshape(t, m), token, axis=0)  # [t*k, M], grouped by expert
-  sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
-  sizes = sizes.reshape(n, local_experts)  # [destination shard, its local expert]
+  eo = row_gather.expert_order(experts.reshape(t, k), num_experts)
+  xs = row_gather.to_experts(x.reshape(t, m), eo)  # [t*k, M], grouped by expert
+  sizes = eo.sizes.reshape(n, local_experts)  # [destination shard, its local expert]
   send = jnp.sum(sizes, axis=1)
   plan = _Plan(send, jnp.cumsum(send) - send,
                jax.lax.all_to_all(sizes, axes, 0, 0, tiled=True),
@@ -188,15 +186,14 @@ def _local(x, experts, gates, weights, *, ffn, num_experts, layout: Layout):
   ends = jnp.cumsum(plan.recv, axis=1)  # [n, E/n]
   slot = jnp.arange(plan.cap)
   row_expert = jnp.sum(slot[None, :, None] >= ends[:, None, :], axis=-1).reshape(-1)
-  by_expert = jnp.argsort(row_expert, stable=True)
-  rows = received.reshape(n * plan.cap, m)[by_expert]
-  out = ffn(rows, jnp.sum(plan.recv, axis=0), weights)  # padding rows: never read
+  by_expert = row_gather.expert_order(row_expert[:, None], local_experts + 1)
+  rows = row_gather.to_experts(received.reshape(n * plan.cap, m), by_expert)
+  out = ffn(rows, by_expert.sizes[:local_experts], weights)  # padding rows: never read
   if layout.hidden_axes:
     out = jax.lax.psum(out, layout.hidden_axes)
-  out = jnp.zeros_like(out).at[by_expert].set(out).reshape(n, plan.cap, -1)
-  ys = _return_to_homes(out, plan, axes, layout.exchange, t * k)  # [t*k, M] sorted
-  ys = ys * gates.reshape(-1)[order][:, None].astype(ys.dtype)
-  return jnp.zeros((t, m), ys.dtype).at[token].add(ys).reshape(b, length, m)
+  out = row_gather.take_rows(out, by_expert.position, by_expert.order[:, None])
+  ys = _return_to_homes(out.reshape(n, plan.cap, -1), plan, axes, layout.exchange, t * k)
+  return row_gather.from_experts(ys, gates.reshape(t, k), eo).reshape(b, length, m)
 
 
 def dropless(x, experts, gates, weights: dict, ffn: Callable, *, num_experts: int,

@@ -29,7 +29,7 @@ from flax import nnx
 from bigjax import sharding
 from bigjax.errors import ConfigError
 from bigjax.models import (dataclass_from_config, expert_parallel, grouped_ffn,
-                           hopper_ragged_dot, layers, routing)
+                           hopper_ragged_dot, layers, routing, row_gather)
 from bigjax.sharding import constrain
 
 DROPLESS_IMPLS = ("auto", "ragged_dot", "sorted_blocks", "hopper")
@@ -129,7 +129,7 @@ class MoEConfig:
   # Expert-parallel dropless exchange: auto (ragged on GPU/TPU, padded on CPU),
   # ragged (jax.lax.ragged_all_to_all) or padded (all_to_all of worst-case slots).
   dropless_exchange: str = "auto"
-  block_size: int = 128  # sorted_blocks: rows per expert block.
+  block_size: int = 32  # sorted_blocks: each expert's rows are padded to whole blocks.
   aux_loss_weight: float = 0.01  # Used by the train step's loss.
   z_loss_weight: float = 0.001
 
@@ -272,15 +272,9 @@ class MoEFeedForward(nnx.Module):
       return expert_parallel.dropless(
           x, choice.experts.reshape(b, length, k), choice.gates.reshape(b, length, k),
           weights, ffn, num_experts=e, layout=parallel)
-    flat_expert = choice.experts.reshape(-1)
-    order = jnp.argsort(flat_expert, stable=True)
-    token = order // k
-    xs = jnp.take(xt, token, axis=0)  # [T*k, M], grouped by expert.
-    sizes = jnp.bincount(flat_expert, length=e).astype(jnp.int32)
-    ys = ffn(xs, sizes, weights)
-    ys = ys * choice.gates.reshape(-1)[order][:, None].astype(ys.dtype)
-    y = jnp.zeros_like(xt).at[token].add(ys)
-    return y.reshape(b, length, m)
+    eo = row_gather.expert_order(choice.experts, e)
+    ys = ffn(row_gather.to_experts(xt, eo), eo.sizes, weights)
+    return row_gather.from_experts(ys, choice.gates, eo).reshape(b, length, m)
 
   def _expert_weights(self) -> dict:
     """The expert FFN weights in the compute dtype, by name."""
@@ -301,18 +295,12 @@ class MoEFeedForward(nnx.Module):
 
   def _blocked_ffn(self, xs, sizes, weights):
     """Grouped FFN with each expert's rows padded to a multiple of block_size and
-    multiplied in chunks of 4 blocks, then single blocks (grouped_ffn): FLOPs and
+    multiplied in chunks of 16 blocks, then 4, then 1 (grouped_ffn): FLOPs and
     memory grow with the tokens, not with tokens x experts as the CPU emulation of
     ragged_dot does. Rows past sum(sizes) are padding, never read."""
-    rows, m = xs.shape
-    e, bs = weights["wi"].shape[0], self.moe.block_size
-    padded = (sizes + bs - 1) // bs * bs
-    start = jnp.cumsum(sizes) - sizes  # segment starts in xs
-    pstart = jnp.cumsum(padded) - padded  # segment starts in the padded layout
-    num_blocks = -(-rows // bs) + e  # static upper bound on sum(padded) / bs
-    expert_of_row = jnp.repeat(jnp.arange(e), sizes, total_repeat_length=rows)
-    dest = pstart[expert_of_row] + jnp.arange(rows) - start[expert_of_row]
-    buf = jnp.zeros((num_blocks * bs, m), xs.dtype).at[dest].set(xs)
+    bs = self.moe.block_size
+    layout = row_gather.blocks(sizes, xs.shape[0], bs)
     act = layers.ACTIVATIONS[self.cfg.mlp_activation]
-    out = grouped_ffn.grouped_ffn(buf, weights, act, pstart, padded, (4 * bs, bs))
-    return jnp.take(out, dest, axis=0)
+    out = grouped_ffn.grouped_ffn(row_gather.padded(xs, layout), weights, act, layout.starts,
+                                  layout.lengths, (16 * bs, 4 * bs, bs))
+    return row_gather.unpadded(out, layout)
