@@ -29,7 +29,8 @@ Then the same for an 8-expert top-2 MoE in every block against HF's Mixtral
 router with its CPU path, sorted_blocks; HF runs its experts through the
 implementation transformers picks, printed: `grouped_mm` here, torch's grouped
 matmul), and the MoE layer alone in each (forward and backward), splitting each
-side's MoE step into its MoE layers and the rest.
+side's MoE step into its MoE layers and the rest, and one product of the size of
+the grouped FFN's largest chunk in each.
 Like `python -m bigjax.main`, the process keeps the memory it frees for reuse
 (bigjax/host_memory.py), PyTorch's side as well, since they share the process.
 Prints both tokens/s, their ratio, and both MFUs against the XLA f32 matmul
@@ -380,6 +381,32 @@ def moe_layer(args, config, step_seconds):
     layers_ = model_cfg.num_layers * t
     print(f"  {side:8s} step {step_seconds[side]:.3f} s = MoE layers {layers_:.3f} s + the rest "
           f"{step_seconds[side] - layers_:.3f} s")
+  expert_chunk_matmul(args, 16 * model_cfg.moe.block_size, model_cfg.emb_dim,
+                      model_cfg.mlp_dim)
+
+
+def expert_chunk_matmul(args, rows: int, width: int, hidden: int, repeats: int = 20):
+  """One product of the MoE layer's largest expert chunk, [rows, width] by [width,
+  hidden], `repeats` times in each framework (XLA's inside one jitted loop): the
+  GEMM speed that bounds the grouped FFN, whose chunks are a segment long at most."""
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(rows, width)).astype(np.float32), rng.normal(
+      size=(width, hidden)).astype(np.float32)
+  xla = jax.jit(lambda a, b: jax.lax.fori_loop(
+      0, repeats, lambda i, acc: acc + (a + i) @ b, jnp.zeros((rows, hidden))))
+  ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.tensor(a), torch.tensor(b)
+
+  def torch_run():
+    for i in range(repeats):
+      (ta + i) @ tb
+
+  seconds = _median_seconds({"bigjax (XLA)": lambda: jax.block_until_ready(xla(ja, jb)),
+                             "pytorch": torch_run}, args.rounds)
+  print(f"One expert chunk's product ({rows}x{width} by {width}x{hidden}, {repeats} in a loop, "
+        f"median of {args.rounds} alternated runs):")
+  for name, t in seconds.items():
+    print(f"  {name:13s} {2 * rows * width * hidden * repeats / t / 1e9:6.1f} GFLOP/s")
+  print(f"  bigjax / pytorch: {seconds['pytorch'] / seconds['bigjax (XLA)']:.2f}x")
 
 
 def _median_seconds(runs: dict, rounds: int) -> dict:
