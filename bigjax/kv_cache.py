@@ -6,7 +6,7 @@
   `jax.jit` around a `lax.while_loop`, with the cache in the loop carry.
 - Fixed shapes. Each self-attention layer holds {"k", "v"} of shape
   [batch, kv_heads, cache_len, head_dim] with cache_len = the prompts' padded
-  width + the new tokens' buffer (bigjax.decode buckets both, so that one
+  width + the new tokens' buffer (bigjax.decode_batch buckets both, so that one
   compilation serves many calls, within a learned position table's length or
   the max_len it is given).
 - Batched prompts of different lengths: right padding with per-row positions.

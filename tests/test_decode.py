@@ -1,4 +1,5 @@
-"""KV-cached decoding (bigjax.decode) against full recomputation, and the generate CLI.
+"""KV-cached decoding (bigjax.decode, beam_search, decode_batch) against full
+recomputation, and the generate CLI.
 
 The models are tiny (1-2 layers, width 32) with a large init scale, so that the
 logits are far from ties and exact token equality is a meaningful check.
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bigjax import checkpoint_reader, decode, sharding, steps
+from bigjax import beam_search, checkpoint_reader, decode, decode_batch, sharding, steps
 from bigjax.data import tokenizer
 from bigjax.models import moe as moe_lib
 from bigjax.models import transformer
@@ -117,8 +118,8 @@ def test_calls_whose_shapes_share_buckets_reuse_one_compiled_loop():
   rng = np.random.default_rng(7)
   calls = [(_prompts(1, (5, 9, 12)), 10), (_prompts(2, (16, 3, 7, 2)), 9), (_prompts(3, (11,)), 16)]
   for loop, run in ((decode._sample_loop, decode.generate),
-                    (decode._beam_loop, lambda *a, **kw: decode.beam_search(*a, beam_size=2,
-                                                                             **kw))):
+                    (beam_search._beam_loop,
+                     lambda *a, **kw: beam_search.beam_search(*a, beam_size=2, **kw))):
     before = loop._cache_size()
     for prompts, new in calls[:2]:
       out = run(model, prompts, max_new_tokens=new, eos_id=None)
@@ -134,7 +135,7 @@ def test_padding_rows_are_done_from_the_start(models):
   # 3 prompts run as 4 rows; the 4th, sampled with its own key, would otherwise
   # keep the loop going after every real row stopped at EOS.
   model, prompts = models["decoder_dense_learned"], _prompts(5, (4, 6, 3))
-  p = decode._prepare(model, prompts, 12, None, None, None)
+  p = decode_batch.prepare(model, prompts, 12, None, None, None)
   assert p.tokens.shape[0] == 4 and p.num == 3
   graphdef, state = nnx.split(model)
   out, _ = decode._sample_loop(graphdef, state, p.tokens, p.lengths, jax.random.PRNGKey(0),
@@ -149,18 +150,18 @@ def test_padding_rows_are_done_from_the_start(models):
 def test_bucketed_shapes_stay_within_the_learned_positions(models):
   # Prompt 30 + 10 new = max_len 40: the buckets (32, 16) would pass the table.
   model, prompt = models["decoder_dense_learned"], _prompts(4, (30,))
-  p = decode._prepare(model, prompt, 10, None, None, None)
+  p = decode_batch.prepare(model, prompt, 10, None, None, None)
   assert p.tokens.shape[1] + p.steps <= 40 and p.steps >= 10
   got = decode.generate(model, prompt, max_new_tokens=10, eos_id=None)
   assert got == decode.generate_recompute(model, prompt, max_new_tokens=10, eos_id=None)
   # Near the table's end, nearby lengths still share one shape.
   shapes = {(p.tokens.shape[1], p.steps) for p in (
-      decode._prepare(model, _prompts(6, (longest,)), new, None, None, None)
+      decode_batch.prepare(model, _prompts(6, (longest,)), new, None, None, None)
       for longest in (17, 20, 24) for new in (9, 12, 16))}
   assert shapes == {(24, 16)}
   for longest in range(1, 40):  # Every fit is within the table and holds the call.
     for new in range(1, 41 - longest):
-      width, steps = decode._fit_buckets(longest, new, 40)
+      width, steps = decode_batch.fit_buckets(longest, new, 40)
       assert width >= longest and steps >= new and width + steps <= 40
 
 
@@ -267,8 +268,8 @@ def test_beam_size_one_equals_greedy(models, eos_id):
   if eos_id == "frequent":
     eos_id = decode.generate(model, prompts, max_new_tokens=NEW, eos_id=None)[1][2]
   greedy = decode.generate(model, prompts, max_new_tokens=NEW, eos_id=eos_id)
-  beam = decode.beam_search(model, prompts, beam_size=1, max_new_tokens=NEW,
-                            length_penalty=0.0, eos_id=eos_id)
+  beam = beam_search.beam_search(model, prompts, beam_size=1, max_new_tokens=NEW,
+                                 length_penalty=0.0, eos_id=eos_id)
   assert beam == greedy
 
 
@@ -276,8 +277,8 @@ def test_beam_search_scores_at_least_greedy(models):
   model, prompts = models["decoder_dense_learned"], _prompts()
   greedy, greedy_lp = decode.generate(model, prompts, max_new_tokens=NEW, eos_id=None,
                                       return_scores=True)
-  beams, scores, lps = decode.beam_search(model, prompts, beam_size=4, max_new_tokens=NEW,
-                                          length_penalty=0.0, eos_id=None, return_scores=True)
+  beams, scores, lps = beam_search.beam_search(model, prompts, beam_size=4, max_new_tokens=NEW,
+                                               length_penalty=0.0, eos_id=None, return_scores=True)
   for b, s, lp, g_lp in zip(beams, scores, lps, greedy_lp):
     assert len(b) == NEW
     assert s == lp  # length_penalty 0: the score is the log-probability
@@ -291,8 +292,8 @@ def test_beam_search_scores_at_least_greedy(models):
 def test_beam_search_length_penalty_and_eos(models):
   model, prompts = models["encdec_rotary"], _prompts()
   eos_id = decode.generate(model, prompts, max_new_tokens=NEW, eos_id=None)[0][4]
-  out, scores, lps = decode.beam_search(model, prompts, beam_size=3, max_new_tokens=NEW,
-                                        length_penalty=0.6, eos_id=eos_id, return_scores=True)
+  out, scores, lps = beam_search.beam_search(model, prompts, beam_size=3, max_new_tokens=NEW,
+                                             length_penalty=0.6, eos_id=eos_id, return_scores=True)
   for row, s, lp in zip(out, scores, lps):
     assert 1 <= len(row) <= NEW
     assert eos_id not in row[:-1]
@@ -361,7 +362,8 @@ def test_invalid_settings_are_rejected(models):
     with pytest.raises(ValueError, match=rf"eos_id={eos_id} is outside the model's vocab"):
       decode.generate(model, [[5]], max_new_tokens=2, eos_id=eos_id)
   with pytest.raises(ValueError, match="length_penalty=nan"):
-    decode.beam_search(model, [[5]], beam_size=2, max_new_tokens=2, length_penalty=float("nan"))
+    beam_search.beam_search(model, [[5]], beam_size=2, max_new_tokens=2,
+                            length_penalty=float("nan"))
   # A padded array's PAD would be read as a token (its key masked): other text.
   with pytest.raises(ValueError, match=f"Prompt 1 holds the padding id {decode.PAD_ID}"):
     decode.generate(model, np.array([[5, 6, 7], [5, 6, decode.PAD_ID]]), max_new_tokens=2)

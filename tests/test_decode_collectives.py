@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bigjax import decode, sharding
+from bigjax import beam_search, decode, decode_batch, sharding
 from bigjax.models import transformer
 from configs import common
 
@@ -78,20 +78,20 @@ def _assert_row_local(hlo: str, what: str):
 def test_compiled_decoding_loops_gather_nothing(name):
   mesh, rules = _mesh()
   model = _model(**MODELS[name])
-  p = decode._prepare(model, _prompts(), NEW, None, mesh, rules)
+  p = decode_batch.prepare(model, _prompts(), NEW, None, mesh, rules)
   assert p.tokens.shape[0] == 2 * DATA
   graphdef, state = nnx.split(model)
   static = dict(steps=p.steps, cache_len=p.cache_len, eos_id=2, mesh=mesh,
-                rules=decode._static_rules(rules))
+                rules=decode_batch.static_rules(rules))
   sample = decode._sample_loop.lower(
       graphdef, state, p.tokens, p.lengths, jax.random.PRNGKey(0), jnp.float32(1.0),
       jnp.int32(5), jnp.float32(0.9), jnp.int32(NEW), jnp.int32(p.num), greedy=False,
       **static
   ).compile().as_text()
   _assert_row_local(sample, "the sampling loop")
-  beam = decode._beam_loop.lower(graphdef, state, p.tokens, p.lengths, jnp.float32(0.6),
-                                 jnp.int32(NEW), jnp.int32(p.num), beam_size=BEAMS,
-                                 **static).compile().as_text()
+  beam = beam_search._beam_loop.lower(graphdef, state, p.tokens, p.lengths, jnp.float32(0.6),
+                                      jnp.int32(NEW), jnp.int32(p.num), beam_size=BEAMS,
+                                      **static).compile().as_text()
   _assert_row_local(beam, "the beam-search loop")
 
 

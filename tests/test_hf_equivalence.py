@@ -20,7 +20,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from bigjax import decode, loop, sharding, steps  # noqa: E402
+from bigjax import beam_search, decode, loop, sharding, steps  # noqa: E402
 from bigjax.models import layers, relative_position, routing, transformer  # noqa: E402
 from configs import gpt2, t5  # noqa: E402
 
@@ -357,8 +357,8 @@ def test_beam_search_finds_hf_generates_beams():
   nnx.update(model, params)
   hf = hf_models.load("gpt2", params, hf_models.build("gpt2", config)).eval()
   prompts = np.random.default_rng(5).integers(1, 64, (3, 6))
-  ours = decode.beam_search(model, prompts.tolist(), beam_size=4, max_new_tokens=12,
-                            length_penalty=0.0, eos_id=None)
+  ours = beam_search.beam_search(model, prompts.tolist(), beam_size=4, max_new_tokens=12,
+                                 length_penalty=0.0, eos_id=None)
   greedy = decode.generate(model, prompts.tolist(), max_new_tokens=12, eos_id=None)
   with torch.no_grad():
     theirs = hf.generate(torch.from_numpy(prompts), attention_mask=torch.ones(3, 6),

@@ -6,7 +6,7 @@ r"""Decoding speed: the KV cache vs. recomputing the window at every step.
 A decoder LM (byte vocabulary, rotary positions, float32) continues `--batch`
 prompts of `--prompt_len` tokens by N tokens (greedy, no EOS, so every row
 generates exactly N). `bigjax.decode.generate` keeps a [batch, kv_heads, prompt + N,
-head_dim] cache per layer (lengths bucketed: see bigjax/decode.py) and runs one token per step;
+head_dim] cache per layer (lengths bucketed: bigjax/decode_batch.py) and runs one token per step;
 `generate_recompute` reruns the whole [batch, prompt + N] window at every step
 (the first sampler), so its cost per token grows with N. Both are one jitted
 while_loop; each is run once to compile and warm up, then timed (median of
