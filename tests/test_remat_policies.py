@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax._src.ad_checkpoint import remat_p  # jax.checkpoint's primitive
+from jax._src.ad_checkpoint import saved_residuals  # print_saved_residuals' list
 
 from bigjax import config as config_lib, optim, steps, tasks
 from bigjax.config import ConfigError
-from bigjax.models import stack, transformer
+from bigjax.models import moe as moe_lib, stack, transformer
 from configs import lm
 
 BASE = dict(vocab_size=40, num_layers=2, emb_dim=32, num_heads=4, mlp_dim=64, max_len=16,
@@ -79,7 +80,24 @@ def test_each_policy_wraps_every_block_in_its_checkpoint(policy, scan):
     return
   want = (jax.checkpoint_policies.nothing_saveable if policy == "full"
           else getattr(jax.checkpoint_policies, policy))
-  assert found == [want] * (1 if scan else BASE["num_layers"])
+  # Each policy also keeps the MoE router logits (stack._keeping_router_logits).
+  assert [p.__wrapped__ for p in found] == [want] * (1 if scan else BASE["num_layers"])
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable"])
+def test_every_policy_keeps_the_moe_router_logits(policy):
+  """Recomputed from recomputed logits, routing can flip a near tie (seen in
+  bfloat16: logits ~5e-4 apart), and the backward pass would then differentiate
+  another routing: every policy saves the logits (moe.ROUTER_LOGITS)."""
+  cfg = transformer.TransformerConfig(**BASE, remat_policy=policy, moe_every=2,
+                                      moe=moe_lib.MoEConfig(num_experts=4, router="dropless"))
+  graphdef, params, rest = nnx.split(transformer.build(cfg, nnx.Rngs(0)), nnx.Param, ...)
+  batch = {"inputs": jnp.ones((2, 8), jnp.int32), "targets": jnp.ones((2, 8), jnp.int32),
+           "weights": jnp.ones((2, 8))}
+  saved = saved_residuals(lambda p: steps.loss_sums(
+      tasks.get("lm"), nnx.merge(graphdef, p, rest), batch, jax.random.PRNGKey(3))[
+          "loss_sum"], nnx.to_pure_dict(params))
+  assert [where for _, where in saved if f"named '{moe_lib.ROUTER_LOGITS}'" in where]
 
 
 def test_remat_policy_is_validated():

@@ -25,6 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from bigjax import sharding
 from bigjax.errors import ConfigError
@@ -34,6 +35,10 @@ from bigjax.sharding import constrain
 
 DROPLESS_IMPLS = ("auto", "ragged_dot", "sorted_blocks", "hopper")
 CAPACITY_DISPATCHES = ("auto", "einsum", "gather")
+# The router logits' name for remat policies, which all keep them (stack.remat_policy):
+# a recomputed forward pass compiles differently, and in bfloat16 its logits moved
+# by ~5e-4, enough to flip a near tie and route the backward pass differently.
+ROUTER_LOGITS = "moe_router_logits"
 # Tokens in groups [G, S, M], and dispatched to experts [E, G, C, M].
 GROUP_NAMES = ("activation_batch", "activation_length", "activation_embed")
 DISPATCHED_NAMES = ("activation_exp", "activation_batch", None, "activation_embed")
@@ -178,7 +183,8 @@ class MoEFeedForward(nnx.Module):
     if rng is not None and self.moe.jitter_noise > 0:
       eps = self.moe.jitter_noise
       x = x * jax.random.uniform(rng, x.shape, jnp.float32, 1.0 - eps, 1.0 + eps)
-    return jnp.einsum("...m,me->...e", x, self.router[...].astype(jnp.float32))
+    logits = jnp.einsum("...m,me->...e", x, self.router[...].astype(jnp.float32))
+    return checkpoint_name(logits, ROUTER_LOGITS)
 
   def _expert_ffn(self, xe, weights, hidden_names=None):
     """The experts' FFN on dispatched tokens xe [E, G, C, M], one matmul per expert

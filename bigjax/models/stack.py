@@ -4,6 +4,8 @@
 parameters (model.scan_layers), rematerialised per block or per scanned unit
 under a named policy (model.remat_policy).
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -36,8 +38,22 @@ def remat_policy(name: str):
       raise ValueError(f"model.remat_policy={name!r} offloads to host memory, which the "
                        f"{jax.default_backend()} backend lacks (it has {sorted(kinds)}); "
                        "use 'dots_with_no_batch_dims_saveable' instead.")
-    return True, jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
-  return name != "none", _POLICIES[name]
+    policy = jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+  else:
+    policy = _POLICIES[name]
+  return name != "none", None if policy is None else _keeping_router_logits(policy)
+
+
+def _keeping_router_logits(policy):
+  """`policy` that also keeps the MoE router logits (moe.ROUTER_LOGITS): routing
+  recomputed from recomputed logits may differ from the forward pass's."""
+  router_logits = jax.checkpoint_policies.save_only_these_names(moe_lib.ROUTER_LOGITS)
+
+  @functools.wraps(policy)
+  def keep(prim, *args, **params):
+    return router_logits(prim, *args, **params) or policy(prim, *args, **params)
+
+  return keep
 
 
 def is_moe_block(i: int, moe_every: int) -> bool:
