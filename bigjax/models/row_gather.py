@@ -10,7 +10,6 @@ map, which the sort has anyway: 11.5 ms (`take_rows`). A custom VJP has no
 forward mode: jax.jvp does not apply to the dropless layer (as grouped_ffn's
 custom VJP already made the case for `sorted_blocks`).
 """
-import functools
 from typing import NamedTuple
 
 import jax
