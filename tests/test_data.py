@@ -1,4 +1,10 @@
-"""Tests of bigjax.data: tokenizer, corpora, token cache and batch pipeline."""
+"""Tests of bigjax.data's corpora, token caches and LM batching: the embedded
+stdlib_py corpus's splits (disjoint, real Python) and other prepared or mocked
+TFDS datasets; the token array cached on disk (equal to tokenising the texts by
+hand, keyed by the documents or the prepared files, with its statistics); and
+pipeline.LMBatches / eval_batches for the "lm" and "reverse" tasks, checked against
+slices of the token array. The tokenizer and masked-LM batches have their own
+files (tests/test_tokenizer.py, tests/test_mlm_batches.py)."""
 import ast
 import os
 import subprocess
@@ -9,8 +15,8 @@ import pytest
 import grain
 import tensorflow_datasets as tfds
 
-from bigjax import tasks
 from bigjax.data import corpora, pipeline, tokenizer
+from tests.batch_helpers import EXAMPLES, _assert_batches_equal, _lm
 
 
 @pytest.fixture(scope="module")
@@ -24,78 +30,6 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokens(data_dir):
   return pipeline.token_array("stdlib_py", "validation", data_dir)
-
-
-# What each token task makes of a chunk (bigjax/tasks.py).
-EXAMPLES = {"lm": tasks.next_token_examples(), "reverse": tasks.reversed_examples(),
-            "mlm": tasks.masked_examples(0.15)}
-
-
-def _lm(tokens, task="lm", **kw):
-  args = dict(global_batch_size=8, seq_len=32, seed=0, examples=EXAMPLES[task])
-  return pipeline.LMBatches(tokens, **{**args, **kw})
-
-
-def _assert_batches_equal(a, b):
-  assert a.keys() == b.keys()
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k])
-
-
-# Tokenizer.
-
-def test_tokenizer_round_trip():
-  text = "def f(x):\n  return 'é€😀'\n"
-  ids = tokenizer.encode(text)
-  assert ids.dtype == np.int32 and ids.min() >= 3 and ids.max() < tokenizer.VOCAB_SIZE
-  assert tokenizer.decode(ids) == text
-  raw = bytes(range(256))  # Not valid utf-8; every byte value once.
-  np.testing.assert_array_equal(tokenizer.encode(raw), np.arange(256) + 3)
-  assert tokenizer.decode(np.r_[tokenizer.BOS_ID, tokenizer.encode("ab"),
-                                tokenizer.EOS_ID, tokenizer.PAD_ID]) == "ab"
-  assert tokenizer.decode(tokenizer.encode(b"\xff")) == "\ufffd"
-
-
-def test_tokenizer_keeps_any_bytes():
-  raw = b"\xff\xfe\x80abc"  # Not utf-8.
-  ids = tokenizer.encode(raw)
-  assert ids.tolist() == [0xff + 3, 0xfe + 3, 0x80 + 3, ord("a") + 3, ord("b") + 3,
-                          ord("c") + 3]
-  assert tokenizer.decode_bytes(ids) == raw
-  assert tokenizer.decode_bytes(np.r_[tokenizer.BOS_ID, ids, tokenizer.MASK_ID]) == raw
-  assert tokenizer.decode(ids) == "\ufffd\ufffd\ufffdabc"  # decode's str: one U+FFFD a byte.
-  text = "é€😀"
-  assert tokenizer.decode_bytes(tokenizer.encode(text)) == text.encode("utf-8")
-
-
-def test_tokenizer_encodes_command_line_bytes_as_given():
-  # A command-line argument holding a byte that is not utf-8 (latin-1 "café"):
-  # Python hands it over as the lone surrogate U+DCE9, which encodes to the byte.
-  code = ("import sys; from bigjax.data import tokenizer; "
-          "print(tokenizer.encode(sys.argv[1]).tolist())")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, "-c", code, b"caf\xe9"], cwd=root,
-                       capture_output=True, text=True, timeout=120)
-  assert out.returncode == 0, out.stderr[-2000:]
-  ids = ast.literal_eval(out.stdout)
-  assert ids == [ord("c") + 3, ord("a") + 3, ord("f") + 3, 0xe9 + 3]
-  assert tokenizer.decode_bytes(ids) == b"caf\xe9"
-  assert tokenizer.encode("caf\udce9").tolist() == ids  # The same, in-process.
-
-
-@pytest.mark.parametrize("value", [5, np.array([1, 2, 3]), None, [104, 105]])
-def test_tokenizer_rejects_what_is_not_text(value):
-  # bytes(5) would be five zero bytes, bytes(an int64 array) its raw memory.
-  with pytest.raises(TypeError, match="str or bytes, got"):
-    tokenizer.encode(value)
-
-
-def test_tokenizer_mask_id():
-  assert tokenizer.MASK_ID == tokenizer.VOCAB_SIZE == 259
-  assert tokenizer.MLM_VOCAB_SIZE == tokenizer.MASK_ID + 1
-  ids = np.r_[tokenizer.encode("a"), tokenizer.MASK_ID, tokenizer.encode("b")]
-  assert tokenizer.decode(ids) == "ab"
-
 
 # Corpora.
 
@@ -421,121 +355,3 @@ def test_errors(tokens):
   with pytest.raises(ValueError, match="has 100 tokens"):
     pipeline.eval_batches(tokens[:100], global_batch_size=8, seq_len=32,
                           num_batches=2, examples=EXAMPLES["lm"])
-
-
-# Masked LM.
-
-def _mlm_tokens(n=20000, seed=0):
-  """Random bytes with ~1 in 10 tokens EOS and a few BOS: specials to avoid."""
-  rng = np.random.default_rng(seed)
-  toks = rng.integers(tokenizer.OFFSET, tokenizer.VOCAB_SIZE, n)
-  toks[rng.random(n) < 0.1] = tokenizer.EOS_ID
-  toks[rng.random(n) < 0.01] = tokenizer.BOS_ID
-  return toks.astype(np.uint16)
-
-
-def _mlm(tokens, mask_rate=0.15, **kw):
-  return _lm(tokens, **{"examples": tasks.masked_examples(mask_rate), "seq_len": 64, **kw})
-
-
-def test_mlm_batch_layout():
-  toks = _mlm_tokens()
-  x = _mlm(toks, shuffle=False).batch(1)
-  assert {k: (v.shape, v.dtype) for k, v in x.items()} == {
-      "inputs": ((8, 64), np.int32), "targets": ((8, 64), np.int32),
-      "weights": ((8, 64), np.float32)}
-  # Row r of step 1 is chunk 8 + r, without the one-token overlap of "lm".
-  np.testing.assert_array_equal(x["targets"], toks[8 * 64:16 * 64].reshape(8, 64))
-  kept = x["weights"] == 0
-  np.testing.assert_array_equal(x["inputs"][kept], x["targets"][kept])
-  assert set(np.unique(x["weights"])) == {0.0, 1.0}
-
-
-def test_mlm_mask_statistics():
-  toks = _mlm_tokens()
-  b = _mlm(toks, mask_rate=0.2)
-  xs = [b.batch(s) for s in range(20)]  # 10240 positions, ~9000 eligible.
-  inputs, targets, weights = (np.concatenate([x[k] for x in xs])
-                              for k in ("inputs", "targets", "weights"))
-  kept = weights == 0
-  np.testing.assert_array_equal(inputs[kept], targets[kept])
-  special = targets < tokenizer.OFFSET
-  assert special.sum() > 500 and not weights[special].any()  # EOS/BOS never.
-  chosen = weights == 1
-  assert chosen[~special].mean() == pytest.approx(0.2, abs=0.02)
-  masked = inputs[chosen] == tokenizer.MASK_ID
-  same = inputs[chosen] == targets[chosen]
-  swapped = ~masked & ~same
-  assert masked.mean() == pytest.approx(0.8, abs=0.04)
-  assert same.mean() == pytest.approx(0.1, abs=0.03)  # (+1/256: random = original)
-  assert swapped.mean() == pytest.approx(0.1, abs=0.03)
-  rand = inputs[chosen][swapped]
-  assert rand.min() >= tokenizer.OFFSET and rand.max() < tokenizer.VOCAB_SIZE
-  assert (inputs[~chosen] != tokenizer.MASK_ID).all()
-
-
-def test_mlm_every_row_has_a_target():
-  # At mask_rate 0.01 most 16-token rows would draw no position at all.
-  toks = _mlm_tokens()
-  b = _mlm(toks, seq_len=16, mask_rate=0.01)
-  w = np.concatenate([b.batch(s)["weights"] for s in range(30)])
-  assert (w.sum(1) >= 1).all() and (w.sum(1) == 1).mean() > 0.5
-  # A chunk of only specials has nothing to predict: zero weights, no error.
-  toks[:16] = tokenizer.EOS_ID
-  x = _mlm(toks, seq_len=16, shuffle=False).batch(0)
-  assert not x["weights"][0].any() and (x["weights"][1:].sum(1) >= 1).all()
-
-
-def test_mlm_deterministic_and_remasked_each_epoch():
-  toks = _mlm_tokens()
-  b = _mlm(toks)
-  for step in (0, 5):
-    _assert_batches_equal(b.batch(step), _mlm(toks).batch(step))
-  it = b.iterate(3)
-  for step in range(3, 6):
-    _assert_batches_equal(next(it), b.batch(step))
-  assert not np.array_equal(b.batch(0)["weights"], _mlm(toks, seed=1).batch(0)["weights"])
-  # Unshuffled, step s and s + one epoch hold the same chunks, masked afresh.
-  short = toks[:8 * 64 * 3 + 1]  # 24 chunks: 3 steps per epoch.
-  u = _mlm(short, shuffle=False)
-  a, c = u.batch(1), u.batch(4)
-  np.testing.assert_array_equal(a["targets"], c["targets"])
-  assert not np.array_equal(a["weights"], c["weights"])
-  assert not np.array_equal(a["inputs"], c["inputs"])
-
-
-def test_mlm_eval_batches_fixed():
-  toks = _mlm_tokens()
-  kw = dict(global_batch_size=8, seq_len=64, num_batches=3, examples=EXAMPLES["mlm"])
-  ev = pipeline.eval_batches(toks, **kw)
-  assert len(ev) == 3
-  for x, y in zip(ev, pipeline.eval_batches(toks, **kw)):
-    _assert_batches_equal(x, y)
-  assert not np.array_equal(ev[0]["weights"], ev[1]["weights"])
-  np.testing.assert_array_equal(ev[2]["targets"], toks[16 * 64:24 * 64].reshape(8, 64))
-  parts = [pipeline.eval_batches(toks, process_index=p, process_count=2, **kw)
-           for p in range(2)]
-  _assert_batches_equal({k: np.concatenate([parts[0][1][k], parts[1][1][k]])
-                         for k in ev[1]}, ev[1])
-
-
-@pytest.mark.parametrize("rate", [0, 1, -0.1, 1.5, float("nan")])
-def test_mlm_bad_mask_rate(rate):
-  with pytest.raises(ValueError, match=r"config\.data\.mask_rate"):
-    tasks.masked_examples(rate)
-
-
-def test_bits_per_byte_divide_by_the_bytes_of_the_text():
-  """The eval loss covers every graded token, EOS included; bits per byte divide
-  its sum by the text's bytes alone (as published byte-level figures do)."""
-  docs = [b"def f():", b"x", b"return 1\n"]
-  ids = np.concatenate([np.append(tokenizer.encode(d), tokenizer.EOS_ID) for d in docs])
-  batch = {"targets": ids[None, :].astype(np.int32),
-           "weights": np.ones((1, ids.size), np.float32)}
-  nats = np.random.default_rng(0).uniform(0.1, 3.0, ids.size)
-  task = tasks.get("lm")
-  sums = {"loss_sum": nats.sum(), "weight_sum": float(ids.size), **task.eval_sums(batch)}
-  summary = task.eval_summary(sums)
-  text_bytes = sum(len(d) for d in docs)
-  assert summary["eval_bits_per_byte"] == pytest.approx(nats.sum() / np.log(2) / text_bytes)
-  assert summary["eval_loss"] == pytest.approx(nats.mean())
