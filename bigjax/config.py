@@ -197,7 +197,7 @@ def _zoo_kinds() -> tuple:
 
 
 def _validate_transformer(config):
-  from bigjax.models import layers, transformer
+  from bigjax.models import attention, layers, transformer
 
   _positive(config, "seq_len")
   non_negative_ints(config, "loss_chunk_len")
@@ -222,7 +222,7 @@ def _validate_transformer(config):
                          ("norm", layers.NORMS), ("init", layers.INITS),
                          ("embed_init", layers.EMBED_INITS),
                          ("position", transformer.POSITIONS),
-                         ("attention_impl", layers.ATTENTION_IMPLS),
+                         ("attention_impl", attention.ATTENTION_IMPLS),
                          ("dtype", layers.DTYPES), ("param_dtype", layers.PARAM_DTYPES)):
     if m[field] not in allowed:
       _fail(f"model.{field}", f"unknown value {m[field]!r}.", f"Choose one of {allowed}.")

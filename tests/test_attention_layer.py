@@ -1,6 +1,6 @@
-"""Tests of bigjax.models.layers' attention: layers.Attention (multi-head and
+"""Tests of bigjax.models.attention: attention.Attention (multi-head and
 grouped-query, with or without rotary positions and biases, causal row blocks
-included), the causal and padding masks, and layers.rotary. The reference is
+included), the causal and padding masks, and attention.rotary. The reference is
 attention and rotary written out in float64 numpy, one head and one frequency at
 a time; the causal blocks' gradients are held to the unblocked computation's."""
 import math
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bigjax.models import layers, transformer
+from bigjax.models import attention, layers, transformer
 
 
 def _cfg(**kw) -> layers.LayerConfig:
@@ -87,7 +87,7 @@ def _random_mask(rng, b, t, s):
 @pytest.mark.parametrize("rotary_positions", [False, True])
 def test_attention_matches_numpy(num_kv_heads, rotary_positions):
   cfg = _cfg(num_kv_heads=num_kv_heads)
-  attn = layers.Attention(cfg, rotary_positions=rotary_positions, rngs=nnx.Rngs(0))
+  attn = attention.Attention(cfg, rotary_positions=rotary_positions, rngs=nnx.Rngs(0))
   assert attn.key[...].shape == (32, num_kv_heads, 8)
   rng = np.random.default_rng(0)
   b, t, s = 2, 5, 7
@@ -113,17 +113,17 @@ def test_attention_matches_numpy(num_kv_heads, rotary_positions):
 def test_causal_blocks_match_numpy_and_the_unblocked_gradients(num_kv_heads, monkeypatch):
   """Causal row blocks (CAUSAL_BLOCKS), padded keys too: the output is numpy's
   full-mask attention's, the gradients those of the unblocked computation."""
-  assert [layers.causal_block_count(t) for t in (64, 100, 128, 192, 256, 4096)] == [
+  assert [attention.causal_block_count(t) for t in (64, 100, 128, 192, 256, 4096)] == [
       1, 1, 2, 3, 4, 4]
-  monkeypatch.setattr(layers, "CAUSAL_BLOCK_ROWS", 4)
+  monkeypatch.setattr(attention, "CAUSAL_BLOCK_ROWS", 4)
   cfg = _cfg(num_kv_heads=num_kv_heads)
-  causal = layers.Attention(cfg, rotary_positions=True, causal=True, rngs=nnx.Rngs(0))
-  plain = layers.Attention(cfg, rotary_positions=True, rngs=nnx.Rngs(0))
-  b, t = 2, 4 * layers.CAUSAL_BLOCKS
+  causal = attention.Attention(cfg, rotary_positions=True, causal=True, rngs=nnx.Rngs(0))
+  plain = attention.Attention(cfg, rotary_positions=True, rngs=nnx.Rngs(0))
+  b, t = 2, 4 * attention.CAUSAL_BLOCKS
   rng = np.random.default_rng(5)
   x = rng.normal(size=(b, t, 32)).astype(np.float32)
   pos = np.stack([np.arange(t), np.arange(t) + 3]).astype(np.int32)
-  mask = np.asarray(layers.causal_mask(jnp.asarray(pos), jnp.asarray(pos)))
+  mask = np.asarray(attention.causal_mask(jnp.asarray(pos), jnp.asarray(pos)))
   mask = mask & (np.arange(t) % 5 != 2)[None, None, None, :]  # Some padded keys.
   mask[..., 0] = True
   args = (jnp.asarray(x), jnp.asarray(x), jnp.asarray(mask), jnp.asarray(pos), jnp.asarray(pos))
@@ -140,12 +140,12 @@ def test_causal_blocks_match_numpy_and_the_unblocked_gradients(num_kv_heads, mon
   # The blocks are in play: two einsums (scores, values) per block, against two.
   def dots(module):
     return str(jax.make_jaxpr(lambda *a: module(*a))(*args)).count("dot_general")
-  assert dots(causal) - dots(plain) == 2 * (layers.CAUSAL_BLOCKS - 1)
+  assert dots(causal) - dots(plain) == 2 * (attention.CAUSAL_BLOCKS - 1)
 
 
 def test_attention_biases_match_numpy():
   cfg = _cfg(num_kv_heads=2, use_bias=True)
-  attn = layers.Attention(cfg, rotary_positions=False, rngs=nnx.Rngs(0))
+  attn = attention.Attention(cfg, rotary_positions=False, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(3)
   for b in (attn.query_bias, attn.key_bias, attn.value_bias, attn.out_bias):
     b[...] = jnp.asarray(rng.normal(size=b[...].shape), jnp.float32)  # Zero at init.
@@ -159,7 +159,7 @@ def test_attention_biases_match_numpy():
 
 
 def test_attention_masked_keys_are_ignored():
-  attn = layers.Attention(_cfg(), rotary_positions=False, rngs=nnx.Rngs(1))
+  attn = attention.Attention(_cfg(), rotary_positions=False, rngs=nnx.Rngs(1))
   rng = np.random.default_rng(1)
   x_q = jnp.asarray(rng.normal(size=(1, 3, 32)), jnp.float32)
   x_kv = rng.normal(size=(1, 6, 32)).astype(np.float32)
@@ -173,9 +173,9 @@ def test_attention_masked_keys_are_ignored():
 
 @pytest.mark.parametrize("num_kv_heads", [2, 1])
 def test_gqa_equals_mha_with_repeated_kv_heads(num_kv_heads):
-  gqa = layers.Attention(_cfg(num_kv_heads=num_kv_heads), rotary_positions=True,
-                         rngs=nnx.Rngs(0))
-  mha = layers.Attention(_cfg(num_kv_heads=4), rotary_positions=True, rngs=nnx.Rngs(1))
+  gqa = attention.Attention(_cfg(num_kv_heads=num_kv_heads), rotary_positions=True,
+                            rngs=nnx.Rngs(0))
+  mha = attention.Attention(_cfg(num_kv_heads=4), rotary_positions=True, rngs=nnx.Rngs(1))
   g = 4 // num_kv_heads
   mha.query[...] = gqa.query[...]
   mha.out[...] = gqa.out[...]
@@ -184,25 +184,25 @@ def test_gqa_equals_mha_with_repeated_kv_heads(num_kv_heads):
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.normal(size=(2, 6, 32)), jnp.float32)
   pos = transformer.default_positions(jnp.ones((2, 6), jnp.int32))
-  mask = layers.causal_mask(pos, pos)
+  mask = attention.causal_mask(pos, pos)
   np.testing.assert_allclose(np.asarray(gqa(x, x, mask, pos, pos)),
                              np.asarray(mha(x, x, mask, pos, pos)), rtol=1e-5, atol=1e-6)
 
 
 def test_attention_rejects_indivisible_kv_heads():
   with pytest.raises(ValueError, match="multiple"):
-    layers.Attention(_cfg(num_kv_heads=3), rotary_positions=False, rngs=nnx.Rngs(0))
+    attention.Attention(_cfg(num_kv_heads=3), rotary_positions=False, rngs=nnx.Rngs(0))
 
 
 def test_causal_and_padding_masks_match_numpy():
   pos = np.array([[0, 1, 2, 3], [5, 6, 7, 8]], np.int32)
   want = pos[:, None, None, :] <= pos[:, None, :, None]
-  np.testing.assert_array_equal(np.asarray(layers.causal_mask(jnp.asarray(pos),
-                                                              jnp.asarray(pos))), want)
+  np.testing.assert_array_equal(np.asarray(attention.causal_mask(jnp.asarray(pos),
+                                                                 jnp.asarray(pos))), want)
   np.testing.assert_array_equal(want[0, 0], np.tril(np.ones((4, 4), bool)))
   qv = np.array([[True, True, False]])
   kv = np.array([[True, False, True, True]])
-  got = np.asarray(layers.padding_mask(jnp.asarray(qv), jnp.asarray(kv)))
+  got = np.asarray(attention.padding_mask(jnp.asarray(qv), jnp.asarray(kv)))
   assert got.shape == (1, 1, 3, 4)
   np.testing.assert_array_equal(got[0, 0], np.outer(qv[0], kv[0]))
 
@@ -216,7 +216,7 @@ def test_rotary_matches_numpy():
   rng = np.random.default_rng(3)
   x = rng.normal(size=(2, 7, 3, 16)).astype(np.float32)
   pos = np.stack([np.arange(7), 11 + 5 * np.arange(7)]).astype(np.int32)
-  got = np.asarray(layers.rotary(jnp.asarray(x), jnp.asarray(pos)))
+  got = np.asarray(attention.rotary(jnp.asarray(x), jnp.asarray(pos)))
   np.testing.assert_allclose(got, np_rotary(x, pos), rtol=1e-4, atol=1e-5)
   # Position 0 is the identity; rotation preserves norms.
   np.testing.assert_allclose(got[0, 0], x[0, 0], atol=1e-6)
@@ -231,8 +231,8 @@ def test_rotary_dot_product_depends_only_on_relative_position(shift):
   k = jnp.asarray(rng.normal(size=(1, 1, 1, 32)), jnp.float32)
 
   def dot(i, j):
-    rq = layers.rotary(q, jnp.full((1, 1), i, jnp.int32))
-    rk = layers.rotary(k, jnp.full((1, 1), j, jnp.int32))
+    rq = attention.rotary(q, jnp.full((1, 1), i, jnp.int32))
+    rk = attention.rotary(k, jnp.full((1, 1), j, jnp.int32))
     return float(jnp.sum(rq * rk))
 
   for i, j in [(0, 0), (3, 1), (1, 3), (5, 12)]:

@@ -1,7 +1,7 @@
 """Model FLOPs per token (bigjax/flops.py) against XLA's count of the compiled step.
 
 XLA counts every multiply-add of the unrolled train step. With the causal
-attention's block skipping off (layers.CAUSAL_BLOCKS = 1) it computes the whole
+attention's block skipping off (attention.CAUSAL_BLOCKS = 1) it computes the whole
 causal score matrix (masking, not skipping, the upper half), so its count equals
 ours plus the masked half of each causal self-attention, up to the element-wise
 work (norms, softmax, the optimizer), a few percent at these widths. A
@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from bigjax import flops, sharding, steps
-from bigjax.models import layers
+from bigjax.models import attention
 from configs import bert, lm, lm_moe, t5
 
 # kind: (config module, the batch's token fields)
@@ -24,7 +24,7 @@ KINDS = {"decoder": (lm, ("inputs", "targets")),
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_training_flops_match_xla_count(kind, monkeypatch):
-  monkeypatch.setattr(layers, "CAUSAL_BLOCKS", 1)  # XLA computes whole score matrices.
+  monkeypatch.setattr(attention, "CAUSAL_BLOCKS", 1)  # XLA computes whole score matrices.
   module, fields = KINDS[kind]
   config = module.get_config("direction,runlocal" if kind == "classifier" else "runlocal")
   config.update(batch_size=2, seq_len=512)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bigjax.models import layers
+from bigjax.models import attention, layers
 
 
 def _device(platform="gpu", version="cuda 12.8", capability="9.0"):
@@ -53,7 +53,7 @@ def _cfg(**kw):
 ])
 def test_auto_picks_cudnn_only_where_it_applies(setting, device, kw, dropout, lengths, want):
   cfg = _cfg(attention_impl=setting, **kw)
-  assert layers.attention_impl_for(cfg, device, dropout, lengths) == want
+  assert attention.attention_impl_for(cfg, device, dropout, lengths) == want
 
 
 @pytest.mark.parametrize("device,kw,dropout,named", [
@@ -65,7 +65,7 @@ def test_auto_picks_cudnn_only_where_it_applies(setting, device, kw, dropout, le
 def test_explicit_cudnn_where_it_cannot_run_is_an_error_naming_the_setting(
     device, kw, dropout, named):
   with pytest.raises(ValueError, match=r"model\.attention_impl='cudnn' needs .*" + named):
-    layers.attention_impl_for(_cfg(attention_impl="cudnn", **kw), device, dropout, (16, 16))
+    attention.attention_impl_for(_cfg(attention_impl="cudnn", **kw), device, dropout, (16, 16))
 
 
 def _attention_and_grads(impl, causal):
@@ -75,12 +75,12 @@ def _attention_and_grads(impl, causal):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(b, t, 32)), jnp.bfloat16)
   pos = jnp.asarray(np.stack([np.arange(t), np.arange(t) + 3]), jnp.int32)
-  mask = layers.causal_mask(pos, pos) if causal else jnp.ones((b, 1, t, t), bool)
+  mask = attention.causal_mask(pos, pos) if causal else jnp.ones((b, 1, t, t), bool)
   mask = mask & jnp.asarray(np.arange(t) % 5 != 2)[None, None, None, :]  # Padded keys.
   mask = mask.at[..., 0].set(True)
   upstream = jnp.asarray(rng.normal(size=(b, t, 32)), jnp.float32)
-  attn = layers.Attention(_cfg(attention_impl=impl), rotary_positions=True, causal=causal,
-                          rngs=nnx.Rngs(0))
+  attn = attention.Attention(_cfg(attention_impl=impl), rotary_positions=True, causal=causal,
+                             rngs=nnx.Rngs(0))
 
   @nnx.jit
   def run(module, x):
@@ -113,14 +113,14 @@ def test_the_fused_call_computes_bigjax_attention(causal, monkeypatch):
 
   monkeypatch.setattr(layers, "default_device", lambda: H100)
   monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
-  monkeypatch.setattr(layers, "CAUSAL_BLOCK_ROWS", 4)  # bigjax's own: in row blocks.
+  monkeypatch.setattr(attention, "CAUSAL_BLOCK_ROWS", 4)  # bigjax's own: in row blocks.
   fused, own = _attention_and_grads("cudnn", causal), _attention_and_grads("xla", causal)
   assert calls == [("cudnn", causal)] * len(calls) and calls  # Only the fused run calls it.
   _assert_same(fused, own)
   # Cached decoding keeps bigjax's own attention.
   calls.clear()
-  attn = layers.Attention(_cfg(attention_impl="cudnn"), rotary_positions=True, causal=True,
-                          rngs=nnx.Rngs(0))
+  attn = attention.Attention(_cfg(attention_impl="cudnn"), rotary_positions=True, causal=True,
+                             rngs=nnx.Rngs(0))
   x = jnp.zeros((2, 1, 32), jnp.bfloat16)
   pos = jnp.zeros((2, 1), jnp.int32)
   attn(x, None, jnp.ones((2, 1, 1, 16), bool), pos, cache=attn.init_cache(2, 16))

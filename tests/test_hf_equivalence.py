@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from bigjax import beam_search, decode, loop, sharding, steps  # noqa: E402
-from bigjax.models import layers, relative_position, routing, transformer  # noqa: E402
+from bigjax.models import attention, relative_position, routing, transformer  # noqa: E402
 from configs import gpt2, t5  # noqa: E402
 
 from experiments.benchmarks import hf_models  # noqa: E402
@@ -32,7 +32,7 @@ LENGTH = 128
 
 def _tiny_config(arch):
   config = gpt2.get_config("runlocal")
-  # 128 tokens: a causal self-attention scored in row blocks (layers.CAUSAL_BLOCKS).
+  # 128 tokens: a causal self-attention scored in row blocks (attention.CAUSAL_BLOCKS).
   config.model.update(num_layers=2, emb_dim=32, num_heads=4, mlp_dim=64, max_len=LENGTH,
                       vocab_size=64, dropout_rate=0.0, dtype="float32")
   if arch in ("mixtral", "llama"):
@@ -82,7 +82,7 @@ def test_same_weights_give_hf_logits(arch):
   model, params = _random_params(config)
   nnx.update(model, params)
   tokens = np.random.default_rng(1).integers(1, 64, (2, LENGTH))
-  assert layers.causal_block_count(LENGTH) > 1
+  assert attention.causal_block_count(LENGTH) > 1
   ours = np.asarray(model(jax.numpy.asarray(tokens)))
   hf = hf_models.load(arch, params, hf_models.build(arch, config)).eval()
   with torch.no_grad():

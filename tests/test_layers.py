@@ -1,4 +1,4 @@
-"""Tests of bigjax.models.layers' other building blocks: Norm (LayerNorm and
+"""Tests of bigjax.models.layers' building blocks: Norm (LayerNorm and
 RMSNorm, and layers.normalize's written-out backward pass), the MLP (gated or not,
 with biases), the parameter initialisers (normal, xavier, lecun, embedding tables
 and depth-scaled residual kernels) and dropout, down to the keys a whole model's
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bigjax.models import layers, transformer
+from bigjax.models import attention, layers, transformer
 
 
 def _cfg(**kw) -> layers.LayerConfig:
@@ -177,7 +177,7 @@ def test_variance_scaling_inits_match_formulas(init):
     return 2.0 / (fan_in + fan_out) if init == "xavier" else 1.0 / fan_in
 
   mlp = layers.MLP(cfg, rngs=nnx.Rngs(0))
-  attn = layers.Attention(cfg, rotary_positions=False, rngs=nnx.Rngs(1))
+  attn = attention.Attention(cfg, rotary_positions=False, rngs=nnx.Rngs(1))
   cases = [
       (mlp.wi, e, m), (mlp.wo, m, e),
       # [embed, heads, head_dim]: fan-in embed, fan-out heads * head_dim.

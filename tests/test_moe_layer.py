@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bigjax.models import layers, moe as moe_lib, routing, stack, transformer
+from bigjax.models import attention, layers, moe as moe_lib, routing, stack, transformer
 
 
 EMB, MLP_DIM, E = 16, 32, 4
@@ -221,7 +221,7 @@ def test_block_passes_dropped_tokens_through_the_residual():
   block.ffn.router[...] = jnp.zeros_like(block.ffn.router[...])
   x = _x(6)
   positions = transformer.default_positions(x[..., 0])
-  mask = layers.causal_mask(positions, positions)
+  mask = attention.causal_mask(positions, positions)
   out = block(x, mask, positions)
   h = block.attn(block.attn_norm(x), block.attn_norm(x), mask, positions, positions)
   after_attn = np.asarray(x + h).reshape(-1, GROUP, EMB)

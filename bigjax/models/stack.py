@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bigjax.models import layers, moe as moe_lib, relative_position
+from bigjax.models import attention, layers, moe as moe_lib, relative_position
 from bigjax.sharding import constrain
 
 # model.remat_policy: what a block keeps from its forward pass for the backward
@@ -70,9 +70,9 @@ class Block(nnx.Module):
     self.dropout_rate = cfg.dropout_rate
     rotary = cfg.position == "rotary"
     self.attn_norm = layers.Norm(cfg, rngs=rngs)
-    self.attn = layers.Attention(cfg, rotary_positions=rotary, causal=causal, rngs=rngs)
+    self.attn = attention.Attention(cfg, rotary_positions=rotary, causal=causal, rngs=rngs)
     self.cross_norm = nnx.data(layers.Norm(cfg, rngs=rngs) if cross_attention else None)
-    self.cross = nnx.data(layers.Attention(cfg, rotary_positions=False, rngs=rngs)
+    self.cross = nnx.data(attention.Attention(cfg, rotary_positions=False, rngs=rngs)
                           if cross_attention else None)
     self.ffn_norm = layers.Norm(cfg, rngs=rngs)
     self.ffn = (moe_lib.MoEFeedForward(cfg, moe, rngs=rngs) if moe is not None
@@ -108,7 +108,7 @@ class Block(nnx.Module):
   def init_cache(self, batch: int, length: int, encoded=None) -> dict:
     cache = {"self": self.attn.init_cache(batch, length)}
     if self.cross is not None:  # Heads major, as attention reads it: no copy per step.
-      cache["cross"] = {name: constrain(x.transpose(0, 2, 1, 3), layers.CACHE_ACTIVATIONS)
+      cache["cross"] = {name: constrain(x.transpose(0, 2, 1, 3), attention.CACHE_ACTIVATIONS)
                         for name, x in zip("kv", self.cross.project_kv(encoded))}
     return cache
 

@@ -16,7 +16,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from bigjax.models import dataclass_from_config, layers, moe as moe_lib, routing
+from bigjax.models import attention, dataclass_from_config, layers, moe as moe_lib, routing
 from bigjax.models.stack import Stack
 from bigjax.sharding import constrain
 
@@ -58,7 +58,7 @@ class TransformerConfig:
   num_classes: int = 0
   use_bias: bool = False  # Biases in attention and dense MLPs (GPT-2); MoE experts have none.
   fold_query_scale: bool = False  # T5: 1/sqrt(head_dim) in the query init; see LayerConfig.
-  attention_impl: str = "auto"  # One of layers.ATTENTION_IMPLS.
+  attention_impl: str = "auto"  # One of attention.ATTENTION_IMPLS.
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat_policy: str = "none"  # One of stack.REMAT_POLICIES.
@@ -150,7 +150,7 @@ def _cached_causal_mask(positions, cache_len: int):
   """[batch, 1, t, cache_len]: slot j is visible from position p iff j <= p."""
   slots = jnp.broadcast_to(jnp.arange(cache_len, dtype=jnp.int32),
                            (positions.shape[0], cache_len))
-  return layers.causal_mask(positions, slots)
+  return attention.causal_mask(positions, slots)
 
 
 def _at(x, logits_at):
@@ -185,7 +185,7 @@ class DecoderLM(nnx.Module):
     positions = default_positions(tokens) if positions is None else positions
     r = layers.split_rng(rng, 2)
     x = self.embedder.embed(tokens, positions, r[0])
-    mask = layers.causal_mask(positions, positions) & (tokens != PAD_ID)[:, None, None, :]
+    mask = attention.causal_mask(positions, positions) & (tokens != PAD_ID)[:, None, None, :]
     return self.decoder(x, mask, positions, rng=r[1])
 
   def init_cache(self, batch: int, length: int) -> dict:
@@ -202,7 +202,7 @@ class DecoderLM(nnx.Module):
     on top of the cache. Returns (logits [b, t, vocab], or [b, 1, vocab] at the
     per-row token index `logits_at` [b]; the updated cache)."""
     x = self.embedder.embed(tokens, positions)
-    valid = layers.write_slots(cache["valid"], positions, tokens != PAD_ID)
+    valid = attention.write_slots(cache["valid"], positions, tokens != PAD_ID)
     mask = _cached_causal_mask(positions, _cache_len(cache)) & valid[:, None, None, :]
     x, layer_caches = self.decoder(x, mask, positions, cache=cache["layers"])
     logits = self.embedder.logits(_at(x, logits_at))
@@ -247,7 +247,7 @@ class Encoder(nnx.Module):
     r = layers.split_rng(rng, 2)
     valid = tokens != PAD_ID
     x = self.embedder.embed(tokens, positions, r[0])
-    return self.encoder(x, layers.padding_mask(valid, valid), positions, rng=r[1])
+    return self.encoder(x, attention.padding_mask(valid, valid), positions, rng=r[1])
 
   def __call__(self, tokens, rng=None):
     return self.embedder.logits(self.features(tokens, rng))
@@ -286,7 +286,7 @@ class EncoderDecoder(Encoder):
     enc_valid = encoder_tokens != PAD_ID
     # Decoder inputs start with BOS, which is never padding: keys are masked by
     # causality alone, so shifted targets may end with padding safely.
-    mask = layers.causal_mask(positions, positions)
+    mask = attention.causal_mask(positions, positions)
     cross_mask = jnp.broadcast_to(enc_valid[:, None, None, :],
                                   (x.shape[0], 1, x.shape[1], encoded.shape[1]))
     return self.decoder(x, mask, positions, encoded, cross_mask, rng=r[1])

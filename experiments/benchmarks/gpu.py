@@ -41,7 +41,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bigjax import config as config_lib, flops, sharding, steps  # noqa: E402
-from bigjax.models import layers, moe, stack  # noqa: E402
+from bigjax.models import attention, moe, stack  # noqa: E402
 from configs import lm, lm_moe  # noqa: E402
 from experiments.benchmarks import timing  # noqa: E402
 
@@ -96,7 +96,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--preset", choices=sorted(PRESETS), default="1b")
   parser.add_argument("--steps", type=timing.at_least_one, default=10)
-  parser.add_argument("--attention_impl", choices=layers.ATTENTION_IMPLS, default="auto")
+  parser.add_argument("--attention_impl", choices=attention.ATTENTION_IMPLS, default="auto")
   parser.add_argument("--models", default="dense,gshard",
                       help=f"comma-separated, from {sorted(MODELS)}")
   parser.add_argument("--dropless_impl", choices=moe.DROPLESS_IMPLS, default="auto")
@@ -119,12 +119,12 @@ def main():
   peak = flops.peak_flops(device.device_kind)
   shape = PRESETS[args.preset][:5] + (args.batch or PRESETS[args.preset][5],)
   seq = shape[4]
-  attention = layers.attention_impl_for(steps.model_config(make_config(
+  attention_impl = attention.attention_impl_for(steps.model_config(make_config(
       None, shape, args.attention_impl)).layer_config(), device,
       dropout=False, lengths=(seq, seq))
   print(f"{device.device_kind} x{jax.device_count()}, jax {jax.__version__}; preset "
         f"{args.preset} {shape} (layers, width, heads, mlp, context, batch); "
-        f"attention: {attention}; remat: {args.remat_policy}; "
+        f"attention: {attention_impl}; remat: {args.remat_policy}; "
         f"{'unrolled' if args.unrolled else 'scanned'} blocks; MoE groups of "
         f"{args.group_size} tokens, dispatch {args.capacity_dispatch}")
   configs = {name: make_config(MODELS[name], shape, args.attention_impl, args.dropless_impl,
