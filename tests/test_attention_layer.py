@@ -11,17 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bigjax.models import attention, layers, transformer
-
-
-def _cfg(**kw) -> layers.LayerConfig:
-  args = dict(emb_dim=32, num_heads=4, num_kv_heads=4, head_dim=8, mlp_dim=48,
-              init_scale=0.3)
-  return layers.LayerConfig(**{**args, **kw})
-
-
-def _np(v) -> np.ndarray:
-  return np.asarray(v[...], np.float64)
+from bigjax.models import attention, transformer
+from tests.layer_helpers import _cfg, _np
 
 
 # --------------------------------------------------------------------------
