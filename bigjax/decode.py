@@ -37,11 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bigjax import beam_search, decode_batch
+from bigjax import beam_search as beam_search_lib, decode_batch
 from bigjax.beam_search import LENGTH_PENALTY
 from bigjax.data.tokenizer import BOS_ID, EOS_ID
 from bigjax.kv_cache import decode_step, init_cache, is_encdec, prefill  # noqa: F401
 from bigjax.models.transformer import PAD_ID
+
+beam_search = beam_search_lib.beam_search  # Its home is beam_search.py.
 
 # --------------------------------------------------------------------------
 # Functional building blocks
@@ -226,7 +228,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     if (temperature, top_k, top_p) != (0, 0, 1):
       raise ValueError("beam search is deterministic: use temperature=0, top_k=0 and top_p=1 "
                        "with beam_size > 1.")
-    found = beam_search.beam_search(
+    found = beam_search_lib.beam_search(
         model, prompts, beam_size=beam_size, max_new_tokens=max_new_tokens, max_len=max_len,
         length_penalty=length_penalty, eos_id=eos_id, mesh=mesh, rules=rules,
         return_scores=return_scores)

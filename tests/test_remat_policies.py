@@ -100,6 +100,16 @@ def test_every_policy_keeps_the_moe_router_logits(policy):
   assert [where for _, where in saved if f"named '{moe_lib.ROUTER_LOGITS}'" in where]
 
 
+@pytest.mark.parametrize("policy", [p for p in stack.REMAT_POLICIES
+                                    if p != "offload_dot_with_no_batch_dims"])
+def test_two_models_of_one_config_share_a_graphdef(policy):
+  """The policy is static model state: a new function per model would make jitted
+  loops that take the graphdef as a static argument (decoding's) compile again."""
+  cfg = transformer.TransformerConfig(**BASE, remat_policy=policy)
+  first, second = (nnx.split(transformer.build(cfg, nnx.Rngs(0)))[0] for _ in range(2))
+  assert first == second and hash(first) == hash(second)
+
+
 def test_remat_policy_is_validated():
   config = lm.get_config("runlocal")
   config.model.remat_policy = "dots"

@@ -38,12 +38,21 @@ def remat_policy(name: str):
       raise ValueError(f"model.remat_policy={name!r} offloads to host memory, which the "
                        f"{jax.default_backend()} backend lacks (it has {sorted(kinds)}); "
                        "use 'dots_with_no_batch_dims_saveable' instead.")
-    policy = jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+    policy = _offload_policy()
   else:
     policy = _POLICIES[name]
   return name != "none", None if policy is None else _keeping_router_logits(policy)
 
 
+# Both cached: the policy is static model state, so a new function per model would
+# make two models of one config different graphdefs, and jitted loops that take the
+# graphdef as a static argument would compile again for each.
+@functools.cache
+def _offload_policy():
+  return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+
+
+@functools.cache
 def _keeping_router_logits(policy):
   """`policy` that also keeps the MoE router logits (moe.ROUTER_LOGITS): routing
   recomputed from recomputed logits may differ from the forward pass's."""
