@@ -29,50 +29,50 @@ def test_take_rows_gradient_equals_autodiffs_scatter_add():
   np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-@pytest.mark.parametrize("sizes,block", [((5, 0, 9, 3), 4), ((8, 8), 4), ((1, 2, 3), 1),
-                                         ((0, 0, 7), 8)])
-def test_blocks_pad_each_segment_to_whole_blocks_and_back(sizes, block):
-  rows = sum(sizes) + 3  # Three trailing rows that belong to no segment.
-  layout = row_gather.blocks(jnp.asarray(sizes, jnp.int32), rows, block)
-  starts, lengths = np.asarray(layout.starts), np.asarray(layout.lengths)
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("sizes", [(5, 0, 9, 3), (8, 8), (0, 0, 7)])
+def test_expert_order_pads_each_experts_rows_to_whole_blocks(sizes, block):
+  rng = np.random.default_rng(sum(sizes))
+  experts = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))[:, None]  # k = 1
+  eo = row_gather.expert_order(jnp.asarray(experts), len(sizes), block)
+  starts, lengths = np.asarray(eo.starts), np.asarray(eo.lengths)
   want_lengths = [-(-s // block) * block for s in sizes]
   np.testing.assert_array_equal(lengths, want_lengths)
   np.testing.assert_array_equal(starts, np.cumsum(want_lengths) - want_lengths)
-  xs = _rows(rows)
-  buf = np.asarray(row_gather.padded(xs, layout))
-  assert buf.shape[0] >= starts[-1] + lengths[-1]
-  first = 0
-  for s, start in zip(sizes, starts):  # Each segment's rows, in order, at its start.
-    np.testing.assert_array_equal(buf[start:start + s], np.asarray(xs)[first:first + s])
-    first += s
-  # An FFN stand-in on the padded layout, and back: the real rows' values and
-  # gradients are those of the same function on the unpadded rows; the rows past
-  # the segments get no gradient.
-  def through_blocks(xs):
-    return row_gather.unpadded(jnp.tanh(row_gather.padded(xs, layout)) * 3.0, layout)
+  x = _rows(len(experts))
+  rows = np.asarray(row_gather.to_experts(x, eo))
+  assert rows.shape[0] >= starts[-1] + lengths[-1]
+  for e, (s, start) in enumerate(zip(sizes, starts)):  # Each expert's tokens, in order.
+    np.testing.assert_array_equal(rows[start:start + s], np.asarray(x)[experts[:, 0] == e])
+  # An FFN stand-in on the padded rows, and back: each token's value and gradient
+  # are those of the same function on its own row.
+  upstream = _rows(len(experts), seed=2)
 
-  upstream = _rows(rows, seed=2)
-  real = sum(sizes)
-  np.testing.assert_allclose(through_blocks(xs)[:real], jnp.tanh(xs[:real]) * 3.0, rtol=1e-6)
-  got = jax.grad(lambda xs: jnp.sum(through_blocks(xs)[:real] * upstream[:real]))(xs)
-  want = jax.grad(lambda xs: jnp.sum(jnp.tanh(xs[:real]) * 3.0 * upstream[:real]))(xs)
+  def through_rows(x):
+    return row_gather.from_rows(jnp.tanh(row_gather.to_experts(x, eo)) * 3.0, eo)
+
+  np.testing.assert_allclose(through_rows(x), jnp.tanh(x) * 3.0, rtol=1e-6)
+  got = jax.grad(lambda x: jnp.sum(through_rows(x) * upstream))(x)
+  want = jax.grad(lambda x: jnp.sum(jnp.tanh(x) * 3.0 * upstream))(x)
   np.testing.assert_allclose(got, want, rtol=1e-6)
-  np.testing.assert_array_equal(got[real:], 0.0)  # The rows past the segments: none.
 
 
-def test_expert_order_round_trip_is_the_gate_weighted_sum_numpy_gives():
+@pytest.mark.parametrize("block", [1, 4])
+def test_expert_order_round_trip_is_the_gate_weighted_sum_numpy_gives(block):
   t, k, e = 7, 2, 3
   rng = np.random.default_rng(3)
   experts = np.stack([rng.permutation(e)[:k] for _ in range(t)])
   gates = jnp.asarray(rng.uniform(size=(t, k)), jnp.float32)
   x = _rows(t)
   scale = jnp.asarray([1.0, -2.0, 0.5])  # An "expert" that scales its rows.
-  eo = row_gather.expert_order(jnp.asarray(experts), e)
+  eo = row_gather.expert_order(jnp.asarray(experts), e, block)
   np.testing.assert_array_equal(eo.sizes, np.bincount(experts.ravel(), minlength=e))
-  sorted_expert = np.sort(experts.ravel(), kind="stable")
+  ends = np.cumsum(np.asarray(eo.lengths))
+  rows = eo.token.shape[0]
+  row_expert = np.minimum(np.searchsorted(ends, np.arange(rows), side="right"), e - 1)
 
   def layer(x, gates):
-    ys = row_gather.to_experts(x, eo) * scale[jnp.asarray(sorted_expert)][:, None]
+    ys = row_gather.to_experts(x, eo) * scale[jnp.asarray(row_expert)][:, None]
     return row_gather.from_experts(ys, gates, eo)
 
   want = sum(np.asarray(gates)[:, j, None] * np.asarray(scale)[experts[:, j], None] * np.asarray(x)

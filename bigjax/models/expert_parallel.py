@@ -165,7 +165,7 @@ def _return_to_homes(ys, plan: _Plan, axes, exchange: str, rows: int):
   return back.reshape(n * plan.cap, m)[shard * plan.cap + r - plan.start[shard]]
 
 
-def _local(x, experts, gates, weights, *, ffn, num_experts, layout: Layout):
+def _local(x, experts, gates, weights, *, ffn, num_experts, block, layout: Layout):
   """One shard's part: x [b, l, M], experts/gates [b, l, k] -> y [b, l, M]."""
   b, length, m = x.shape
   k = experts.shape[-1]
@@ -186,22 +186,23 @@ def _local(x, experts, gates, weights, *, ffn, num_experts, layout: Layout):
   ends = jnp.cumsum(plan.recv, axis=1)  # [n, E/n]
   slot = jnp.arange(plan.cap)
   row_expert = jnp.sum(slot[None, :, None] >= ends[:, None, :], axis=-1).reshape(-1)
-  by_expert = row_gather.expert_order(row_expert[:, None], local_experts + 1)
+  by_expert = row_gather.expert_order(row_expert[:, None], local_experts + 1, block)
   rows = row_gather.to_experts(received.reshape(n * plan.cap, m), by_expert)
-  out = ffn(rows, by_expert.sizes[:local_experts], weights)  # padding rows: never read
+  out = ffn(rows, by_expert.lengths[:local_experts], weights)  # padding rows: never read
   if layout.hidden_axes:
     out = jax.lax.psum(out, layout.hidden_axes)
-  out = row_gather.take_rows(out, by_expert.position, by_expert.order[:, None])
+  out = row_gather.from_rows(out, by_expert)
   ys = _return_to_homes(out.reshape(n, plan.cap, -1), plan, axes, layout.exchange, t * k)
   return row_gather.from_experts(ys, gates.reshape(t, k), eo).reshape(b, length, m)
 
 
 def dropless(x, experts, gates, weights: dict, ffn: Callable, *, num_experts: int,
-             layout: Layout):
+             block: int, layout: Layout):
   """Expert-parallel dropless FFN. x [B, L, M]; experts (int) and gates [B, L, k];
   weights: {'wi': [E, M, H], 'wo': [E, H, M], optional 'wi_gate'} already in the
-  compute dtype; ffn(rows, group_sizes, local_weights) -> rows out, the one-device
-  grouped FFN (rows past sum(group_sizes) are padding)."""
+  compute dtype; ffn(rows, lengths, local_weights) -> rows out, the one-device
+  grouped FFN over segments of `lengths` rows (multiples of `block`) from row 0 on
+  (the rows past them are padding)."""
   mesh, tokens = layout.mesh, layout.token_spec
   n = math.prod(mesh.shape[a] for a in layout.expert_axes)
   if num_experts % n:
@@ -213,7 +214,7 @@ def dropless(x, experts, gates, weights: dict, ffn: Callable, *, num_experts: in
 
   def local(x, experts, gates, weights):
     return _local(x, experts, gates, weights, ffn=ffn, num_experts=num_experts,
-                  layout=layout)
+                  block=block, layout=layout)
 
   return jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, weight_specs),
                        out_specs=tokens)(x, experts, gates, weights)

@@ -273,13 +273,14 @@ class MoEFeedForward(nnx.Module):
     ffn = {"ragged_dot": self._ragged_ffn, "sorted_blocks": self._blocked_ffn,
            "hopper": functools.partial(self._ragged_ffn,
                                        ragged_dot=hopper_ragged_dot.ragged_dot)}[impl]
+    block = self.moe.block_size if impl == "sorted_blocks" else 1
     weights = self._expert_weights()
     if parallel is not None:
       return expert_parallel.dropless(
           x, choice.experts.reshape(b, length, k), choice.gates.reshape(b, length, k),
-          weights, ffn, num_experts=e, layout=parallel)
-    eo = row_gather.expert_order(choice.experts, e)
-    ys = ffn(row_gather.to_experts(xt, eo), eo.sizes, weights)
+          weights, ffn, num_experts=e, block=block, layout=parallel)
+    eo = row_gather.expert_order(choice.experts, e, block)
+    ys = ffn(row_gather.to_experts(xt, eo), eo.lengths, weights)
     return row_gather.from_experts(ys, choice.gates, eo).reshape(b, length, m)
 
   def _expert_weights(self) -> dict:
@@ -287,26 +288,25 @@ class MoEFeedForward(nnx.Module):
     names = ("wi", "wo") + (("wi_gate",) if self.wi_gate is not None else ())
     return {name: getattr(self, name)[...].astype(self.cfg.dtype) for name in names}
 
-  def _ragged_ffn(self, xs, sizes, weights, ragged_dot=jax.lax.ragged_dot):
-    """Grouped FFN by `ragged_dot` (jax.lax.ragged_dot's contract): rows
-    [sum(sizes) + padding, M], grouped by expert; the rows past sum(sizes) are
-    padding whose outputs are never read."""
+  # The grouped FFNs: ffn(rows, lengths, weights) for rows [R, M] in segments, one
+  # per expert, of lengths [E] rows from row 0 on (row_gather.ExpertOrder's
+  # layout); the rows past the segments are padding whose outputs are never read.
+
+  def _ragged_ffn(self, xs, lengths, weights, ragged_dot=jax.lax.ragged_dot):
+    """By `ragged_dot` (jax.lax.ragged_dot's contract), with segments of any length."""
     act = layers.ACTIVATIONS[self.cfg.mlp_activation]
-    h = ragged_dot(xs, weights["wi"], sizes)
+    h = ragged_dot(xs, weights["wi"], lengths)
     if "wi_gate" in weights:
-      h = act(ragged_dot(xs, weights["wi_gate"], sizes)) * h
+      h = act(ragged_dot(xs, weights["wi_gate"], lengths)) * h
     else:
       h = act(h)
-    return ragged_dot(h, weights["wo"], sizes)
+    return ragged_dot(h, weights["wo"], lengths)
 
-  def _blocked_ffn(self, xs, sizes, weights):
-    """Grouped FFN with each expert's rows padded to a multiple of block_size and
-    multiplied in chunks of 16 blocks, then 4, then 1 (grouped_ffn): FLOPs and
-    memory grow with the tokens, not with tokens x experts as the CPU emulation of
-    ragged_dot does. Rows past sum(sizes) are padding, never read."""
+  def _blocked_ffn(self, xs, lengths, weights):
+    """With each segment a multiple of block_size rows, multiplied in chunks of 16
+    blocks, then 4, then 1 (grouped_ffn): FLOPs and memory grow with the tokens,
+    not with tokens x experts as the CPU emulation of ragged_dot does."""
     bs = self.moe.block_size
-    layout = row_gather.blocks(sizes, xs.shape[0], bs)
     act = layers.ACTIVATIONS[self.cfg.mlp_activation]
-    out = grouped_ffn.grouped_ffn(row_gather.padded(xs, layout), weights, act, layout.starts,
-                                  layout.lengths, (16 * bs, 4 * bs, bs))
-    return row_gather.unpadded(out, layout)
+    return grouped_ffn.grouped_ffn(xs, weights, act, jnp.cumsum(lengths) - lengths, lengths,
+                                   (16 * bs, 4 * bs, bs))

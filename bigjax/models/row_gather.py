@@ -1,12 +1,13 @@
 """Moving token rows into expert order and back by gathers alone, both ways.
 
-A dropless MoE layer copies each token's row to k places in expert order, pads
-each expert's rows to whole blocks, and sums the k results back per token. Written
+A dropless MoE layer copies each token's row to k places in expert order, each
+expert's rows padded to whole blocks, and sums the k results back per token. Written
 as gathers and scatter-adds, autodiff turns every gather into a scatter-add in the
 backward pass, and XLA:CPU runs scatter-adds row by row: in peer.py's MoE layer
 (4,096 token-choices of width 512) the moves took 29 ms of a ~230 ms layer. Each
 move here is a gather whose gradient is a gather too, read through the inverse
-map, which the sort has anyway: 11.5 ms (`take_rows`). A custom VJP has no
+map, which the sort has anyway: 11.5 ms (`take_rows`). Sorting and padding to
+blocks are one layout (`expert_order`), so one gather each way. A custom VJP has no
 forward mode, so every dropless implementation is reverse-mode only (jax.jvp of
 the layer fails; with `ragged_dot` it used to apply, `sorted_blocks` never did).
 """
@@ -41,80 +42,52 @@ take_rows.defvjp(_take_rows_forward, _take_rows_backward)
 
 
 class ExpertOrder(NamedTuple):
-  """Token-choices [T, k] in expert order: choice j (flattened) is row
-  position[j] of the sorted rows, which hold choices order[0], order[1], ..."""
-  order: jax.Array  # [T*k] int32 choice of each sorted row
-  position: jax.Array  # [T*k] int32 sorted row of each choice
-  sizes: jax.Array  # [E] int32 rows of each expert
+  """Token-choices [T, k] laid out by expert: expert e's rows, its choices in
+  token order, are the segment starting at row starts[e], padded to
+  lengths[e] rows (whole blocks), of which the first sizes[e] are real. Rows
+  past the segments and the padding in them read token 0 and are never read."""
+  token: jax.Array  # [R] int32 the token each row reads (0 for padding)
+  choice: jax.Array  # [R] int32 the choice (flattened [T*k]) each row holds; T*k for padding
+  position: jax.Array  # [T*k] int32 the row of each choice
+  sizes: jax.Array  # [E] int32 real rows of each expert
+  starts: jax.Array  # [E] int32
+  lengths: jax.Array  # [E] int32, multiples of the block
   k: int
 
 
-def expert_order(experts, num_experts: int) -> ExpertOrder:
-  """experts [T, k] int -> ExpertOrder (stable: a token's rows keep token order)."""
+def expert_order(experts, num_experts: int, block: int = 1) -> ExpertOrder:
+  """experts [T, k] int -> ExpertOrder with segments padded to multiples of
+  `block` (stable: a token's rows keep token order). R, a static bound: T*k for
+  block 1; else whole blocks of all choices plus one partial block per expert."""
   flat = experts.reshape(-1)
-  order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-  position = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))
+  n = flat.shape[0]
+  order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # The choice of each sorted row.
   sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-  return ExpertOrder(order, position, sizes, experts.shape[-1])
+  lengths = (sizes + block - 1) // block * block
+  starts = jnp.cumsum(lengths) - lengths
+  rows = n if block == 1 else (-(-n // block) + num_experts) * block
+  expert = flat[order]
+  row = (starts[expert] + jnp.arange(n) - (jnp.cumsum(sizes) - sizes)[expert]).astype(jnp.int32)
+  position = jnp.zeros_like(order).at[order].set(row)
+  choice = jnp.full((rows,), n, jnp.int32).at[row].set(order)
+  token = jnp.where(choice < n, choice // experts.shape[-1], 0)
+  return ExpertOrder(token, choice, position, sizes, starts.astype(jnp.int32),
+                     lengths.astype(jnp.int32), experts.shape[-1])
 
 
 def to_experts(x, eo: ExpertOrder):
-  """x [T, M] -> [T*k, M]: each token's row once per choice, in expert order."""
-  return take_rows(x, eo.order // eo.k, eo.position.reshape(-1, eo.k))
+  """x [T, M] -> [R, M]: each token's row once per choice, in expert order."""
+  return take_rows(x, eo.token, eo.position.reshape(-1, eo.k))
+
+
+def from_rows(ys, eo: ExpertOrder):
+  """ys [R, M] in expert order -> [T*k, M]: each choice's row."""
+  return take_rows(ys, eo.position, eo.choice[:, None])
 
 
 def from_experts(ys, gates, eo: ExpertOrder):
-  """ys [T*k, M] in expert order -> [T, M]: each token's k results weighted by
+  """ys [R, M] in expert order -> [T, M]: each token's k results weighted by
   its gates [T, k] and summed in float32 (then ys's dtype)."""
-  per_choice = take_rows(ys, eo.position, eo.order[:, None])
   t, k = gates.shape
-  weighted = per_choice.reshape(t, k, -1).astype(jnp.float32) * gates[..., None]
+  weighted = from_rows(ys, eo).reshape(t, k, -1).astype(jnp.float32) * gates[..., None]
   return jnp.sum(weighted, axis=1).astype(ys.dtype)
-
-
-class Blocks(NamedTuple):
-  """Rows grouped in segments padded to whole blocks: segment g starts at
-  starts[g] and holds lengths[g] rows (a multiple of the block), of which the
-  first sizes[g] are real."""
-  source: jax.Array  # [R] int32 unpadded row in each padded row (0 for padding)
-  dest: jax.Array  # [N] int32 padded row of each unpadded row
-  # The other direction's readers: [N, 1] the padded row that reads each real
-  # unpadded row (R for the rest); [R, 1] the unpadded row that reads each real
-  # padded row (N for padding).
-  pad_readers: jax.Array
-  unpad_readers: jax.Array
-  starts: jax.Array  # [G] int32
-  lengths: jax.Array  # [G] int32
-
-
-def blocks(sizes, rows: int, block: int) -> Blocks:
-  """The padded layout of `rows` rows grouped in segments of `sizes` [G] rows
-  (contiguous, in order; rows past sum(sizes) are padding and left out), each
-  padded to a multiple of `block`. R, a static bound: whole blocks of all rows
-  plus one partial block per segment."""
-  groups = sizes.shape[0]
-  lengths = (sizes + block - 1) // block * block
-  start = jnp.cumsum(sizes) - sizes
-  starts = jnp.cumsum(lengths) - lengths
-  padded_rows = (-(-rows // block) + groups) * block
-  segment = jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(rows), side="right")
-  segment = jnp.minimum(segment, groups - 1)  # Rows past sum(sizes): never read.
-  dest = (starts[segment] + jnp.arange(rows) - start[segment]).astype(jnp.int32)
-  real = jnp.arange(rows) < jnp.sum(sizes)
-  pad_readers = jnp.where(real, dest, padded_rows)
-  unpad_readers = jnp.full((padded_rows,), rows, jnp.int32).at[pad_readers].set(
-      jnp.arange(rows, dtype=jnp.int32), mode="drop")
-  source = jnp.where(unpad_readers < rows, unpad_readers, 0)
-  return Blocks(source, dest, pad_readers[:, None], unpad_readers[:, None],
-                starts.astype(jnp.int32), lengths.astype(jnp.int32))
-
-
-def padded(xs, b: Blocks):
-  """xs [N, M] -> [R, M] in the padded layout (padding rows copy row 0, and
-  their gradient is dropped)."""
-  return take_rows(xs, b.source, b.pad_readers)
-
-
-def unpadded(out, b: Blocks):
-  """[R, M] in the padded layout -> [N, M]."""
-  return take_rows(out, b.dest, b.unpad_readers)
