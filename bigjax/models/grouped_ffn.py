@@ -5,11 +5,12 @@ through expert e's FFN. XLA:CPU emulates jax.lax.ragged_dot with a dense product
 per expert (E times the FLOPs), so here each segment is taken chunk by chunk in
 loops with dynamic trip counts, expert by expert: the FLOPs follow the rows, and
 each expert's weights are sliced once for its chunks rather than gathered into a
-copy per block (whose gradient would be a scatter-add). Chunks are as long as the segment allows (`chunk_sizes`,
-largest first) because short matmuls run slower. All three products of a chunk
-(gate, input, output) run in one loop body, and the backward pass (a custom VJP)
-walks the same chunks once: a loop per product made the MoE layer ~10% slower on
-CPU (the chunk's rows copied three times, three times the loop's overhead).
+copy per block (whose gradient would be a scatter-add). Chunks are as long as the
+segment allows (`chunk_sizes`, largest first) because short matmuls run slower.
+All three products of a chunk (gate, input, output) run in one loop body, and the
+backward pass (a custom VJP) walks the same chunks once: a loop per product made
+the MoE layer ~10% slower on CPU (the chunk's rows copied three times, three times
+the loop's overhead).
 Weight gradients are accumulated in float32.
 """
 import functools

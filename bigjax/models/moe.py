@@ -13,11 +13,13 @@ them by one all-to-all each way inside a shard_map (`expert_parallel.capacity`;
 dropless: `expert_parallel.dropless`). Router metrics are sown as
 nnx.Intermediate('router_metrics').
 
-Evaluation mode is `rng is None` (as for dropout): eval capacity factor, no
-random routing, no jitter. The experts apply no dropout to their hidden
-activations, as HF Mixtral's experts do not (the dense MLP's hidden dropout has
-no counterpart here; Switch's separate "expert dropout" is not implemented): with
-model.dropout_rate > 0 a MoE block keeps its attention and residual dropout.
+Padding tokens (`valid` False) are routed to no expert and left out of the router
+losses and metrics (routing.py). Evaluation mode is `rng is None` (as for
+dropout): eval capacity factor, no random routing, no jitter. The experts apply no
+dropout to their hidden activations, as HF Mixtral's experts do not (the dense
+MLP's hidden dropout has no counterpart here; Switch's separate "expert dropout" is
+not implemented): with model.dropout_rate > 0 a MoE block keeps its attention and
+residual dropout.
 """
 import dataclasses
 import functools
@@ -204,8 +206,11 @@ class MoEFeedForward(nnx.Module):
     out = jnp.einsum("enh,ehm->enm", h, weights["wo"])
     return out.reshape(e, g, c, m)
 
-  def _report(self, aux, z, routed, kept, load, probs):
-    entropy = -jnp.mean(jnp.sum(probs * jnp.log(probs + 1e-9), axis=-1))
+  def _report(self, aux, z, routed, kept, load, probs, weights):
+    """Router metrics; `weights` (1 real, 0 padding, probs' shape less the experts)
+    keep padding out of the entropy."""
+    entropy = -jnp.sum(jnp.sum(probs * jnp.log(probs + 1e-9), axis=-1) * weights) / (
+        jnp.maximum(jnp.sum(weights), 1.0))
     self.sow(nnx.Intermediate, "router_metrics", capture_noop=True, value={
         "aux_loss": aux, "z_loss": z,
         "dropped": 1.0 - kept / jnp.maximum(routed, 1.0),
@@ -213,19 +218,25 @@ class MoEFeedForward(nnx.Module):
 
   # -- forward ----------------------------------------------------------------
 
-  def __call__(self, x, rng=None):
+  def __call__(self, x, rng=None, valid=None):
+    """x [B, L, M]; valid [B, L] bool, False for padding tokens (None: all real),
+    which are routed to no expert and left out of the router losses (routing.py)."""
     b, length, m = x.shape
     r_jitter, r_route = (None, None) if rng is None else tuple(jax.random.split(rng))
+    weights = (jnp.ones((b, length), jnp.float32) if valid is None
+               else valid.astype(jnp.float32))
     if routing.ROUTER_TABLE[self.moe.router].route is None:  # No capacity: dropless.
-      return self._dropless(x, r_jitter)
+      return self._dropless(x, r_jitter, weights.reshape(-1))
     s = self.moe.group_size if length % self.moe.group_size == 0 else length
     xg = constrain(x.reshape(b * length // s, s, m), GROUP_NAMES)
+    weights = weights.reshape(b * length // s, s)
     logits = self.router_logits(xg, r_jitter)
     factor = self.moe.capacity_factor if rng is not None else self.moe.eval_capacity_factor
     cap = routing.capacity(s, self.moe.num_experts, self.moe.k, factor)
     r = routing.ROUTER_TABLE[self.moe.router].route(logits, cap, r_route,
-                                                     self.moe.random_routing)
-    self._report(r.aux_loss, r.z_loss, r.routed, r.kept, r.load, jax.nn.softmax(logits))
+                                                     self.moe.random_routing, weights)
+    self._report(r.aux_loss, r.z_loss, r.routed, r.kept, r.load, jax.nn.softmax(logits),
+                 weights)
     dt = self.cfg.dtype
     by_einsum = capacity_dispatch_for(self.moe.capacity_dispatch,
                                       layers.default_device()) == "einsum"
@@ -251,9 +262,10 @@ class MoEFeedForward(nnx.Module):
     y = constrain(y, ("activation_batch", "activation_length", "activation_embed"))
     return y.reshape(b, length, m)
 
-  def _dropless(self, x, rng):
+  def _dropless(self, x, rng, weights):
     """Top-k with no capacity: choices sorted by expert, grouped matmuls. With the
-    experts split over a mesh axis, expert-parallel (see expert_parallel.py)."""
+    experts split over a mesh axis, expert-parallel (see expert_parallel.py).
+    weights [B*L]: 1 for real tokens, 0 for padding (outside the losses)."""
     b, length, m = x.shape
     e, k = self.moe.num_experts, self.moe.k
     xt = x.reshape(b * length, m)
@@ -262,10 +274,11 @@ class MoEFeedForward(nnx.Module):
                                       self.moe.dropless_exchange)
     logits = self.router_logits(xt, rng)
     choice = routing.topk_dropless(logits, k, top_k=(
-        jax.lax.top_k if parallel is None else expert_parallel.token_top_k(parallel)))
-    n = b * length * k  # Nothing is ever dropped.
-    self._report(choice.aux_loss, choice.z_loss, jnp.float32(n), jnp.float32(n),
-                 choice.load, jax.nn.softmax(logits))
+        jax.lax.top_k if parallel is None else expert_parallel.token_top_k(parallel)),
+        valid=weights)
+    n = jnp.sum(weights) * k  # Nothing is ever dropped.
+    self._report(choice.aux_loss, choice.z_loss, n, n, choice.load, jax.nn.softmax(logits),
+                 weights)
     device = (parallel.mesh.devices.flat[0] if parallel is not None
               else layers.default_device())
     impl = dropless_impl_for(self.moe.dropless_impl, device, self.cfg.dtype,

@@ -88,10 +88,11 @@ class Block(nnx.Module):
                 else layers.MLP(cfg, rngs=rngs))
 
   def __call__(self, x, mask, positions, encoded=None, cross_mask=None, rng=None,
-               cache=None, bias=None):
+               cache=None, bias=None, valid=None):
     """With `cache` ({"self": {"k", "v"}} and, with cross-attention, "cross": the
     encoded input's keys/values) returns (x, updated cache); see Attention. `bias`:
-    the self-attention's relative position biases (Stack)."""
+    the self-attention's relative position biases (Stack). `valid` [b, t]: False
+    for padding tokens, which a MoE feed-forward routes to no expert."""
     r = layers.split_rng(rng, 6)
     h = self.attn_norm(x)
     if cache is None:
@@ -109,7 +110,10 @@ class Block(nnx.Module):
         h = self.cross.attend(self.cross.project_query(h), cache["cross"]["k"],
                               cache["cross"]["v"], cross_mask, rng=r[2], kv_heads_major=True)
       x = x + layers.dropout(h, self.dropout_rate, r[3])
-    h = self.ffn(self.ffn_norm(x), rng=r[4])
+    if isinstance(self.ffn, moe_lib.MoEFeedForward):
+      h = self.ffn(self.ffn_norm(x), rng=r[4], valid=valid)
+    else:
+      h = self.ffn(self.ffn_norm(x), rng=r[4])
     x = x + layers.dropout(h, self.dropout_rate, r[5])
     x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
     return x if cache is None else (x, cache)
@@ -186,30 +190,31 @@ class Stack(nnx.Module):
     self.remat, self.remat_policy = remat_policy(remat)
 
   def __call__(self, x, mask, positions, encoded=None, cross_mask=None, rng=None,
-               cache=None):
+               cache=None, valid=None):
     """With `cache` (from init_cache) returns (x, updated cache). `positions` [b or
     1, t]: the tokens' positions (with a cache, their slots: the keys are at 0 ..
-    cache length - 1, mask's last axis)."""
+    cache length - 1, mask's last axis). `valid` [b, t]: see Block."""
     bias = None
     if self.relative_bias is not None:
       keys = positions if cache is None else jnp.arange(mask.shape[-1])[None]
       bias = self.relative_bias(positions, keys)
     if self.scanned is not None:
-      x, cache = self._scan(x, mask, positions, encoded, cross_mask, rng, cache, bias)
+      x, cache = self._scan(x, mask, positions, encoded, cross_mask, rng, cache, bias, valid)
       x = self._final(x, rng)
       return x if cache is None else (x, cache)
     if cache is not None:  # Decoding: no gradients, so no remat.
       new_cache = []
       for block, c, r in zip(self.blocks, cache, layers.split_rng(rng, len(self.blocks))):
-        x, c = block(x, mask, positions, encoded, cross_mask, r, cache=c, bias=bias)
+        x, c = block(x, mask, positions, encoded, cross_mask, r, cache=c, bias=bias,
+                     valid=valid)
         new_cache.append(c)
       return self._final(x, rng), tuple(new_cache)
     for block, r in zip(self.blocks, layers.split_rng(rng, len(self.blocks))):
       if self.remat:
         x = nnx.remat(lambda b, *a: b(*a), policy=self.remat_policy)(
-            block, x, mask, positions, encoded, cross_mask, r, None, bias)
+            block, x, mask, positions, encoded, cross_mask, r, None, bias, valid)
       else:
-        x = block(x, mask, positions, encoded, cross_mask, r, bias=bias)
+        x = block(x, mask, positions, encoded, cross_mask, r, bias=bias, valid=valid)
     return self._final(x, rng)
 
   def _final(self, x, rng):
@@ -217,7 +222,7 @@ class Stack(nnx.Module):
     key = None if rng is None else jax.random.fold_in(rng, self.num_layers)
     return layers.dropout(self.final_norm(x), self.final_dropout_rate, key)
 
-  def _scan(self, x, mask, positions, encoded, cross_mask, rng, cache, bias):
+  def _scan(self, x, mask, positions, encoded, cross_mask, rng, cache, bias, valid):
     """The scanned stack: (x, updated cache or None). Router metrics of MoE blocks
     are sown once, as 'scanned_router_metrics' {'blocks/<i>': metrics}."""
     graphdef, params = nnx.split(self.scanned)
@@ -230,10 +235,10 @@ class Stack(nnx.Module):
       for j, block in enumerate(unit):
         r = None if unit_keys is None else unit_keys[j]
         if unit_cache is None:
-          x = block(x, mask, positions, encoded, cross_mask, r, bias=bias)
+          x = block(x, mask, positions, encoded, cross_mask, r, bias=bias, valid=valid)
         else:
           x, c = block(x, mask, positions, encoded, cross_mask, r, cache=unit_cache[j],
-                       bias=bias)
+                       bias=bias, valid=valid)
           new_cache.append(c)
       return x, (tuple(new_cache) if unit_cache is not None else None)
 

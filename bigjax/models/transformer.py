@@ -185,8 +185,9 @@ class DecoderLM(nnx.Module):
     positions = default_positions(tokens) if positions is None else positions
     r = layers.split_rng(rng, 2)
     x = self.embedder.embed(tokens, positions, r[0])
-    mask = attention.causal_mask(positions, positions) & (tokens != PAD_ID)[:, None, None, :]
-    return self.decoder(x, mask, positions, rng=r[1])
+    valid = tokens != PAD_ID
+    mask = attention.causal_mask(positions, positions) & valid[:, None, None, :]
+    return self.decoder(x, mask, positions, rng=r[1], valid=valid)
 
   def init_cache(self, batch: int, length: int) -> dict:
     """An empty cache for `length` positions: per layer {"self": {"k", "v"}}, and
@@ -204,7 +205,8 @@ class DecoderLM(nnx.Module):
     x = self.embedder.embed(tokens, positions)
     valid = attention.write_slots(cache["valid"], positions, tokens != PAD_ID)
     mask = _cached_causal_mask(positions, _cache_len(cache)) & valid[:, None, None, :]
-    x, layer_caches = self.decoder(x, mask, positions, cache=cache["layers"])
+    x, layer_caches = self.decoder(x, mask, positions, cache=cache["layers"],
+                                   valid=tokens != PAD_ID)
     logits = self.embedder.logits(_at(x, logits_at))
     return logits, {"valid": valid, "layers": layer_caches}
 
@@ -247,7 +249,8 @@ class Encoder(nnx.Module):
     r = layers.split_rng(rng, 2)
     valid = tokens != PAD_ID
     x = self.embedder.embed(tokens, positions, r[0])
-    return self.encoder(x, attention.padding_mask(valid, valid), positions, rng=r[1])
+    return self.encoder(x, attention.padding_mask(valid, valid), positions, rng=r[1],
+                        valid=valid)
 
   def __call__(self, tokens, rng=None):
     return self.embedder.logits(self.features(tokens, rng))
@@ -289,7 +292,8 @@ class EncoderDecoder(Encoder):
     mask = attention.causal_mask(positions, positions)
     cross_mask = jnp.broadcast_to(enc_valid[:, None, None, :],
                                   (x.shape[0], 1, x.shape[1], encoded.shape[1]))
-    return self.decoder(x, mask, positions, encoded, cross_mask, rng=r[1])
+    return self.decoder(x, mask, positions, encoded, cross_mask, rng=r[1],
+                        valid=decoder_tokens != PAD_ID)
 
   def __call__(self, encoder_tokens, decoder_tokens, rng=None):
     return self.embedder.logits(self.features(encoder_tokens, decoder_tokens, rng))
@@ -315,7 +319,7 @@ class EncoderDecoder(Encoder):
     cross_mask = jnp.broadcast_to(enc_valid[:, None, None, :],
                                   (x.shape[0], 1, x.shape[1], enc_valid.shape[1]))
     x, layer_caches = self.decoder(x, mask, positions, cross_mask=cross_mask,
-                                   cache=cache["layers"])
+                                   cache=cache["layers"], valid=decoder_tokens != PAD_ID)
     logits = self.embedder.logits(_at(x, logits_at))
     return logits, {**cache, "layers": layer_caches}
 
