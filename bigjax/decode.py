@@ -20,9 +20,9 @@ Design
   recomputation exactly only when no token is dropped in either, e.g. with
   model.moe.eval_capacity_factor >= num_experts / k, or with the dropless router.
   The same condition keeps a row's logits its own: a prompt's groups include its
-  right padding up to the bucketed width, and padding takes expert slots like any
-  token (as in HF's Switch Transformers), so where capacity binds, a prompt's
-  prefill depends on that width (and the batch's rows on each other).
+  right padding up to the bucketed width; padding takes no expert slot, but the
+  capacity follows the group size, so where capacity binds, a prompt's prefill
+  depends on that width.
 
 `generate_recompute` is the cache-free reference: it reruns the whole fixed-shape
 window at every step (the first version of this module), with the same stopping

@@ -213,7 +213,7 @@ class MoEFeedForward(nnx.Module):
         jnp.maximum(jnp.sum(weights), 1.0))
     self.sow(nnx.Intermediate, "router_metrics", capture_noop=True, value={
         "aux_loss": aux, "z_loss": z,
-        "dropped": 1.0 - kept / jnp.maximum(routed, 1.0),
+        "dropped": (routed - kept) / jnp.maximum(routed, 1.0),
         "router_entropy": entropy, "load": load})
 
   # -- forward ----------------------------------------------------------------
