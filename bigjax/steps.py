@@ -234,7 +234,8 @@ def make_train_step(setup: TrainSetup) -> Callable:
     else:
       # Each microbatch's router losses count by the whole batch's weight / accum,
       # not its own weight: their sum over microbatches is then the batch's
-      # (microbatches hold equal numbers of routing groups whatever their weights).
+      # (router losses divide by all positions and groups, padding included, and
+      # microbatches hold equal numbers of both whatever their weights).
       router_scale = jnp.sum(batch["weights"].astype(jnp.float32)) / accum
 
       def body(carry, xs):

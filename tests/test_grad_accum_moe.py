@@ -1,12 +1,14 @@
 """Gradient accumulation of a MoE model equals one big batch when microbatches
-carry different numbers of weighted targets (masked LM, padded rows): the router
-losses are means over routing groups, so each microbatch's counts by the batch's
-weight / accum, not by its own weight."""
+carry different numbers of weighted targets (masked LM, padded rows) and of
+padding tokens: the router losses divide by all positions and groups, which
+every microbatch holds equally many of, so each microbatch's count by the batch's
+weight / accum, not by its own weight or its own real tokens."""
 import jax
 import numpy as np
 import pytest
 
 from bigjax import optim, sharding, steps
+from bigjax.models.transformer import PAD_ID
 from configs import lm_moe
 
 
@@ -39,6 +41,11 @@ def test_unequal_microbatch_weights_give_the_big_batch_gradient(router):
   weights = np.ones((8, length), np.float32)
   weights[[1, 5], 4:] = 0.0  # Microbatch 1 (rows 1, 5: rows i, i+4) weighs 8 of 2L.
   weights[3, 1:] = 0.0  # Microbatch 3 (rows 3, 7) weighs L + 1.
+  # Padding tokens, which routing leaves out: row 1 is padding after its first 5
+  # tokens, rows 2 and 6 (all of microbatch 2) are padding alone.
+  tokens[1, 5:] = PAD_ID
+  tokens[[2, 6]] = PAD_ID
+  weights[[2, 6]] = 0.0
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
   whole, want = _update(_config(1, router), batch)
   split, got = _update(_config(4, router), batch)

@@ -44,9 +44,11 @@ def test_capacity_routers_route_the_real_tokens_as_if_alone(name, cap):
   np.testing.assert_allclose(padded.combine[:, REAL], alone.combine, rtol=1e-6)
   pad = np.setdiff1d(np.arange(S), REAL)
   np.testing.assert_array_equal(padded.dispatch[:, pad], 0.0)  # Sent nowhere.
-  for field in ("aux_loss", "z_loss", "routed", "kept", "load"):
+  for field in ("aux_loss", "routed", "kept", "load"):
     np.testing.assert_allclose(getattr(padded, field), getattr(alone, field), rtol=1e-6,
                                err_msg=field)
+  # The z-loss sums over the real tokens and divides by all positions.
+  np.testing.assert_allclose(padded.z_loss, alone.z_loss * len(REAL) / S, rtol=1e-6)
 
 
 def test_dropless_losses_and_load_count_the_real_tokens_alone():
@@ -56,20 +58,25 @@ def test_dropless_losses_and_load_count_the_real_tokens_alone():
   alone = routing.topk_dropless(logits[valid], 2)
   np.testing.assert_array_equal(padded.experts[valid], alone.experts)
   np.testing.assert_allclose(padded.gates[valid], alone.gates, rtol=1e-6)
-  for field in ("aux_loss", "z_loss", "load"):
+  for field in ("aux_loss", "load"):  # One group: its balance over its real tokens.
     np.testing.assert_allclose(getattr(padded, field), getattr(alone, field), rtol=1e-6,
                                err_msg=field)
+  np.testing.assert_allclose(padded.z_loss, alone.z_loss * len(REAL) / S, rtol=1e-6)
 
 
-def test_balance_loss_averages_the_groups_that_hold_real_tokens():
-  """A group of padding alone adds nothing; the others weigh as before."""
+def test_balance_loss_averages_over_all_groups_a_group_of_padding_adding_nothing():
+  """Each group's balance is over its real tokens; the mean is over all groups, so
+  a batch's loss is the mean of its equal parts' (gradient accumulation)."""
   logits = _logits()
   valid = _valid().at[1].set(False)
   probs = jax.nn.softmax(logits, -1)
   first = jax.nn.one_hot(jnp.argmax(probs, -1), E)
   got = routing.balance_loss(probs, first, valid)
-  want = routing.balance_loss(probs[:1, REAL], first[:1, REAL])
+  want = routing.balance_loss(probs[:1, REAL], first[:1, REAL]) / 2
   np.testing.assert_allclose(got, want, rtol=1e-6)
+  halves = [routing.balance_loss(probs[i:i + 1], first[i:i + 1], valid[i:i + 1])
+            for i in range(2)]
+  np.testing.assert_allclose(got, np.mean(halves), rtol=1e-6)
 
 
 def _moe_decoder(router, scan, remat):
@@ -87,7 +94,8 @@ def _moe_decoder(router, scan, remat):
 @pytest.mark.parametrize("scan,remat", [(False, "none"), (False, "full"), (True, "full")])
 def test_decoder_real_positions_do_not_depend_on_the_padding_after_them(router, scan, remat):
   """Right padding (a batch's shorter rows) after 4 real tokens: the real positions'
-  logits, router losses and routed counts are those of the 4 tokens alone. GShard
+  logits, router metrics and routed counts are those of the 4 tokens alone (the
+  z-loss halved: it divides by all 8 positions). GShard
   places every first choice before any second, so without the padding mask the
   padding's first choices would take the room of the real tokens' second ones."""
   model = _moe_decoder(router, scan, remat)
@@ -102,10 +110,13 @@ def test_decoder_real_positions_do_not_depend_on_the_padding_after_them(router, 
 
   (got, got_metrics), (want, want_metrics) = run(padded), run(real)
   np.testing.assert_allclose(got[:, :4], want, rtol=2e-5, atol=2e-6)
-  got_leaves, want_leaves = jax.tree.leaves(got_metrics), jax.tree.leaves(want_metrics)
+  got_leaves = jax.tree_util.tree_leaves_with_path(got_metrics)
+  want_leaves = jax.tree.leaves(want_metrics)
   assert got_leaves and len(got_leaves) == len(want_leaves)
-  for a, b in zip(got_leaves, want_leaves):
-    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+  for (path, a), b in zip(got_leaves, want_leaves):
+    if "z_loss" in jax.tree_util.keystr(path):
+      b = b / 2
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=jax.tree_util.keystr(path))
 
 
 def test_decoder_prefill_routes_as_the_forward_pass():

@@ -13,8 +13,9 @@ them by one all-to-all each way inside a shard_map (`expert_parallel.capacity`;
 dropless: `expert_parallel.dropless`). Router metrics are sown as
 nnx.Intermediate('router_metrics').
 
-Padding tokens (`valid` False) are routed to no expert and left out of the router
-losses and metrics (routing.py). Evaluation mode is `rng is None` (as for
+Padding tokens (`valid` False) take no expert capacity and add nothing to the
+router losses and metrics (routing.py); the dropless router, with no capacity to
+take, still runs them through their experts. Evaluation mode is `rng is None` (as for
 dropout): eval capacity factor, no random routing, no jitter. The experts apply no
 dropout to their hidden activations, as HF Mixtral's experts do not (the dense
 MLP's hidden dropout has no counterpart here; Switch's separate "expert dropout" is
@@ -220,7 +221,7 @@ class MoEFeedForward(nnx.Module):
 
   def __call__(self, x, rng=None, valid=None):
     """x [B, L, M]; valid [B, L] bool, False for padding tokens (None: all real),
-    which are routed to no expert and left out of the router losses (routing.py)."""
+    which take no expert capacity and add nothing to the router losses (routing.py)."""
     b, length, m = x.shape
     r_jitter, r_route = (None, None) if rng is None else tuple(jax.random.split(rng))
     weights = (jnp.ones((b, length), jnp.float32) if valid is None

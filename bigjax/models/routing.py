@@ -13,8 +13,12 @@ all k choices (uniform routing then gives k). Groups are averaged.
 
 Padding: every router takes `valid` [G, S] (None: all tokens real). Padding
 tokens are sent to no expert and take no capacity (flaxformer's padding mask),
-and the losses and counts are over the real tokens alone, so the real tokens'
-routing does not depend on what the padding holds.
+and the counts are over the real tokens alone, so the real tokens' routing does
+not depend on what the padding holds. The losses sum over the real tokens (the
+z-loss) or over each group's real tokens (the balance loss) and divide by all
+positions or groups, padding included, as flaxformer's do: padding adds nothing
+and dilutes them in proportion, and a batch's loss is the mean of its equal
+microbatches' losses whatever padding each holds (gradient accumulation is exact).
 """
 import math
 from typing import Callable, NamedTuple
@@ -99,22 +103,21 @@ def _weights(valid, logits) -> jax.Array:
 
 
 def z_loss(logits: jax.Array, valid=None) -> jax.Array:
-  """mean(logsumexp(logits)^2) over the real tokens."""
+  """logsumexp(logits)^2 summed over the real tokens, divided by all positions."""
   w = _weights(valid, logits)
-  return jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * w) / jnp.maximum(
-      jnp.sum(w), 1.0)
+  return jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * w) / w.size
 
 
 def balance_loss(probs: jax.Array, first_choice: jax.Array, valid=None) -> jax.Array:
-  """E * sum_e f_e P_e per group over its real tokens, averaged over the groups
-  that have any. probs, first_choice: [G, S, E]; valid [G, S] or None."""
+  """E * sum_e f_e P_e per group over its real tokens (0 for a group of padding),
+  averaged over all groups. probs, first_choice: [G, S, E]; valid [G, S] or None."""
   num_experts = probs.shape[-1]
   w = _weights(valid, probs)
   count = jnp.sum(w, axis=1)[:, None]
   f = jnp.sum(first_choice * w[..., None], axis=1) / jnp.maximum(count, 1.0)
   p = jnp.sum(probs * w[..., None], axis=1) / jnp.maximum(count, 1.0)
   per_group = num_experts * jnp.sum(f * p, axis=-1)
-  return jnp.sum(per_group) / jnp.maximum(jnp.sum(count > 0), 1)
+  return jnp.mean(per_group)
 
 
 def _slots(mask: jax.Array, offset: jax.Array, cap: int):
