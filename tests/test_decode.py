@@ -5,8 +5,8 @@ The models are tiny (1-2 layers, width 32) with a large init scale, so that the
 logits are far from ties and exact token equality is a meaningful check.
 MoE note: capacity routing lets the tokens of a group compete for expert slots.
 The cached prefill routes the prompt in groups, each decode step routes one token
-per row alone, and full recomputation routes the whole window (padding included)
-in groups, so they agree exactly only when nothing is dropped: the MoE model here
+per row alone, and full recomputation routes the whole window's real tokens in
+groups, so they agree exactly only when nothing is dropped: the MoE model here
 has eval_capacity_factor = num_experts / k, i.e. capacity = group size.
 """
 import json
