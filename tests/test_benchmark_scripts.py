@@ -21,17 +21,18 @@ SMOKE = {
              "gather top-2, cf 1.0"]),
     "decode": (["--new_tokens=4", "--emb=32", "--layers=1", "--repeats=1"], ["cache tok/s"]),
     "gpu": (["--preset=tiny", "--steps=2", "--batch=2", "--remat_policy=full", "--unrolled",
-             "--group_size=64", "--capacity_dispatch=gather"],
+             "--group_size=64", "--capacity_dispatch=gather", "--profile_dir={tmp}/profile"],
             ["MFU", "128, 2) (layers", "remat: full; unrolled blocks; MoE groups of 64 tokens, "
-             "dispatch gather"]),
+             "dispatch gather", "ms of XLA ops per step (2 step(s) traced)", "\n    matmul "]),
     "optimizer": (["--params_m=1", "--repeats=2"], ["bigjax / optax speed"]),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(SMOKE))
-def test_benchmark_runs_at_smoke_size(script):
+def test_benchmark_runs_at_smoke_size(script, tmp_path):
   args, expected = SMOKE[script]
+  args = [a.format(tmp=tmp_path) for a in args]
   flags = [f for f in os.environ["XLA_FLAGS"].split()
            if not f.startswith("--xla_force_host_platform_device_count")]
   env = dict(os.environ, XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=2"]))

@@ -11,6 +11,8 @@ r"""Training throughput and MFU of a ~1B dense decoder and two 8-expert MoEs on 
   python experiments/benchmarks/gpu.py --unrolled   # blocks not scanned (compiles longer)
   python experiments/benchmarks/gpu.py --models=gshard --capacity_dispatch=gather
                                                     # tokens to experts by gather/scatter-add
+  python experiments/benchmarks/gpu.py --profile_dir=/tmp/gpu_profile
+                                                    # then where each model's step time goes
 
 All models run bigjax's own jitted train step (`python -m bigjax.main`'s) in
 bfloat16 compute with float32 parameters and AdamW. The MoE models have the dense
@@ -40,7 +42,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bigjax import config as config_lib, flops, sharding, steps  # noqa: E402
+from bigjax import config as config_lib, flops, profile_summary, sharding, steps  # noqa: E402
 from bigjax.models import attention, moe, stack  # noqa: E402
 from configs import lm, lm_moe  # noqa: E402
 from experiments.benchmarks import timing  # noqa: E402
@@ -73,7 +75,9 @@ def make_config(router, shape, attention_impl: str = "auto", dropless_impl: str 
   return config
 
 
-def tokens_per_second(config, steps_to_time: int) -> float:
+def tokens_per_second(config, steps_to_time: int, profile_dir=None) -> tuple[float, str]:
+  """The median step's tokens/s; with profile_dir, then a trace of two more steps
+  there, and a table of where their time went (bigjax/profile_summary.py)."""
   setup = steps.make_setup(config, sharding.config_mesh(config))
   state = steps.create_state(setup, config.seed)
   train_step = steps.make_train_step(setup)
@@ -89,7 +93,18 @@ def tokens_per_second(config, steps_to_time: int) -> float:
     jax.block_until_ready(metrics)
     if i >= 2:
       times.append(time.perf_counter() - start)
-  return config.batch_size * config.seq_len / statistics.median(times)
+  table = ""
+  if profile_dir:
+    # The compiled step's HLO (from jit's cache) gives each op's kind and source.
+    infos = profile_summary.describe_ops(train_step.lower(state, batch).compile().as_text())
+    jax.profiler.start_trace(profile_dir)
+    for _ in range(2):
+      state, metrics = train_step(state, batch)
+      jax.block_until_ready(metrics)
+    jax.profiler.stop_trace()
+    table = profile_summary.summary(
+        profile_summary.op_times(profile_summary.newest_trace(profile_dir)), infos, steps=2)
+  return config.batch_size * config.seq_len / statistics.median(times), table
 
 
 def main():
@@ -111,6 +126,9 @@ def main():
                       help="GShard's token moves: einsums (auto on a GPU) or gather")
   parser.add_argument("--unrolled", action="store_true",
                       help="model.scan_layers=False: every block compiled on its own")
+  parser.add_argument("--profile_dir", default=None,
+                      help="after timing, trace two steps of each model into "
+                           "PROFILE_DIR/NAME and print the time of each kind of op")
   args = parser.parse_args()
   unknown = set(args.models.split(",")) - set(MODELS)
   if unknown:
@@ -142,10 +160,14 @@ def main():
     per_token = flops.training_flops_per_token(steps.model_config(config), config.seq_len)
     params = sum(x.size for x in jax.tree.leaves(steps.make_setup(
         config, sharding.config_mesh(config)).abstract_state.params))
-    rates[name] = tokens_per_second(config, args.steps)
+    rates[name], table = tokens_per_second(
+        config, args.steps, args.profile_dir and os.path.join(args.profile_dir, name))
     mfu = f"MFU {rates[name] * per_token / jax.device_count() / peak:.1%}" if peak else \
         "MFU n/a (chip not in flops.PEAK_BF16)"
     print(f"  {name:9s} {params / 1e9:5.2f}B params  {rates[name]:9.0f} tokens/s  {mfu}")
+    if table:
+      print(f"  Step time {1e3 * config.batch_size * config.seq_len / rates[name]:.1f} ms; "
+            + table.replace("\n", "\n  "))
   for name in (n for n in rates if n != "dense" and "dense" in rates):
     print(f"  {name} step / dense step: {rates['dense'] / rates[name]:.2f}x")
 

@@ -10,9 +10,9 @@
 #   bash experiments/benchmarks/gpu_suite.sh /tmp/gpu --preset=tiny --steps=1  # CPU smoke
 #
 # On one H200 each gpu.py command takes 1-2 minutes, most of it compiling.
-# LOGDIR/summary.txt gathers the lines that carry figures (tokens/s, MFU, ratios, test
-# results) and says which commands the budget left out; LOGDIR/NN_name.txt holds each
-# command's whole output. The tests force JAX_PLATFORMS=cuda: the suite's conftest
+# LOGDIR/summary.txt gathers the lines that carry figures (tokens/s, MFU, ratios, time
+# by kind of op, test results) and says which commands the budget left out;
+# LOGDIR/NN_name.txt holds each command's whole output. The tests force JAX_PLATFORMS=cuda: the suite's conftest
 # defaults to the CPU, which would run the GPU tests there and pass vacuously.
 set -u
 LOGDIR=${1:?usage: gpu_suite.sh LOGDIR [extra gpu.py flags]}
@@ -46,14 +46,15 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under a limit, log it, sum
   echo "== $name: $*" | tee -a "$LOGDIR/summary.txt"
   timeout "$limit" "$@" >"$log" 2>&1
   local rc=$?
-  grep -E 'attention:|tokens/s|dense step|passed|failed|skipped|Error' "$log" \
-      | tail -n 12 >>"$LOGDIR/summary.txt"
+  grep -E 'attention:|tokens/s|dense step|passed|failed|skipped|Error|XLA ops per step|^ +(matmul|attention|elementwise/reduce|copy/move|collective|control|custom-call) ' \
+      "$log" | tail -n 30 >>"$LOGDIR/summary.txt"
   echo "   (exit $rc$([ $rc = 124 ] && echo ", cut at ${limit} s"))" | tee -a "$LOGDIR/summary.txt"
 }
 
 GPU=experiments/benchmarks/gpu.py
-# One process for both: gpu.py prints the MoE step's cost in dense steps.
-step dense_and_gshard 200 "$PY" $GPU --models=dense,gshard "$@"
+# One process for both: gpu.py prints the MoE step's cost in dense steps, then where
+# each step's time goes (XLA ops by kind, from a trace of two more steps).
+step dense_and_gshard 200 "$PY" $GPU --models=dense,gshard --profile_dir="$LOGDIR/profile" "$@"
 # The open target (MFU >= 50%): larger batches, the attention scores recomputed.
 step dense_batch16_remat 150 "$PY" $GPU --models=dense --batch=16 \
     --remat_policy=dots_with_no_batch_dims_saveable "$@"
