@@ -25,7 +25,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from bigjax import checkpoint, metrics as metrics_lib, optim, paths, steps
+from bigjax import checkpoint, metrics as metrics_lib, optim, paths, profile_summary, steps
 
 PREFETCH_BATCHES = 2  # Global batches read (and copied to the devices) ahead.
 
@@ -57,6 +57,9 @@ class Loop:
   preempted: bool = False
   # Resumed at a step whose evaluation metrics.jsonl lacks (set by LogMetrics).
   eval_lost: bool = False
+  # The jitted train step run_loop runs, and the batch of step `done` (for step_hlo).
+  train_step: Callable | None = None
+  last_batch: Any = None
 
   @property
   def config(self):
@@ -67,6 +70,11 @@ class Loop:
 
   def every(self, n: int) -> bool:
     return self.done % n == 0 or self.is_last()
+
+  def step_hlo(self) -> str:
+    """The optimized HLO text of the train step as it runs. Lowered with the
+    arguments it ran with, so jax's compilation cache answers: nothing compiles."""
+    return self.train_step.lower(self.state, self.last_batch).compile().as_text()
 
   def check_finite(self):
     """optim.nan_policy='halt': NonFiniteError naming the first step whose
@@ -139,7 +147,7 @@ def global_batch(setup: steps.TrainSetup, local: dict) -> dict:
 
 def run_loop(loop: Loop, train_data, hooks: list[Hook]) -> Loop:
   """Trains from loop.done to config.total_steps (or until a hook stops it)."""
-  train_step = steps.make_train_step(loop.setup)
+  train_step = loop.train_step = steps.make_train_step(loop.setup)
   batches = prefetched(loop.setup, train_data, loop.done, loop.config.total_steps)
   try:
     for hook in hooks:
@@ -147,7 +155,8 @@ def run_loop(loop: Loop, train_data, hooks: list[Hook]) -> Loop:
     for step in range(loop.done, loop.config.total_steps):
       for hook in hooks:
         hook.before_step(loop, step)
-      loop.state, step_metrics = train_step(loop.state, next(batches))
+      loop.last_batch = next(batches)
+      loop.state, step_metrics = train_step(loop.state, loop.last_batch)
       if loop.keep_pending or loop.halt_on_nan:
         loop.pending.append(step_metrics)
       loop.last_metrics = step_metrics
@@ -335,8 +344,11 @@ class Profile(Hook):
   a multi-process job into WORKDIR/profile/process_<i> (the perfetto copy wants
   one trace per folder). On a bucket workdir the profiler writes to a local
   directory first (it writes through its own file layer, not the workdir's),
-  copied into the bucket when the window closes. A profile that fails is said,
-  and never stops the run."""
+  copied into the bucket when the window closes. With the trace comes
+  summary.txt (bigjax/profile_summary.py): the XLA ops' time per step by kind
+  (matmul, attention, collective, ...) and the longest ops, whose kind table
+  the log shows too. A profile that fails is said, and never stops the run; its
+  time (the trace's writing, the summary) is left out of the logged throughput."""
 
   def __init__(self, workdir: str, start: int, stop: int):
     self.dir = epath.Path(workdir) / "profile"
@@ -356,6 +368,7 @@ class Profile(Hook):
     # A resumed run may start inside the window: it traces from its first step.
     if self.first is None and self.start_step <= step + 1 < self.stop_step:
       self.first = step + 1
+      jax.block_until_ready(loop.state)  # The step before the window stays out of it.
       self.trace_dir = (self.dir if not paths.is_remote(self.dir)
                         else tempfile.mkdtemp(prefix="bigjax_profile_"))
       # The xplane.pb for TensorBoard / XProf, and a Perfetto-ready copy.
@@ -364,7 +377,7 @@ class Profile(Hook):
 
   def after_step(self, loop):
     if self.tracing and loop.done == self.stop_step - 1:
-      self._stop(loop)
+      untimed(loop, lambda: self._stop(loop))
 
   def _stop(self, loop):
     jax.block_until_ready(loop.state)  # The traced steps' device work, whole.
@@ -374,6 +387,9 @@ class Profile(Hook):
     except Exception as e:  # noqa: BLE001  A profile never stops (or hides) the run's end.
       loop.log(f"Profile failed ({type(e).__name__}: {e}); training goes on.")
       return
+    # The run may end (or fail) inside the window: name the steps traced.
+    last = min(self.stop_step - 1, loop.done)
+    self._summarize(loop, last - self.first + 1)
     if self.trace_dir != self.dir:
       try:
         for folder, _, names in os.walk(self.trace_dir):
@@ -385,9 +401,22 @@ class Profile(Hook):
                  f"{self.trace_dir}.")
         return
       shutil.rmtree(self.trace_dir)
-    # The run may end (or fail) inside the window: name the steps traced.
-    last = min(self.stop_step - 1, loop.done)
     loop.log(f"Profile of steps {self.first}..{last} written to {self.dir}.")
+
+  def _summarize(self, loop, traced_steps: int):
+    """Writes summary.txt beside the trace and logs its table of kinds."""
+    try:
+      trace = profile_summary.newest_trace(str(self.trace_dir))
+      infos = profile_summary.describe_ops(loop.step_hlo())
+      ops = profile_summary.op_times(trace)
+      text = profile_summary.summary(ops, infos, traced_steps)
+      kinds = profile_summary.summary(ops, infos, traced_steps, top=0)
+      epath.Path(self.trace_dir, "summary.txt").write_text(text + "\n")
+    except Exception as e:  # noqa: BLE001  A summary never stops the run.
+      loop.log(f"Profile summary failed ({type(e).__name__}: {e}); the trace is kept.")
+      return
+    loop.log(f"Profile, XLA op time by kind (the longest ops: {self.dir / 'summary.txt'}):\n"
+             + kinds)
 
   def close(self, loop):
     if self.tracing:  # The run ended (or failed) inside the window.

@@ -2,8 +2,8 @@ r"""Where a profiled program's time goes: its XLA ops from a jax.profiler trace,
 
   python -m bigjax.profile_summary WORKDIR/profile --steps=2 [--hlo=module.txt]
 
-reads the newest *.xplane.pb under the folder (config.profile_steps writes one;
---steps is the number of steps in its window) and prints the time of each kind of op
+reads the newest *.xplane.pb under the folder (config.profile_steps writes one, and
+this summary of it as summary.txt; --steps is the number of steps in its window) and prints the time of each kind of op
 per step and the ops that took longest, each with the JAX operation it came from. An XLA op is a profiler event that carries an
 `hlo_op` stat: on a GPU the kernels on the device's streams, on the CPU the thunks on
 the host's threads. When any device plane has such events only device planes count, so
@@ -169,7 +169,7 @@ def op_times(xplane_path: str) -> list[OpTime]:
 
 def summary(ops: list[OpTime], infos: Optional[Mapping[str, OpInfo]] = None, steps: int = 1,
             top: int = 15, module: Optional[str] = None) -> str:
-  """A table of time per step by kind of op, then the `top` longest ops.
+  """A table of time per step by kind of op, then the `top` longest ops (none if 0).
 
   module: only that HLO module's ops (default: the module with the most time, the
   train step in a training trace). Control-flow ops (a while loop's own thunk) count
@@ -191,8 +191,9 @@ def summary(ops: list[OpTime], infos: Optional[Mapping[str, OpInfo]] = None, ste
   out = [f"{module}: {ms(total):.2f} ms of XLA ops per step ({steps} step(s) traced)",
          f"  {'kind':20s} {'ms/step':>9s} {'share':>6s}"]
   out += [f"  {k:20s} {ms(t):9.2f} {t / total:6.1%}" for k, t in by_kind.most_common()]
-  out.append(f"  {'op':32s} {'kind':18s} {'runs/step':>9s} {'ms/step':>8s} {'share':>6s}"
-             "  from")
+  if top:
+    out.append(f"  {'op':32s} {'kind':18s} {'runs/step':>9s} {'ms/step':>8s} {'share':>6s}"
+               "  from")
   for op in ops[:top]:
     source = (infos or {}).get(op.name, unknown).source
     out.append(f"  {op.name[:32]:32s} {kind_of(op):18s} {op.count / steps:9.1f} "

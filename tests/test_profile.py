@@ -31,6 +31,44 @@ def test_a_profiled_run_writes_a_trace(tmp_path, capsys, window, traced):
                    recursive=True)
 
 
+def test_a_profiled_run_summarizes_its_trace_by_kind_of_op(tmp_path, capsys, monkeypatch):
+  """summary.txt beside the trace, its kinds in the log: every op of the train step
+  found in its compiled HLO (no kind "?"), which nothing compiled again to get, and
+  the window's steps counted (each op of this step without loops runs a whole
+  number of times per step)."""
+  import jax
+  from jax._src import dispatch
+  from bigjax import loop as loop_lib
+  compiles, calls = [], []
+  step_hlo = loop_lib.Loop.step_hlo
+
+  def counted(self):
+    def listener(event, secs, **kwargs):
+      if event == dispatch.BACKEND_COMPILE_EVENT:
+        compiles.append(secs)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+      calls.append(1)
+      return step_hlo(self)
+    finally:
+      jax.monitoring.unregister_event_duration_listener(listener)
+  monkeypatch.setattr(loop_lib.Loop, "step_hlo", counted)
+  workdir = tmp_path / "run"
+  train.run(_config(tmp_path, (2, 4)), str(workdir))
+  assert calls == [1] and compiles == []
+  out = capsys.readouterr().out
+  assert "Profile, XLA op time by kind" in out and "(2 step(s) traced)" in out, out
+  text = (workdir / "profile" / "summary.txt").read_text()
+  kinds = [line.split()[0] for line in text.splitlines()[2:] if line.startswith("  ")
+           and not line.startswith("  op ")]
+  assert "matmul" in kinds and "?" not in kinds, text
+  rows = text.split("\n  op ")[1].splitlines()[1:]
+  assert rows, text
+  for row in rows:
+    runs_per_step = float(row.split()[2])
+    assert runs_per_step >= 1 and runs_per_step == int(runs_per_step), row
+
+
 def test_a_profiled_run_on_a_bucket_workdir_writes_its_trace_into_the_bucket(
     gcs_bucket, tmp_path):
   from etils import epath
