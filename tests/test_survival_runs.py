@@ -290,6 +290,10 @@ def test_multihost_profile_writes_one_trace_per_process(env, tmp_path):
     traces = glob.glob(os.path.join(workdir, "profile", f"process_{p}", "**",
                                     "perfetto_trace.json.gz"), recursive=True)
     assert len(traces) == 1, (p, traces, out[-3000:])
+    # Each process's summary: its train step's ops, the gradients' all-reduce among them.
+    with open(os.path.join(workdir, "profile", f"process_{p}", "summary.txt")) as f:
+      kinds = [line.split()[0] for line in f.read().split("\n  op ")[0].splitlines()[2:]]
+    assert "collective" in kinds and "?" not in kinds, (p, kinds)
 
 
 def test_cli_resumes_on_4_devices_as_data2_tensor2(env, reference):
