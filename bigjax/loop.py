@@ -407,10 +407,11 @@ class Profile(Hook):
     """Writes summary.txt beside the trace and logs its table of kinds."""
     try:
       trace = profile_summary.newest_trace(str(self.trace_dir))
-      infos = profile_summary.describe_ops(loop.step_hlo())
+      hlo = loop.step_hlo()
+      infos, module = profile_summary.describe_ops(hlo), profile_summary.module_name(hlo)
       ops = profile_summary.op_times(trace)
-      text = profile_summary.summary(ops, infos, traced_steps)
-      kinds = profile_summary.summary(ops, infos, traced_steps, top=0)
+      text = profile_summary.summary(ops, infos, traced_steps, module=module)
+      kinds = profile_summary.summary(ops, infos, traced_steps, top=0, module=module)
       epath.Path(self.trace_dir, "summary.txt").write_text(text + "\n")
     except Exception as e:  # noqa: BLE001  A summary never stops the run.
       loop.log(f"Profile summary failed ({type(e).__name__}: {e}); the trace is kept.")

@@ -123,6 +123,15 @@ def describe_ops(hlo_text: str) -> dict[str, OpInfo]:
   return result
 
 
+def module_name(hlo_text: str) -> str:
+  """The module an optimized HLO text holds ("jit_train_step"): the traced ops'
+  `hlo_module`, which picks them out of a trace of several programs."""
+  m = re.match(r"\s*HloModule ([\w.\-]+)", hlo_text)
+  if not m:
+    raise ValueError("Not an HLO module's text: it should begin with 'HloModule NAME'.")
+  return m.group(1)
+
+
 def _self_times(events: list[tuple[int, int, str, str]]) -> Iterable[tuple[str, str, int]]:
   """(start, duration, module, op) events of one line -> (module, op, self time) each."""
   events = sorted(events, key=lambda e: (e[0], -e[1]))
@@ -171,14 +180,18 @@ def summary(ops: list[OpTime], infos: Optional[Mapping[str, OpInfo]] = None, ste
             top: int = 15, module: Optional[str] = None) -> str:
   """A table of time per step by kind of op, then the `top` longest ops (none if 0).
 
-  module: only that HLO module's ops (default: the module with the most time, the
-  train step in a training trace). Control-flow ops (a while loop's own thunk) count
+  module: only that HLO module's ops (default: the module with the most time; in a
+  multi-process job that can be one that waits for the other processes, so name
+  the program: module_name(its HLO text)). Control-flow ops (a while loop's own thunk) count
   only their self time, which is their overhead, under "control"."""
   if not ops:
     return "No XLA op events in the trace."
   by_module = collections.Counter()
   for op in ops:
     by_module[op.module] += op.self_ns
+  if module is not None and module not in by_module:
+    return (f"No op of {module} in the trace; its modules: "
+            + ", ".join(m for m, _ in by_module.most_common()) + ".")
   module = module or by_module.most_common(1)[0][0]
   ops = [op for op in ops if op.module == module]
   unknown = OpInfo("?", "")
@@ -222,11 +235,12 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.steps < 1:
     parser.error(f"--steps={args.steps}: the number of traced steps, at least 1")
-  infos = None
-  if args.hlo:
+  infos, module = None, None
+  if args.hlo:  # Kinds for that program's ops, and only its ops.
     with open(args.hlo) as f:
-      infos = describe_ops(f.read())
-  print(summary(op_times(newest_trace(args.path)), infos, args.steps, args.top))
+      text = f.read()
+    infos, module = describe_ops(text), module_name(text)
+  print(summary(op_times(newest_trace(args.path)), infos, args.steps, args.top, module))
 
 
 if __name__ == "__main__":

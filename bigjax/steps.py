@@ -284,23 +284,23 @@ def make_train_step(setup: TrainSetup) -> Callable:
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          model_state=model_state), metrics
 
-  def traced(state, batch):
+  def train_step(state, batch):  # (Its name names the XLA module: jit_train_step.)
     with sharding.use_mesh_rules(setup.mesh, setup.rules):
       return step_fn(state, batch)
 
-  return jax.jit(traced, in_shardings=(setup.state_shardings, setup.batch_sharding()),
+  return jax.jit(train_step, in_shardings=(setup.state_shardings, setup.batch_sharding()),
                  out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
 
 
 def make_eval_step(setup: TrainSetup) -> Callable:
   """(params, model_state, batch) -> summed loss, weights and correct predictions."""
-  def traced(params, model_state, batch):
+  def eval_step(params, model_state, batch):
     with sharding.use_mesh_rules(setup.mesh, setup.rules):
       sums = loss_sums(setup.task, setup.model(params, model_state), batch, None,
                        loss_chunk_len=setup.loss_chunk_len)
       return {**{k: v for k, v in sums.items() if k in ("loss_sum", "weight_sum", "correct_sum")},
               **setup.task.eval_sums(batch)}
 
-  return jax.jit(traced, in_shardings=(setup.state_shardings.params,
+  return jax.jit(eval_step, in_shardings=(setup.state_shardings.params,
                                        setup.state_shardings.model_state,
                                        setup.batch_sharding()))

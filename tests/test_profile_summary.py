@@ -67,6 +67,33 @@ def test_the_summary_gives_time_per_step_by_kind_and_the_longest_ops(traced, cap
   assert out.startswith("jit_f: ") and "\n  ?  " in out
 
 
+def test_the_named_program_is_summarized_when_another_takes_longer(tmp_path, capsys):
+  """As in a multi-process job, where a program that waits for the other processes
+  can outlast the train step: the train step's HLO names its ops' module."""
+  def small(x):
+    return jnp.tanh(x @ x)
+
+  def big(x):
+    return jnp.tanh(x @ x @ x @ x)
+  small, big = jax.jit(small), jax.jit(big)
+  x, y = jnp.ones((64, 64)), jnp.ones((512, 512))
+  hlo = small.lower(x).compile().as_text()
+  small(x).block_until_ready(), big(y).block_until_ready()
+  jax.profiler.start_trace(str(tmp_path))
+  small(x).block_until_ready(), big(y).block_until_ready()
+  jax.profiler.stop_trace()
+  ops = profile_summary.op_times(profile_summary.newest_trace(str(tmp_path)))
+  name = profile_summary.module_name(hlo)
+  assert name == "jit_small" and not profile_summary.summary(ops).startswith(name + ": ")
+  assert profile_summary.summary(ops, module=name).startswith(name + ": ")
+  assert profile_summary.summary(ops, module="jit_other").startswith(
+      "No op of jit_other in the trace; its modules: ")
+  (tmp_path / "small.txt").write_text(hlo)  # --hlo picks its module, and gives kinds.
+  profile_summary.main([str(tmp_path), f"--hlo={tmp_path / 'small.txt'}"])
+  out = capsys.readouterr().out
+  assert out.startswith(name + ": ") and "\n  matmul " in out and "?" not in out, out
+
+
 def test_kinds_from_a_compiled_module_with_a_collective():
   # Each device multiplies its slice of the contracted dimension; a psum adds them.
   mesh = jax.make_mesh((8,), ("data",))
