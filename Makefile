@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= /tmp/bigjax_demo
 DEMO_CONFIG ?= configs/lm_moe.py:demo
 # Test processes (pytest-xdist). Each test file stays in one process, so a file's
-# shared fixtures compile once. On 2 cores, 2 processes run the suite in ~29 minutes
+# shared fixtures compile once. On 2 cores, 2 processes run the suite in ~25-29 minutes
 # (README); XLA compiles on one thread, so one process would leave a core idle.
 TEST_WORKERS ?= 2
 
