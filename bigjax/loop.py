@@ -406,16 +406,12 @@ class Profile(Hook):
   def _summarize(self, loop, traced_steps: int):
     """Writes summary.txt beside the trace and logs its table of kinds."""
     try:
-      trace = profile_summary.newest_trace(str(self.trace_dir))
-      hlo = loop.step_hlo()
-      infos, module = profile_summary.describe_ops(hlo), profile_summary.module_name(hlo)
-      ops = profile_summary.op_times(trace)
-      text = profile_summary.summary(ops, infos, traced_steps, module=module)
-      kinds = profile_summary.summary(ops, infos, traced_steps, top=0, module=module)
+      text = profile_summary.summarize(str(self.trace_dir), loop.step_hlo(), traced_steps)
       epath.Path(self.trace_dir, "summary.txt").write_text(text + "\n")
     except Exception as e:  # noqa: BLE001  A summary never stops the run.
       loop.log(f"Profile summary failed ({type(e).__name__}: {e}); the trace is kept.")
       return
+    kinds = text.split("\n" + profile_summary.OPS_HEADER)[0]  # The longest ops stay in the file.
     loop.log(f"Profile, XLA op time by kind (the longest ops: {self.dir / 'summary.txt'}):\n"
              + kinds)
 

@@ -176,9 +176,13 @@ def op_times(xplane_path: str) -> list[OpTime]:
                 key=lambda op: -op.self_ns)
 
 
+OPS_HEADER = (f"  {'op':32s} {'kind':18s} {'runs/step':>9s} {'ms/step':>8s} {'share':>6s}"
+              "  from")
+
+
 def summary(ops: list[OpTime], infos: Optional[Mapping[str, OpInfo]] = None, steps: int = 1,
             top: int = 15, module: Optional[str] = None) -> str:
-  """A table of time per step by kind of op, then the `top` longest ops (none if 0).
+  """A table of time per step by kind of op, then the `top` longest ops (under OPS_HEADER).
 
   module: only that HLO module's ops (default: the module with the most time; in a
   multi-process job that can be one that waits for the other processes, so name
@@ -204,15 +208,22 @@ def summary(ops: list[OpTime], infos: Optional[Mapping[str, OpInfo]] = None, ste
   out = [f"{module}: {ms(total):.2f} ms of XLA ops per step ({steps} step(s) traced)",
          f"  {'kind':20s} {'ms/step':>9s} {'share':>6s}"]
   out += [f"  {k:20s} {ms(t):9.2f} {t / total:6.1%}" for k, t in by_kind.most_common()]
-  if top:
-    out.append(f"  {'op':32s} {'kind':18s} {'runs/step':>9s} {'ms/step':>8s} {'share':>6s}"
-               "  from")
+  out.append(OPS_HEADER)
   for op in ops[:top]:
     source = (infos or {}).get(op.name, unknown).source
     out.append(f"  {op.name[:32]:32s} {kind_of(op):18s} {op.count / steps:9.1f} "
                f"{ms(op.self_ns):8.2f} {op.self_ns / total:6.1%}  "
                f"{'...' + source[-45:] if len(source) > 48 else source}")
   return "\n".join(out)
+
+
+def summarize(path: str, hlo_text: Optional[str] = None, steps: int = 1, top: int = 15) -> str:
+  """summary() of the newest trace under path. With the traced program's optimized HLO
+  text: each op's kind and source, and that program's ops alone."""
+  infos = module = None
+  if hlo_text is not None:
+    infos, module = describe_ops(hlo_text), module_name(hlo_text)
+  return summary(op_times(newest_trace(path)), infos, steps, top, module)
 
 
 def newest_trace(path: str) -> str:
@@ -235,12 +246,11 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.steps < 1:
     parser.error(f"--steps={args.steps}: the number of traced steps, at least 1")
-  infos, module = None, None
-  if args.hlo:  # Kinds for that program's ops, and only its ops.
+  hlo_text = None
+  if args.hlo:
     with open(args.hlo) as f:
-      text = f.read()
-    infos, module = describe_ops(text), module_name(text)
-  print(summary(op_times(newest_trace(args.path)), infos, args.steps, args.top, module))
+      hlo_text = f.read()
+  print(summarize(args.path, hlo_text, args.steps, args.top))
 
 
 if __name__ == "__main__":

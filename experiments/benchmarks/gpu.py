@@ -97,15 +97,12 @@ def tokens_per_second(config, steps_to_time: int, profile_dir=None) -> tuple[flo
   if profile_dir:
     # The compiled step's HLO (from jit's cache) gives each op's kind and source.
     hlo = train_step.lower(state, batch).compile().as_text()
-    infos, module = profile_summary.describe_ops(hlo), profile_summary.module_name(hlo)
     jax.profiler.start_trace(profile_dir)
     for _ in range(2):
       state, metrics = train_step(state, batch)
       jax.block_until_ready(metrics)
     jax.profiler.stop_trace()
-    table = profile_summary.summary(
-        profile_summary.op_times(profile_summary.newest_trace(profile_dir)), infos, steps=2,
-        module=module)
+    table = profile_summary.summarize(profile_dir, hlo, steps=2)
   return config.batch_size * config.seq_len / statistics.median(times), table
 
 
